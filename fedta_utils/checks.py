@@ -1,0 +1,100 @@
+"""Input validation shared by every public entry point.
+
+Each check raises ConfigError with a message that names the parameter, the
+value received and what is allowed, so a mistyped notebook parameter fails
+before any data is loaded or any compute is spent.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any, Iterable
+
+
+class ConfigError(ValueError):
+    """A parameter has a value that is not allowed (the message says which)."""
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """Return `value` if it is one of `allowed`, else raise ConfigError."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {allowed}")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return `value` as int if it is an integer in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value} is too small; it must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value} is too large; it must be <= {maximum}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return `value` as float if it is a finite number in the given interval.
+
+    The interval is written in the error message in the usual notation, e.g.
+    `(0, 1]` for low=0, high=1, low_open=True.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    interval = _interval_text(low, high, low_open, high_open)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} must be a finite number in {interval}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ConfigError(f"{name}={value:g} is out of range; it must be in {interval}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return `value` if it is a bool (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[int]:
+    """Return a non-empty list of integers, each >= minimum."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ConfigError(f"{name} must be a list of integers, got {values!r}")
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{name} must not be empty")
+    return [check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)]
+
+
+def check_float_list(name: str, values: Any, low: float | None = None, high: float | None = None,
+                     *, low_open: bool = False, high_open: bool = False) -> list[float]:
+    """Return a non-empty list of numbers, each in the given interval."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ConfigError(f"{name} must be a list of numbers, got {values!r}")
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{name} must not be empty")
+    return [check_float(f"{name}[{i}]", v, low, high, low_open=low_open, high_open=high_open)
+            for i, v in enumerate(values)]
+
+
+def _interval_text(low, high, low_open, high_open) -> str:
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    low_text = "-inf" if low is None else f"{low:g}"
+    high_text = "inf" if high is None else f"{high:g}"
+    return f"{left}{low_text}, {high_text}{right}"

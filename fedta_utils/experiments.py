@@ -1,0 +1,230 @@
+"""The grids each notebook runs, and how to read their results back.
+
+Each `*_configs` function turns a notebook's parameters (same names as in its
+parameters cell) into the list of run configs the notebook executes. The
+notebook calls it, and so does `pipeline --dry-run` to count runs and
+estimate their cost, so the budget always describes what will really run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from .checks import ConfigError, check_float_list, check_int, check_int_list
+from .federated import FedAvgConfig
+from .runs import read_metrics
+from .sensitivity import RULES
+from .sparse import FineTuneSpec
+from .training import CentralizedConfig
+
+# Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
+LR_SEARCH = "01_lr_search"
+CENTRALIZED = "01_centralized"
+FEDAVG_IID = "02_fedavg_iid"
+HETEROGENEITY = "03_heterogeneity"
+SPARSE_FL = "04_sparse_fl"
+SPARSE_CENTRAL = "04_sparse_centralized"
+HEAD_ONLY = "04_head_only"
+MASK_RULES = "05_mask_rules"
+
+
+# --------------------------------------------------------------------------- notebook 01
+
+def search_configs(dataset, model, search_lrs, search_weight_decays, search_epochs, batch_size, momentum,
+                   warmup_epochs, precision, search_seed: int = 0, **_) -> list[CentralizedConfig]:
+    """The learning-rate x weight-decay grid, cosine schedule, judged on validation only."""
+    search_lrs = check_float_list("search_lrs", search_lrs, 0.0, None, low_open=True)
+    search_weight_decays = check_float_list("search_weight_decays", search_weight_decays, 0.0, None)
+    return [CentralizedConfig(dataset=dataset, model=model, seed=search_seed, epochs=search_epochs,
+                              batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=wd,
+                              scheduler="cosine", warmup_epochs=min(warmup_epochs, search_epochs),
+                              precision=precision, evaluate_test=False)
+            for lr in search_lrs for wd in search_weight_decays]
+
+
+def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_decay, momentum, schedulers,
+                      warmup_epochs, precision, **_) -> list[CentralizedConfig]:
+    """Every scheduler at the chosen lr / weight decay, for every seed."""
+    seeds = check_int_list("seeds", seeds, minimum=0)
+    return [CentralizedConfig(dataset=dataset, model=model, seed=seed, epochs=epochs, batch_size=batch_size,
+                              lr=lr, momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
+                              warmup_epochs=warmup_epochs, precision=precision)
+            for scheduler in schedulers for seed in seeds]
+
+
+def best_search_result(frame: pd.DataFrame) -> dict:
+    """The search row with the highest final validation accuracy (ties: lower lr)."""
+    best = frame.sort_values(["final_val_acc", "lr"], ascending=[False, True]).iloc[0]
+    return {"lr": float(best["lr"]), "weight_decay": float(best["weight_decay"]),
+            "search_val_acc": float(best["final_val_acc"])}
+
+
+# --------------------------------------------------------------------------- notebooks 02 and 03
+
+def fedavg_base(dataset, model, num_clients, participation, batch_size, lr, weight_decay, momentum,
+                lr_schedule, server_lr, server_momentum, eval_every, precision, **_) -> FedAvgConfig:
+    """The settings every FedAvg run of notebooks 02-05 shares."""
+    return FedAvgConfig(dataset=dataset, model=model, num_clients=num_clients, participation=participation,
+                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        lr_schedule=lr_schedule, server_lr=server_lr, server_momentum=server_momentum,
+                        eval_every=eval_every, precision=precision)
+
+
+def fedavg_iid_configs(seeds, local_steps, rounds, **params) -> list[FedAvgConfig]:
+    """Notebook 02: iid shards, the chosen J and rounds, every seed."""
+    base = fedavg_base(**params)
+    return [replace(base, seed=s, local_steps=local_steps, rounds=rounds, sharding="iid")
+            for s in check_int_list("seeds", seeds, minimum=0)]
+
+
+def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> int:
+    """Rounds for J local steps so that rounds * J stays constant (at least one round)."""
+    return max(1, round(base_rounds * base_local_steps / local_steps))
+
+
+def heterogeneity_configs(seeds, classes_per_client_grid, local_steps_grid, base_rounds,
+                          include_iid: bool = True, **params) -> list[FedAvgConfig]:
+    """Notebook 03: (iid + non-iid Nc) x J, rounds scaled so rounds * J is constant."""
+    seeds = check_int_list("seeds", seeds, minimum=0)
+    grid_nc = check_int_list("classes_per_client_grid", classes_per_client_grid, minimum=1)
+    grid_j = check_int_list("local_steps_grid", local_steps_grid, minimum=1)
+    base_rounds = check_int("base_rounds", base_rounds, minimum=1)
+    base = fedavg_base(**params)
+    shardings = ([{"sharding": "iid"}] if include_iid else []) + \
+                [{"sharding": "non_iid", "classes_per_client": nc} for nc in grid_nc]
+    return [replace(base, seed=s, local_steps=j, rounds=scaled_rounds(base_rounds, grid_j[0], j), **sharding)
+            for sharding in shardings for j in grid_j for s in seeds]
+
+
+# --------------------------------------------------------------------------- notebooks 04 and 05
+
+SPEC_PARAMETERS = ("head", "ridge_lambda", "probe_rounds", "calibration_samples", "label_mode", "eligible")
+
+
+def finetune_spec(params: dict, **overrides) -> FineTuneSpec:
+    """A FineTuneSpec from the notebook parameters named in SPEC_PARAMETERS, plus overrides."""
+    fields = {k: params[k] for k in SPEC_PARAMETERS if k in params}
+    fields.update(overrides)
+    return FineTuneSpec(**fields)
+
+
+def _fl_shardings(sparse_classes_per_client) -> list[dict]:
+    nc = check_int("sparse_classes_per_client", sparse_classes_per_client, minimum=1)
+    return [{"sharding": "iid"}, {"sharding": "non_iid", "classes_per_client": nc}]
+
+
+def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparse_classes_per_client, local_steps, rounds,
+                      **params) -> list[FedAvgConfig]:
+    """Notebook 04: sparsity x calibration rounds (least-sensitive rule), iid and one non-iid Nc.
+
+    Each sharding also gets the dense baselines with the same rounds: the
+    frozen step-0 head with a dense backbone, and plain FedAvg (trained head).
+    """
+    seeds = check_int_list("seeds", seeds, minimum=0)
+    sparsities = check_float_list("sparsities", sparsities, 0.0, 1.0, high_open=True)
+    grid_r = check_int_list("calibration_rounds_grid", calibration_rounds_grid, minimum=1)
+    base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
+    configs = []
+    for sharding in _fl_shardings(sparse_classes_per_client):
+        for s in seeds:
+            configs.append(replace(base, seed=s, finetune=FineTuneSpec(), **sharding))
+            configs.append(replace(base, seed=s, finetune=finetune_spec(params), **sharding))
+            configs += [replace(base, seed=s, **sharding, finetune=finetune_spec(
+                params, mask_rule="least_sensitive", sparsity=sp, calibration_rounds=r))
+                for sp in sparsities for r in grid_r]
+    return configs
+
+
+def head_only_configs(seeds, sparse_classes_per_client, **params) -> list[FedAvgConfig]:
+    """Notebook 04: the step-0 head alone (no fine-tuning), per sharding and seed."""
+    base = replace(fedavg_base(**params), rounds=1, local_steps=1)
+    return [replace(base, seed=s, finetune=finetune_spec(params), **sharding)
+            for sharding in _fl_shardings(sparse_classes_per_client)
+            for s in check_int_list("seeds", seeds, minimum=0)]
+
+
+def sparse_central_configs(dataset, model, seeds, sparse_central_epochs, central_batch_size, lr, weight_decay,
+                           momentum, precision, central_sparsity, central_calibration_rounds,
+                           **params) -> list[CentralizedConfig]:
+    """Notebook 04: the centralized task-arithmetic baseline (one sparsity and R, cosine schedule)."""
+    spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=central_sparsity,
+                         calibration_rounds=central_calibration_rounds)
+    return [CentralizedConfig(dataset=dataset, model=model, seed=s, epochs=sparse_central_epochs,
+                              batch_size=central_batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              scheduler="cosine", precision=precision, finetune=spec)
+            for s in check_int_list("seeds", seeds, minimum=0)]
+
+
+def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sparse_classes_per_client,
+                      local_steps, rounds, **params) -> list[FedAvgConfig]:
+    """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed."""
+    seeds = check_int_list("seeds", seeds, minimum=0)
+    for rule in rules:
+        if rule not in RULES:
+            raise ConfigError(f"rules contains {rule!r}; allowed: {list(RULES)}")
+    sparsities = check_float_list("rule_sparsities", rule_sparsities, 0.0, 1.0, high_open=True)
+    base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
+    return [replace(base, seed=s, **sharding, finetune=finetune_spec(
+                params, mask_rule=rule, sparsity=sp, calibration_rounds=rule_calibration_rounds))
+            for sharding in _fl_shardings(sparse_classes_per_client)
+            for sp in sparsities for rule in rules for s in seeds]
+
+
+# --------------------------------------------------------------------------- reading results
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """{'finetune': {'head': 'ridge'}} -> {'finetune.head': 'ridge'}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def results_frame(results) -> pd.DataFrame:
+    """One row per RunResult (as returned by run_centralized / run_fedavg): flattened config + summary."""
+    return pd.DataFrame([{"run": r.run.dir.name, "run_dir": str(r.run.dir), **flatten_config(r.run.config),
+                          **r.summary} for r in results])
+
+
+def curves_frame(results, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """The metrics rows of every RunResult, with the chosen (flattened) config columns added."""
+    frames = []
+    for result in results:
+        metrics = result.metrics.copy()
+        config = flatten_config(result.run.config)
+        metrics["run"] = result.run.dir.name
+        for column in columns:
+            metrics[column] = config.get(column)  # e.g. classes_per_client exists only for non-iid runs
+        frames.append(metrics)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_experiment(root: str | Path, experiment: str) -> pd.DataFrame:
+    """One row per complete run of `experiment`: its flattened config and its summary."""
+    rows = []
+    for run_dir in sorted(Path(root, experiment).glob("*")):
+        if not (run_dir / "summary.json").is_file():
+            continue
+        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows.append({"run": run_dir.name, "run_dir": str(run_dir), **flatten_config(config), **summary})
+    return pd.DataFrame(rows)
+
+
+def load_curves(root: str | Path, experiment: str, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """metrics.csv of every complete run of `experiment`, with the chosen config columns added."""
+    frames = []
+    for _, run in load_experiment(root, experiment).iterrows():
+        metrics = read_metrics(run["run_dir"])
+        for column in ("run", *columns):
+            metrics[column] = run[column]
+        frames.append(metrics)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

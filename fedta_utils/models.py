@@ -1,0 +1,166 @@
+"""The models: DINO ViT-S/16 for the study, tiny_vit for the smoke profile and tests.
+
+DINO ViT-S/16 weights come from, in order: a local file (`weights_path`, for
+users whose hub access fails), timm's `vit_small_patch16_224.dino` (Hugging
+Face hub), then torch.hub `facebookresearch/dino:main` `dino_vits16`. All three
+give the same backbone (timm's ViT uses DINO's parameter names). A new linear
+head of `num_classes` outputs is drawn from the run's seed.
+
+tiny_vit is a 4-block, 64-wide timm ViT on 32x32 inputs with 4x4 patches:
+random, CPU-friendly, the same code paths. Its backbone is drawn from a fixed
+seed, so, like the DINO weights, every run starts from the same backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .checks import ConfigError, check_choice, check_int
+from .seeding import torch_generator
+
+MODELS = ("dino_vits16", "tiny_vit")
+TIMM_DINO = "vit_small_patch16_224.dino"
+HUB_REPO, HUB_MODEL = "facebookresearch/dino:main", "dino_vits16"
+TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+TINY_BACKBONE_SEED = 0
+HEAD_INIT_STD = 0.01  # as in DINO's linear evaluation
+HEAD_PREFIX = "head."
+
+
+def input_size(name: str) -> int:
+    """The square input resolution the model expects (pixels)."""
+    check_choice("model", name, MODELS)
+    return 224 if name == "dino_vits16" else TINY_VIT["img_size"]
+
+
+def build_model(
+    name: str = "dino_vits16",
+    num_classes: int = 100,
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+    head_seed: int = 0,
+) -> nn.Module:
+    """A ViT classifier with a new `num_classes`-way linear head.
+
+    name: 'dino_vits16' (DINO ViT-S/16, 224x224) or 'tiny_vit' (random, 32x32).
+    pretrained: load the DINO weights (ignored by tiny_vit); False gives
+        random weights of the same shape, e.g. for benchmarks offline.
+    weights_path: a local DINO checkpoint (.pth / .pt / .safetensors) used
+        instead of any download.
+    head_seed: seed of the head's N(0, 0.01^2) initialisation.
+    """
+    check_choice("model", name, MODELS)
+    check_int("num_classes", num_classes, minimum=2)
+    check_int("head_seed", head_seed, minimum=0)
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise ConfigError(f"weights_path={str(weights_path)!r} is not a file")
+    if name == "tiny_vit":
+        model = _tiny_vit(num_classes)
+    else:
+        model = _dino_vits16(num_classes, pretrained, weights_path)
+    reset_head(model, head_seed)
+    return model
+
+
+def _tiny_vit(num_classes: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_BACKBONE_SEED)
+        return VisionTransformer(num_classes=num_classes, **TINY_VIT)
+
+
+def _dino_vits16(num_classes: int, pretrained: bool, weights_path) -> nn.Module:
+    if weights_path is not None:
+        model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes)
+        load_backbone_state(model, read_state_dict(weights_path))
+        return model
+    if not pretrained:
+        return timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes)
+    try:
+        return timm.create_model(TIMM_DINO, pretrained=True, num_classes=num_classes)
+    except Exception as timm_error:  # offline, hub outage, missing huggingface_hub, ...
+        first_failure = f"timm '{TIMM_DINO}': {type(timm_error).__name__}: {timm_error}"
+    try:
+        hub_model = torch.hub.load(HUB_REPO, HUB_MODEL, trust_repo=True)
+    except Exception as hub_error:
+        raise RuntimeError(
+            "Could not load the DINO ViT-S/16 weights.\n"
+            f"  1) {first_failure}\n"
+            f"  2) torch.hub '{HUB_REPO}' '{HUB_MODEL}': {type(hub_error).__name__}: {hub_error}\n"
+            "Download dino_deitsmall16_pretrain.pth (https://dl.fbaipublicfiles.com/dino/"
+            "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth) and pass weights_path=..."
+        ) from hub_error
+    model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes)
+    load_backbone_state(model, hub_model.state_dict())
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .pth/.pt (optionally wrapped in 'state_dict'/'model'/'teacher') or .safetensors file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a DINO/timm ViT-S/16 backbone into `model`; the head stays as it is.
+
+    Prefixes written by DINO's training ('module.', 'backbone.') are stripped.
+    Every backbone parameter must be present with the right shape, so a wrong
+    file fails loudly instead of training from a half-random model.
+    """
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        if not key.startswith(HEAD_PREFIX):
+            cleaned[key] = value
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    missing = sorted(set(expected) - set(cleaned))
+    wrong = sorted(k for k in expected if k in cleaned and cleaned[k].shape != expected[k].shape)
+    if missing or wrong:
+        raise ConfigError(
+            f"the weights do not fit ViT-S/16: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"wrong shape {wrong[:5]}")
+    model.load_state_dict({k: cleaned[k] for k in expected}, strict=False)
+
+
+def reset_head(model: nn.Module, seed: int) -> None:
+    """Draw the linear head from N(0, 0.01^2) with zero bias, from `seed` alone."""
+    head = model.get_classifier()
+    generator = torch_generator(seed, "head-init")
+    with torch.no_grad():
+        weight = torch.randn(head.weight.shape, generator=generator) * HEAD_INIT_STD
+        head.weight.copy_(weight)
+        head.bias.zero_()
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as in named_parameters) of the classifier head's parameters."""
+    return [name for name, _ in model.named_parameters() if name.startswith(HEAD_PREFIX)]
+
+
+def backbone_parameter_names(model: nn.Module) -> list[str]:
+    """Names of every parameter except the head's: the default mask-eligible set."""
+    return [name for name, _ in model.named_parameters() if not name.startswith(HEAD_PREFIX)]
+
+
+def features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The backbone's pooled, pre-logit features (the head's input)."""
+    return model.forward_head(model.forward_features(inputs), pre_logits=True)
+
+
+def parameter_count(model: nn.Module, names: list[str] | None = None) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in (names if names is not None else params))

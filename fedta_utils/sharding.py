@@ -1,0 +1,166 @@
+"""Client shards: how the training split is dealt out to K clients.
+
+Every function returns a list of `num_clients` int64 arrays of positions into
+`labels`, and together they form a partition: disjoint, and every sample is
+used exactly once (no duplicated data, no class left out).
+
+- iid_shards: stratified round-robin, so sizes differ by at most one and every
+  client's label histogram follows the whole set's.
+- non_iid_shards: every client holds exactly Nc distinct classes. Each class
+  is cut into equal slices and the K*Nc slices are dealt so that no client
+  gets two slices of one class (see the function for why that always works).
+- dirichlet_shards: Hsu et al. (2019): client class proportions q ~ Dir(alpha * p),
+  equal client sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .checks import ConfigError, check_choice, check_float, check_int
+from .seeding import numpy_rng
+
+SHARDINGS = ("iid", "non_iid", "dirichlet")
+
+
+def iid_shards(labels, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Equal-size shards whose label distribution matches the whole set.
+
+    Samples are shuffled within each class, classes are laid end to end, and
+    the resulting order is dealt round-robin: client k takes positions
+    k, k+K, k+2K, ... Sizes differ by at most one and each client gets
+    floor or ceil of (class size / K) samples of every class.
+    """
+    labels = np.asarray(labels)
+    num_clients = _check_num_clients(num_clients, len(labels))
+    rng = numpy_rng(seed, "iid-shards")
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    client_of_slot = rng.permutation(num_clients)  # which client deals first is random too
+    return [np.sort(order[k::num_clients]) for k in np.argsort(client_of_slot)]
+
+
+def non_iid_shards(labels, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
+    """Shards in which every client holds exactly `classes_per_client` classes.
+
+    Let C be the number of classes and S = K * Nc the number of slices. Each
+    class is cut into floor or ceil of S / C slices (as equal in size as its
+    samples allow). The slices are listed class by class, in a random class
+    order, and client k takes slices k, k+K, k+2K, ... Because a class owns at
+    most ceil(S / C) <= K consecutive slices, two slices K apart never belong
+    to the same class, so each client gets Nc distinct classes. Every sample
+    lies in exactly one slice, so the shards are a partition.
+
+    Impossible requests raise ConfigError: Nc > C, K * Nc < C (a class would
+    be left out), or a class with fewer samples than the slices it must fill.
+    """
+    labels = np.asarray(labels)
+    num_clients = _check_num_clients(num_clients, len(labels))
+    classes = np.unique(labels)
+    num_classes = len(classes)
+    classes_per_client = check_int("classes_per_client", classes_per_client, minimum=1, maximum=num_classes)
+    num_slices = num_clients * classes_per_client
+    if num_slices < num_classes:
+        raise ConfigError(
+            f"classes_per_client={classes_per_client} with num_clients={num_clients} gives "
+            f"{num_slices} class slices for {num_classes} classes: some classes would be left out; "
+            f"need num_clients * classes_per_client >= {num_classes}")
+    rng = numpy_rng(seed, "non-iid-shards")
+    slices_per_class = _spread_evenly(num_slices, num_classes, rng)
+    slices = []
+    for label, count in zip(rng.permutation(classes), slices_per_class):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if count > len(members):
+            raise ConfigError(
+                f"class {label} has {len(members)} samples but must be cut into {count} slices "
+                f"(num_clients={num_clients}, classes_per_client={classes_per_client}); lower one of them")
+        pieces = np.array_split(members, count)  # the first len % count pieces are one larger
+        slices.extend(pieces[i] for i in rng.permutation(count))  # so spread the larger ones
+    client_ids = rng.permutation(num_clients)
+    shards = [None] * num_clients
+    for slot in range(num_clients):
+        shards[client_ids[slot]] = np.sort(np.concatenate(slices[slot::num_clients]))
+    return shards
+
+
+def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Equal-size shards with class proportions drawn from Dir(alpha * p) (Hsu et al., 2019).
+
+    Client by client, q ~ Dir(alpha * p) with p the class frequencies; the
+    client's samples are drawn from the classes that still have samples,
+    proportionally to q (renormalised when a class runs out). Small alpha:
+    few classes per client; large alpha: close to iid.
+    """
+    labels = np.asarray(labels)
+    num_clients = _check_num_clients(num_clients, len(labels))
+    alpha = check_float("dirichlet_alpha", alpha, 0.0, None, low_open=True)
+    rng = numpy_rng(seed, "dirichlet-shards")
+    classes = np.unique(labels)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    prior = np.array([len(p) for p in pools], dtype=float) / len(labels)
+    sizes = _spread_evenly(len(labels), num_clients, rng)
+    shards = []
+    for size in sizes:
+        proportions = rng.dirichlet(alpha * prior * len(classes))
+        shards.append(np.sort(_draw_from_pools(pools, proportions, size, rng)))
+    return shards
+
+
+def make_shards(labels, sharding: str, num_clients: int, seed: int,
+                classes_per_client: int | None = None, dirichlet_alpha: float | None = None) -> list[np.ndarray]:
+    """Dispatch on `sharding` ('iid', 'non_iid', 'dirichlet')."""
+    check_choice("sharding", sharding, SHARDINGS)
+    if sharding == "iid":
+        return iid_shards(labels, num_clients, seed)
+    if sharding == "non_iid":
+        if classes_per_client is None:
+            raise ConfigError("sharding='non_iid' needs classes_per_client (an integer >= 1)")
+        return non_iid_shards(labels, num_clients, classes_per_client, seed)
+    if dirichlet_alpha is None:
+        raise ConfigError("sharding='dirichlet' needs dirichlet_alpha (a number > 0)")
+    return dirichlet_shards(labels, num_clients, dirichlet_alpha, seed)
+
+
+def label_histogram(shards: list[np.ndarray], labels, num_classes: int) -> np.ndarray:
+    """[K, num_classes] counts of each class on each client."""
+    labels = np.asarray(labels)
+    return np.stack([np.bincount(labels[s], minlength=num_classes) for s in shards])
+
+
+def shard_stats(shards: list[np.ndarray], labels, num_classes: int) -> pd.DataFrame:
+    """One row per client: samples, distinct classes, share of its largest class."""
+    histogram = label_histogram(shards, labels, num_classes)
+    sizes = histogram.sum(axis=1)
+    return pd.DataFrame({
+        "client": np.arange(len(shards)),
+        "samples": sizes,
+        "classes": (histogram > 0).sum(axis=1),
+        "largest_class_share": histogram.max(axis=1) / np.maximum(sizes, 1),
+    })
+
+
+def _check_num_clients(num_clients: int, num_samples: int) -> int:
+    return check_int("num_clients", num_clients, minimum=1, maximum=num_samples)
+
+
+def _spread_evenly(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """`parts` integers that sum to `total` and differ by at most one (extras at random)."""
+    counts = np.full(parts, total // parts, dtype=np.int64)
+    counts[rng.choice(parts, size=total % parts, replace=False)] += 1
+    return counts
+
+
+def _draw_from_pools(pools: list[list[int]], proportions: np.ndarray, size: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    taken: list[int] = []
+    while len(taken) < size:
+        available = np.array([len(p) > 0 for p in pools])
+        weights = np.where(available, proportions, 0.0)
+        if weights.sum() <= 0:  # q put all its mass on exhausted classes
+            weights = available.astype(float)
+        want = rng.multinomial(size - len(taken), weights / weights.sum())
+        for c in np.flatnonzero(want):
+            count = min(want[c], len(pools[c]))
+            taken.extend(pools[c][:count])
+            del pools[c][:count]
+    return np.asarray(taken, dtype=np.int64)

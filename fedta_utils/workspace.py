@@ -1,0 +1,153 @@
+"""The workspace a notebook works in: results folder, profile, device, data.
+
+    ws = setup_workspace(profile="full", results_dir="results", drive_dir="/content/drive/MyDrive/fedta")
+    data = ws.load_data("cifar100")
+
+Everything a run writes goes under `ws.root` = <results_dir>/<profile>, so
+smoke and full results never mix. With `drive_dir` set, Google Drive is
+mounted (on Colab) and results_dir is taken relative to it, so checkpoints
+survive a disconnect.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checks import ConfigError, check_bool, check_choice
+from .data import DATASETS, DataBundle, prepare_data
+from .runs import Run
+from .storage import STAGING_DIR, atomic_write_bytes, atomic_write_json
+
+PROFILES = ("smoke", "full")
+COLAB_DRIVE_MOUNT = "/content/drive"
+
+
+@dataclass
+class Workspace:
+    results_dir: Path
+    profile: str
+    device: torch.device
+    data_dir: Path
+    download: bool = True
+    weights_path: str | None = None
+    pretrained: bool = True  # False: random backbone weights (benchmarks offline); never for results
+    _data_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def root(self) -> Path:
+        """<results_dir>/<profile>: every run, split and cache of this profile."""
+        return self.results_dir / self.profile
+
+    def run(self, experiment: str, name: str, config: dict) -> Run:
+        return Run(self.root, experiment, name, config)
+
+    def build_model(self, name: str, num_classes: int, head_seed: int):
+        """The run's model: pretrained backbone (local file, timm or torch.hub) and a head from `head_seed`."""
+        from .models import build_model
+
+        return build_model(name, num_classes, pretrained=self.pretrained, weights_path=self.weights_path,
+                           head_seed=head_seed)
+
+    def load_data(self, dataset: str = "cifar100", val_fraction: float = 0.1, split_seed: int = 0,
+                  synthetic_train_size: int = 50_000, synthetic_test_size: int = 10_000) -> DataBundle:
+        """The dataset on `self.device`, split once per results folder and cached in memory."""
+        check_choice("dataset", dataset, DATASETS)
+        key = (dataset, val_fraction, split_seed, synthetic_train_size, synthetic_test_size)
+        if key not in self._data_cache:
+            split_path = self.root / "splits" / f"{dataset}-val{val_fraction:g}-seed{split_seed}.npz"
+            self._data_cache[key] = prepare_data(
+                dataset, self.data_dir, self.download, val_fraction, split_seed, split_path, self.device,
+                synthetic_train_size, synthetic_test_size)
+        return self._data_cache[key]
+
+    # ------------------------------------------------------------------ tables for the report
+    def save_frame(self, relative_path: str, frame) -> Path:
+        """Write a DataFrame as CSV under the results root, atomically; returns the path."""
+        path = self.root / relative_path
+        atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
+        return path
+
+    # ------------------------------------------------------------------ tuned hyperparameters
+    @property
+    def hparams_path(self) -> Path:
+        return self.root / "hparams.json"
+
+    def save_hparams(self, values: dict) -> None:
+        """Record values chosen on the validation split (read by later notebooks)."""
+        stored = self.load_hparams(default={})
+        stored.update(values)
+        atomic_write_json(self.hparams_path, stored)
+
+    def load_hparams(self, default: dict | None = None) -> dict:
+        if self.hparams_path.is_file():
+            return json.loads(self.hparams_path.read_text())
+        if default is not None:
+            return dict(default)
+        raise FileNotFoundError(
+            f"{self.hparams_path} does not exist yet: run notebook 01 (its learning-rate search) first "
+            "with the same results_dir and profile, or set the values explicitly in the parameters cell")
+
+
+def setup_workspace(
+    profile: str = "full",
+    results_dir: str | Path = "results",
+    drive_dir: str | Path | None = None,
+    data_dir: str | Path = "data",
+    device: str = "auto",
+    weights_path: str | Path | None = None,
+    download: bool = True,
+) -> Workspace:
+    """Check the parameters, mount Drive if asked, make sure results_dir is writable."""
+    check_choice("profile", profile, PROFILES)
+    check_bool("download", download)
+    results_dir = Path(results_dir)
+    if drive_dir:
+        results_dir = _mount_drive(Path(drive_dir)) / results_dir
+    if weights_path and not Path(weights_path).is_file():
+        raise ConfigError(f"weights_path={str(weights_path)!r} is not a file; leave it empty to download")
+    workspace = Workspace(
+        results_dir=results_dir.resolve(), profile=profile, device=resolve_device(device),
+        data_dir=Path(data_dir), download=download, weights_path=str(weights_path) if weights_path else None)
+    _make_writable_root(workspace.root)
+    return workspace
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available, else cpu; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_choice("device", device.split(":")[0], ("cpu", "cuda"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    return torch.device(device)
+
+
+def _mount_drive(drive_dir: Path) -> Path:
+    if str(drive_dir).startswith(COLAB_DRIVE_MOUNT):
+        try:
+            from google.colab import drive  # only on Colab
+        except ImportError:
+            raise ConfigError(
+                f"drive_dir={str(drive_dir)!r} is a Google Drive path but this is not Colab; "
+                "leave drive_dir empty or point it at a local folder") from None
+        if not Path(COLAB_DRIVE_MOUNT, "MyDrive").is_dir():
+            drive.mount(COLAB_DRIVE_MOUNT)
+    if not drive_dir.parent.is_dir():
+        raise ConfigError(f"drive_dir={str(drive_dir)!r}: its parent folder does not exist")
+    drive_dir.mkdir(exist_ok=True)
+    return drive_dir
+
+
+def _make_writable_root(root: Path) -> None:
+    try:
+        (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
+        probe = root / STAGING_DIR / "write-test.tmp"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"results_dir={str(root.parent)!r} is not writable ({error}); "
+                          "choose a folder you can write to") from error

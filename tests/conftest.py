@@ -1,0 +1,38 @@
+"""Shared fixtures: small synthetic data and a throw-away workspace.
+
+Nothing here touches the network: the data is synthetic and the model is
+tiny_vit (random init), as in the smoke profile.
+"""
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable
+
+import numpy as np
+import pytest
+import torch
+
+from fedta_utils.workspace import setup_workspace
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return setup_workspace(profile="smoke", results_dir=tmp_path / "results", data_dir=tmp_path / "data",
+                           device="cpu", download=False)
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """2,000 synthetic training images (1,800 / 200 after the split) and 500 test images, 100 classes."""
+    from fedta_utils.data import prepare_data
+
+    return prepare_data("synthetic", synthetic_train_size=2000, synthetic_test_size=500)
+
+
+@pytest.fixture(scope="session")
+def cifar_like_labels():
+    """Labels shaped like CIFAR-100's train split: 450 per class, shuffled."""
+    rng = np.random.default_rng(0)
+    return rng.permutation(np.repeat(np.arange(100), 450))

@@ -1,0 +1,470 @@
+"""Specifications of fedta_utils.optim.SparseSGDM (SGD with momentum and per-entry masks)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedta_utils.optim import SparseSGDM, count_trainable
+
+LR = 0.05
+
+
+# --------------------------------------------------------------------------- helpers
+def make_model(seed: int = 0) -> nn.Module:
+    """Two Linear layers with bias: 4 parameters of shapes (8, 6), (8,), (3, 8), (3,)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def make_batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)) for _ in range(n)]
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
+    # The loss changes with the step, not only the batch.
+    return F.mse_loss(model(x), y) * (1.0 + 0.1 * t)
+
+
+def backward(model: nn.Module, opt: torch.optim.Optimizer, batch, t: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model, *batch, t).backward()
+
+
+def random_masks(model: nn.Module, seed: int = 2, p: float = 0.5) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(q.shape, generator=g) < p for q in model.parameters()]
+
+
+def momentum_buffer(opt: torch.optim.Optimizer, p: torch.Tensor):
+    return opt.state.get(p, {}).get("momentum_buffer")
+
+
+def assert_same_trajectory_state(model_a, opt_a, model_b, opt_b, where: str) -> None:
+    for i, (pa, pb) in enumerate(zip(model_a.parameters(), model_b.parameters())):
+        assert torch.equal(pa, pb), f"{where}: parameter {i} differs"
+        ba, bb = momentum_buffer(opt_a, pa), momentum_buffer(opt_b, pb)
+        assert (ba is None) == (bb is None), f"{where}: momentum buffer {i} exists in only one optimizer"
+        if ba is not None:
+            assert torch.equal(ba, bb), f"{where}: momentum buffer {i} differs"
+
+
+def _valid_sgd_configs():
+    for momentum, dampening, nesterov in itertools.product([0.0, 0.9], [0.0, 0.5], [False, True]):
+        if nesterov and (momentum <= 0 or dampening != 0):
+            continue  # torch.optim.SGD rejects these
+        for weight_decay, maximize, foreach in itertools.product([0.0, 1e-2], [False, True], [False, True]):
+            yield dict(
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                foreach=foreach,
+            )
+
+
+SGD_CONFIGS = list(_valid_sgd_configs())
+
+
+def _config_id(cfg: dict) -> str:
+    return "mom{momentum}-damp{dampening}-nest{nesterov:d}-wd{weight_decay}-max{maximize:d}-fe{foreach:d}".format(**cfg)
+
+
+def dense_equivalent_masks(kind: str, model: nn.Module):
+    params = list(model.parameters())
+    if kind == "none":
+        return None
+    if kind == "ones":  # bool and float all-ones masks
+        return [torch.ones_like(p, dtype=torch.bool) if i % 2 else torch.ones_like(p) for i, p in enumerate(params)]
+    if kind == "mix":
+        return [torch.ones_like(p, dtype=torch.bool) if i % 2 == 0 else None for i, p in enumerate(params)]
+    raise AssertionError(kind)
+
+
+def reference_masked_sgd(params, grads_list, masks, bufs, t, *, lr, momentum, dampening, nesterov, weight_decay, maximize):
+    """Hand-written torch.optim.SGD pseudo-code with a mask (frozen: no gradient, no decay, no momentum)."""
+    for i, (theta, grad) in enumerate(zip(params, grads_list)):
+        m = torch.ones_like(theta) if masks[i] is None else masks[i].to(theta.dtype)
+        g = -grad if maximize else grad.clone()
+        g = (g + weight_decay * theta) * m
+        if momentum != 0:
+            if t == 1:
+                bufs[i] = g.clone()
+            else:
+                bufs[i] = momentum * bufs[i] + (1 - dampening) * g
+            g = g + momentum * bufs[i] if nesterov else bufs[i]
+        theta -= lr * g
+
+
+# --------------------------------------------------------------------------- 1. exactness vs SGD
+@pytest.mark.parametrize("mask_kind", ["ones", "none", "mix"])
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=[_config_id(c) for c in SGD_CONFIGS])
+def test_dense_equivalent_masks_are_bit_identical_to_sgd(cfg, mask_kind):
+    steps = 20
+    model_ref, model = make_model(), make_model()
+    ref = torch.optim.SGD(model_ref.parameters(), lr=LR, **cfg)
+    opt = SparseSGDM(model.parameters(), lr=LR, masks=dense_equivalent_masks(mask_kind, model), **cfg)
+    for t, batch in enumerate(make_batches(steps)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+    moved = any(not torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters()))
+    assert moved
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lr_scheduler_changes_are_followed_bit_identically_to_sgd(foreach):
+    cfg = dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-2, foreach=foreach)
+    model_ref, model = make_model(), make_model()
+    ref = torch.optim.SGD(model_ref.parameters(), lr=LR, **cfg)
+    opt = SparseSGDM(model.parameters(), lr=LR, masks=dense_equivalent_masks("ones", model), **cfg)
+    sched_ref = torch.optim.lr_scheduler.LambdaLR(ref, lambda t: 1.0 / (1 + t))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    for t, batch in enumerate(make_batches(20)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        ref.step()
+        opt.step()
+        sched_ref.step()
+        sched.step()
+        if t == 10:  # and a manual change through param_groups
+            for g in ref.param_groups + opt.param_groups:
+                g["lr"] = 0.123
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] != LR
+
+
+def test_params_without_grad_are_skipped_like_sgd():
+    model_ref, model = make_model(), make_model()
+    unused_ref, unused = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+    cfg = dict(lr=LR, momentum=0.9, weight_decay=0.1)
+    ref = torch.optim.SGD([*model_ref.parameters(), unused_ref], **cfg)
+    opt = SparseSGDM([*model.parameters(), unused], masks=[None] * 4 + [torch.ones(4)], **cfg)
+    for t, batch in enumerate(make_batches(5)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+    assert torch.equal(unused, torch.ones(4))
+    assert momentum_buffer(opt, unused) is None
+
+
+# --------------------------------------------------------------------------- 2. frozen entries
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_frozen_entries_never_move_and_their_momentum_stays_zero(nesterov, foreach):
+    model = make_model()
+    init = [p.detach().clone() for p in model.parameters()]
+    masks = random_masks(model)
+    opt = SparseSGDM(
+        model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, nesterov=nesterov, foreach=foreach, masks=masks
+    )
+    for t, batch in enumerate(make_batches(60)):
+        backward(model, opt, batch, t)
+        opt.step()
+    for i, (p, p0, m) in enumerate(zip(model.parameters(), init, masks)):
+        assert torch.equal(p[~m], p0[~m]), f"frozen entries of parameter {i} moved"
+        buf = momentum_buffer(opt, p)
+        assert torch.equal(buf[~m], torch.zeros_like(buf[~m])), f"momentum leaked into frozen entries of {i}"
+        assert bool((p[m] != p0[m]).all()), f"trainable entries of parameter {i} did not all move"
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_partial_mask_equals_sgd_on_masked_gradient_with_masked_decay(nesterov, foreach):
+    """Reference: plain torch.optim.SGD without weight decay, fed the direction
+    where(mask, grad + wd * param, 0) (weight decay in SGD's own rounding)."""
+    wd = 0.1
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model)
+    masks[1] = None  # one dense parameter next to masked ones
+    ref = torch.optim.SGD(model_ref.parameters(), lr=LR, momentum=0.9, nesterov=nesterov, foreach=foreach)
+    opt = SparseSGDM(
+        model.parameters(), lr=LR, momentum=0.9, weight_decay=wd, nesterov=nesterov, foreach=foreach, masks=masks
+    )
+    for t, batch in enumerate(make_batches(30)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        with torch.no_grad():
+            for p, m in zip(model_ref.parameters(), masks):
+                d = p.grad.add(p, alpha=wd)
+                p.grad = d if m is None else torch.where(m, d, torch.zeros_like(d))
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+
+
+def test_inf_gradient_at_frozen_entry_does_not_move_it():
+    model = make_model()
+    masks = random_masks(model)
+    w0 = model[0].weight.detach().clone()
+    frozen = (~masks[0]).nonzero()[0].tolist()
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, masks=masks)
+    for t, batch in enumerate(make_batches(3)):
+        backward(model, opt, batch, t)
+        model[0].weight.grad[frozen[0], frozen[1]] = float("inf")
+        opt.step()
+    w = model[0].weight.detach()
+    assert torch.equal(w[~masks[0]], w0[~masks[0]])
+    assert bool(torch.isfinite(w).all())
+
+
+def test_set_masks_mid_training_freezes_immediately():
+    model = make_model()
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9)
+    batches = make_batches(10)
+    for t in range(5):
+        backward(model, opt, batches[t], t)
+        opt.step()
+    masks = random_masks(model)
+    opt.set_masks(masks)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    for t in range(5, 10):
+        backward(model, opt, batches[t], t)
+        opt.step()
+    for p, p0, m in zip(model.parameters(), snapshot, masks):
+        assert torch.equal(p[~m], p0[~m])
+        assert torch.equal(momentum_buffer(opt, p)[~m], torch.zeros(int((~m).sum())))
+
+
+def test_masks_align_with_parameters_across_param_groups():
+    model = make_model()
+    w0, b0, w1, b1 = model.parameters()
+    groups = [{"params": [w0, b0]}, {"params": [w1, b1], "lr": 0.2}]
+    init = [p.detach().clone() for p in (w0, b0, w1, b1)]
+    masks = [None, None, torch.zeros_like(w1), torch.ones_like(b1)]  # index 2 = first of group 2
+    opt = SparseSGDM(groups, lr=LR, momentum=0.9, masks=masks)
+    for t, batch in enumerate(make_batches(3)):
+        backward(model, opt, batch, t)
+        opt.step()
+    moved = [not torch.equal(p, p0) for p, p0 in zip((w0, b0, w1, b1), init)]
+    assert moved == [True, True, False, True]
+
+
+def test_step_does_not_write_into_masked_gradients():
+    model = make_model()
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, nesterov=True, foreach=True, masks=random_masks(model))
+    for t, batch in enumerate(make_batches(3)):
+        backward(model, opt, batch, t)
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+# --------------------------------------------------------------------------- 3. reference loop
+REF_CONFIGS = [
+    dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.05, maximize=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.05, maximize=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.05, maximize=False),
+    dict(momentum=0.9, dampening=0.5, nesterov=False, weight_decay=0.05, maximize=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.05, maximize=True),
+]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cfg", REF_CONFIGS, ids=[str(i) for i in range(len(REF_CONFIGS))])
+def test_matches_handwritten_sgd_pseudocode_with_mask(cfg, foreach):
+    steps = 20
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model, seed=5, p=0.7)
+    masks[3] = None
+    opt = SparseSGDM(model.parameters(), lr=LR, foreach=foreach, masks=masks, **cfg)
+    # Maximize an objective that is bounded above, so the trajectory stays stable.
+    sign = -1.0 if cfg["maximize"] else 1.0
+    bufs = [None] * 4
+    for t, batch in enumerate(make_batches(steps)):
+        opt.zero_grad(set_to_none=True)
+        (sign * loss_fn(model, *batch, t)).backward()
+        opt.step()
+        model_ref.zero_grad(set_to_none=True)
+        (sign * loss_fn(model_ref, *batch, t)).backward()
+        with torch.no_grad():
+            params = list(model_ref.parameters())
+            reference_masked_sgd(params, [p.grad for p in params], masks, bufs, t + 1, lr=LR, **cfg)
+    for i, (p, q) in enumerate(zip(model.parameters(), model_ref.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=f"parameter {i}")
+        if cfg["momentum"]:
+            torch.testing.assert_close(momentum_buffer(opt, p), bufs[i], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 4. GradScaler
+# Covers GradScaler's generic path on CPU float32 parameters: scale the loss,
+# unscale_ the gradients (inf/nan check per device), call optimizer.step() only
+# when all gradients are finite, update the scale. (No autocast: the mixed
+# precision forward is not what SparseSGDM sees.)
+def test_gradscaler_steps_match_unscaled_steps():
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model)
+    cfg = dict(lr=LR, momentum=0.9, weight_decay=0.01, nesterov=True)
+    ref = SparseSGDM(model_ref.parameters(), masks=masks, **cfg)
+    opt = SparseSGDM(model.parameters(), masks=masks, **cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for t, batch in enumerate(make_batches(8)):
+        backward(model_ref, ref, batch, t)
+        ref.step()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss_fn(model, *batch, t)).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**12  # no step was skipped
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(momentum_buffer(opt, p), momentum_buffer(ref, q), rtol=1e-6, atol=1e-7)
+
+
+def test_gradscaler_skips_step_with_inf_gradient():
+    model = make_model()
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, masks=random_masks(model))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    batches = make_batches(2)
+    # One normal step first, so momentum buffers exist and would move params.
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss_fn(model, *batches[0], 0)).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    bufs = [momentum_buffer(opt, p).clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss_fn(model, *batches[1], 1)).backward()
+    model[2].bias.grad[0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(momentum_buffer(opt, p), b) for p, b in zip(model.parameters(), bufs))
+    assert scaler.get_scale() == 2.0**11  # backed off
+
+
+# --------------------------------------------------------------------------- 5. state_dict
+@pytest.mark.parametrize("foreach", [False, True])
+def test_state_dict_round_trip_with_masks_continues_bit_identically(foreach):
+    n_steps, m_steps = 6, 6
+    batches = make_batches(n_steps + m_steps)
+    model = make_model()
+    masks = random_masks(model)
+    masks[1] = None
+    cfg = dict(lr=LR, momentum=0.9, weight_decay=0.1, nesterov=True, foreach=foreach)
+    opt = SparseSGDM(model.parameters(), masks=masks, **cfg)
+    for t in range(n_steps):
+        backward(model, opt, batches[t], t)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    init_frozen = [None if m is None else p.detach()[~m].clone() for p, m in zip(model.parameters(), masks)]
+    for t in range(n_steps, n_steps + m_steps):
+        backward(model, opt, batches[t], t)
+        opt.step()
+
+    resumed = make_model(seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    opt2 = SparseSGDM(resumed.parameters(), masks=None, **cfg)
+    opt2.load_state_dict(saved["opt"])
+    for got, want in zip(opt2.get_masks(), masks):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == torch.bool and torch.equal(got, want)
+    for t in range(n_steps, n_steps + m_steps):
+        backward(resumed, opt2, batches[t], t)
+        opt2.step()
+    assert_same_trajectory_state(model, opt, resumed, opt2, "after resume")
+    for p, m, f0 in zip(resumed.parameters(), masks, init_frozen):
+        if m is not None:
+            assert torch.equal(p.detach()[~m], f0)
+
+
+def test_state_dict_contains_the_masks():
+    model = make_model()
+    masks = random_masks(model)
+    masks[0] = None
+    opt = SparseSGDM(model.parameters(), masks=masks)
+    state = opt.state_dict()["state"]
+    assert 0 not in state or "mask" not in state[0]
+    for i in (1, 2, 3):
+        assert torch.equal(state[i]["mask"], masks[i])
+
+
+def test_loaded_masks_replace_the_constructor_masks():
+    model = make_model()
+    masks = random_masks(model)
+    saved = SparseSGDM(model.parameters(), masks=masks).state_dict()
+    opt = SparseSGDM(model.parameters(), masks=[torch.ones_like(p) for p in model.parameters()])
+    opt.load_state_dict(copy.deepcopy(saved))
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks, masks))
+
+
+# --------------------------------------------------------------------------- 6. bad input
+def test_wrong_mask_count_is_rejected():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"masks has 3 entries .* expected 4"):
+        SparseSGDM(model.parameters(), masks=[None, None, None])
+
+
+def test_wrong_mask_shape_is_rejected_naming_the_parameter():
+    model = make_model()
+    masks = [None, None, torch.ones(8, 3), None]
+    with pytest.raises(ValueError, match=r"masks\[2\] has shape \(8, 3\) but its parameter has shape \(3, 8\)"):
+        SparseSGDM(model.parameters(), masks=masks)
+
+
+def test_non_binary_mask_is_rejected_naming_the_parameter():
+    model = make_model()
+    masks = [None, torch.full((8,), 0.5), None, None]
+    with pytest.raises(ValueError, match=r"masks\[1\].*only 0 and 1"):
+        SparseSGDM(model.parameters(), masks=masks)
+
+
+def test_non_tensor_mask_is_rejected():
+    model = make_model()
+    with pytest.raises(TypeError, match=r"masks\[0\] must be a tensor or None"):
+        SparseSGDM(model.parameters(), masks=[[1, 0], None, None, None])
+
+
+def test_fused_is_rejected():
+    model = make_model()
+    with pytest.raises(ValueError, match="fused"):
+        SparseSGDM(model.parameters(), fused=True)
+
+
+def test_invalid_set_masks_leaves_previous_masks_unchanged():
+    model = make_model()
+    masks = random_masks(model)
+    opt = SparseSGDM(model.parameters(), masks=masks)
+    bad = [torch.zeros_like(p) for p in model.parameters()]
+    bad[3] = torch.full_like(bad[3], 2.0)
+    with pytest.raises(ValueError, match=r"masks\[3\]"):
+        opt.set_masks(bad)
+    with pytest.raises(ValueError, match=r"masks has 1 entries"):
+        opt.set_masks([None])
+    assert all(torch.equal(a, b) for a, b in zip(opt.get_masks(), masks))
+
+
+# --------------------------------------------------------------------------- helpers of the module
+def test_masks_are_stored_as_bool_copies():
+    model = make_model()
+    masks = [m.float() for m in random_masks(model)]
+    opt = SparseSGDM(model.parameters(), masks=masks)
+    masks[0].zero_()  # the caller's tensor is not the optimizer's
+    got = opt.get_masks()
+    assert all(m.dtype == torch.bool for m in got)
+    assert bool(got[0].any())
+
+
+def test_count_trainable_counts_entries_that_can_move():
+    model = make_model()
+    masks = random_masks(model)
+    masks[1] = None
+    expected = int(masks[0].sum()) + 8 + int(masks[2].sum()) + int(masks[3].sum())
+    assert count_trainable(masks, model.parameters()) == expected
+    assert count_trainable(None, model.parameters()) == sum(p.numel() for p in model.parameters())
