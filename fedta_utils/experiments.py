@@ -175,6 +175,32 @@ def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sp
             for sp in sparsities for rule in rules for s in seeds]
 
 
+# --------------------------------------------------------------------------- running a grid
+
+def check_against_data(configs: list, data) -> None:
+    """Fail before any training if a config cannot run on `data` (dataset name, impossible shards)."""
+    from .sharding import make_shards
+
+    labels = data.train_labels_numpy()
+    checked = set()
+    for config in configs:
+        if config.dataset != data.name:
+            raise ConfigError(f"dataset={config.dataset!r} in a config, but the loaded data is {data.name!r}")
+        if not isinstance(config, FedAvgConfig):
+            continue
+        key = (config.sharding, config.num_clients, config.classes_per_client, config.dirichlet_alpha, config.seed)
+        if key not in checked:
+            make_shards(labels, config.sharding, config.num_clients, config.seed,
+                        config.classes_per_client, config.dirichlet_alpha)
+            checked.add(key)
+
+
+def run_grid(runner, ws, data, configs: list, **options) -> list:
+    """Check every config against the data first, then run (or resume, or read) each one in order."""
+    check_against_data(configs, data)
+    return [runner(ws, data, config, **options) for config in configs]
+
+
 # --------------------------------------------------------------------------- reading results
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
