@@ -8,7 +8,9 @@ before any data is loaded or any compute is spent.
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -27,7 +29,8 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return `value` as int if it is an integer in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{name} must be an integer{_range_text(minimum, maximum)}, "
+                          f"got {value!r} ({type(value).__name__})")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={value} is too small; it must be >= {minimum}")
@@ -50,10 +53,10 @@ def check_float(
     The interval is written in the error message in the usual notation, e.g.
     `(0, 1]` for low=0, high=1, low_open=True.
     """
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
     interval = _interval_text(low, high, low_open, high_open)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{name} must be a number in {interval}, got {value!r} ({type(value).__name__})")
+    value = float(value)
     if not math.isfinite(value):
         raise ConfigError(f"{name}={value} must be a finite number in {interval}")
     too_low = low is not None and (value <= low if low_open else value < low)
@@ -73,23 +76,53 @@ def check_bool(name: str, value: Any) -> bool:
 def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[int]:
     """Return a non-empty list of integers, each >= minimum."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ConfigError(f"{name} must be a list of integers, got {values!r}")
+        raise ConfigError(f"{name} must be a list of integers{_range_text(minimum, None)}, got {values!r}")
     values = list(values)
     if not values:
-        raise ConfigError(f"{name} must not be empty")
+        raise ConfigError(f"{name} must not be empty: give a list of integers{_range_text(minimum, None)}")
     return [check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)]
 
 
 def check_float_list(name: str, values: Any, low: float | None = None, high: float | None = None,
                      *, low_open: bool = False, high_open: bool = False) -> list[float]:
     """Return a non-empty list of numbers, each in the given interval."""
+    interval = _interval_text(low, high, low_open, high_open)
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ConfigError(f"{name} must be a list of numbers, got {values!r}")
+        raise ConfigError(f"{name} must be a list of numbers in {interval}, got {values!r}")
     values = list(values)
     if not values:
-        raise ConfigError(f"{name} must not be empty")
+        raise ConfigError(f"{name} must not be empty: give a list of numbers in {interval}")
     return [check_float(f"{name}[{i}]", v, low, high, low_open=low_open, high_open=high_open)
             for i, v in enumerate(values)]
+
+
+def check_choice_list(name: str, values: Any, allowed: Iterable[Any]) -> list:
+    """Return a non-empty list whose every item is one of `allowed` (a lone string is not a list)."""
+    allowed = list(allowed)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ConfigError(f"{name} must be a list of names from {allowed}, got {values!r}")
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{name} must not be empty: give a list of names from {allowed}")
+    return [check_choice(f"{name}[{i}]", v, allowed) for i, v in enumerate(values)]
+
+
+def check_path(name: str, value: Any) -> Path:
+    """Return `value` as a Path if it is a non-empty str or os.PathLike."""
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or str(value) == "":
+        raise ConfigError(f"{name} must be a folder or file path (a non-empty str or Path), "
+                          f"got {value!r} ({type(value).__name__})")
+    return Path(value)
+
+
+def _range_text(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    if maximum is not None:
+        return f" <= {maximum}"
+    return ""
 
 
 def _interval_text(low, high, low_open, high_open) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checks import ConfigError, check_choice, check_float, check_int
+from .checks import ConfigError, check_bool, check_choice, check_float, check_int
 from .seeding import numpy_rng, torch_generator
 from .storage import atomic_write_bytes
 
@@ -164,6 +164,7 @@ def train_val_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray,
     """
     labels = np.asarray(labels)
     check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("seed", seed, minimum=0)
     rng = numpy_rng(seed, "train-val-split")
     val_parts = []
     for label in np.unique(labels):
@@ -216,6 +217,7 @@ def prepare_data(
     check_choice("dataset", dataset, DATASETS)
     check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
     check_int("split_seed", split_seed, minimum=0)
+    check_bool("download", download)
     if dataset == "cifar100":
         full_train, test = load_cifar100(data_dir, download)
     else:

@@ -15,9 +15,10 @@ from typing import Iterable
 
 import pandas as pd
 
-from .checks import ConfigError, check_float_list, check_int, check_int_list
+from .checks import ConfigError, check_choice_list, check_float, check_float_list, check_int, check_int_list
 from .federated import FedAvgConfig
 from .runs import read_metrics
+from .schedules import SCHEDULERS
 from .sensitivity import RULES
 from .sparse import FineTuneSpec
 from .training import CentralizedConfig
@@ -36,10 +37,20 @@ MASK_RULES = "05_mask_rules"
 # --------------------------------------------------------------------------- notebook 01
 
 def search_configs(dataset, model, search_lrs, search_weight_decays, search_epochs, batch_size, momentum,
-                   warmup_epochs, precision, search_seed: int = 0, **_) -> list[CentralizedConfig]:
-    """The learning-rate x weight-decay grid, cosine schedule, judged on validation only."""
+                   warmup_epochs, precision, search_seed: int = 0, **later) -> list[CentralizedConfig]:
+    """The learning-rate x weight-decay grid, cosine schedule, judged on validation only.
+
+    Given the parameters of the scheduler runs that follow the search
+    (seeds, epochs, schedulers), they are checked too: a typo there must
+    fail before the search trains, not after.
+    """
+    if {"seeds", "epochs", "schedulers"} <= later.keys():
+        scheduler_configs(dataset, model, later["seeds"], later["epochs"], batch_size, 1.0, 0.0, momentum,
+                          later["schedulers"], warmup_epochs, precision)
     search_lrs = check_float_list("search_lrs", search_lrs, 0.0, None, low_open=True)
     search_weight_decays = check_float_list("search_weight_decays", search_weight_decays, 0.0, None)
+    check_int("search_epochs", search_epochs, minimum=1)
+    check_int("search_seed", search_seed, minimum=0)
     return [CentralizedConfig(dataset=dataset, model=model, seed=search_seed, epochs=search_epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=wd,
                               scheduler="cosine", warmup_epochs=min(warmup_epochs, search_epochs),
@@ -51,6 +62,7 @@ def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_deca
                       warmup_epochs, precision, **_) -> list[CentralizedConfig]:
     """Every scheduler at the chosen lr / weight decay, for every seed."""
     seeds = check_int_list("seeds", seeds, minimum=0)
+    schedulers = check_choice_list("schedulers", schedulers, SCHEDULERS)
     return [CentralizedConfig(dataset=dataset, model=model, seed=seed, epochs=epochs, batch_size=batch_size,
                               lr=lr, momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
                               warmup_epochs=warmup_epochs, precision=precision)
@@ -152,6 +164,10 @@ def sparse_central_configs(dataset, model, seeds, sparse_central_epochs, central
                            momentum, precision, central_sparsity, central_calibration_rounds,
                            **params) -> list[CentralizedConfig]:
     """Notebook 04: the centralized task-arithmetic baseline (one sparsity and R, cosine schedule)."""
+    check_int("sparse_central_epochs", sparse_central_epochs, minimum=1)
+    check_int("central_batch_size", central_batch_size, minimum=1)
+    check_float("central_sparsity", central_sparsity, 0.0, 1.0, high_open=True)
+    check_int("central_calibration_rounds", central_calibration_rounds, minimum=1)
     spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=central_sparsity,
                          calibration_rounds=central_calibration_rounds)
     return [CentralizedConfig(dataset=dataset, model=model, seed=s, epochs=sparse_central_epochs,
@@ -164,10 +180,9 @@ def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sp
                       local_steps, rounds, **params) -> list[FedAvgConfig]:
     """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed."""
     seeds = check_int_list("seeds", seeds, minimum=0)
-    for rule in rules:
-        if rule not in RULES:
-            raise ConfigError(f"rules contains {rule!r}; allowed: {list(RULES)}")
+    rules = check_choice_list("rules", rules, RULES)
     sparsities = check_float_list("rule_sparsities", rule_sparsities, 0.0, 1.0, high_open=True)
+    check_int("rule_calibration_rounds", rule_calibration_rounds, minimum=1)
     base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
     return [replace(base, seed=s, **sharding, finetune=finetune_spec(
                 params, mask_rule=rule, sparsity=sp, calibration_rounds=rule_calibration_rounds))

@@ -32,11 +32,12 @@ from .data import DataBundle, augmentation_generator
 from .drift import DeltaStats
 from .optim import SparseSGDM
 from .precision import PRECISIONS, grad_scaler, resolve_precision
-from .runs import Checkpoint, config_id
+from .runs import Checkpoint
 from .schedules import lr_multiplier
 from .seeding import numpy_rng
 from .sharding import SHARDINGS, make_shards
-from .sparse import FineTuneSpec, PreparedModel, prepare_federated, validate_spec_for_federation
+from .sparse import (FineTuneSpec, PreparedModel, head_cache_path, prepare_federated,
+                     validate_spec_for_federation)
 from .training import (RunResult, _check_data_matches, _evaluate_splits, _summary, train_steps,
                        training_batches)
 from .workspace import Workspace
@@ -156,6 +157,17 @@ def client_batch_indices(shard: np.ndarray, local_steps: int, batch_size: int, s
     return order.reshape(local_steps, batch)
 
 
+@torch.no_grad()
+def server_step(global_weights: torch.Tensor, average_delta: torch.Tensor, velocity: torch.Tensor | None,
+                server_lr: float, server_momentum: float) -> None:
+    """In place: v <- beta v + avg_delta (if FedAvgM), w <- w + eta_s * (v or avg_delta)."""
+    step = average_delta
+    if velocity is not None:
+        velocity.mul_(server_momentum).add_(average_delta)
+        step = velocity
+    global_weights.add_(step, alpha=server_lr)
+
+
 # --------------------------------------------------------------------------- flat views
 
 class FlatParameters:
@@ -244,7 +256,11 @@ class _FedAvgTrainer:
         self.model = ws.build_model(config.model, data.num_classes, head_seed=config.seed).to(self.device)
         self.prepared: PreparedModel = prepare_federated(
             run, self.model, data, config.finetune, config.seed, self.img_size, self.precision, shards,
-            config.clients_per_round, head_cache=_head_cache_path(ws, config))
+            config.clients_per_round,
+            head_cache=head_cache_path(ws.root, config.finetune, model=config.model, weights=ws.weights_path,
+                                       dataset=config.dataset, sharding=config.sharding_name(),
+                                       num_clients=config.num_clients, participation=config.participation,
+                                       seed=config.seed))
         self.flat = FlatParameters(self.model, self.prepared.trainable_names)
         self.global_weights = self.flat.read()
         self.server_velocity = torch.zeros_like(self.global_weights) if config.server_momentum > 0 else None
@@ -302,7 +318,8 @@ class _FedAvgTrainer:
             times["server_s"] += (loaded - started) + (time.perf_counter() - trained)
         started = time.perf_counter()
         self._server_update(stats)
-        row = {"round": round_index + 1, "lr": lr, "train_loss": loss_sum / samples,
+        row = {"round": round_index + 1, "clients": " ".join(str(int(c)) for c in clients),
+               "lr": lr, "train_loss": loss_sum / samples,
                **stats.summary(), "bytes_down": len(clients) * BYTES_PER_ENTRY * self._trainable_entries(),
                "bytes_up": bytes_up}
         times["server_s"] += time.perf_counter() - started
@@ -333,11 +350,8 @@ class _FedAvgTrainer:
 
     @torch.no_grad()
     def _server_update(self, stats: DeltaStats) -> None:
-        step = stats.average_delta()
-        if self.server_velocity is not None:
-            self.server_velocity.mul_(self.config.server_momentum).add_(step)
-            step = self.server_velocity
-        self.global_weights.add_(step, alpha=self.config.server_lr)
+        server_step(self.global_weights, stats.average_delta(), self.server_velocity,
+                    self.config.server_lr, self.config.server_momentum)
 
     # ------------------------------------------------------------------ accounting
     def _trainable_entries(self) -> int:
@@ -361,15 +375,3 @@ class _FedAvgTrainer:
         self.global_weights = state["global_weights"].to(self.device)
         velocity = state["server_velocity"]
         self.server_velocity = velocity.to(self.device) if velocity is not None else None
-
-
-def _head_cache_path(ws: Workspace, config: FedAvgConfig):
-    """Runs that fit the same head share it: same model, data, shards (sharding + seed) and head fields."""
-    if config.finetune.head == "train":
-        return None
-    spec = config.finetune.identity()
-    key = {"model": config.model, "weights": ws.weights_path, "dataset": config.dataset,
-           "sharding": config.sharding_name(), "num_clients": config.num_clients, "seed": config.seed,
-           "participation": config.participation,
-           "head": {k: v for k, v in spec.items() if k.startswith(("head", "ridge", "probe"))}}
-    return ws.root / "cache" / f"head-{config_id(key)}.pt"

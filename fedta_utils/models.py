@@ -20,7 +20,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .checks import ConfigError, check_choice, check_int
+from .checks import ConfigError, check_bool, check_choice, check_int
 from .seeding import torch_generator
 
 MODELS = ("dino_vits16", "tiny_vit")
@@ -57,6 +57,7 @@ def build_model(
     check_choice("model", name, MODELS)
     check_int("num_classes", num_classes, minimum=2)
     check_int("head_seed", head_seed, minimum=0)
+    check_bool("pretrained", pretrained)
     if weights_path is not None and not Path(weights_path).is_file():
         raise ConfigError(f"weights_path={str(weights_path)!r} is not a file")
     if name == "tiny_vit":

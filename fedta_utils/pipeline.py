@@ -93,7 +93,11 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
     check_overrides(overrides, selected)
     results_dir = Path(results_dir).resolve()
     output_dir = results_dir / profile / "notebooks"
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"results_dir={str(results_dir)!r} is not writable ({error}); "
+                          "choose a folder you can write to") from error
     records = []
     for key, path in selected.items():
         parameters = notebook_parameters(path, profile, results_dir, overrides)

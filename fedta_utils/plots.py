@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 COLUMN_WIDTH = 3.3  # inches, one column of the report
 FULL_WIDTH = 6.9    # inches, both columns
@@ -63,6 +64,14 @@ def mean_curves(ax, frame: pd.DataFrame, x: str, y: str, hue: str, label_format:
                         color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
+    if np.allclose(frame[x], np.round(frame[x])):  # epochs, rounds: no fractional ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def count_axis(fig, axis: str = "x") -> None:
+    """Large counts (e.g. images processed) as 200k, 1.5M instead of an offset exponent."""
+    for ax in fig.axes:
+        getattr(ax, f"{axis}axis").set_major_formatter(EngFormatter(sep=""))
 
 
 def curves_figure(frame: pd.DataFrame, x: str, ys: list[str], hue: str, xlabel: str, ylabels: list[str],
@@ -98,16 +107,7 @@ def mean_std_bars(table: pd.DataFrame, category: str, group: str, title: str, yl
     """Grouped bars of `mean` with +-`std` error bars: categories on x, one bar per group."""
     fig, axes = figure(width, aspect=0.35)
     ax = axes[0][0]
-    categories = list(dict.fromkeys(table[category]))
-    groups = list(dict.fromkeys(table[group]))
-    bar_width = 0.8 / max(1, len(groups))
-    for index, name in enumerate(groups):
-        rows = table[table[group] == name].set_index(category).reindex(categories)
-        positions = np.arange(len(categories)) + (index - (len(groups) - 1) / 2) * bar_width
-        ax.bar(positions, rows["mean"], bar_width, yerr=rows["std"], capsize=2, label=str(name),
-               color=sns.color_palette("colorblind")[index % 10])
-    ax.set_xticks(np.arange(len(categories)))
-    ax.set_xticklabels([str(c).replace("_", " ") for c in categories])
+    grouped_bars(ax, table, category, group)
     ax.set_ylabel(ylabel)
     ax.legend(title=group, fontsize="small")
     ax.set_title(title, fontsize="medium")
@@ -115,13 +115,39 @@ def mean_std_bars(table: pd.DataFrame, category: str, group: str, title: str, yl
     return fig
 
 
-def placeholder(title: str, message: str, width: float = COLUMN_WIDTH):
-    """A visible stand-in for a figure whose experiment has no results yet."""
-    fig, axes = figure(width, aspect=0.5)
+def grouped_bars(ax, table: pd.DataFrame, category: str, group: str, wrap_labels: bool = False) -> None:
+    """Bars of `mean` +- `std` on `ax`: one cluster per `category`, one colour per `group`."""
+    categories = list(dict.fromkeys(table[category]))
+    groups = list(dict.fromkeys(table[group]))
+    bar_width = 0.8 / max(1, len(groups))
+    for index, name in enumerate(groups):
+        rows = table[table[group] == name].set_index(category).reindex(categories)
+        positions = np.arange(len(categories)) + (index - (len(groups) - 1) / 2) * bar_width
+        ax.bar(positions, rows["mean"], bar_width, yerr=rows["std"], capsize=2, label=str(name),
+               color=sns.color_palette("colorblind")[index % 10], error_kw={"linewidth": 0.8})
+    separator = "\n" if wrap_labels else " "
+    ax.set_xticks(np.arange(len(categories)))
+    ax.set_xticklabels([str(c).replace("_", separator) for c in categories])
+
+
+def placeholder(title: str, message: str, width: float = COLUMN_WIDTH, aspect: float = 0.5):
+    """A visible stand-in for a figure whose experiment has no results yet.
+
+    Drawn at the size of the figure it replaces, with a hatched frame, so the
+    report's layout stays the same and the gap cannot be overlooked.
+    """
+    fig, axes = figure(width, aspect=aspect)
     ax = axes[0][0]
-    ax.axis("off")
-    ax.text(0.5, 0.5, f"{title}\n\n{message}", ha="center", va="center", fontsize=8, wrap=True,
-            bbox={"boxstyle": "round", "facecolor": "#fff3cd", "edgecolor": "#d39e00"})
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, facecolor="#fff8e1", edgecolor="#d39e00",
+                               hatch="//", linewidth=1.0, alpha=0.5))
+    for spine in ax.spines.values():
+        spine.set_edgecolor("#d39e00")
+    ax.text(0.5, 0.5, f"{title}\n{message}", ha="center", va="center", fontsize=8, wrap=True,
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#d39e00"})
+    fig.tight_layout()
     return fig
 
 
@@ -205,9 +231,10 @@ def drift_figure(drift: pd.DataFrame, profile: str, seeds: int):
               ("mean_client_delta_norm", "mean client delta norm"), ("update_efficiency", "||avg delta|| / mean ||delta||")]
     fig, axes = figure(FULL_WIDTH, aspect=0.28, ncols=len(panels))
     order = list(dict.fromkeys(drift["sharding_label"]))
+    dodge = 0.3 if drift["local_steps"].nunique() > 1 else False  # seaborn divides by (levels - 1)
     for ax, (column, label) in zip(axes[0], panels):
         sns.pointplot(data=drift, x="sharding_label", y=column, hue="local_steps", order=order, ax=ax,
-                      errorbar="sd", dodge=0.3, markersize=3, linewidth=1, palette="colorblind")
+                      errorbar="sd", dodge=dodge, markersize=3, linewidth=1, palette="colorblind")
         ax.set_xlabel("")
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=45)
@@ -293,5 +320,24 @@ def layer_density_figure(density: pd.DataFrame, title: str):
     ax.set_yscale("log")
     ax.legend(fontsize="x-small")
     ax.set_title(title, fontsize="medium")
+    fig.tight_layout()
+    return fig
+
+
+def mask_rules_figure(table: pd.DataFrame, profile: str, seeds: int):
+    """Final test accuracy (%) per mask rule, mean +- std over seeds: one panel per sparsity, a bar per sharding.
+
+    `table`: columns rule, sparsity, sharding_label, mean, std (accuracies as fractions).
+    """
+    sparsities = sorted(table["sparsity"].unique())
+    fig, axes = figure(FULL_WIDTH, aspect=0.3, ncols=len(sparsities), sharey=True)
+    percent = table.assign(mean=table["mean"] * 100, std=table["std"] * 100)
+    for ax, sparsity in zip(axes[0], sparsities):
+        grouped_bars(ax, percent[percent["sparsity"] == sparsity], "rule", "sharding_label", wrap_labels=True)
+        ax.set_title(f"sparsity {sparsity:g}", fontsize="small")
+        ax.set_ylabel("test accuracy (%)")
+        ax.tick_params(axis="x", labelsize="x-small")
+    axes[0][-1].legend(fontsize="x-small")
+    fig.suptitle(f"Mask calibration rules, {provenance(profile, seeds)}", fontsize="medium")
     fig.tight_layout()
     return fig

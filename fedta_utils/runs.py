@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .storage import atomic_torch_save, atomic_write_bytes, atomic_write_json, clear_staging
+from .storage import atomic_torch_save, atomic_write_bytes, atomic_write_json, clear_staging, staging_dir_for
 
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
@@ -142,7 +142,12 @@ class Run:
             old.unlink(missing_ok=True)
 
     def load_checkpoint(self, map_location="cpu") -> Checkpoint | None:
-        """The newest readable checkpoint, or None. Unreadable ones are reported and skipped."""
+        """The newest readable checkpoint, or None. Unreadable ones are reported and skipped.
+
+        With the lock held (a resume), metrics.csv and timing.csv are rewritten
+        to hold exactly the rows of the checkpoint returned (removed if None),
+        so rows of rounds that will run again never appear twice.
+        """
         for path in reversed(self._checkpoint_paths()):
             try:
                 payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -152,8 +157,23 @@ class Run:
                               "falling back to the previous one", RuntimeWarning, stacklevel=2)
                 continue
             _restore_rng_states(payload["rng"])
-            return Checkpoint(payload["step"], payload["state"], payload["rows"], payload["timing"])
+            checkpoint = Checkpoint(payload["step"], payload["state"], payload["rows"], payload["timing"])
+            self._sync_metrics(checkpoint)
+            return checkpoint
+        self._sync_metrics(None)
         return None
+
+    def _sync_metrics(self, checkpoint: Checkpoint | None) -> None:
+        if self._lock is None:  # read-only use: never write without the lock
+            return
+        if checkpoint is None:
+            for name in ("metrics.csv", "timing.csv"):
+                (self.dir / name).unlink(missing_ok=True)
+            return
+        metrics, timing = self.dir / "metrics.csv", self.dir / "timing.csv"
+        if (not metrics.is_file() or metrics.read_bytes() != rows_to_csv(checkpoint.rows)
+                or not timing.is_file() or timing.read_bytes() != rows_to_csv(checkpoint.timing)):
+            self._write_metrics(checkpoint.rows, checkpoint.timing)
 
     def _checkpoint_path(self, step: int) -> Path:
         return self.dir / f"checkpoint-{step:06d}.pt"
@@ -289,18 +309,53 @@ class _RunLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        if not self._create_exclusively():
+        """Create lock.json, or take over a stale one; RunLockedError while a live process holds it.
+
+        A stale lock is moved aside (an atomic rename) and checked to be the
+        one judged stale before it is deleted; then the exclusive create is
+        tried again. Of two processes that take over the same stale lock, one
+        creates the new lock and the other finds it held: never two holders.
+        """
+        for _ in range(5):
+            if self._create_exclusively():
+                break
             holder = self._read_holder()
             if not self._is_stale(holder):
                 raise RunLockedError(
                     f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
                     f"(started {holder.get('started')}). Wait for it to finish; if that process is gone, "
                     f"the lock is taken over automatically {STALE_AFTER_SECONDS} s after its last heartbeat.")
-            warnings.warn(f"taking over a stale lock on {self.path.parent} "
-                          f"(pid {holder.get('pid')} on {holder.get('host')})", RuntimeWarning, stacklevel=3)
-            atomic_write_json(self.path, self._content())
+            if self._remove_stale(holder):
+                warnings.warn(f"taking over a stale lock on {self.path.parent} "
+                              f"(pid {holder.get('pid')} on {holder.get('host')})", RuntimeWarning, stacklevel=3)
+        else:
+            raise RunLockedError(f"{self.path.parent}: could not take over its lock; another process "
+                                 "keeps creating it. Make sure only one process runs this experiment.")
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
+
+    def _remove_stale(self, holder: dict) -> bool:
+        """Delete the lock file if it still is the stale `holder`'s; False if it was not."""
+        aside = self._scratch_name("stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # another process removed it first
+            return False
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = {}
+        if moved.get("token") == holder.get("token"):
+            aside.unlink(missing_ok=True)
+            return True
+        try:  # a live lock created in between: put it back unless yet another one exists
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links (some FUSE mounts)
+            os.replace(aside, self.path)
+        aside.unlink(missing_ok=True)
+        return False
 
     def release(self) -> None:
         self._stop.set()
@@ -315,6 +370,32 @@ class _RunLock:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def _create_exclusively(self) -> bool:
+        """Publish a complete lock file under self.path unless one exists (link fails if it does).
+
+        Where hard links are not supported, fall back to an exclusive create
+        and write, which a kill can leave empty (handled by _is_stale).
+        """
+        draft = self._scratch_name("new")
+        with open(draft, "w") as file:
+            json.dump(self._content(), file)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(draft, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            return self._create_and_write()
+        finally:
+            draft.unlink(missing_ok=True)
+
+    def _scratch_name(self, purpose: str) -> Path:
+        """A unique name beside the results root's other temporary files (cleared by clear_staging)."""
+        staging = staging_dir_for(self.path)
+        return staging / f".{self.path.name}.{os.getpid()}.{time.time_ns()}.{purpose}.tmp"
+
+    def _create_and_write(self) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -34,6 +34,7 @@ def iid_shards(labels, num_clients: int, seed: int) -> list[np.ndarray]:
     """
     labels = np.asarray(labels)
     num_clients = _check_num_clients(num_clients, len(labels))
+    seed = check_int("seed", seed, minimum=0)
     rng = numpy_rng(seed, "iid-shards")
     order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
     client_of_slot = rng.permutation(num_clients)  # which client deals first is random too
@@ -56,6 +57,7 @@ def non_iid_shards(labels, num_clients: int, classes_per_client: int, seed: int)
     """
     labels = np.asarray(labels)
     num_clients = _check_num_clients(num_clients, len(labels))
+    seed = check_int("seed", seed, minimum=0)
     classes = np.unique(labels)
     num_classes = len(classes)
     classes_per_client = check_int("classes_per_client", classes_per_client, minimum=1, maximum=num_classes)
@@ -94,6 +96,7 @@ def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int) -> list[
     labels = np.asarray(labels)
     num_clients = _check_num_clients(num_clients, len(labels))
     alpha = check_float("dirichlet_alpha", alpha, 0.0, None, low_open=True)
+    seed = check_int("seed", seed, minimum=0)
     rng = numpy_rng(seed, "dirichlet-shards")
     classes = np.unique(labels)
     pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]

@@ -36,6 +36,7 @@ from .checks import ConfigError, check_choice, check_float, check_int
 from .data import DataBundle, make_batch
 from .heads import HeadFit, client_features, federated_linear_probe, federated_ridge_head
 from .masks import count_trainable, pack_masks, unpack_masks
+from .runs import config_id
 from .seeding import derive_seed, numpy_rng, torch_generator
 from .sensitivity import RULES, calibrate, fisher_sums
 from .storage import atomic_torch_save
@@ -137,6 +138,19 @@ def prepare_federated(run, model: nn.Module, data: DataBundle, spec: FineTuneSpe
     """Step 0 and step 1 from per-client computations only (no pooled data)."""
     return _prepare(run, model, data, spec, seed, img_size, precision, shards,
                     clients_per_round=clients_per_round, head_cache=head_cache)
+
+
+def head_cache_path(root: str | Path, spec: FineTuneSpec, **context) -> Path | None:
+    """Where a fitted step-0 head is shared by every run that would fit the very same head.
+
+    `context` names what the head depends on besides its own fields (model,
+    weights, dataset, and for FL the shards: sharding, clients, seed). None
+    for head='train', which fits nothing.
+    """
+    if spec.head == "train":
+        return None
+    head_fields = {k: v for k, v in spec.identity().items() if k.startswith(("head", "ridge", "probe"))}
+    return Path(root) / "cache" / f"head-{config_id({**context, 'head': head_fields})}.pt"
 
 
 def eligible_names(model: nn.Module, eligible: str) -> list[str]:

@@ -26,7 +26,7 @@ from .optim import SparseSGDM
 from .precision import PRECISIONS, autocast, grad_scaler, resolve_precision
 from .runs import Checkpoint, Run
 from .schedules import SCHEDULERS, make_scheduler
-from .sparse import FineTuneSpec, PreparedModel, prepare_centralized
+from .sparse import FineTuneSpec, PreparedModel, head_cache_path, prepare_centralized
 from .workspace import Workspace
 
 
@@ -167,7 +167,10 @@ def _train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every,
     precision = resolve_precision(config.precision, device)
     img_size = models.input_size(config.model)
     model = ws.build_model(config.model, data.num_classes, head_seed=config.seed).to(device)
-    prepared = prepare_centralized(run, model, data, config.finetune, config.seed, img_size, precision)
+    prepared = prepare_centralized(run, model, data, config.finetune, config.seed, img_size, precision,
+                                   head_cache=head_cache_path(ws.root, config.finetune, model=config.model,
+                                                              weights=ws.weights_path, dataset=config.dataset,
+                                                              seed=config.seed, centralized=True))
     optimizer = make_optimizer(model, prepared, config.lr, config.momentum, config.weight_decay)
     steps_per_epoch = -(-len(data.train) // config.batch_size)
     scheduler = make_scheduler(optimizer, config.scheduler, config.epochs * steps_per_epoch,
@@ -206,7 +209,7 @@ def _train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every,
             state = _training_state(model, optimizer, scheduler, scaler)
             run.save_checkpoint(Checkpoint(epoch + 1, state, rows, timing))
 
-    summary = _summary(rows, timing, precision, device)
+    summary = {**_summary(rows, timing, precision, device), **prepared.info}
     if save_weights:
         run.save_artifact("model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
     run.finish(summary, rows, timing)

@@ -12,17 +12,20 @@ survive a disconnect.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checks import ConfigError, check_bool, check_choice
+from .checks import ConfigError, check_bool, check_choice, check_float, check_int, check_path
 from .data import DATASETS, DataBundle, prepare_data
 from .runs import Run
 from .storage import STAGING_DIR, atomic_write_bytes, atomic_write_json
 
 PROFILES = ("smoke", "full")
+SYNTHETIC_CLASSES = 100  # the synthetic stand-in has CIFAR-100's classes, so at least one image each
 COLAB_DRIVE_MOUNT = "/content/drive"
 
 
@@ -56,6 +59,11 @@ class Workspace:
                   synthetic_train_size: int = 50_000, synthetic_test_size: int = 10_000) -> DataBundle:
         """The dataset on `self.device`, split once per results folder and cached in memory."""
         check_choice("dataset", dataset, DATASETS)
+        check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_int("split_seed", split_seed, minimum=0)
+        if dataset == "synthetic":
+            check_int("synthetic_train_size", synthetic_train_size, minimum=SYNTHETIC_CLASSES)
+            check_int("synthetic_test_size", synthetic_test_size, minimum=SYNTHETIC_CLASSES)
         key = (dataset, val_fraction, split_seed, synthetic_train_size, synthetic_test_size)
         if key not in self._data_cache:
             split_path = self.root / "splits" / f"{dataset}-val{val_fraction:g}-seed{split_seed}.npz"
@@ -104,9 +112,12 @@ def setup_workspace(
     """Check the parameters, mount Drive if asked, make sure results_dir is writable."""
     check_choice("profile", profile, PROFILES)
     check_bool("download", download)
-    results_dir = Path(results_dir)
+    results_dir = check_path("results_dir", results_dir)
+    data_dir = check_path("data_dir", data_dir)
     if drive_dir:
-        results_dir = _mount_drive(Path(drive_dir)) / results_dir
+        results_dir = _mount_drive(check_path("drive_dir", drive_dir)) / results_dir
+    if weights_path:
+        check_path("weights_path", weights_path)
     if weights_path and not Path(weights_path).is_file():
         raise ConfigError(f"weights_path={str(weights_path)!r} is not a file; leave it empty to download")
     workspace = Workspace(
@@ -118,9 +129,12 @@ def setup_workspace(
 
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda if available, else cpu; 'cuda' without a GPU is an error."""
+    if not isinstance(device, str):
+        raise ConfigError(f"device must be a string: 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_choice("device", device.split(":")[0], ("cpu", "cuda"))
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"device={device!r} is not allowed; choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
     return torch.device(device)
@@ -143,11 +157,13 @@ def _mount_drive(drive_dir: Path) -> Path:
 
 
 def _make_writable_root(root: Path) -> None:
+    """Create <root>/.staging and write a probe file there (a unique name: other processes may probe too)."""
     try:
         (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
-        probe = root / STAGING_DIR / "write-test.tmp"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=root / STAGING_DIR)
+        with os.fdopen(handle, "wb") as file:
+            file.write(b"ok")
+        os.unlink(probe)
     except OSError as error:
         raise ConfigError(f"results_dir={str(root.parent)!r} is not writable ({error}); "
                           "choose a folder you can write to") from error

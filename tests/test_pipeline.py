@@ -1,0 +1,90 @@
+"""The papermill pipeline: parameters, profiles, failures, and the notebooks themselves."""
+
+import json
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from fedta_utils import pipeline
+from fedta_utils.checks import ConfigError
+from fedta_utils.profiles import SMOKE
+
+NOTEBOOKS = pipeline.discover_notebooks()
+
+
+def test_notebooks_are_numbered_from_00_in_order():
+    keys = list(NOTEBOOKS)
+    assert keys[:6] == ["00", "01", "02", "03", "04", "05"]
+    assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("key", list(NOTEBOOKS))
+def test_every_notebook_declares_profile_and_results_dir_and_has_no_outputs(key):
+    declared = pipeline.declared_parameters(NOTEBOOKS[key])
+    assert {"profile", "results_dir", "drive_dir"} <= set(declared)
+    assert all(info["help"] for info in declared.values()), "every parameter has a comment"
+    notebook = json.loads(NOTEBOOKS[key].read_text())
+    assert not any(cell.get("outputs") for cell in notebook["cells"] if cell["cell_type"] == "code")
+
+
+def test_full_profile_is_the_notebook_defaults():
+    for path in NOTEBOOKS.values():
+        declared = pipeline.declared_parameters(path)
+        assert declared["profile"]["default"] == '"full"'
+        if "dataset" in declared:
+            assert declared["dataset"]["default"] == '"cifar100"'
+        if "model" in declared:
+            assert declared["model"]["default"] == '"dino_vits16"'
+
+
+def test_every_smoke_value_is_a_parameter_of_some_notebook():
+    declared = set()
+    for path in NOTEBOOKS.values():
+        declared |= set(pipeline.declared_parameters(path))
+    assert set(SMOKE) <= declared, f"profiles.SMOKE names unknown parameters: {set(SMOKE) - declared}"
+
+
+def test_parameters_passed_to_a_notebook_are_only_those_it_declares(tmp_path):
+    values = pipeline.notebook_parameters(NOTEBOOKS["00"], "smoke", tmp_path, {"rounds": 3})
+    assert values["profile"] == "smoke" and values["dataset"] == "synthetic"
+    assert "rounds" not in values and "model" not in values
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("0.5", 0.5), ("[0, 1]", [0, 1]), ("True", True),
+                                         ("None", None), ("cifar100", "cifar100")])
+def test_p_values_are_python_literals_or_strings(text, value):
+    assert pipeline.parse_value(text) == value
+
+
+def test_unknown_parameter_is_rejected_by_name_before_running(tmp_path):
+    with pytest.raises(ConfigError, match="-p roundz: no selected notebook declares"):
+        pipeline.run_pipeline("smoke", only=["02"], results_dir=tmp_path, overrides={"roundz": 3})
+    assert not (tmp_path / "smoke" / "notebooks" / "02_fedavg_iid.ipynb").exists()
+
+
+def test_unknown_notebook_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="--only \\['42'\\]: no such notebook"):
+        pipeline.run_pipeline("smoke", only=["42"], results_dir=tmp_path)
+
+
+def test_cli_reports_errors_with_a_non_zero_exit(tmp_path, capsys):
+    code = pipeline.main(["--profile", "smoke", "--only", "00", "--results-dir", str(tmp_path), "-p", "nope", "1"])
+    assert code == 1
+    assert "-p nope" in capsys.readouterr().err
+
+
+def test_a_failing_notebook_stops_the_pipeline_showing_its_cell_and_error(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name, source in [("00_ok.ipynb", "x = 1"), ("01_broken.ipynb", "raise ValueError('rounds must be > 0')"),
+                         ("02_never.ipynb", "open('never-ran', 'w')")]:
+        notebook = new_notebook(cells=[new_code_cell('profile = "full"\nresults_dir = "results"'), new_code_cell(source)])
+        notebook.cells[0].metadata["tags"] = ["parameters"]
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(notebook, notebooks / name)
+    with pytest.raises(pipeline.NotebookFailed, match="(?s)01_broken.ipynb failed in cell.*raise ValueError.*"
+                                                     "ValueError: rounds must be > 0"):
+        pipeline.run_pipeline("smoke", results_dir=tmp_path / "results", notebook_dir=notebooks)
+    assert (tmp_path / "results" / "smoke" / "notebooks" / "00_ok.ipynb").exists()
+    assert not (tmp_path / "results" / "smoke" / "notebooks" / "02_never.ipynb").exists()
