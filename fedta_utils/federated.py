@@ -38,7 +38,7 @@ from .seeding import numpy_rng
 from .sharding import SHARDINGS, make_shards
 from .sparse import (FineTuneSpec, PreparedModel, head_cache_path, prepare_federated,
                      validate_spec_for_federation)
-from .training import (RunResult, _check_data_matches, _evaluate_splits, _summary, train_steps,
+from .training import (RunResult, _check_data_matches, _evaluate_splits, _summary, read_complete, train_steps,
                        training_batches)
 from .workspace import Workspace
 
@@ -209,7 +209,7 @@ def run_fedavg(ws: Workspace, data: DataBundle, config: FedAvgConfig, *, experim
                          config.classes_per_client, config.dirichlet_alpha)
     run = ws.run(experiment, config.run_name(), config.to_dict())
     if run.is_complete:
-        return RunResult(run, run.summary(), run.metrics())
+        return read_complete(run)
     with run:
         trainer = _FedAvgTrainer(ws, data, config, run, shards, eval_batch_size)
         return trainer.train(checkpoint_every, save_weights, progress)
@@ -232,7 +232,7 @@ def run_head_only(ws: Workspace, data: DataBundle, config: FedAvgConfig, *, expe
     name = f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}"
     run = ws.run(experiment, name, identity)
     if run.is_complete:
-        return RunResult(run, run.summary(), run.metrics())
+        return read_complete(run)
     with run:
         started = time.perf_counter()
         trainer = _FedAvgTrainer(ws, data, config, run, shards, eval_batch_size)
@@ -266,6 +266,8 @@ class _FedAvgTrainer:
         self.server_velocity = torch.zeros_like(self.global_weights) if config.server_momentum > 0 else None
         self.shard_sizes = np.array([len(s) for s in shards])
         self.global_mask = self.flat.mask_vector(self.prepared.masks)
+        self._upload_sizes: dict = {}
+        self.trainable_entries = self._count_trainable_entries()
 
     # ------------------------------------------------------------------ loop
     def train(self, checkpoint_every: int, save_weights: bool, progress: bool) -> RunResult:
@@ -287,7 +289,7 @@ class _FedAvgTrainer:
                 self.run.save_checkpoint(Checkpoint(round_index + 1, self._state(), rows, timing))
         summary = _summary([r for r in rows if "val_acc" in r], timing, self.precision, self.device)
         summary.update(self.prepared.info)
-        summary["trainable_entries"] = self._trainable_entries()
+        summary["trainable_entries"] = self.trainable_entries
         self.flat.load(self.global_weights)
         if save_weights:
             self.run.save_artifact("model.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
@@ -313,14 +315,14 @@ class _FedAvgTrainer:
             stats.add(delta, weight=float(self.shard_sizes[client]))
             loss_sum += client_loss
             samples += count
-            bytes_up += BYTES_PER_ENTRY * self._entries_sent(masks)
+            bytes_up += BYTES_PER_ENTRY * self._entries_sent(int(client), masks)
             times["local_train_s"] += trained - loaded
             times["server_s"] += (loaded - started) + (time.perf_counter() - trained)
         started = time.perf_counter()
         self._server_update(stats)
         row = {"round": round_index + 1, "clients": " ".join(str(int(c)) for c in clients),
                "lr": lr, "train_loss": loss_sum / samples,
-               **stats.summary(), "bytes_down": len(clients) * BYTES_PER_ENTRY * self._trainable_entries(),
+               **stats.summary(), "bytes_down": len(clients) * BYTES_PER_ENTRY * self.trainable_entries,
                "bytes_up": bytes_up}
         times["server_s"] += time.perf_counter() - started
         if (round_index + 1) % config.eval_every == 0 or round_index + 1 == config.rounds:
@@ -354,18 +356,24 @@ class _FedAvgTrainer:
                     self.config.server_lr, self.config.server_momentum)
 
     # ------------------------------------------------------------------ accounting
-    def _trainable_entries(self) -> int:
+    def _count_trainable_entries(self) -> int:
         """Entries that can differ from the pre-trained model (what a client must download)."""
         if self.global_mask is not None:
             return int(self.global_mask.sum())
         return self.flat.size  # dense, or local masks whose union can cover everything
 
-    def _entries_sent(self, masks) -> int:
-        """Entries a client uploads: with a mask only its trainable entries travel (the server knows the mask)."""
+    def _entries_sent(self, client: int, masks) -> int:
+        """Entries a client uploads: with a mask only its trainable entries travel (the server knows the mask).
+
+        Counted once per client (masks never change during a run), not every round.
+        """
         if masks is None:
             return self.flat.size
-        return int(sum(int(masks[n].sum()) if n in masks else p.numel()
-                       for n, p in zip(self.flat.names, self.flat.params)))
+        key = client if self.prepared.client_masks else "global"
+        if key not in self._upload_sizes:
+            self._upload_sizes[key] = int(sum(int(masks[n].sum()) if n in masks else p.numel()
+                                              for n, p in zip(self.flat.names, self.flat.params)))
+        return self._upload_sizes[key]
 
     # ------------------------------------------------------------------ checkpoint
     def _state(self) -> dict:

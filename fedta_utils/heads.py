@@ -3,7 +3,8 @@
 Ridge head (closed form, federated exactly; Fed3R, Fani et al., ICML 2024).
 Each client k extracts frozen-backbone features Phi_k (with a bias column)
 and sends A_k = Phi_k^T Phi_k and b_k = Phi_k^T Y_k (Y one-hot). The server
-solves (sum_k A_k + lambda I) W = sum_k b_k. Sums of per-client statistics
+solves (A + lambda' I) W = b with A = sum_k A_k, b = sum_k b_k and
+lambda' = lambda * trace(A) / dim (see solve_ridge). Sums of per-client statistics
 are the statistics of the union, so the head equals the centralized ridge
 solution for any sharding and any client order (float64 throughout).
 
@@ -71,9 +72,18 @@ def ridge_statistics(feats: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def solve_ridge(a_sum: torch.Tensor, b_sum: torch.Tensor, ridge_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve (A + lambda I) W = b; returns the head's weight [C, D] and bias [C]."""
+    """Solve (A + lambda * mean(diag A) * I) W = b; returns the head's weight [C, D] and bias [C].
+
+    The penalty is relative to the mean eigenvalue of A (trace / dimension),
+    so one value suits any feature scale and sample count. It must be strong:
+    a nearly unregularised ridge head puts large weights on low-variance
+    feature directions, and once scaled to a useful logit range it turns
+    small feature changes into large logit changes, which makes fine-tuning
+    the backbone under the frozen head diverge.
+    """
     eye = torch.eye(a_sum.shape[0], dtype=a_sum.dtype, device=a_sum.device)
-    solution = torch.linalg.solve(a_sum + ridge_lambda * eye, b_sum)  # [D + 1, C]
+    penalty = ridge_lambda * torch.diagonal(a_sum).mean()
+    solution = torch.linalg.solve(a_sum + penalty * eye, b_sum)  # [D + 1, C]
     return solution[:-1].T.contiguous(), solution[-1].contiguous()
 
 

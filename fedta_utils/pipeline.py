@@ -99,7 +99,7 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
         raise ConfigError(f"results_dir={str(results_dir)!r} is not writable ({error}); "
                           "choose a folder you can write to") from error
     records = []
-    for key, path in selected.items():
+    for path in selected.values():
         parameters = notebook_parameters(path, profile, results_dir, overrides)
         print(f"[pipeline] {path.name} ({profile}) with {parameters}", flush=True)
         started = time.perf_counter()

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.ticker import EngFormatter, MaxNLocator
+from matplotlib.ticker import EngFormatter, MaxNLocator, NullLocator
 
 COLUMN_WIDTH = 3.3  # inches, one column of the report
 FULL_WIDTH = 6.9    # inches, both columns
@@ -51,15 +51,50 @@ def provenance(profile: str, seeds: int) -> str:
     return f"profile: {profile}, {seeds} seed{'s' if seeds != 1 else ''}"
 
 
+def pretty(label) -> str:
+    """A sharding label for display: 'Nc=5' -> '$N_c$=5', 'Dir(alpha=0.1)' -> 'Dir($\\alpha$=0.1)'."""
+    return str(label).replace("Nc=", "$N_c$=").replace("alpha=", "$\\alpha$=")
+
+
+def hue_order(values) -> list:
+    """Numbers in increasing order; labels in order of first appearance (the caller's order, e.g. iid first)."""
+    unique = list(dict.fromkeys(v for v in values if not pd.isna(v)))
+    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in unique)
+    return sorted(unique) if numeric else unique
+
+
+def legend_right(fig, ax=None, title: str | None = None) -> None:
+    """One legend for the whole figure, right of the panels, so it never hides a curve.
+
+    Collects the labelled artists of every panel (each label once) and lays
+    the panels out in the width the legend leaves. `ax` is accepted for
+    symmetry with Axes.legend; every panel is searched.
+    """
+    entries = {}
+    for panel in fig.axes:
+        for handle, label in zip(*panel.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+        if panel.get_legend() is not None:
+            panel.get_legend().remove()
+    if not entries:
+        fig.tight_layout()
+        return
+    legend = fig.legend(list(entries.values()), list(entries), title=title, loc="center right",
+                        fontsize="x-small", title_fontsize="x-small")
+    fig.canvas.draw()  # the legend's size is known only once drawn
+    share = legend.get_window_extent().width / fig.bbox.width
+    fig.tight_layout(rect=(0, 0, 1 - share - 0.01, 1))
+
+
 # --------------------------------------------------------------------------- curves
 
 def mean_curves(ax, frame: pd.DataFrame, x: str, y: str, hue: str, label_format: str = "{}") -> None:
     """Mean over seeds of `y` against `x`, one line per `hue` value, with a +-1 std band."""
     frame = frame.dropna(subset=[y])
-    for index, (key, group) in enumerate(frame.groupby(hue, sort=True)):
-        stats = group.groupby(x)[y].agg(["mean", "std"]).reset_index()
+    for index, key in enumerate(hue_order(frame[hue])):
+        stats = frame[frame[hue] == key].groupby(x)[y].agg(["mean", "std"]).reset_index()
         color = sns.color_palette("colorblind")[index % 10]
-        ax.plot(stats[x], stats["mean"], color=color, label=label_format.format(key))
+        ax.plot(stats[x], stats["mean"], color=color, label=pretty(label_format.format(key)))
         ax.fill_between(stats[x], stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
                         color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel(x)
@@ -74,6 +109,14 @@ def count_axis(fig, axis: str = "x") -> None:
         getattr(ax, f"{axis}axis").set_major_formatter(EngFormatter(sep=""))
 
 
+def legend_below(fig, ax, ncol: int = 3) -> None:
+    """The legend of a one-column figure under its axes, so it never hides a line."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout()
+    if handles:
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=ncol, fontsize="x-small")
+
+
 def curves_figure(frame: pd.DataFrame, x: str, ys: list[str], hue: str, xlabel: str, ylabels: list[str],
                   title: str, label_format: str = "{}", width: float = FULL_WIDTH):
     """Side-by-side panels of mean curves (e.g. test loss and test accuracy)."""
@@ -82,9 +125,8 @@ def curves_figure(frame: pd.DataFrame, x: str, ys: list[str], hue: str, xlabel: 
         mean_curves(ax, frame, x, y, hue, label_format)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    axes[0][-1].legend(title=hue, fontsize="small")
     fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
+    legend_right(fig, axes[0][-1], title=hue)
     return fig
 
 
@@ -95,7 +137,8 @@ def heatmap(table: pd.DataFrame, title: str, cbar_label: str, fmt: str = ".1f", 
     """A labelled heatmap of a 2-D table (rows x columns); `annotations` overrides the cell text."""
     fig, axes = figure(width, aspect=0.8)
     ax = axes[0][0]
-    sns.heatmap(table, annot=annotations if annotations is not None else True, fmt="" if annotations is not None else fmt,
+    custom = annotations is not None
+    sns.heatmap(table, annot=annotations if custom else True, fmt="" if custom else fmt,
                 cmap=cmap, cbar_kws={"label": cbar_label}, ax=ax, annot_kws={"fontsize": 7})
     ax.set_title(title, fontsize="medium")
     fig.tight_layout()
@@ -123,7 +166,7 @@ def grouped_bars(ax, table: pd.DataFrame, category: str, group: str, wrap_labels
     for index, name in enumerate(groups):
         rows = table[table[group] == name].set_index(category).reindex(categories)
         positions = np.arange(len(categories)) + (index - (len(groups) - 1) / 2) * bar_width
-        ax.bar(positions, rows["mean"], bar_width, yerr=rows["std"], capsize=2, label=str(name),
+        ax.bar(positions, rows["mean"], bar_width, yerr=rows["std"], capsize=2, label=pretty(name),
                color=sns.color_palette("colorblind")[index % 10], error_kw={"linewidth": 0.8})
     separator = "\n" if wrap_labels else " "
     ax.set_xticks(np.arange(len(categories)))
@@ -156,6 +199,7 @@ def placeholder(title: str, message: str, width: float = COLUMN_WIDTH, aspect: f
 def shard_statistics_figure(stats: pd.DataFrame, profile: str):
     """Samples and distinct classes per client for every sharding scheme."""
     fig, axes = figure(FULL_WIDTH, aspect=0.32, ncols=2)
+    stats = stats.assign(scheme=stats["scheme"].map(pretty))
     order = list(dict.fromkeys(stats["scheme"]))
     sns.boxplot(data=stats, x="scheme", y="samples", order=order, ax=axes[0][0], fliersize=1, linewidth=0.7)
     sns.boxplot(data=stats, x="scheme", y="classes", order=order, ax=axes[0][1], fliersize=1, linewidth=0.7)
@@ -191,6 +235,7 @@ def lr_search_figure(search: pd.DataFrame, profile: str):
     ax = fig.axes[0]
     ax.set_xlabel("weight decay")
     ax.set_ylabel("learning rate")
+    ax.tick_params(axis="y", rotation=0)
     return fig
 
 
@@ -203,10 +248,12 @@ def heterogeneity_heatmap(table: pd.DataFrame, profile: str, seeds: int):
     order = list(dict.fromkeys(table["sharding_label"]))
     means, stds = means.reindex(order), stds.reindex(order)
     text = means.map(lambda v: f"{v:.1f}") + "\n±" + stds.map(lambda v: f"{v:.1f}")
+    means.index = [pretty(label) for label in means.index]
     fig = heatmap(means, f"FedAvg final test acc. (%), {provenance(profile, seeds)}", "test accuracy (%)",
                   annotations=text.to_numpy())
     fig.axes[0].set_xlabel("local steps J")
     fig.axes[0].set_ylabel("sharding")
+    fig.axes[0].tick_params(axis="y", rotation=0)
     return fig
 
 
@@ -219,17 +266,18 @@ def heterogeneity_curves(curves: pd.DataFrame, profile: str, seeds: int):
                     "round", "test_acc", "sharding_label")
         ax.set_title(f"J = {j}", fontsize="small")
         ax.set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize="x-small")
     fig.suptitle(f"FedAvg under heterogeneity, {provenance(profile, seeds)}", fontsize="medium")
-    fig.tight_layout()
+    legend_right(fig, axes[0][-1], title="sharding")
     return fig
 
 
 def drift_figure(drift: pd.DataFrame, profile: str, seeds: int):
     """Drift/interference diagnostics (averaged over rounds) against sharding, one line per J."""
     panels = [("mean_pairwise_cosine", "mean pairwise cosine"), ("sign_agreement", "sign agreement"),
-              ("mean_client_delta_norm", "mean client delta norm"), ("update_efficiency", "||avg delta|| / mean ||delta||")]
-    fig, axes = figure(FULL_WIDTH, aspect=0.28, ncols=len(panels))
+              ("mean_client_delta_norm", "client delta norm"),
+              ("update_efficiency", "update efficiency")]  # ||average delta|| / mean ||client delta||
+    fig, axes = figure(FULL_WIDTH, aspect=0.3, ncols=len(panels))
+    drift = drift.assign(sharding_label=drift["sharding_label"].map(pretty))
     order = list(dict.fromkeys(drift["sharding_label"]))
     dodge = 0.3 if drift["local_steps"].nunique() > 1 else False  # seaborn divides by (levels - 1)
     for ax, (column, label) in zip(axes[0], panels):
@@ -240,10 +288,8 @@ def drift_figure(drift: pd.DataFrame, profile: str, seeds: int):
         ax.tick_params(axis="x", rotation=45)
         if ax is not axes[0][-1] and ax.get_legend() is not None:
             ax.get_legend().remove()
-    if axes[0][-1].get_legend() is not None:
-        axes[0][-1].legend(title="J", fontsize="x-small")
     fig.suptitle(f"Client drift and interference, {provenance(profile, seeds)}", fontsize="medium")
-    fig.tight_layout()
+    legend_right(fig, axes[0][-1], title="J")
     return fig
 
 
@@ -255,6 +301,17 @@ def _baseline_lines(ax, table: pd.DataFrame, sharding: str) -> None:
     for index, (_, row) in enumerate(rows.iterrows()):
         ax.axhline(row["mean"] * 100, color="0.35", linewidth=0.8, linestyle=styles.get(row["method"], "--"),
                    label=row["method"])
+
+
+def sparsity_ticks(ax, sparsities) -> None:
+    """Ticks at the sparsities that were run, the same range on every panel (logit scale)."""
+    values = sorted(set(float(v) for v in sparsities.dropna()))
+    if not values:
+        return
+    low, high = min(values), max(values)
+    ax.set_xlim(low / 1.5, 1 - (1 - high) / 1.5)  # a margin on the logit scale
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def sparsity_figure(table: pd.DataFrame, profile: str, seeds: int):
@@ -270,12 +327,12 @@ def sparsity_figure(table: pd.DataFrame, profile: str, seeds: int):
                         capsize=2, label=f"R = {int(rounds)}", color=sns.color_palette("colorblind")[index % 10])
         _baseline_lines(ax, table, sharding)
         ax.set_xscale("logit")
+        sparsity_ticks(ax, sparse["sparsity"])
         ax.set_xlabel("sparsity (fraction frozen)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(sharding, fontsize="small")
-    axes[0][-1].legend(fontsize="x-small")
+        ax.set_title(pretty(sharding), fontsize="small")
     fig.suptitle(f"Sparse FedAvg (least-sensitive masks), {provenance(profile, seeds)}", fontsize="medium")
-    fig.tight_layout()
+    legend_right(fig, axes[0][-1])
     return fig
 
 
@@ -289,22 +346,33 @@ def rounds_figure(table: pd.DataFrame, profile: str, seeds: int):
         for index, (sparsity, group) in enumerate(rows.groupby("sparsity")):
             group = group.sort_values("calibration_rounds")
             ax.errorbar(group["calibration_rounds"], group["mean"] * 100, yerr=group["std"] * 100, marker="o",
-                        markersize=3, capsize=2, label=f"{sparsity:g}", color=sns.color_palette("colorblind")[index % 10])
+                        markersize=3, capsize=2, label=f"{sparsity:g}",
+                        color=sns.color_palette("colorblind")[index % 10])
         ax.set_xscale("log", base=2)
+        rounds_values = sorted(set(int(r) for r in sparse["calibration_rounds"].dropna()))
+        ax.set_xticks(rounds_values, [str(r) for r in rounds_values])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("calibration rounds R")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(sharding, fontsize="small")
-    axes[0][-1].legend(title="sparsity", fontsize="x-small")
+        ax.set_title(pretty(sharding), fontsize="small")
     fig.suptitle(f"Calibration rounds, {provenance(profile, seeds)}", fontsize="medium")
-    fig.tight_layout()
+    legend_right(fig, axes[0][-1], title="sparsity")
     return fig
 
 
+RULE_SHORT = {"least_sensitive": "least sens.", "most_sensitive": "most sens.", "lowest_magnitude": "low. mag.",
+              "highest_magnitude": "high. mag.", "random": "random"}
+
+
 def overlap_heatmap(overlap: pd.DataFrame, title: str):
-    """Jaccard overlap between the rules' trainable sets."""
-    labels = [r.replace("_", " ") for r in overlap.index]
+    """Jaccard overlap between the rules' trainable sets (rows and columns in the order given)."""
+    labels = [RULE_SHORT.get(r, r.replace("_", " ")) for r in overlap.index]
     table = overlap.set_axis(labels, axis=0).set_axis(labels, axis=1)
-    return heatmap(table, title, "Jaccard overlap", fmt=".2f", cmap="rocket_r")
+    fig = heatmap(table, title, "Jaccard overlap", fmt=".2f", cmap="rocket_r")
+    fig.axes[0].tick_params(axis="x", rotation=45)
+    fig.axes[0].tick_params(axis="y", rotation=0)
+    fig.tight_layout()
+    return fig
 
 
 def layer_density_figure(density: pd.DataFrame, title: str):
@@ -317,10 +385,10 @@ def layer_density_figure(density: pd.DataFrame, title: str):
                 color=sns.color_palette("colorblind")[index % 10])
     ax.set_xlabel("transformer block (-1: embeddings, final norm)")
     ax.set_ylabel("trainable fraction")
-    ax.set_yscale("log")
-    ax.legend(fontsize="x-small")
+    ax.set_ylim(bottom=0)  # linear: a block a rule leaves fully frozen (0) stays on the plot
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize="medium")
-    fig.tight_layout()
+    legend_below(fig, ax)
     return fig
 
 
@@ -337,7 +405,6 @@ def mask_rules_figure(table: pd.DataFrame, profile: str, seeds: int):
         ax.set_title(f"sparsity {sparsity:g}", fontsize="small")
         ax.set_ylabel("test accuracy (%)")
         ax.tick_params(axis="x", labelsize="x-small")
-    axes[0][-1].legend(fontsize="x-small")
     fig.suptitle(f"Mask calibration rules, {provenance(profile, seeds)}", fontsize="medium")
-    fig.tight_layout()
+    legend_right(fig, axes[0][-1], title="sharding")
     return fig

@@ -201,6 +201,20 @@ class Run:
         for path in self._checkpoint_paths():
             path.unlink(missing_ok=True)
 
+    def remove_leftover_checkpoints(self) -> None:
+        """Delete checkpoints a complete run still holds (a kill between summary.json and their deletion).
+
+        Each can be ~170 MB on Drive. Skipped if another process holds the run.
+        """
+        if not self.is_complete or not self._checkpoint_paths():
+            return
+        try:
+            with self:
+                for path in self._checkpoint_paths():
+                    path.unlink(missing_ok=True)
+        except RunLockedError:
+            pass
+
     def _write_metrics(self, rows: list[dict], timing: list[dict]) -> None:
         atomic_write_bytes(self.dir / "metrics.csv", rows_to_csv(rows))
         atomic_write_bytes(self.dir / "timing.csv", rows_to_csv(timing))

@@ -53,7 +53,7 @@ class FineTuneSpec:
     """How a run prepares its model: the step-0 head and the sparse masks."""
 
     head: str = "train"              # 'train' | 'ridge' | 'probe' (the last two are frozen afterwards)
-    ridge_lambda: float = 1.0        # ridge penalty on the head (features are O(1), 45k samples)
+    ridge_lambda: float = 1.0        # ridge penalty, relative to the mean eigenvalue of Phi^T Phi (see heads.solve_ridge)
     probe_rounds: int = 200          # linear probe: FedAvg rounds on cached features
     probe_local_steps: int = 4       # linear probe: SGD steps per client per round
     probe_lr: float = 0.1            # linear probe: SGD learning rate (momentum 0.9, batch 128)

@@ -81,6 +81,12 @@ class RunResult:
     metrics: "object"  # pandas.DataFrame
 
 
+def read_complete(run: Run) -> RunResult:
+    """A finished run's stored results (and no checkpoints left behind by a late kill)."""
+    run.remove_leftover_checkpoints()
+    return RunResult(run, run.summary(), run.metrics())
+
+
 # --------------------------------------------------------------------------- steps
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -156,7 +162,7 @@ def run_centralized(ws: Workspace, data: DataBundle, config: CentralizedConfig, 
     _check_data_matches(data, config.dataset)
     run = ws.run(experiment, config.run_name(), config.to_dict())
     if run.is_complete:
-        return RunResult(run, run.summary(), run.metrics())
+        return read_complete(run)
     with run:
         return _train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every,
                                   save_weights, progress)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fedta_utils.workspace import setup_workspace
+from smoke_fixture import smoke_results  # noqa: F401  (the whole smoke pipeline, once per session)
 
 torch.set_num_threads(2)
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedta_utils import data as data_module
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_cifar100, load_or_create_split,
                               make_batch, normalize_resize, prepare_data, random_crop_flip,

@@ -23,13 +23,14 @@ def split(feats, labels, shards):
     return [feats[torch.as_tensor(s)] for s in shards], [labels[torch.as_tensor(s)] for s in shards]
 
 
-def test_ridge_solution_matches_the_normal_equations(features_and_labels):
+def test_ridge_solution_matches_the_normal_equations_with_a_relative_penalty(features_and_labels):
     feats, labels = features_and_labels
     a, b = ridge_statistics(feats, labels, 10)
-    weight, bias = solve_ridge(a, b, ridge_lambda=2.0)
+    weight, bias = solve_ridge(a, b, ridge_lambda=0.5)
     phi = np.hstack([feats.double().numpy(), np.ones((600, 1))])
     targets = np.eye(10)[labels.numpy()]
-    solution = np.linalg.solve(phi.T @ phi + 2.0 * np.eye(17), phi.T @ targets)
+    penalty = 0.5 * np.trace(phi.T @ phi) / 17  # relative to the mean eigenvalue
+    solution = np.linalg.solve(phi.T @ phi + penalty * np.eye(17), phi.T @ targets)
     assert np.allclose(weight.numpy(), solution[:-1].T, atol=1e-10)
     assert np.allclose(bias.numpy(), solution[-1], atol=1e-10)
 

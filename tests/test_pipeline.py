@@ -88,3 +88,27 @@ def test_a_failing_notebook_stops_the_pipeline_showing_its_cell_and_error(tmp_pa
         pipeline.run_pipeline("smoke", results_dir=tmp_path / "results", notebook_dir=notebooks)
     assert (tmp_path / "results" / "smoke" / "notebooks" / "00_ok.ipynb").exists()
     assert not (tmp_path / "results" / "smoke" / "notebooks" / "02_never.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_runs_every_notebook_without_an_error_output(smoke_results):
+    executed = smoke_results["results_dir"] / "smoke" / "notebooks"
+    assert sorted(p.name for p in executed.glob("*.ipynb")) == sorted(p.name for p in NOTEBOOKS.values())
+    for path in executed.glob("*.ipynb"):
+        cells = json.loads(path.read_text())["cells"]
+        outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o["output_type"] == "error"], path.name
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_completes_every_experiment(smoke_results):
+    from fedta_utils import experiments
+
+    root = smoke_results["results_dir"] / "smoke"
+    for experiment in (experiments.LR_SEARCH, experiments.CENTRALIZED, experiments.FEDAVG_IID,
+                       experiments.HETEROGENEITY, experiments.HEAD_ONLY, experiments.SPARSE_FL,
+                       experiments.SPARSE_CENTRAL, experiments.MASK_RULES):
+        runs = list((root / experiment).iterdir())
+        assert runs, experiment
+        assert all((run / "summary.json").is_file() for run in runs), experiment
+        assert not list((root / experiment).glob("*/checkpoint-*.pt")), "complete runs keep no checkpoints"

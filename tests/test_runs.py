@@ -146,3 +146,14 @@ def test_rng_states_are_restored_from_a_checkpoint(tmp_path):
     torch.manual_seed(999)
     run.load_checkpoint()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_complete_run_drops_checkpoints_left_by_a_late_kill(tmp_path):
+    run = make_run(tmp_path)
+    with run:
+        run.save_checkpoint(Checkpoint(1, {"w": torch.ones(1)}, [{"epoch": 1}], [{"epoch": 1}]))
+        (run.dir / "summary.json").write_text("{}")  # killed after summary.json, before the deletion
+    assert run.is_complete and list(run.dir.glob("checkpoint-*"))
+    run.remove_leftover_checkpoints()
+    assert not list(run.dir.glob("checkpoint-*"))
+    assert run.is_complete

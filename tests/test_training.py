@@ -123,3 +123,17 @@ def test_explicit_precision_is_kept_and_unknown_is_refused():
     assert precision.resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ConfigError, match="precision='fp8'"):
         precision.resolve_precision("fp8", "cpu")
+
+
+def test_fine_tuning_under_a_frozen_ridge_head_does_not_collapse(workspace, small_data):
+    """A weakly regularised ridge head once made every frozen-head run diverge to chance (1 %)."""
+    from fedta_utils.federated import FedAvgConfig, run_head_only
+
+    head_only = run_head_only(workspace, small_data, FedAvgConfig(
+        dataset="synthetic", model="tiny_vit", num_clients=1, participation=1.0, finetune=FineTuneSpec(head="ridge")),
+        experiment="head_only")
+    config = CentralizedConfig(**{**TINY, "epochs": 3, "lr": 0.1}, finetune=FineTuneSpec(head="ridge"))
+    tuned = run_centralized(workspace, small_data, config, progress=False)
+    assert head_only.summary["final_test_acc"] > 0.1
+    assert tuned.metrics["test_acc"].iloc[-1] > 0.8 * head_only.summary["final_test_acc"]
+    assert tuned.metrics["train_loss"].max() < 10
