@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedta_utils import optim
 from fedta_utils.optim import SparseSGDM, count_trainable
 
 LR = 0.05
@@ -205,15 +206,139 @@ def test_partial_mask_equals_sgd_on_masked_gradient_with_masked_decay(nesterov, 
         assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
 
 
-def test_inf_gradient_at_frozen_entry_does_not_move_it():
+def masked_direction_reference(model_ref, masks, weight_decay, maximize) -> None:
+    """Turn model_ref's gradients into where(mask, (-)grad + wd * param, 0), in SGD's own rounding."""
+    with torch.no_grad():
+        for p, m in zip(model_ref.parameters(), masks):
+            if p.grad is None:
+                continue
+            d = (-p.grad if maximize else p.grad).add(p, alpha=weight_decay)
+            p.grad = d if m is None else torch.where(m, d, torch.zeros_like(d))
+
+
+@pytest.mark.parametrize("segment", [None, 40], ids=["one-segment", "segments-of-40"])
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=[_config_id(c) for c in SGD_CONFIGS])
+def test_masked_parameters_equal_sgd_on_the_masked_direction_for_every_option(cfg, segment, monkeypatch):
+    """Partial, all-zeros and dense parameters side by side, for every SGD option.
+
+    With segments of 40 entries the masked parameters (48, 8 and 24 entries)
+    are stepped in two pieces: [48] alone, then [8, 24] together.
+    """
+    if segment is not None:
+        monkeypatch.setattr(optim, "CPU_SEGMENT", segment)
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model)
+    masks[2] = torch.zeros_like(masks[2])
+    masks[3] = None
+    reference_cfg = dict(cfg, weight_decay=0.0, maximize=False)
+    ref = torch.optim.SGD(model_ref.parameters(), lr=LR, **reference_cfg)
+    opt = SparseSGDM(model.parameters(), lr=LR, masks=masks, **cfg)
+    sign = -1.0 if cfg["maximize"] else 1.0  # maximize a bounded objective
+    for t, batch in enumerate(make_batches(12)):
+        for m, o in ((model_ref, ref), (model, opt)):
+            o.zero_grad(set_to_none=True)
+            (sign * loss_fn(m, *batch, t)).backward()
+        masked_direction_reference(model_ref, masks, cfg["weight_decay"], cfg["maximize"])
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_masked_parameter_without_gradient_in_some_steps_is_skipped_like_sgd(foreach):
+    """A masked parameter whose gradient is None is left alone, then picks up its momentum as SGD would."""
+    cfg = dict(momentum=0.9, dampening=0.0, nesterov=True, foreach=foreach)
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model)
+    ref = torch.optim.SGD(model_ref.parameters(), lr=LR, **cfg)
+    opt = SparseSGDM(model.parameters(), lr=LR, weight_decay=0.1, masks=masks, **cfg)
+    for t, batch in enumerate(make_batches(10)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        if t in (0, 1, 5):  # no gradient for the second weight matrix at these steps
+            model_ref[2].weight.grad = None
+            model[2].weight.grad = None
+        masked_direction_reference(model_ref, masks, 0.1, False)
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+
+
+def test_tensor_learning_rate_is_followed_like_sgd():
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model)
+    ref = torch.optim.SGD(model_ref.parameters(), lr=torch.tensor(LR), momentum=0.9)
+    opt = SparseSGDM(model.parameters(), lr=torch.tensor(LR), momentum=0.9, masks=masks)
+    for t, batch in enumerate(make_batches(5)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        masked_direction_reference(model_ref, masks, 0.0, False)
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_float_dtypes_keep_frozen_entries_and_follow_sgd(dtype):
+    model_ref, model = make_model().to(dtype), make_model().to(dtype)
+    masks = random_masks(model)
+    ref = torch.optim.SGD(model_ref.parameters(), lr=LR, momentum=0.9)
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, masks=masks)
+    init = [p.detach().clone() for p in model.parameters()]
+    for t, (x, y) in enumerate(make_batches(5)):
+        batch = (x.to(dtype), y.to(dtype))
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        masked_direction_reference(model_ref, masks, 0.1, False)
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+    for p, p0, m in zip(model.parameters(), init, masks):
+        assert torch.equal(p[~m], p0[~m])
+
+
+def test_param_group_added_later_is_dense_and_masks_still_apply():
+    model = make_model()
+    w0, b0, w1, b1 = model.parameters()
+    masks = [torch.zeros_like(w0), None]
+    opt = SparseSGDM([w0, b0], lr=LR, momentum=0.9, masks=masks)
+    opt.add_param_group({"params": [w1, b1]})
+    init = [p.detach().clone() for p in (w0, b0, w1, b1)]
+    for t, batch in enumerate(make_batches(3)):
+        backward(model, opt, batch, t)
+        opt.step()
+    moved = [not torch.equal(p, p0) for p, p0 in zip((w0, b0, w1, b1), init)]
+    assert moved == [False, True, True, True]
+
+
+def test_state_of_a_live_optimizer_loads_into_a_new_one_and_continues_identically():
+    model = make_model()
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, masks=random_masks(model))
+    batches = make_batches(6)
+    for t in range(3):
+        backward(model, opt, batches[t], t)
+        opt.step()
+    model_copy = copy.deepcopy(model)
+    opt_copy = SparseSGDM(model_copy.parameters(), lr=LR, momentum=0.9, weight_decay=0.1)
+    opt_copy.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for t in range(3, 6):
+        for m, o in ((model, opt), (model_copy, opt_copy)):
+            backward(m, o, batches[t], t)
+            o.step()
+    assert_same_trajectory_state(model, opt, model_copy, opt_copy, "after copy")
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_inf_gradient_at_frozen_entry_does_not_move_it(bad, foreach):
     model = make_model()
     masks = random_masks(model)
     w0 = model[0].weight.detach().clone()
     frozen = (~masks[0]).nonzero()[0].tolist()
-    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, masks=masks)
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, foreach=foreach, masks=masks)
     for t, batch in enumerate(make_batches(3)):
         backward(model, opt, batch, t)
-        model[0].weight.grad[frozen[0], frozen[1]] = float("inf")
+        model[0].weight.grad[frozen[0], frozen[1]] = bad
         opt.step()
     w = model[0].weight.detach()
     assert torch.equal(w[~masks[0]], w0[~masks[0]])
