@@ -298,7 +298,7 @@ def drift_figure(drift: pd.DataFrame, profile: str, seeds: int):
 def _baseline_lines(ax, table: pd.DataFrame, sharding: str) -> None:
     styles = {"FedAvg": ":", "head only": "-."}
     rows = table[(table["sharding_label"] == sharding) & ~table["method"].str.startswith("sparse")]
-    for index, (_, row) in enumerate(rows.iterrows()):
+    for _, row in rows.iterrows():
         ax.axhline(row["mean"] * 100, color="0.35", linewidth=0.8, linestyle=styles.get(row["method"], "--"),
                    label=row["method"])
 
@@ -314,23 +314,31 @@ def sparsity_ticks(ax, sparsities) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
-def sparsity_figure(table: pd.DataFrame, profile: str, seeds: int):
-    """Final test accuracy against sparsity, one line per calibration-round count, one panel per sharding."""
+def _sparse_accuracy_panels(table: pd.DataFrame, x: str, lines: str, line_label):
+    """One panel per sharding: final test accuracy (mean +- std) against `x`, one line per `lines` value."""
     shardings = list(dict.fromkeys(table["sharding_label"]))
     fig, axes = figure(FULL_WIDTH, aspect=0.32, ncols=len(shardings), sharey=True)
     sparse = table[table["method"].str.startswith("sparse")]
     for ax, sharding in zip(axes[0], shardings):
         rows = sparse[sparse["sharding_label"] == sharding]
-        for index, (rounds, group) in enumerate(rows.groupby("calibration_rounds")):
-            group = group.sort_values("sparsity")
-            ax.errorbar(group["sparsity"], group["mean"] * 100, yerr=group["std"] * 100, marker="o", markersize=3,
-                        capsize=2, label=f"R = {int(rounds)}", color=sns.color_palette("colorblind")[index % 10])
+        for index, (key, group) in enumerate(rows.groupby(lines)):
+            group = group.sort_values(x)
+            ax.errorbar(group[x], group["mean"] * 100, yerr=group["std"] * 100, marker="o", markersize=3,
+                        capsize=2, label=line_label(key), color=sns.color_palette("colorblind")[index % 10])
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(pretty(sharding), fontsize="small")
+    return fig, axes, shardings, sparse
+
+
+def sparsity_figure(table: pd.DataFrame, profile: str, seeds: int):
+    """Final test accuracy against sparsity, one line per calibration-round count, one panel per sharding."""
+    fig, axes, shardings, sparse = _sparse_accuracy_panels(table, "sparsity", "calibration_rounds",
+                                                           lambda rounds: f"R = {int(rounds)}")
+    for ax, sharding in zip(axes[0], shardings):
         _baseline_lines(ax, table, sharding)
         ax.set_xscale("logit")
         sparsity_ticks(ax, sparse["sparsity"])
         ax.set_xlabel("sparsity (fraction frozen)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(pretty(sharding), fontsize="small")
     fig.suptitle(f"Sparse FedAvg (least-sensitive masks), {provenance(profile, seeds)}", fontsize="medium")
     legend_right(fig, axes[0][-1])
     return fig
@@ -338,23 +346,14 @@ def sparsity_figure(table: pd.DataFrame, profile: str, seeds: int):
 
 def rounds_figure(table: pd.DataFrame, profile: str, seeds: int):
     """Final test accuracy against calibration rounds R, one line per sparsity, one panel per sharding."""
-    shardings = list(dict.fromkeys(table["sharding_label"]))
-    fig, axes = figure(FULL_WIDTH, aspect=0.32, ncols=len(shardings), sharey=True)
-    sparse = table[table["method"].str.startswith("sparse")]
-    for ax, sharding in zip(axes[0], shardings):
-        rows = sparse[sparse["sharding_label"] == sharding]
-        for index, (sparsity, group) in enumerate(rows.groupby("sparsity")):
-            group = group.sort_values("calibration_rounds")
-            ax.errorbar(group["calibration_rounds"], group["mean"] * 100, yerr=group["std"] * 100, marker="o",
-                        markersize=3, capsize=2, label=f"{sparsity:g}",
-                        color=sns.color_palette("colorblind")[index % 10])
+    fig, axes, _, sparse = _sparse_accuracy_panels(table, "calibration_rounds", "sparsity",
+                                                   lambda sparsity: f"{sparsity:g}")
+    rounds_values = sorted(set(int(r) for r in sparse["calibration_rounds"].dropna()))
+    for ax in axes[0]:
         ax.set_xscale("log", base=2)
-        rounds_values = sorted(set(int(r) for r in sparse["calibration_rounds"].dropna()))
         ax.set_xticks(rounds_values, [str(r) for r in rounds_values])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("calibration rounds R")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(pretty(sharding), fontsize="small")
     fig.suptitle(f"Calibration rounds, {provenance(profile, seeds)}", fontsize="medium")
     legend_right(fig, axes[0][-1], title="sparsity")
     return fig

@@ -11,7 +11,6 @@ calibrate_masks have their own cases in test_optim.py and test_sensitivity.py.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
