@@ -73,38 +73,35 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[int]:
-    """Return a non-empty list of integers, each >= minimum."""
+def _check_list(name: str, values: Any, description: str, check_item) -> list:
+    """A non-empty list (a lone string is not a list), each item passed through check_item(item_name, item)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ConfigError(f"{name} must be a list of integers{_range_text(minimum, None)}, got {values!r}")
+        raise ConfigError(f"{name} must be a list of {description}, got {values!r}")
     values = list(values)
     if not values:
-        raise ConfigError(f"{name} must not be empty: give a list of integers{_range_text(minimum, None)}")
-    return [check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)]
+        raise ConfigError(f"{name} must not be empty: give a list of {description}")
+    return [check_item(f"{name}[{i}]", v) for i, v in enumerate(values)]
+
+
+def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[int]:
+    """Return a non-empty list of integers, each >= minimum."""
+    return _check_list(name, values, f"integers{_range_text(minimum, None)}",
+                       lambda item_name, v: check_int(item_name, v, minimum))
 
 
 def check_float_list(name: str, values: Any, low: float | None = None, high: float | None = None,
                      *, low_open: bool = False, high_open: bool = False) -> list[float]:
     """Return a non-empty list of numbers, each in the given interval."""
-    interval = _interval_text(low, high, low_open, high_open)
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ConfigError(f"{name} must be a list of numbers in {interval}, got {values!r}")
-    values = list(values)
-    if not values:
-        raise ConfigError(f"{name} must not be empty: give a list of numbers in {interval}")
-    return [check_float(f"{name}[{i}]", v, low, high, low_open=low_open, high_open=high_open)
-            for i, v in enumerate(values)]
+    return _check_list(name, values, f"numbers in {_interval_text(low, high, low_open, high_open)}",
+                       lambda item_name, v: check_float(item_name, v, low, high,
+                                                        low_open=low_open, high_open=high_open))
 
 
 def check_choice_list(name: str, values: Any, allowed: Iterable[Any]) -> list:
     """Return a non-empty list whose every item is one of `allowed` (a lone string is not a list)."""
     allowed = list(allowed)
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ConfigError(f"{name} must be a list of names from {allowed}, got {values!r}")
-    values = list(values)
-    if not values:
-        raise ConfigError(f"{name} must not be empty: give a list of names from {allowed}")
-    return [check_choice(f"{name}[{i}]", v, allowed) for i, v in enumerate(values)]
+    return _check_list(name, values, f"names from {allowed}",
+                       lambda item_name, v: check_choice(item_name, v, allowed))
 
 
 def check_path(name: str, value: Any) -> Path:
