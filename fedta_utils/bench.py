@@ -1,32 +1,22 @@
-"""Throughput benchmark of every hot path, on this machine.
+"""Throughput and correctness of every hot path on this machine: `python -m fedta_utils.bench`.
 
-    python -m fedta_utils.bench                 # tiny_vit on a CPU, dino_vits16 at 224 on a GPU
-    python -m fedta_utils.bench --quick         # the shortest form (used by the tests)
-    python -m fedta_utils.bench --model dino_vits16 --batch-size 32 --csv bench.csv
-    python -m fedta_utils.bench --precision fp32 --attention manual --compile   # the levers, one at a time
+    python -m fedta_utils.bench               # tiny_vit on a CPU, DINO ViT-S/16 at 224 on a GPU
+    python -m fedta_utils.bench --quick       # the shortest form (the tests run it)
+    python -m fedta_utils.bench --model dino_vits16 --precision fp16 --csv bench.csv
 
-Random weights and synthetic data (same shapes and FLOPs as the real run; the
-machine needs no internet). Each figure is the best of a few timed
-repetitions (2 with --quick, else 3) after an untimed warm-up (where
---compile compiles), with the device synchronised only around a timed block,
-never inside the loop being measured:
+Random weights and synthetic data: the same shapes and FLOPs as the real run, no internet. Each
+figure is the best of a few timed repetitions after an untimed warm-up, the device synchronised
+only around a timed block. Every row is appended to the CSV as soon as it is measured, so a run
+cut short still leaves data. Rows:
 
-    train_step        bare training step (forward, backward, SGD-momentum step), images/s
-    fedavg_round      a real FedAvg round (weight loading, fresh optimizer, data path,
-                      J local steps, delta statistics, aggregation), images/s, and its
-                      ratio to the bare step
-    evaluation        inference on a split, images/s
-    data_path         index -> crop/flip -> normalise -> resize alone, as a share of the step
-    fisher            per-sample squared gradients: hooks and vmap vs a per-sample loop
-    sparse_step       SparseSGDM.step (90 % frozen) vs torch.optim.SGD.step, with the
-                      foreach (multi-tensor) and the for-loop implementations
-
-The header and the CSV state the device, precision, model, input size, batch
-size, attention kernel, torch.compile, CPU threads, and how busy the machine's
-CPUs were just before the run (from /proc/stat, over one second), so a figure
-never travels without how it was measured. Figures taken while other
-processes kept the CPUs busy are not results: on a 2-core machine one busy
-neighbour can slow a step several times.
+    train_step_b<B>      bare training step (forward, backward, SGD-momentum step), images/s
+    fedavg_round         a real FedAvg round through fedavg.client_update / server_update, images/s
+    fedavg_over_bare     its ratio to the bare step (the simulation's overhead)
+    evaluation           inference at the evaluation batch, images/s
+    data_path_share      index -> crop/flip -> normalise -> resize, as a share of a step
+    fisher_vmap / _loop  per-sample squared gradients, samples/s, and peak GPU memory
+    sparse_over_sgd      SparseSGDM.step (90 % frozen) / torch.optim.SGD.step
+    check_*              1 when a correctness check holds on this device (0 otherwise)
 """
 
 from __future__ import annotations
@@ -35,9 +25,7 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -46,280 +34,186 @@ import torch.nn.functional as F
 
 from . import models
 from .data import DataBundle, augmentation_generator, make_batch, synthetic_cifar100
+from .fedavg import client_update, load_flat, read_flat, server_update
 from .optim import SparseSGDM
-from .precision import PRECISIONS, autocast, grad_scaler, resolve_precision
-from .sensitivity import fisher_sums
+from .sensitivity import fisher_sums, fisher_sums_loop
+from .training import train_steps
 from .workspace import resolve_device
 
-ATTENTION = ("fused", "manual")  # timm's F.scaled_dot_product_attention path, or its explicit softmax(QK^T)V
 SPARSITY = 0.9  # fraction of entries frozen in the SparseSGDM measurement
 
 
-@dataclass
-class BenchSettings:
-    model: str
-    device: torch.device
-    precision: str             # fp32 | bf16 | fp16 (resolved, never 'auto')
-    batch_size: int            # images per training step (FedAvg's B)
-    repeats: int               # timed repetitions of each measurement (the best is kept)
-    steps: int                 # training / optimizer steps per timed repetition
-    local_steps: int           # FedAvg's J
-    clients_per_round: int     # clients trained in the measured round
-    fisher_samples: int        # samples scored per Fisher measurement
-    eval_images: int           # images per evaluation pass
-    eval_batch_size: int = 256
-    attention: str = "fused"
-    compile: bool = False      # wrap the model in torch.compile (train step, FedAvg, evaluation)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(function, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Best wall time of `function()` over `repeats` runs, after `warmup` untimed runs."""
-    for _ in range(warmup):
-        function()
-    synchronize(device)
+def best_time(function, device: torch.device, repeats: int) -> float:
+    """Best wall time of `function()` over `repeats` runs, after one untimed warm-up."""
+    function()
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         started = time.perf_counter()
         function()
-        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
     return min(times)
 
 
-def synthetic_bundle(device: torch.device, train: int, test: int) -> DataBundle:
-    """A synthetic DataBundle on `device` (no split file needed for a benchmark)."""
+def peak_memory_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def random_model(name: str, device) -> torch.nn.Module:
+    return models.build_model(name, 100, pretrained=False).to(device)
+
+
+def synthetic_bundle(device, train: int, test: int) -> DataBundle:
     train_set, test_set = synthetic_cifar100(train, test)
-    half = len(test_set) // 2
-    return DataBundle("synthetic", train_set.to(device), test_set.subset(range(half)).to(device),
-                      test_set.subset(range(half, len(test_set))).to(device), 100)
+    return DataBundle("synthetic", train_set.to(device), test_set.to(device), test_set.to(device), 100)
 
 
-def set_attention(model: torch.nn.Module, attention: str) -> torch.nn.Module:
-    """Select timm's attention kernel in every block: fused SDPA or the explicit softmax(QK^T)V."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = attention == "fused"
-    return model
-
-
-def random_model(settings: BenchSettings) -> torch.nn.Module:
-    model = models.build_model(settings.model, 100, pretrained=False).to(settings.device)
-    return set_attention(model, settings.attention)
-
-
-def maybe_compile(model: torch.nn.Module, settings: BenchSettings) -> torch.nn.Module:
-    """torch.compile(model) with --compile; compilation happens in the untimed warm-up."""
-    return torch.compile(model) if settings.compile else model
-
-
-# --------------------------------------------------------------------------- measurements
-
-def measure_train_step(settings: BenchSettings) -> float:
+def train_step_seconds(name, device, precision, batch_size, steps, repeats, compile_model=False) -> float:
     """Seconds per bare training step on a batch already at the model's input size."""
-    model = random_model(settings)
-    forward = maybe_compile(model, settings)
-    size = models.input_size(settings.model)
-    inputs = torch.randn(settings.batch_size, 3, size, size, device=settings.device)
-    labels = torch.randint(0, 100, (settings.batch_size,), device=settings.device)
+    model = random_model(name, device)
+    forward = torch.compile(model) if compile_model else model
+    size = models.input_size(name)
+    batches = [(torch.randn(batch_size, 3, size, size, device=device),
+                torch.randint(0, 100, (batch_size,), device=device))] * steps
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = grad_scaler(settings.device, settings.precision)
-
-    def steps():
-        for _ in range(settings.steps):
-            with autocast(settings.device, settings.precision):
-                loss = F.cross_entropy(forward(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-    return best_time(steps, settings.device, settings.repeats) / settings.steps
+    scaler = models.grad_scaler(device, precision)
+    return best_time(lambda: train_steps(forward, optimizer, scaler, batches, precision), device, repeats) / steps
 
 
-def measure_fedavg_round(settings: BenchSettings) -> tuple[float, int]:
-    """(seconds, images) of one FedAvg round without evaluation, through the real engine."""
-    from .federated import FedAvgConfig, _FedAvgTrainer
-    from .sharding import iid_shards
-    from .workspace import setup_workspace
+def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_size, repeats) -> float:
+    """Seconds of one FedAvg round (data path, fresh optimizers, J steps each, aggregation), no evaluation."""
+    model = random_model(name, device)
+    data = synthetic_bundle(device, max(2000, clients * batch_size * 2), 100)
+    size, params = models.input_size(name), list(model.parameters())
+    global_weights = read_flat(params)
 
-    clients = settings.clients_per_round
-    data = synthetic_bundle(settings.device, train=max(4000, clients * settings.batch_size * 2), test=200)
-    config = FedAvgConfig(dataset="synthetic", model=settings.model, num_clients=clients, participation=1.0,
-                          local_steps=settings.local_steps, rounds=1000, batch_size=settings.batch_size,
-                          precision=settings.precision, eval_every=1000)
-    shards = iid_shards(data.train_labels_numpy(), clients, seed=0)
-    with tempfile.TemporaryDirectory() as folder:
-        ws = setup_workspace("smoke", folder, device=str(settings.device), download=False)
-        ws.pretrained = False  # no download in a benchmark: random weights, the same FLOPs
-        run = ws.run("bench", "fedavg", config.to_dict())
-        with run:
-            trainer = _FedAvgTrainer(ws, data, config, run, shards, eval_batch_size=settings.eval_batch_size)
-            set_attention(trainer.model, settings.attention)
-            trainer.model = maybe_compile(trainer.model, settings)  # shares the parameters FedAvg loads
-            counter = iter(range(10_000))
-            seconds = best_time(lambda: trainer.round(next(counter)), settings.device, settings.repeats)
-    images = clients * settings.local_steps * min(settings.batch_size, len(shards[0]))
-    return seconds, images
+    def one_round():
+        delta_sum = torch.zeros_like(global_weights)
+        for client in range(clients):
+            index = torch.randperm(len(data.train), device=device)[:local_steps * batch_size]
+            generator = augmentation_generator(0, client, device=device)
+            batches = (make_batch(data.train, i, size, generator) for i in index.view(local_steps, -1))
+            optimizer = SparseSGDM(params, lr=1e-3, momentum=0.9)
+            delta, count, _ = client_update(model, params, global_weights, batches, optimizer, precision)
+            delta_sum.add_(delta, alpha=count)
+        server_update(global_weights, delta_sum, clients * local_steps * batch_size, None, 1.0, 0.0)
+
+    return best_time(one_round, device, repeats)
 
 
-def measure_evaluation(settings: BenchSettings) -> float:
-    """Seconds per evaluated image (inference, no augmentation)."""
-    from .training import evaluate
-
-    model = maybe_compile(random_model(settings), settings)
-    data = synthetic_bundle(settings.device, train=200, test=2 * settings.eval_images)
-    size = models.input_size(settings.model)
-    seconds = best_time(lambda: evaluate(model, data.test, size, settings.eval_batch_size, settings.precision),
-                        settings.device, settings.repeats)
-    return seconds / len(data.test)
+def data_path_seconds(name, device, batch_size, steps, repeats) -> float:
+    data = synthetic_bundle(device, 2000, 100)
+    generator, index = augmentation_generator(0, device=device), torch.arange(batch_size, device=device)
+    return best_time(lambda: [make_batch(data.train, index, models.input_size(name), generator)
+                              for _ in range(steps)], device, repeats) / steps
 
 
-def measure_data_path(settings: BenchSettings) -> float:
-    """Seconds per training batch spent in index -> augment -> normalise -> resize."""
-    data = synthetic_bundle(settings.device, train=4000, test=100)
-    size = models.input_size(settings.model)
-    generator = augmentation_generator(0, 0, device=settings.device)
-    index = torch.arange(settings.batch_size, device=settings.device)
-
-    def batches():
-        for _ in range(settings.steps):
-            make_batch(data.train, index, size, generator)
-
-    return best_time(batches, settings.device, settings.repeats) / settings.steps
+def fisher_seconds(name, device, samples, reference: bool) -> tuple[float, float]:
+    """(seconds per sample, peak GPU memory in GB) of the vectorised Fisher or its per-sample loop."""
+    model, size = random_model(name, device), models.input_size(name)
+    batches = [(torch.randn(samples, 3, size, size, device=device), None)]
+    function = fisher_sums_loop if reference else fisher_sums
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = best_time(lambda: function(model, batches, "sampled", models.backbone_parameter_names(model),
+                                         generator=torch.Generator(device=device).manual_seed(0)), device, 1)
+    return seconds / samples, peak_memory_gb(device)
 
 
-def measure_fisher(settings: BenchSettings, method: str) -> float:
-    """Seconds per sample of per-sample squared gradients with `method`."""
-    model = random_model(settings)
-    size = models.input_size(settings.model)
-    inputs = torch.randn(settings.fisher_samples, 3, size, size, device=settings.device)
-    labels = torch.randint(0, 100, (settings.fisher_samples,), device=settings.device)
-    batches = [(inputs, labels)]
-    names = models.backbone_parameter_names(model)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.precision]
-
-    def score():
-        generator = torch.Generator(device=settings.device).manual_seed(0)
-        fisher_sums(model, batches, "sampled", names, generator=generator, method=method, chunk_size=32,
-                    autocast_dtype=dtype if method != "loop" else None)
-
-    return best_time(score, settings.device, max(1, settings.repeats - 1)) / settings.fisher_samples
-
-
-def measure_optimizer_steps(settings: BenchSettings, foreach: bool) -> tuple[float, float]:
-    """(SGD.step, SparseSGDM.step at SPARSITY) seconds, gradients already in place, same `foreach`.
-
-    Timed in alternation, so a change in the machine's load hits both alike.
-    """
-    model = random_model(settings)
-    params = list(model.parameters())
-    generator = torch.Generator(device=settings.device).manual_seed(0)
+def optimizer_step_ratio(name, device, steps, repeats) -> float:
+    """SparseSGDM.step at SPARSITY frozen / torch.optim.SGD.step, gradients already in place."""
+    params = list(random_model(name, device).parameters())
     for p in params:
-        p.grad = torch.randn(p.shape, generator=generator, device=settings.device)
-    masks = [torch.rand(p.shape, generator=generator, device=settings.device) >= SPARSITY for p in params]
-    options = dict(lr=1e-3, momentum=0.9, weight_decay=5e-5, foreach=foreach)
-    dense = torch.optim.SGD(params, **options)
-    sparse = SparseSGDM(params, masks=masks, **options)
-
-    def repeat(optimizer):
-        return lambda: [optimizer.step() for _ in range(settings.steps)]
-
-    times = {"sgd": [], "sparse": []}
-    for _ in range(settings.repeats):
-        times["sgd"].append(best_time(repeat(dense), settings.device, 1))
-        times["sparse"].append(best_time(repeat(sparse), settings.device, 1))
-    return min(times["sgd"]) / settings.steps, min(times["sparse"]) / settings.steps
+        p.grad = torch.randn_like(p)
+    masks = [torch.rand_like(p) >= SPARSITY for p in params]
+    dense = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-5)
+    sparse = SparseSGDM(params, lr=1e-3, momentum=0.9, weight_decay=5e-5, masks=masks)
+    sgd = best_time(lambda: [dense.step() for _ in range(steps)], device, repeats)
+    return best_time(lambda: [sparse.step() for _ in range(steps)], device, repeats) / sgd
 
 
-# --------------------------------------------------------------------------- the table
-
-def run_benchmark(settings: BenchSettings) -> pd.DataFrame:
-    """Every measurement as rows: metric, value, unit, note."""
-    step = measure_train_step(settings)
-    round_seconds, round_images = measure_fedavg_round(settings)
-    evaluation = measure_evaluation(settings)
-    data_path = measure_data_path(settings)
-    loop = measure_fisher(settings, "loop")
-    hooks = measure_fisher(settings, "hooks")
-    vmap = measure_fisher(settings, "vmap")
-    bare = settings.batch_size / step
-    fedavg = round_images / round_seconds
-    rows = [
-        ("train_step", bare, "images/s", f"batch {settings.batch_size}, SGD momentum"),
-        ("fedavg_round", fedavg, "images/s",
-         f"{settings.clients_per_round} clients x J={settings.local_steps} x B={settings.batch_size}, no eval"),
-        ("fedavg_over_bare_step", fedavg / bare, "ratio", "target >= 0.9 on a GPU, >= 0.85 on a CPU"),
-        ("evaluation", 1.0 / evaluation, "images/s", f"batch {settings.eval_batch_size}, no augmentation"),
-        ("data_path_share", data_path / step, "fraction of step", "crop+flip, normalise, resize; target <= 0.05"),
-        ("fisher_loop", 1.0 / loop, "samples/s", "one backward pass per sample"),
-        ("fisher_hooks", 1.0 / hooks, "samples/s", "per-layer activations x output gradients"),
-        ("fisher_vmap", 1.0 / vmap, "samples/s", "torch.func vmap(grad), chunks of 32"),
-        ("fisher_hooks_speedup", loop / hooks, "ratio", "target >= 5 on a GPU, >= 1.5 on a CPU"),
-        ("fisher_vmap_speedup", loop / vmap, "ratio", "vs the per-sample loop"),
-    ]
-    for foreach, label in ((True, "foreach"), (False, "for-loop")):
-        sgd, sparse = measure_optimizer_steps(settings, foreach)
-        suffix = "" if foreach else "_forloop"
-        rows += [
-            (f"sgd_step_ms{suffix}", sgd * 1e3, "ms", f"torch.optim.SGD.step, {label}, all parameters"),
-            (f"sparse_sgdm_step_ms{suffix}", sparse * 1e3, "ms",
-             f"SparseSGDM.step, {label}, {SPARSITY:.0%} of entries frozen"),
-            (f"sparse_over_sgd_step{suffix}", sparse / sgd, "ratio", f"{label}; target <= 1.10"),
-        ]
-    return pd.DataFrame(rows, columns=["metric", "value", "unit", "note"])
+def correctness_checks(device) -> dict[str, bool]:
+    """SparseSGDM == SGD with all-ones masks; frozen entries bit-identical under fp16/bf16; Fisher == loop."""
+    model = random_model("tiny_vit", device)
+    params = list(model.parameters())
+    inputs, labels = torch.randn(8, 3, 32, 32, device=device), torch.randint(0, 100, (8,), device=device)
+    start = [p.detach().clone() for p in params]
+    results = {}
+    for precision in ("fp32", "bf16") + (("fp16",) if device.type == "cuda" else ()):
+        masks = [torch.rand_like(p) < 0.5 for p in params]
+        load_flat(params, torch.cat([s.reshape(-1) for s in start]))
+        optimizer = SparseSGDM(params, lr=0.1, momentum=0.9, weight_decay=1e-3, masks=masks)
+        train_steps(model, optimizer, models.grad_scaler(device, precision), [(inputs, labels)] * 3, precision)
+        results[f"check_frozen_exact_{precision}"] = all(
+            torch.equal(p[~m], s[~m]) for p, m, s in zip(params, masks, start))
+    trajectories = []
+    for optimizer_class, options in ((torch.optim.SGD, {}), (SparseSGDM, {"masks": [torch.ones_like(p) for p in params]})):
+        load_flat(params, torch.cat([s.reshape(-1) for s in start]))
+        optimizer = optimizer_class(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, **options)
+        train_steps(model, optimizer, models.grad_scaler(device, "fp32"), [(inputs, labels)] * 3, "fp32")
+        trajectories.append(read_flat(params))
+    results["check_all_ones_equals_sgd"] = torch.equal(*trajectories)
+    names = models.backbone_parameter_names(model)
+    sums = [f(model, [(inputs, None)], "sampled", names, generator=torch.Generator(device=device).manual_seed(0))[0]
+            for f in (fisher_sums, fisher_sums_loop)]
+    results["check_fisher_equals_loop"] = all(torch.allclose(sums[0][n], sums[1][n], rtol=1e-3, atol=1e-9)
+                                              for n in names)
+    return results
 
 
-def cpu_busy_percent(seconds: float = 1.0) -> float | None:
-    """Share of all CPUs' time spent busy over the next `seconds` (Linux /proc/stat; None elsewhere)."""
-    def sample():
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0)), 1)
-
-
-def setup_columns(settings: BenchSettings) -> dict:
-    """How the figures were measured, as CSV columns."""
-    device = settings.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": device.type, "device_name": name, "precision": settings.precision, "model": settings.model,
-            "input_size": models.input_size(settings.model), "batch_size": settings.batch_size,
-            "attention": settings.attention, "compile": settings.compile, "cpu_threads": torch.get_num_threads(),
-            "cpu_busy_before_pct": cpu_busy_percent(), "load_average": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__}
-
-
-def describe(settings: BenchSettings, columns: dict | None = None) -> str:
-    """One header line: device, precision, model, batch size, levers and load."""
-    s = columns or setup_columns(settings)
-    size = s["input_size"]
-    busy = "n/a" if s["cpu_busy_before_pct"] is None else f"{s['cpu_busy_before_pct']:.0f} %"
-    return (f"device: {s['device']} ({s['device_name']}, {s['cpu_threads']} CPU threads, CPUs busy before: {busy}) "
-            f"| model: {s['model']} at {size}x{size} | precision: {s['precision']} | batch: {s['batch_size']} "
-            f"| attention: {s['attention']} | compile: {'on' if s['compile'] else 'off'} | torch {s['torch']}")
-
-
-def default_settings(model: str | None, device: str, batch_size: int, quick: bool, precision: str = "auto",
-                     attention: str = "fused", compile: bool = False, eval_batch_size: int = 256) -> BenchSettings:
+def unit_seconds(name: str, precision: str = "auto", eval_batch_size: int = 256,
+                 device: str = "auto") -> tuple[dict, str]:
+    """Seconds per trained image, evaluated image and Fisher sample on this device (the dry-run's calibration)."""
     device = resolve_device(device)
-    model = model or ("dino_vits16" if device.type == "cuda" else "tiny_vit")
-    return BenchSettings(
-        model=model, device=device, precision=resolve_precision(precision, device), batch_size=batch_size,
-        repeats=2 if quick else 3, steps=2 if quick else 10, local_steps=2 if quick else 4,
-        clients_per_round=2 if quick else 10, fisher_samples=8 if quick else 32, eval_images=256 if quick else 1024,
-        eval_batch_size=eval_batch_size, attention=attention, compile=compile)
+    precision = models.resolve_precision(precision, device)
+    slow = device.type == "cpu" and models.input_size(name) >= 224  # ViT-S/16 on a CPU: seconds per step
+    steps, batch = (1, 32) if slow else (5, 32)
+    train = train_step_seconds(name, device, precision, batch, steps, 1 if slow else 2) / batch
+    model, size = random_model(name, device), models.input_size(name)
+    images = torch.randn(64 if slow else 512, 3, size, size, device=device)
+
+    @torch.inference_mode()
+    def evaluate():
+        for chunk in images.split(eval_batch_size):
+            with models.autocast(device, precision):
+                model(chunk)
+
+    evaluation = best_time(evaluate, device, 1) / len(images)
+    fisher, _ = fisher_seconds(name, device, 8 if slow else 32, reference=False)
+    return {"train": train, "eval": evaluation, "fisher": fisher}, describe(name, device, precision)
+
+
+def describe(name, device, precision) -> str:
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (f"device: {device} ({processor}, {torch.get_num_threads()} CPU threads, load {os.getloadavg()[0]:.2f}) "
+            f"| model: {name} at {models.input_size(name)} px | precision: {precision} | torch {torch.__version__}")
+
+
+def measurements(name, device, precision, quick: bool):
+    """(metric, value, unit, note) rows, yielded as each is measured."""
+    steps, repeats = (2, 2) if quick else (10, 3)
+    clients, local_steps = (2, 2) if quick else (10, 4)
+    batches = (32,) if device.type == "cpu" else (32, 128)
+    step = {}
+    for batch in batches:
+        step[batch] = train_step_seconds(name, device, precision, batch, steps, repeats)
+        yield f"train_step_b{batch}", batch / step[batch], "images/s", f"peak {peak_memory_gb(device):.2f} GB"
+    round_seconds = fedavg_round_seconds(name, device, precision, clients, local_steps, 32, repeats)
+    images = clients * local_steps * 32
+    yield "fedavg_round", images / round_seconds, "images/s", f"{clients} clients x J={local_steps} x B=32"
+    yield "fedavg_over_bare", images / round_seconds / (32 / step[32]), "ratio", "simulation overhead"
+    data_path = data_path_seconds(name, device, 32, steps, repeats)
+    yield "data_path_share", data_path / step[32], "fraction of step", "crop+flip, normalise, resize"
+    samples = 8 if quick else 32
+    for reference, label in ((False, "fisher_vmap"), (True, "fisher_loop")):
+        seconds, memory = fisher_seconds(name, device, samples, reference)
+        yield label, 1 / seconds, "samples/s", f"{samples} samples, peak {memory:.2f} GB"
+    yield "sparse_over_sgd", optimizer_step_ratio(name, device, steps, repeats), "ratio", f"{SPARSITY:.0%} frozen"
+    for check, passed in correctness_checks(device).items():
+        yield check, float(passed), "1 = holds", "on this device"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,28 +221,25 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=models.MODELS, help="default: dino_vits16 on a GPU, tiny_vit on a CPU")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step (FedAvg's B)")
-    parser.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bf16 on Ampere+, fp16 + GradScaler on a T4, fp32 on a CPU")
-    parser.add_argument("--attention", choices=ATTENTION, default="fused",
-                        help="fused: F.scaled_dot_product_attention (timm's default); manual: softmax(QK^T)V")
-    parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (slow warm-up)")
+    parser.add_argument("--precision", choices=models.PRECISIONS, default="auto")
     parser.add_argument("--quick", action="store_true", help="the shortest form: few steps, few clients")
-    parser.add_argument("--csv", type=Path, help="where to write the table (default: results/bench/<device>-<model>.csv)")
+    parser.add_argument("--csv", type=Path, help="default: results/bench/<device>-<model>.csv")
     args = parser.parse_args(argv)
-    settings = default_settings(args.model, args.device, args.batch_size, args.quick, args.precision,
-                                args.attention, args.compile, args.eval_batch_size)
-    columns = setup_columns(settings)  # how busy the CPUs are before the benchmark loads them itself
-    print(describe(settings, columns), flush=True)
-    started = time.perf_counter()
-    table = run_benchmark(settings)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"benchmark time: {time.perf_counter() - started:.1f} s")
-    path = args.csv or Path("results") / "bench" / f"{settings.device.type}-{settings.model}.csv"
+    device = resolve_device(args.device)
+    name = args.model or ("dino_vits16" if device.type == "cuda" else "tiny_vit")
+    precision = models.resolve_precision(args.precision, device)
+    path = args.csv or Path("results") / "bench" / f"{device.type}-{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    table.assign(**columns).to_csv(path, index=False)
-    print(f"written: {path}")
+    header = describe(name, device, precision)
+    print(header, flush=True)
+    started, rows = time.perf_counter(), []
+    for row in measurements(name, device, precision, args.quick):
+        rows.append(row)
+        print(f"{row[0]:>28} {row[1]:12.3f} {row[2]:<18} {row[3]}", flush=True)
+        frame = pd.DataFrame(rows, columns=["metric", "value", "unit", "note"])
+        frame.assign(device=str(device), model=name, precision=precision, torch=torch.__version__,
+                     setup=header).to_csv(path, index=False)
+    print(f"benchmark time: {time.perf_counter() - started:.1f} s; written: {path}")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import ConfigError, check_bool, check_choice, check_float, check_int
-from .seeding import numpy_rng, torch_generator
-from .storage import atomic_write_bytes
+from .runs import atomic_write_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +73,38 @@ class DataBundle:
 
     def train_labels_numpy(self) -> np.ndarray:
         return self.train.labels.cpu().numpy()
+
+    def check_is(self, dataset: str) -> None:
+        """Refuse to run a config made for another dataset than the one loaded."""
+        if self.name != dataset:
+            raise ConfigError(f"config.dataset={dataset!r} but the data passed in is {self.name!r}")
+
+
+# --------------------------------------------------------------------------- random streams
+# Every random choice of a run (split, shards, client sampling, batch order, augmentation, Fisher
+# labels, head init) draws from a stream derived from (run seed, purpose, round, client, ...).
+# Streams are recomputed from their tags rather than carried along, so a resumed run draws exactly
+# what the killed run would have drawn, and runs that share a seed share e.g. the sampled clients.
+
+def derive_seed(seed: int, *tags: int | str) -> int:
+    """A 63-bit seed for the stream named by `tags` under the run `seed`."""
+    entropy = [zlib.crc32(t.encode()) if isinstance(t, str) else int(t) for t in (seed, *tags)]
+    if min(entropy) < 0:
+        raise ValueError(f"seed tags must be non-negative, got {(seed, *tags)}")
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))  # torch.Generator.manual_seed wants < 2**63
+
+
+def numpy_rng(seed: int, *tags: int | str) -> np.random.Generator:
+    """A numpy Generator for the stream (seed, *tags)."""
+    return np.random.default_rng(derive_seed(seed, *tags))
+
+
+def torch_generator(seed: int, *tags: int | str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on `device` for the stream (seed, *tags)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, *tags))
+    return generator
 
 
 # --------------------------------------------------------------------------- loading

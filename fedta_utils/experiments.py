@@ -1,4 +1,4 @@
-"""The grids each notebook runs, and how to read their results back.
+"""The grids each notebook runs, and the run of notebook 04's step-0 head alone.
 
 Each `*_configs` function turns a notebook's parameters (same names as in its
 parameters cell) into the list of run configs the notebook executes. The
@@ -8,20 +8,15 @@ estimate their cost, so the budget always describes what will really run.
 
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import replace
-from pathlib import Path
-from typing import Iterable
-
-import pandas as pd
 
 from .checks import ConfigError, check_choice_list, check_float, check_float_list, check_int, check_int_list
-from .federated import FedAvgConfig
-from .runs import read_metrics
-from .schedules import SCHEDULERS
+from .fedavg import FedAvgConfig, FedAvgRun
+from .optim import SCHEDULERS
 from .sensitivity import RULES
-from .sparse import FineTuneSpec
-from .training import CentralizedConfig
+from .finetune import FineTuneSpec
+from .training import CentralizedConfig, RunResult, evaluate_splits, read_complete, summarize
 
 # Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
 LR_SEARCH = "01_lr_search"
@@ -69,11 +64,11 @@ def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_deca
             for scheduler in schedulers for seed in seeds]
 
 
-def best_search_result(frame: pd.DataFrame) -> dict:
-    """The search row with the highest final validation accuracy (ties: lower lr)."""
-    best = frame.sort_values(["final_val_acc", "lr"], ascending=[False, True]).iloc[0]
-    return {"lr": float(best["lr"]), "weight_decay": float(best["weight_decay"]),
-            "search_val_acc": float(best["final_val_acc"])}
+def best_search_result(results: list[RunResult]) -> dict:
+    """The search run with the highest final validation accuracy (ties: the lower lr)."""
+    best = max(results, key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]))
+    return {"lr": best.run.config["lr"], "weight_decay": best.run.config["weight_decay"],
+            "search_val_acc": best.summary["final_val_acc"]}
 
 
 # --------------------------------------------------------------------------- notebooks 02 and 03
@@ -115,7 +110,7 @@ def heterogeneity_configs(seeds, classes_per_client_grid, local_steps_grid, base
 
 # --------------------------------------------------------------------------- notebooks 04 and 05
 
-SPEC_PARAMETERS = ("head", "ridge_lambda", "probe_rounds", "calibration_samples", "label_mode", "eligible")
+SPEC_PARAMETERS = ("head", "ridge_lambda", "calibration_samples", "label_mode", "eligible")
 
 
 def finetune_spec(params: dict, **overrides) -> FineTuneSpec:
@@ -194,78 +189,49 @@ def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sp
 
 def check_against_data(configs: list, data) -> None:
     """Fail before any training if a config cannot run on `data` (dataset name, impossible shards)."""
-    from .sharding import make_shards
-
-    labels = data.train_labels_numpy()
     checked = set()
     for config in configs:
         if config.dataset != data.name:
             raise ConfigError(f"dataset={config.dataset!r} in a config, but the loaded data is {data.name!r}")
-        if not isinstance(config, FedAvgConfig):
-            continue
-        key = (config.sharding, config.num_clients, config.classes_per_client, config.dirichlet_alpha, config.seed)
-        if key not in checked:
-            make_shards(labels, config.sharding, config.num_clients, config.seed,
-                        config.classes_per_client, config.dirichlet_alpha)
+        key = (config.sharding_name(), config.num_clients, config.seed) if isinstance(config, FedAvgConfig) else None
+        if key is not None and key not in checked:
+            config.shards(data)  # raises for impossible requests
             checked.add(key)
 
 
-def run_grid(runner, ws, data, configs: list, **options) -> list:
-    """Check every config against the data first, then run (or resume, or read) each one in order."""
+def run_grid(runner, ws, data, experiment: str, configs: list, params: dict) -> list[RunResult]:
+    """Check every config against the data first, then run (or resume, or read back) each in order.
+
+    `params` are the notebook's parameters: eval_batch_size and checkpoint_every come from them.
+    """
     check_against_data(configs, data)
-    return [runner(ws, data, config, **options) for config in configs]
+    options = {k: params[k] for k in ("eval_batch_size", "checkpoint_every") if k in params}
+    return [runner(ws, data, config, experiment=experiment, **options) for config in configs]
 
 
-# --------------------------------------------------------------------------- reading results
+def run_head_only(ws, data, config: FedAvgConfig, *, experiment: str = HEAD_ONLY, eval_batch_size: int = 256,
+                  checkpoint_every: int = 1) -> RunResult:
+    """Step 0 alone: the federated frozen head of `config`'s shards, evaluated with no fine-tuning.
 
-def flatten_config(config: dict, prefix: str = "") -> dict:
-    """{'finetune': {'head': 'ridge'}} -> {'finetune.head': 'ridge'}."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def results_frame(results) -> pd.DataFrame:
-    """One row per RunResult (as returned by run_centralized / run_fedavg): flattened config + summary."""
-    return pd.DataFrame([{"run": r.run.dir.name, "run_dir": str(r.run.dir), **flatten_config(r.run.config),
-                          **r.summary} for r in results])
-
-
-def curves_frame(results, columns: Iterable[str] = ()) -> pd.DataFrame:
-    """The metrics rows of every RunResult, with the chosen (flattened) config columns added."""
-    frames = []
-    for result in results:
-        metrics = result.metrics.copy()
-        config = flatten_config(result.run.config)
-        metrics["run"] = result.run.dir.name
-        for column in columns:
-            metrics[column] = config.get(column)  # e.g. classes_per_client exists only for non-iid runs
-        frames.append(metrics)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def load_experiment(root: str | Path, experiment: str) -> pd.DataFrame:
-    """One row per complete run of `experiment`: its flattened config and its summary."""
-    rows = []
-    for run_dir in sorted(Path(root, experiment).glob("*")):
-        if not (run_dir / "summary.json").is_file():
-            continue
-        config = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rows.append({"run": run_dir.name, "run_dir": str(run_dir), **flatten_config(config), **summary})
-    return pd.DataFrame(rows)
-
-
-def load_curves(root: str | Path, experiment: str, columns: Iterable[str] = ()) -> pd.DataFrame:
-    """metrics.csv of every complete run of `experiment`, with the chosen config columns added."""
-    frames = []
-    for _, run in load_experiment(root, experiment).iterrows():
-        metrics = read_metrics(run["run_dir"])
-        for column in ("run", *columns):
-            metrics[column] = run[column]
-        frames.append(metrics)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    The same preparation as a FedAvg run of this config (same shards, same cached head), so it is
+    the "round 0" of the sparse runs. It has no rounds, so `checkpoint_every` is only checked.
+    """
+    if config.finetune.head == "train":
+        raise ConfigError("run_head_only needs a fitted head: finetune.head must be 'ridge'")
+    check_int("eval_batch_size", eval_batch_size, minimum=1)
+    check_int("checkpoint_every", checkpoint_every, minimum=1)
+    data.check_is(config.dataset)
+    shards = config.shards(data)
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("rounds", "local_steps", "lr_schedule")}
+    run = ws.run(experiment, f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
+    if run.is_complete:
+        return read_complete(run)
+    with run:
+        started = time.perf_counter()
+        fed = FedAvgRun(ws, data, config, run, shards, eval_batch_size)
+        row = {"round": 0, **evaluate_splits(fed.model, data, fed.img_size, eval_batch_size, fed.precision,
+                                              config.evaluate_test)}
+        timing = [{"round": 0, "wall_s": time.perf_counter() - started}]
+        summary = {**summarize([row], timing, fed.precision, fed.device), **fed.prepared.info}
+        run.finish(summary, [row], timing)
+    return RunResult(run, summary, run.metrics())

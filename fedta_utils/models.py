@@ -9,10 +9,16 @@ head of `num_classes` outputs is drawn from the run's seed.
 tiny_vit is a 4-block, 64-wide timm ViT on 32x32 inputs with 4x4 patches:
 random, CPU-friendly, the same code paths. Its backbone is drawn from a fixed
 seed, so, like the DINO weights, every run starts from the same backbone.
+
+Precision is chosen from the hardware: bf16 where the GPU computes it natively
+(compute capability >= 8.0), fp16 with a GradScaler on older GPUs such as
+Colab's T4 (7.5), fp32 on a CPU. torch.cuda.is_bf16_supported() is not used: it
+also answers True for emulated bf16, which is slow on a T4.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import timm
@@ -21,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .checks import ConfigError, check_bool, check_choice, check_int
-from .seeding import torch_generator
+from .data import torch_generator
 
 MODELS = ("dino_vits16", "tiny_vit")
 TIMM_DINO = "vit_small_patch16_224.dino"
@@ -30,6 +36,7 @@ TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, m
 TINY_BACKBONE_SEED = 0
 HEAD_INIT_STD = 0.01  # as in DINO's linear evaluation
 HEAD_PREFIX = "head."
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def input_size(name: str) -> int:
@@ -157,11 +164,25 @@ def backbone_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if not name.startswith(HEAD_PREFIX)]
 
 
-def features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The backbone's pooled, pre-logit features (the head's input)."""
-    return model.forward_head(model.forward_features(inputs), pre_logits=True)
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """'auto' -> 'bf16' | 'fp16' | 'fp32' for `device`; explicit choices pass through."""
+    check_choice("precision", precision, PRECISIONS)
+    device = torch.device(device)
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
-def parameter_count(model: nn.Module, names: list[str] | None = None) -> int:
-    params = dict(model.named_parameters())
-    return sum(params[n].numel() for n in (names if names is not None else params))
+def autocast(device: torch.device | str, precision: str):
+    """The forward pass's context under `precision` ('fp32' does nothing)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")

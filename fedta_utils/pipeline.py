@@ -1,15 +1,21 @@
-"""Run the numbered notebooks in order with papermill.
+"""Run the numbered notebooks in order with papermill, or count what they would run.
 
     python -m fedta_utils.pipeline --profile smoke
     python -m fedta_utils.pipeline --profile full --only 02 03 -p seeds "[0, 1]"
     python -m fedta_utils.pipeline --profile full --dry-run
 
-Executed copies go to <results_dir>/<profile>/notebooks/. Parameters come
-from, in increasing priority: the notebook's parameters cell (the full
-profile), the profile's values (profiles.py), and `-p NAME VALUE`. A -p name
-that no selected notebook declares is an error, as is an unknown notebook in
---only. The first failing notebook stops the pipeline with its failing cell
-and error printed.
+Executed copies go to <results_dir>/<profile>/notebooks/. Parameters come from, in increasing
+priority: the notebook's parameters cell (the full profile), the profile's parameters file
+(notebooks/smoke.yaml, the file `papermill -f` reads), and `-p NAME VALUE`. A -p name that no
+selected notebook declares is an error, as is an unknown notebook in --only. The first failing
+notebook stops the pipeline with its failing cell and error printed.
+
+--dry-run builds every grid with the very functions the notebooks call (experiments.py, listed in
+NOTEBOOK_GRIDS) from the same parameters, counts the images each run trains on, evaluates and
+scores, measures what one of each costs on this device in a few seconds, and prints the hours.
+Left out, since they cost little next to training: FedAvg's per-round overhead (see the
+benchmark), checkpoint writes, data loading. Step-0 heads shared through the head cache are
+counted once.
 """
 
 from __future__ import annotations
@@ -21,24 +27,26 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
+from . import experiments
 from .checks import ConfigError, check_choice
-from .profiles import PROFILES, profile_values
+from .fedavg import FedAvgConfig
+from .workspace import NOTEBOOK_DIR, PROFILES, declared_parameters, discover_notebooks, profile_values
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL = "python3"
-
-
-def discover_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, Path]:
-    """{'00': .../00_data_splits.ipynb, ...} for every numbered notebook, in order."""
-    found = sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb"))
-    return {path.name[:2]: path for path in found}
-
-
-def declared_parameters(path: Path) -> dict[str, dict]:
-    """The parameters cell of a notebook: name -> {'default': source text, 'inferred_type_name', 'help'}."""
-    import papermill
-
-    return papermill.inspect_notebook(str(path))
+ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
+# Notebook -> (group label, experiments.<function>) in the order the notebook runs them.
+NOTEBOOK_GRIDS = {
+    "01": [("lr search", "search_configs"), ("schedulers", "scheduler_configs")],
+    "02": [("FedAvg iid", "fedavg_iid_configs")],
+    "03": [("heterogeneity grid", "heterogeneity_configs")],
+    "04": [("head only", "head_only_configs"), ("sparse FedAvg grid", "sparse_fl_configs"),
+           ("centralized sparse", "sparse_central_configs")],
+    "05": [("mask rules", "mask_rule_configs")],
+}
+PLACEHOLDER_HPARAMS = {"lr": 0.01, "weight_decay": 0.0}  # notebook 01's choice is unknown before it runs
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
 
 def parse_value(text: str):
@@ -56,27 +64,22 @@ def select_notebooks(only: list[str] | None, notebooks: dict[str, Path]) -> dict
     unknown = [key for key in keys if key not in notebooks]
     if unknown:
         raise ConfigError(f"--only {unknown}: no such notebook; available: {sorted(notebooks)}")
-    return {key: notebooks[key] for key in notebooks if key in keys}
-
-
-def notebook_parameters(path: Path, profile: str, results_dir: Path, overrides: dict) -> dict:
-    """What papermill injects into one notebook: profile values and overrides it declares."""
-    declared = declared_parameters(path)
-    values = {"profile": profile, "results_dir": str(results_dir)}
-    values.update(profile_values(profile))
-    values.update(overrides)
-    return {name: value for name, value in values.items() if name in declared}
+    return {key: path for key, path in notebooks.items() if key in keys}
 
 
 def check_overrides(overrides: dict, selected: dict[str, Path]) -> None:
     """Every -p name must be a parameter of at least one selected notebook."""
-    declared = set()
-    for path in selected.values():
-        declared |= set(declared_parameters(path))
+    declared = set().union(*(declared_parameters(path) for path in selected.values()))
     unknown = sorted(set(overrides) - declared)
     if unknown:
         raise ConfigError(f"-p {unknown[0]}: no selected notebook declares a parameter of that name; "
                           f"declared: {sorted(declared)}")
+
+
+def notebook_parameters(path: Path, profile: str, results_dir: Path, overrides: dict) -> dict:
+    """What papermill injects into one notebook: the profile's values and overrides it declares."""
+    values = {"profile": profile, "results_dir": str(results_dir), **profile_values(profile), **overrides}
+    return {name: value for name, value in values.items() if name in declared_parameters(path)}
 
 
 def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str | Path = "results",
@@ -85,7 +88,7 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    check_choice("profile", profile, tuple(PROFILES))
+    check_choice("profile", profile, PROFILES)
     overrides = overrides or {}
     selected = select_notebooks(only, discover_notebooks(notebook_dir))
     if not selected:
@@ -108,13 +111,9 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
                                        kernel_name=KERNEL, cwd=str(path.parent.parent), progress_bar=False)
         except PapermillExecutionError as error:
             raise NotebookFailed(path.name, error) from None
-        seconds = time.perf_counter() - started
-        print(f"[pipeline] {path.name} done in {seconds:.1f} s", flush=True)
-        records.append({"notebook": path.name, "seconds": seconds})
+        records.append({"notebook": path.name, "seconds": time.perf_counter() - started})
+        print(f"[pipeline] {path.name} done in {records[-1]['seconds']:.1f} s", flush=True)
     return records
-
-
-ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class NotebookFailed(RuntimeError):
@@ -127,6 +126,121 @@ class NotebookFailed(RuntimeError):
                          f"{error.ename}: {error.evalue}\n{traceback}")
 
 
+# --------------------------------------------------------------------------- the dry-run
+
+def notebook_values(path: Path, profile: str, overrides: dict) -> dict:
+    """What the notebook sees: its defaults, then the profile's values, then -p overrides."""
+    params = {}
+    for name, info in declared_parameters(path).items():
+        try:
+            params[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{path.name}: the default of {name} ({info['default']}) is not a literal") from None
+    params.update({k: v for k, v in {**profile_values(profile), **overrides}.items() if k in params})
+    return {k: PLACEHOLDER_HPARAMS[k] if v is None and k in PLACEHOLDER_HPARAMS else v for k, v in params.items()}
+
+
+def grids(profile: str, only: list[str] | None = None, overrides: dict | None = None) -> list[dict]:
+    """Every group of runs the selected notebooks execute: notebook, group, function, configs, params."""
+    overrides = overrides or {}
+    selected = select_notebooks(only, discover_notebooks())
+    check_overrides(overrides, selected)
+    groups = []
+    for key, path in selected.items():
+        params = notebook_values(path, profile, overrides)
+        for group, function in NOTEBOOK_GRIDS.get(key, []):
+            groups.append({"notebook": path.stem, "group": group, "function": function, "params": params,
+                           "configs": getattr(experiments, function)(**{**PLACEHOLDER_HPARAMS, **params})})
+    return groups
+
+
+def split_sizes(config, params: dict) -> tuple[int, int]:
+    """(train images, images evaluated per evaluation) implied by the config and the data parameters."""
+    synthetic = config.dataset != "cifar100"
+    full = params.get("synthetic_train_size", CIFAR_TRAIN) if synthetic else CIFAR_TRAIN
+    test = params.get("synthetic_test_size", CIFAR_TEST) if synthetic else CIFAR_TEST
+    val = round(full * params.get("val_fraction", 0.1))
+    return full - val, val + (test if config.evaluate_test else 0)
+
+
+def run_work(config, params: dict, head_only: bool = False) -> dict:
+    """Images one run trains on and evaluates, and the per-sample Fisher gradients it computes."""
+    train, evaluated = split_sizes(config, params)
+    spec, fisher = config.finetune, 0
+    if spec.is_sparse and spec.mask_rule in ("least_sensitive", "most_sensitive"):
+        clients = config.num_clients if isinstance(config, FedAvgConfig) else 1
+        fisher = spec.calibration_rounds * clients * -(-spec.calibration_samples // clients)
+    if head_only:
+        return {"train": 0, "eval": evaluated, "fisher": fisher}
+    if isinstance(config, FedAvgConfig):
+        batch = min(config.batch_size, train // config.num_clients)
+        return {"train": config.rounds * config.clients_per_round * config.local_steps * batch,
+                "eval": -(-config.rounds // config.eval_every) * evaluated, "fisher": fisher}
+    return {"train": config.epochs * train, "eval": config.epochs * evaluated, "fisher": fisher}
+
+
+def head_key(config) -> tuple | None:
+    """What a cached step-0 head depends on (the fields of its cache path), or None for a trained head."""
+    if config.finetune.head == "train":
+        return None
+    if isinstance(config, FedAvgConfig):
+        return config.model, config.dataset, config.finetune.ridge_lambda, config.sharding_name(), \
+            config.num_clients, config.seed
+    return config.model, config.dataset, config.finetune.ridge_lambda, "centralized", config.seed
+
+
+def work_table(groups: list[dict]) -> pd.DataFrame:
+    """One row per group: runs, trained / evaluated images, Fisher samples.
+
+    A step-0 head costs one backbone pass over the train split (counted as evaluated images),
+    once per distinct head: runs that share it read it from the head cache.
+    """
+    rows, heads = [], set()
+    for group in groups:
+        row = {"notebook": group["notebook"], "group": group["group"], "runs": len(group["configs"]),
+               "train": 0, "eval": 0, "fisher": 0}
+        for config in group["configs"]:
+            work = run_work(config, group["params"], head_only=group["function"] == "head_only_configs")
+            key = head_key(config)
+            if key is not None and key not in heads:
+                heads.add(key)
+                work["eval"] += split_sizes(config, group["params"])[0]
+            for kind in ("train", "eval", "fisher"):
+                row[kind] += work[kind]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["notebook", "group", "runs", "train", "eval", "fisher"])
+
+
+def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.DataFrame:
+    """Count the runs, calibrate this device, then print images and estimated hours per group and in total."""
+    groups = grids(profile, only, overrides)  # bad input stops here, before any compute
+    table = work_table(groups)
+    if table.empty or not table["runs"].sum():
+        print("The selected notebooks train nothing: 0 runs.")
+        return table
+    from .bench import unit_seconds
+
+    configs = [c for g in groups for c in g["configs"]]
+    models_used = sorted({c.model for c in configs})
+    if len(models_used) != 1:
+        raise ConfigError(f"the selected notebooks use the models {models_used}; estimate one at a time (--only)")
+    started = time.perf_counter()
+    seconds, setup = unit_seconds(models_used[0], configs[0].precision, groups[0]["params"].get("eval_batch_size", 256))
+    table["hours"] = sum(table[kind] * seconds[kind] for kind in ("train", "eval", "fisher")) / 3600
+    kind = "GPU" if "cuda" in setup else "CPU"
+    print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
+    print(f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image {seconds['train']:.2e}, "
+          f"per evaluated image {seconds['eval']:.2e}, per Fisher sample {seconds['fisher']:.2e}")
+    totals = table.groupby("notebook", sort=False)[["runs", "train", "eval", "fisher", "hours"]].sum()
+    totals.loc["total"] = totals.sum()
+    shown = totals.assign(train=totals["train"] / 1e6, eval=totals["eval"] / 1e6, fisher=totals["fisher"] / 1e3)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
+    print(shown.rename(columns={"train": "trained images (M)", "eval": "evaluated images (M)",
+                                "fisher": "Fisher samples (k)"}).to_string(float_format=lambda v: f"{v:,.2f}"))
+    print(f"total: {int(totals['runs'].iloc[-1])} runs, {totals['hours'].iloc[-1]:,.2f} {kind}-hours on this machine")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedta_utils.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,21 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override a notebook parameter (a Python literal or a string)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the number of runs and estimated GPU-hours per notebook, run nothing")
+                        help="print the runs, images and estimated hours per notebook; run nothing")
     args = parser.parse_args(argv)
     overrides = {name: parse_value(value) for name, value in args.parameter}
     try:
         if args.dry_run:
-            from .budget import print_budget
-
             print_budget(args.profile, args.only, overrides)
             return 0
         records = run_pipeline(args.profile, args.only, args.results_dir, overrides)
     except (ConfigError, NotebookFailed) as error:
         print(f"[pipeline] error: {error}", file=sys.stderr)
         return 1
-    total = sum(r["seconds"] for r in records)
-    print(f"[pipeline] {len(records)} notebooks in {total:.1f} s")
+    print(f"[pipeline] {len(records)} notebooks in {sum(r['seconds'] for r in records):.1f} s")
     return 0
 
 

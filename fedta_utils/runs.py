@@ -7,48 +7,129 @@
         metrics.csv     one row per epoch / round: deterministic values only
         timing.csv      the same rows' wall-clock seconds (never identical twice)
         model.pt        final weights, only where a later notebook needs them
-        masks.pt        calibrated masks of a sparse run (bit-packed)
+        prepared.pt     a sparse run's calibrated masks and head
         summary.json    written last: its presence marks the run complete
 
-metrics.csv is rewritten, atomically, together with each checkpoint and from
-the rows stored inside it, so after a kill it never holds rows the checkpoint
-does not, and a resumed run rewrites exactly the file an uninterrupted run
-writes. Wall times live in timing.csv so that this equality is bit for bit.
-A complete run's checkpoints are deleted: a ViT-S/16 checkpoint with
+Colab dies without warning and Drive syncs whatever it sees, so every file is
+written atomically: absent or complete. metrics.csv is rewritten together with
+each checkpoint, from the rows stored inside it, so after a kill it never holds
+rows the checkpoint does not, and a resumed run writes exactly the file an
+uninterrupted run writes (wall times live in timing.csv so this holds bit for
+bit). A complete run's checkpoints are deleted: a ViT-S/16 checkpoint with
 optimizer state is ~170 MB and free Drive holds 15 GB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
-import random
 import socket
+import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-from .storage import atomic_torch_save, atomic_write_bytes, atomic_write_json, clear_staging, staging_dir_for
-
+STAGING_DIR = ".staging"
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
 HEARTBEAT_SECONDS = 20
 STALE_AFTER_SECONDS = 90  # a lock whose heartbeat is older than this belongs to a dead process
-UNREADABLE_LOCK_GRACE_SECONDS = 5  # an unreadable lock older than this was never finished
+UNREADABLE_LOCK_GRACE_SECONDS = 5  # an empty or half-written lock older than this was never finished
 
 
-class RunLockedError(RuntimeError):
-    """Another live process is working on this run directory."""
+# ---------------------------------------------------------------------- atomic writes
 
+def _staging_dir(path: Path) -> Path:
+    """`<results root>/.staging` (same filesystem, so the final rename is atomic), else the file's folder.
+
+    A results root is marked by its .staging folder, which the workspace creates.
+    """
+    path = Path(path).resolve()
+    return next((p / STAGING_DIR for p in path.parents if (p / STAGING_DIR).is_dir()), path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers, and a kill, only ever leave the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_staging_dir(path))
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # some FUSE mounts (Drive) refuse to open or fsync a directory
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """torch.save through an in-memory buffer, then an atomic write."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def clear_staging(root: str | Path) -> None:
+    """Remove leftovers of killed writes under `root/.staging`.
+
+    A file younger than a minute is kept: another process may be writing it.
+    """
+    for leftover in (Path(root) / STAGING_DIR).glob("*.tmp"):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
+            if time.time() - leftover.stat().st_mtime > 60:
+                leftover.unlink()
+
+
+# ---------------------------------------------------------------------- CSV
+
+def rows_to_csv(rows: list[dict]) -> bytes:
+    """CSV bytes, columns in order of first appearance, floats by repr (exact); b"" for no rows."""
+    if not rows:
+        return b""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows([columns, *([_cell(row.get(c)) for c in columns] for row in rows)])
+    return buffer.getvalue().encode("utf-8")
+
+
+def _cell(value) -> str:
+    return "" if value is None else repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """metrics.csv joined with timing.csv on their shared row keys (empty if absent)."""
+    metrics, timing = _read_csv(Path(run_dir) / "metrics.csv"), _read_csv(Path(run_dir) / "timing.csv")
+    keys = [c for c in timing.columns if c in metrics.columns]
+    return metrics.merge(timing, on=keys, how="left") if keys else metrics
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size else pd.DataFrame()
+
+
+# ---------------------------------------------------------------------- runs
 
 def config_id(config: dict) -> str:
     """A short, stable hash of a JSON-serialisable config."""
@@ -62,8 +143,8 @@ class Checkpoint:
 
     step: int
     state: dict
-    rows: list[dict] = field(default_factory=list)
-    timing: list[dict] = field(default_factory=list)
+    rows: list[dict]  # metrics.csv up to this step
+    timing: list[dict]  # timing.csv up to this step
 
 
 class Run:
@@ -77,12 +158,10 @@ class Run:
 
     def __init__(self, root: str | Path, experiment: str, name: str, config: dict):
         self.root = Path(root)
-        self.experiment = experiment
         self.config = json.loads(json.dumps(config))  # plain JSON types, detached from the caller
         self.dir = self.root / experiment / f"{name}-{config_id(self.config)}"
-        self._lock: _RunLock | None = None
+        self._lock: RunLock | None = None
 
-    # ------------------------------------------------------------------ status
     @property
     def is_complete(self) -> bool:
         return (self.dir / "summary.json").is_file()
@@ -93,52 +172,37 @@ class Run:
     def metrics(self) -> pd.DataFrame:
         return read_metrics(self.dir)
 
-    # ------------------------------------------------------------------ lock
     def __enter__(self) -> "Run":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _RunLock(self.dir / "lock.json")
-        self._lock.acquire()
-        try:
-            self._write_or_check_config()
-            clear_staging(self.root)
-        except BaseException:
-            self._lock.release()
-            raise
+        # config.json needs no lock: written once, atomically, its bytes follow from the folder's name
+        stored = self.dir / "config.json"
+        if not stored.is_file():
+            atomic_write_json(stored, self.config)
+        elif json.loads(stored.read_text()) != self.config:
+            raise RuntimeError(f"{stored} holds another config than this run's; refusing to mix them")
+        clear_staging(self.root)  # safe beside other writers: it keeps files younger than a minute
+        lock = RunLock(self.dir / "lock.json")
+        lock.acquire()
+        self._lock = lock
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _write_or_check_config(self) -> None:
-        path = self.dir / "config.json"
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            if stored != self.config:
-                raise RuntimeError(f"{path} holds another config than this run's; refusing to mix them")
-            return
-        atomic_write_json(path, self.config)
+        lock, self._lock = self._lock, None
+        lock.release()
 
     def _require_lock(self) -> None:
         if self._lock is None:
             raise RuntimeError("open the run with `with run:` before writing to it")
 
-    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Write a checkpoint and the metrics it covers, then keep only the last two."""
         self._require_lock()
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "step": checkpoint.step,
-            "state": checkpoint.state,
-            "rows": checkpoint.rows,
-            "timing": checkpoint.timing,
-            "rng": _rng_states(),
-        }
-        atomic_torch_save(payload, self._checkpoint_path(checkpoint.step))
+        payload = {"format": CHECKPOINT_FORMAT, "step": checkpoint.step, "state": checkpoint.state,
+                   "rows": checkpoint.rows, "timing": checkpoint.timing,
+                   # every draw of the package comes from seeded generators; the global one is insurance
+                   "rng": {"torch": torch.get_rng_state()}}
+        atomic_torch_save(payload, self.dir / f"checkpoint-{checkpoint.step:06d}.pt")
         self._write_metrics(checkpoint.rows, checkpoint.timing)
-        for old in self._checkpoint_paths()[:-KEEP_CHECKPOINTS]:
+        for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
 
     def load_checkpoint(self, map_location="cpu") -> Checkpoint | None:
@@ -148,40 +212,37 @@ class Run:
         to hold exactly the rows of the checkpoint returned (removed if None),
         so rows of rounds that will run again never appear twice.
         """
-        for path in reversed(self._checkpoint_paths()):
+        checkpoint = None
+        for path in reversed(self._checkpoints()):
             try:
                 payload = torch.load(path, map_location=map_location, weights_only=True)
-                _check_payload(payload)
+                if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+                    raise ValueError(f"not a fedta checkpoint of format {CHECKPOINT_FORMAT}")
+                torch.set_rng_state(payload["rng"]["torch"])
+                checkpoint = Checkpoint(payload["step"], payload["state"], payload["rows"], payload["timing"])
+                break
             except Exception as error:  # truncated, garbage, or written by something else
                 warnings.warn(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
                               "falling back to the previous one", RuntimeWarning, stacklevel=2)
-                continue
-            _restore_rng_states(payload["rng"])
-            checkpoint = Checkpoint(payload["step"], payload["state"], payload["rows"], payload["timing"])
-            self._sync_metrics(checkpoint)
-            return checkpoint
-        self._sync_metrics(None)
-        return None
+        self._sync_metrics(checkpoint)
+        return checkpoint
 
     def _sync_metrics(self, checkpoint: Checkpoint | None) -> None:
         if self._lock is None:  # read-only use: never write without the lock
             return
-        if checkpoint is None:
-            for name in ("metrics.csv", "timing.csv"):
-                (self.dir / name).unlink(missing_ok=True)
-            return
-        metrics, timing = self.dir / "metrics.csv", self.dir / "timing.csv"
-        if (not metrics.is_file() or metrics.read_bytes() != rows_to_csv(checkpoint.rows)
-                or not timing.is_file() or timing.read_bytes() != rows_to_csv(checkpoint.timing)):
+        if checkpoint is not None:
             self._write_metrics(checkpoint.rows, checkpoint.timing)
+            return
+        (self.dir / "metrics.csv").unlink(missing_ok=True)
+        (self.dir / "timing.csv").unlink(missing_ok=True)
 
-    def _checkpoint_path(self, step: int) -> Path:
-        return self.dir / f"checkpoint-{step:06d}.pt"
-
-    def _checkpoint_paths(self) -> list[Path]:
+    def _checkpoints(self) -> list[Path]:
         return sorted(self.dir.glob("checkpoint-*.pt"))
 
-    # ------------------------------------------------------------------ artefacts
+    def _write_metrics(self, rows: list[dict], timing: list[dict]) -> None:
+        atomic_write_bytes(self.dir / "metrics.csv", rows_to_csv(rows))
+        atomic_write_bytes(self.dir / "timing.csv", rows_to_csv(timing))
+
     def save_artifact(self, name: str, obj) -> None:
         """torch.save `obj` as <run>/<name> atomically (final weights, masks, heads)."""
         self._require_lock()
@@ -198,7 +259,7 @@ class Run:
         self._require_lock()
         self._write_metrics(rows, timing)
         atomic_write_json(self.dir / "summary.json", summary)
-        for path in self._checkpoint_paths():
+        for path in self._checkpoints():
             path.unlink(missing_ok=True)
 
     def remove_leftover_checkpoints(self) -> None:
@@ -206,251 +267,110 @@ class Run:
 
         Each can be ~170 MB on Drive. Skipped if another process holds the run.
         """
-        if not self.is_complete or not self._checkpoint_paths():
+        if not self.is_complete or not self._checkpoints():
             return
-        try:
-            with self:
-                for path in self._checkpoint_paths():
-                    path.unlink(missing_ok=True)
-        except RunLockedError:
-            pass
-
-    def _write_metrics(self, rows: list[dict], timing: list[dict]) -> None:
-        atomic_write_bytes(self.dir / "metrics.csv", rows_to_csv(rows))
-        atomic_write_bytes(self.dir / "timing.csv", rows_to_csv(timing))
-
-
-# ---------------------------------------------------------------------- CSV
-
-def rows_to_csv(rows: list[dict]) -> bytes:
-    """CSV bytes with columns in order of first appearance; floats written with repr (exact)."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_cell(row.get(c)) for c in columns])
-    return buffer.getvalue().encode("utf-8")
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """metrics.csv joined with timing.csv on their shared row keys (empty if absent)."""
-    run_dir = Path(run_dir)
-    metrics_path, timing_path = run_dir / "metrics.csv", run_dir / "timing.csv"
-    if not metrics_path.is_file() or metrics_path.stat().st_size == 0:
-        return pd.DataFrame()
-    metrics = pd.read_csv(metrics_path)
-    if not timing_path.is_file() or timing_path.stat().st_size == 0:
-        return metrics
-    timing = pd.read_csv(timing_path)
-    keys = [c for c in timing.columns if c in metrics.columns]
-    return metrics.merge(timing, on=keys, how="left") if keys else metrics
-
-
-# ---------------------------------------------------------------------- RNG
-
-def _rng_states() -> dict:
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
-        "python": _python_state_to_plain(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(_numpy_state_from_plain(states["numpy"]))
-    random.setstate(_python_state_from_plain(states["python"]))
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _numpy_state_to_plain(state) -> list:
-    kind, keys, position, has_gauss, cached = state
-    return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
-
-
-def _numpy_state_from_plain(plain) -> tuple:
-    kind, keys, position, has_gauss, cached = plain
-    return (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached)
-
-
-def _python_state_to_plain(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _python_state_from_plain(plain) -> tuple:
-    version, internal, gauss = plain
-    return (version, tuple(internal), gauss)
-
-
-def _check_payload(payload) -> None:
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("not a fedta checkpoint of format 1")
-    for key in ("step", "state", "rows", "timing", "rng"):
-        if key not in payload:
-            raise ValueError(f"checkpoint lacks {key!r}")
+        with contextlib.suppress(RunLockedError), self:
+            for path in self._checkpoints():
+                path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- lock
 
-class _RunLock:
-    """lock.json: created exclusively, refreshed by a heartbeat, taken over when stale.
+class RunLockedError(RuntimeError):
+    """Another live process is working on this run directory."""
 
-    A lock is stale when its process is gone (same host, pid not alive) or its
-    heartbeat stopped more than STALE_AFTER_SECONDS ago (another host, e.g. a
-    Colab VM that died with Drive mounted).
+
+class RunLock:
+    """lock.json: created exclusively, refreshed by a heartbeat, taken over when its holder is dead.
+
+    A second Colab tab on the same Drive folder is the case this guards. The
+    holder is dead when, on this host, its pid is not alive; on any host, when
+    its heartbeat stopped more than STALE_AFTER_SECONDS ago.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+
+    def holder(self) -> dict:
+        """The lock file's content; {} if it is absent, empty or half-written."""
+        return _read_json(self.path)
 
     def acquire(self) -> None:
-        """Create lock.json, or take over a stale one; RunLockedError while a live process holds it.
-
-        A stale lock is moved aside (an atomic rename) and checked to be the
-        one judged stale before it is deleted; then the exclusive create is
-        tried again. Of two processes that take over the same stale lock, one
-        creates the new lock and the other finds it held: never two holders.
-        """
+        """Create lock.json, or take over a stale one; RunLockedError while a live process holds it."""
         for _ in range(5):
-            if self._create_exclusively():
-                break
-            holder = self._read_holder()
-            if not self._is_stale(holder):
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-                    f"(started {holder.get('started')}). Wait for it to finish; if that process is gone, "
-                    f"the lock is taken over automatically {STALE_AFTER_SECONDS} s after its last heartbeat.")
-            if self._remove_stale(holder):
-                warnings.warn(f"taking over a stale lock on {self.path.parent} "
-                              f"(pid {holder.get('pid')} on {holder.get('host')})", RuntimeWarning, stacklevel=3)
-        else:
-            raise RunLockedError(f"{self.path.parent}: could not take over its lock; another process "
-                                 "keeps creating it. Make sure only one process runs this experiment.")
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
-        self._thread.start()
-
-    def _remove_stale(self, holder: dict) -> bool:
-        """Delete the lock file if it still is the stale `holder`'s; False if it was not."""
-        aside = self._scratch_name("stale")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:  # another process removed it first
-            return False
-        try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = {}
-        if moved.get("token") == holder.get("token"):
-            aside.unlink(missing_ok=True)
-            return True
-        try:  # a live lock created in between: put it back unless yet another one exists
-            os.link(aside, self.path)
-        except FileExistsError:
-            pass
-        except OSError:  # no hard links (some FUSE mounts)
-            os.replace(aside, self.path)
-        aside.unlink(missing_ok=True)
-        return False
+            if self._create():
+                self._thread.start()
+                return
+            holder = self.holder()
+            who, run = f"pid {holder.get('pid')} on {holder.get('host')}", self.path.parent
+            if not self._is_stale(self.path, holder):
+                raise RunLockedError(f"{run} is in use by {who} (started {holder.get('started')}). Wait for "
+                                     "it to finish; a dead holder's lock is taken over at once on its host, "
+                                     f"from another host {STALE_AFTER_SECONDS} s after its last heartbeat.")
+            if self._remove_stale():
+                warnings.warn(f"taking over a stale lock on {run} ({who})", RuntimeWarning, stacklevel=3)
+        raise RunLockedError(f"{self.path.parent}: its lock keeps changing hands; is another process on it?")
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock, only if it is still ours (after acquire)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        holder = self._read_holder()
-        if holder.get("token") == self.token:
+        self._thread.join(timeout=5)
+        if self.holder().get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
-    def _content(self) -> dict:
-        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-    def _create_exclusively(self) -> bool:
-        """Publish a complete lock file under self.path unless one exists (link fails if it does).
-
-        Where hard links are not supported, fall back to an exclusive create
-        and write, which a kill can leave empty (handled by _is_stale).
-        """
-        draft = self._scratch_name("new")
-        with open(draft, "w") as file:
-            json.dump(self._content(), file)
-            file.flush()
-            os.fsync(file.fileno())
+    def _create(self) -> bool:
+        """Exclusive create (O_CREAT | O_EXCL); a kill mid-write leaves an empty file (see _is_stale)."""
         try:
-            os.link(draft, self.path)
-            return True
+            with open(self.path, "x") as file:
+                json.dump({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, file)
         except FileExistsError:
             return False
-        except OSError:
-            return self._create_and_write()
-        finally:
-            draft.unlink(missing_ok=True)
-
-    def _scratch_name(self, purpose: str) -> Path:
-        """A unique name beside the results root's other temporary files (cleared by clear_staging)."""
-        staging = staging_dir_for(self.path)
-        return staging / f".{self.path.name}.{os.getpid()}.{time.time_ns()}.{purpose}.tmp"
-
-    def _create_and_write(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as file:
-            json.dump(self._content(), file)
-            file.flush()
-            os.fsync(file.fileno())
         return True
 
-    def _read_holder(self) -> dict:
+    @staticmethod
+    def _is_stale(path: Path, holder: dict) -> bool:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _is_stale(self, holder: dict) -> bool:
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # released meanwhile: try again
             return True
-        if not holder:  # empty or half-written: its writer died within the write
-            return age > UNREADABLE_LOCK_GRACE_SECONDS
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            if not _pid_alive(holder["pid"]):
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(holder.get("pid"), 0)
+            except ProcessLookupError:  # its process is gone
                 return True
-        return age > STALE_AFTER_SECONDS
+            except (PermissionError, TypeError):  # alive as another user; no pid stored
+                pass
+        return age > (STALE_AFTER_SECONDS if holder else UNREADABLE_LOCK_GRACE_SECONDS)
+
+    def _remove_stale(self) -> bool:
+        """Move the lock aside (atomic), judge the file moved again, delete it if stale, else put it back.
+
+        Of two processes that take over one stale lock, one moves it aside and
+        creates the new lock; the other finds either no file or that new, live
+        lock, which it puts back and then finds held: never two holders.
+        """
+        aside = _staging_dir(self.path) / f".{self.path.name}.{os.getpid()}.{time.time_ns()}.stale.tmp"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        if not self._is_stale(aside, _read_json(aside)):
+            os.rename(aside, self.path)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
+            with contextlib.suppress(OSError):  # moved aside for a moment by a process checking it
                 os.utime(self.path)
-            except OSError:
-                return
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _read_json(path: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return {}

@@ -6,11 +6,11 @@ used exactly once (no duplicated data, no class left out).
 
 - iid_shards: stratified round-robin, so sizes differ by at most one and every
   client's label histogram follows the whole set's.
-- non_iid_shards: every client holds exactly Nc distinct classes. Each class
-  is cut into equal slices and the K*Nc slices are dealt so that no client
-  gets two slices of one class (see the function for why that always works).
-- dirichlet_shards: Hsu et al. (2019): client class proportions q ~ Dir(alpha * p),
-  equal client sizes.
+- non_iid_shards: every client holds exactly Nc distinct classes, a random set:
+  class slices dealt at random, repaired so that no client holds two slices of
+  one class (McMahan et al., 2017).
+- dirichlet_shards: client class proportions drawn from a Dirichlet with
+  concentration alpha per class (the FL-bench / Flower convention), equal sizes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .checks import ConfigError, check_choice, check_float, check_int
-from .seeding import numpy_rng
+from .data import numpy_rng
 
 SHARDINGS = ("iid", "non_iid", "dirichlet")
 
@@ -42,56 +42,77 @@ def iid_shards(labels, num_clients: int, seed: int) -> list[np.ndarray]:
 
 
 def non_iid_shards(labels, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
-    """Shards in which every client holds exactly `classes_per_client` classes.
+    """Shards in which every client holds exactly `classes_per_client` classes, chosen at random.
 
-    Let C be the number of classes and S = K * Nc the number of slices. Each
-    class is cut into floor or ceil of S / C slices (as equal in size as its
-    samples allow). The slices are listed class by class, in a random class
-    order, and client k takes slices k, k+K, k+2K, ... Because a class owns at
-    most ceil(S / C) <= K consecutive slices, two slices K apart never belong
-    to the same class, so each client gets Nc distinct classes. Every sample
-    lies in exactly one slice, so the shards are a partition.
+    McMahan et al.'s pathological split: with C classes and S = K * Nc slices, each class is cut
+    into floor or ceil of S / C slices (as equal as its samples allow); the slices are dealt to
+    the clients at random, Nc each, and a client dealt two slices of one class swaps one of them
+    with a client that lacks that class (`deal_classes`). Client class sets are therefore random
+    subsets of size Nc, not clusters of identical sets, and every sample lies in exactly one slice.
 
-    Impossible requests raise ConfigError: Nc > C, K * Nc < C (a class would
-    be left out), or a class with fewer samples than the slices it must fill.
+    Impossible requests raise ConfigError: Nc > C, K * Nc < C (a class would be left out), or a
+    class with fewer samples than the slices it must fill.
     """
     labels = np.asarray(labels)
     num_clients = _check_num_clients(num_clients, len(labels))
     seed = check_int("seed", seed, minimum=0)
     classes = np.unique(labels)
-    num_classes = len(classes)
-    classes_per_client = check_int("classes_per_client", classes_per_client, minimum=1, maximum=num_classes)
+    classes_per_client = check_int("classes_per_client", classes_per_client, minimum=1, maximum=len(classes))
     num_slices = num_clients * classes_per_client
-    if num_slices < num_classes:
+    if num_slices < len(classes):
         raise ConfigError(
             f"classes_per_client={classes_per_client} with num_clients={num_clients} gives "
-            f"{num_slices} class slices for {num_classes} classes: some classes would be left out; "
-            f"need num_clients * classes_per_client >= {num_classes}")
+            f"{num_slices} class slices for {len(classes)} classes: some classes would be left out; "
+            f"need num_clients * classes_per_client >= {len(classes)}")
     rng = numpy_rng(seed, "non-iid-shards")
-    slices_per_class = _spread_evenly(num_slices, num_classes, rng)
-    slices = []
-    for label, count in zip(rng.permutation(classes), slices_per_class):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        if count > len(members):
+    slices_per_class = _spread_evenly(num_slices, len(classes), rng)
+    for label, count in zip(classes, slices_per_class):
+        if count > np.sum(labels == label):
             raise ConfigError(
-                f"class {label} has {len(members)} samples but must be cut into {count} slices "
+                f"class {label} has {np.sum(labels == label)} samples but must be cut into {count} slices "
                 f"(num_clients={num_clients}, classes_per_client={classes_per_client}); lower one of them")
-        pieces = np.array_split(members, count)  # the first len % count pieces are one larger
-        slices.extend(pieces[i] for i in rng.permutation(count))  # so spread the larger ones
-    client_ids = rng.permutation(num_clients)
-    shards = [None] * num_clients
-    for slot in range(num_clients):
-        shards[client_ids[slot]] = np.sort(np.concatenate(slices[slot::num_clients]))
-    return shards
+    holds = deal_classes(slices_per_class, num_clients, classes_per_client, rng)  # [K, Nc] class indices
+    parts = [[] for _ in range(num_clients)]
+    for c, (label, count) in enumerate(zip(classes, slices_per_class)):
+        pieces = np.array_split(rng.permutation(np.flatnonzero(labels == label)), count)
+        owners = np.flatnonzero((holds == c).any(axis=1))  # each holds exactly one slice of class c
+        for owner, piece in zip(owners, (pieces[i] for i in rng.permutation(count))):
+            parts[owner].append(piece)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def deal_classes(slices_per_class: np.ndarray, num_clients: int, per_client: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """[K, Nc] class of each client's slots: slices dealt at random, then duplicates swapped away.
+
+    A client holding class x twice swaps one x slot with a random slot (of some client b that
+    lacks x) whose class it lacks: its duplicates drop by one and b gains none, so this ends.
+    """
+    holds = rng.permutation(np.repeat(np.arange(len(slices_per_class)), slices_per_class))
+    holds = holds.reshape(num_clients, per_client)
+    for client in range(num_clients):
+        while True:
+            values, first = np.unique(holds[client], return_index=True)
+            duplicates = np.setdiff1d(np.arange(per_client), first)
+            if len(duplicates) == 0:
+                break
+            slot = duplicates[0]
+            x = holds[client, slot]
+            swappable = ~np.isin(holds, values) & ~(holds == x).any(axis=1, keepdims=True)
+            if not swappable.any():
+                raise ConfigError(f"cannot deal {per_client} distinct classes to each of {num_clients} clients")
+            other, other_slot = np.argwhere(swappable)[rng.integers(swappable.sum())]
+            holds[client, slot], holds[other, other_slot] = holds[other, other_slot], x
+    return holds
 
 
 def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """Equal-size shards with class proportions drawn from Dir(alpha * p) (Hsu et al., 2019).
+    """Equal-size shards with class proportions q ~ Dir(alpha * C * p), p the class frequencies.
 
-    Client by client, q ~ Dir(alpha * p) with p the class frequencies; the
-    client's samples are drawn from the classes that still have samples,
-    proportionally to q (renormalised when a class runs out). Small alpha:
-    few classes per client; large alpha: close to iid.
+    For balanced classes that is alpha per class, the FL-bench / Flower convention; Hsu et al.
+    (2019) write Dir(alpha' * p), so their alpha' is C times this alpha. The client's samples are
+    drawn from the classes that still have samples, proportionally to q (renormalised when a
+    class runs out). Small alpha: few classes per client; large alpha: close to iid.
     """
     labels = np.asarray(labels)
     num_clients = _check_num_clients(num_clients, len(labels))

@@ -1,12 +1,14 @@
-"""The workspace a notebook works in: results folder, profile, device, data.
+"""The workspace a notebook works in: profile, results folder, device, data, tuned values.
 
-    ws = setup_workspace(profile="full", results_dir="results", drive_dir="/content/drive/MyDrive/fedta")
-    data = ws.load_data("cifar100")
+    ws, data, params = setup_notebook("02", globals())   # the first code cell after the parameters
 
-Everything a run writes goes under `ws.root` = <results_dir>/<profile>, so
-smoke and full results never mix. With `drive_dir` set, Google Drive is
-mounted (on Colab) and results_dir is taken relative to it, so checkpoints
-survive a disconnect.
+Everything a run writes goes under `ws.root` = <results_dir>/<profile>, so smoke and full
+results never mix. With `drive_dir` set, Google Drive is mounted (on Colab) and results_dir is
+taken relative to it, so checkpoints survive a disconnect.
+
+Profiles: `full` is the notebooks' own defaults (their parameters cells); `smoke` is the
+parameters file notebooks/smoke.yaml, which papermill reads with `-f` and the pipeline passes
+the same way. A profile changes values, never code paths.
 """
 
 from __future__ import annotations
@@ -18,15 +20,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from .checks import ConfigError, check_bool, check_choice, check_float, check_int, check_path
 from .data import DATASETS, DataBundle, prepare_data
-from .runs import Run
-from .storage import STAGING_DIR, atomic_write_bytes, atomic_write_json
+from .models import build_model
+from .runs import STAGING_DIR, Run, atomic_write_bytes, atomic_write_json
 
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 PROFILES = ("smoke", "full")
-SYNTHETIC_CLASSES = 100  # the synthetic stand-in has CIFAR-100's classes, so at least one image each
 COLAB_DRIVE_MOUNT = "/content/drive"
+# What each profile must load, so results are never labelled with the wrong profile.
+PROFILE_INPUTS = {"smoke": {"dataset": "synthetic", "model": "tiny_vit"},
+                  "full": {"dataset": "cifar100", "model": "dino_vits16"}}
+
+
+def discover_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, Path]:
+    """{'00': .../00_data_splits.ipynb, ...} for every numbered notebook, in order."""
+    return {path.name[:2]: path for path in sorted(Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))}
+
+
+def declared_parameters(path: Path) -> dict[str, dict]:
+    """A notebook's parameters cell: name -> {'default': source text, 'inferred_type_name', 'help'}."""
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
+
+
+def profile_values(profile: str) -> dict:
+    """The parameter values `profile` sets: none for full, notebooks/<profile>.yaml otherwise."""
+    check_choice("profile", profile, PROFILES)
+    if profile == "full":
+        return {}
+    return yaml.safe_load((NOTEBOOK_DIR / f"{profile}.yaml").read_text())
 
 
 @dataclass
@@ -49,9 +75,7 @@ class Workspace:
         return Run(self.root, experiment, name, config)
 
     def build_model(self, name: str, num_classes: int, head_seed: int):
-        """The run's model: pretrained backbone (local file, timm or torch.hub) and a head from `head_seed`."""
-        from .models import build_model
-
+        """The run's model: pretrained backbone (local file, timm or torch.hub), head from `head_seed`."""
         return build_model(name, num_classes, pretrained=self.pretrained, weights_path=self.weights_path,
                            head_seed=head_seed)
 
@@ -61,34 +85,27 @@ class Workspace:
         check_choice("dataset", dataset, DATASETS)
         check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_int("split_seed", split_seed, minimum=0)
-        if dataset == "synthetic":
-            check_int("synthetic_train_size", synthetic_train_size, minimum=SYNTHETIC_CLASSES)
-            check_int("synthetic_test_size", synthetic_test_size, minimum=SYNTHETIC_CLASSES)
         key = (dataset, val_fraction, split_seed, synthetic_train_size, synthetic_test_size)
         if key not in self._data_cache:
             split_path = self.root / "splits" / f"{dataset}-val{val_fraction:g}-seed{split_seed}.npz"
-            self._data_cache[key] = prepare_data(
-                dataset, self.data_dir, self.download, val_fraction, split_seed, split_path, self.device,
-                synthetic_train_size, synthetic_test_size)
+            self._data_cache[key] = prepare_data(dataset, self.data_dir, self.download, val_fraction, split_seed,
+                                                 split_path, self.device, synthetic_train_size,
+                                                 synthetic_test_size)
         return self._data_cache[key]
 
-    # ------------------------------------------------------------------ tables for the report
     def save_frame(self, relative_path: str, frame) -> Path:
         """Write a DataFrame as CSV under the results root, atomically; returns the path."""
         path = self.root / relative_path
         atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
         return path
 
-    # ------------------------------------------------------------------ tuned hyperparameters
     @property
     def hparams_path(self) -> Path:
         return self.root / "hparams.json"
 
     def save_hparams(self, values: dict) -> None:
         """Record values chosen on the validation split (read by later notebooks)."""
-        stored = self.load_hparams(default={})
-        stored.update(values)
-        atomic_write_json(self.hparams_path, stored)
+        atomic_write_json(self.hparams_path, {**self.load_hparams(default={}), **values})
 
     def load_hparams(self, default: dict | None = None) -> dict:
         if self.hparams_path.is_file():
@@ -100,31 +117,50 @@ class Workspace:
             "with the same results_dir and profile, or set the values explicitly in the parameters cell")
 
 
-def setup_workspace(
-    profile: str = "full",
-    results_dir: str | Path = "results",
-    drive_dir: str | Path | None = None,
-    data_dir: str | Path = "data",
-    device: str = "auto",
-    weights_path: str | Path | None = None,
-    download: bool = True,
-) -> Workspace:
+def setup_workspace(profile: str = "full", results_dir: str | Path = "results", drive_dir=None,
+                    data_dir: str | Path = "data", device: str = "auto", weights_path=None,
+                    download: bool = True) -> Workspace:
     """Check the parameters, mount Drive if asked, make sure results_dir is writable."""
     check_choice("profile", profile, PROFILES)
     check_bool("download", download)
     results_dir = check_path("results_dir", results_dir)
     data_dir = check_path("data_dir", data_dir)
     if drive_dir:
-        results_dir = _mount_drive(check_path("drive_dir", drive_dir)) / results_dir
-    if weights_path:
-        check_path("weights_path", weights_path)
-    if weights_path and not Path(weights_path).is_file():
+        results_dir = mount_drive(check_path("drive_dir", drive_dir)) / results_dir
+    if weights_path and not check_path("weights_path", weights_path).is_file():
         raise ConfigError(f"weights_path={str(weights_path)!r} is not a file; leave it empty to download")
-    workspace = Workspace(
-        results_dir=results_dir.resolve(), profile=profile, device=resolve_device(device),
-        data_dir=Path(data_dir), download=download, weights_path=str(weights_path) if weights_path else None)
-    _make_writable_root(workspace.root)
-    return workspace
+    ws = Workspace(results_dir.resolve(), profile, resolve_device(device), Path(data_dir), download,
+                   str(weights_path) if weights_path else None)
+    make_writable_root(ws.root)
+    return ws
+
+
+def setup_notebook(key: str, namespace: dict, device: str = "auto"):
+    """(workspace, data or None, parameters) for notebook `key`, from the names its parameters cell declares.
+
+    Values of `lr` / `weight_decay` left None are the ones notebook 01 chose on validation. A
+    profile that disagrees with what the notebook would load (smoke with CIFAR-100 or DINO, full
+    with synthetic data or tiny_vit) is refused before anything is loaded.
+    """
+    params = {name: namespace[name] for name in declared_parameters(discover_notebooks()[key])}
+    profile = params["profile"]
+    check_choice("profile", profile, PROFILES)
+    for name, expected in PROFILE_INPUTS[profile].items():
+        if name in params and params[name] != expected:
+            raise ConfigError(f"profile={profile!r} with {name}={params[name]!r}: profile {profile!r} loads "
+                              f"{name}={expected!r}; change one of them so results are labelled correctly")
+    ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
+                         params.get("data_dir", "data"), device, params.get("weights_path") or None)
+    for name in ("lr", "weight_decay"):
+        if name in params and params[name] is None:
+            params[name] = ws.load_hparams()[name]
+    data = None
+    if "dataset" in params:
+        data = ws.load_data(params["dataset"], params["val_fraction"], params["split_seed"],
+                            params["synthetic_train_size"], params["synthetic_test_size"])
+        print(f"results: {ws.root} | device: {ws.device} | train/val/test: "
+              f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
+    return ws, data, params
 
 
 def resolve_device(device: str) -> torch.device:
@@ -140,14 +176,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _mount_drive(drive_dir: Path) -> Path:
+def mount_drive(drive_dir: Path) -> Path:
     if str(drive_dir).startswith(COLAB_DRIVE_MOUNT):
         try:
             from google.colab import drive  # only on Colab
         except ImportError:
-            raise ConfigError(
-                f"drive_dir={str(drive_dir)!r} is a Google Drive path but this is not Colab; "
-                "leave drive_dir empty or point it at a local folder") from None
+            raise ConfigError(f"drive_dir={str(drive_dir)!r} is a Google Drive path but this is not Colab; "
+                              "leave drive_dir empty or point it at a local folder") from None
         if not Path(COLAB_DRIVE_MOUNT, "MyDrive").is_dir():
             drive.mount(COLAB_DRIVE_MOUNT)
     if not drive_dir.parent.is_dir():
@@ -156,13 +191,12 @@ def _mount_drive(drive_dir: Path) -> Path:
     return drive_dir
 
 
-def _make_writable_root(root: Path) -> None:
-    """Create <root>/.staging and write a probe file there (a unique name: other processes may probe too)."""
+def make_writable_root(root: Path) -> None:
+    """Create <root>/.staging and write a probe file there (a unique name: other processes probe too)."""
     try:
         (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=root / STAGING_DIR)
-        with os.fdopen(handle, "wb") as file:
-            file.write(b"ok")
+        os.close(handle)
         os.unlink(probe)
     except OSError as error:
         raise ConfigError(f"results_dir={str(root.parent)!r} is not writable ({error}); "

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from fedta_utils.pipeline import run_pipeline
-
 REPO = Path(__file__).resolve().parent.parent
 REPORT_SOURCES = ("main.tex", "refs.bib")
 
@@ -19,6 +17,8 @@ REPORT_SOURCES = ("main.tex", "refs.bib")
 @pytest.fixture(scope="session")
 def smoke_results(tmp_path_factory) -> dict:
     """{"results_dir": Path, "report_dir": Path} after running every notebook on the smoke profile."""
+    from fedta_utils.pipeline import run_pipeline  # imported here: collecting the tests needs no pipeline
+
     base = tmp_path_factory.mktemp("smoke_pipeline")
     report_dir = base / "report"
     report_dir.mkdir()

@@ -50,6 +50,19 @@ def test_non_iid_shards_are_a_partition_of_equal_sizes(cifar_like_labels, classe
     assert {len(s) for s in shards} == {450}  # 45,000 / 100, exact for CIFAR-100
 
 
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("classes_per_client", [5, 10, 50])
+def test_non_iid_class_sets_are_random_subsets_not_clusters(cifar_like_labels, classes_per_client, seed):
+    # A fixed stride deals identical class sets to whole groups of clients (at Nc=5 only 20
+    # distinct sets among 100, at Nc=50 two disjoint halves); random sets of Nc of 100 classes
+    # are all distinct and no two share more than 80 % of their classes.
+    shards = non_iid_shards(cifar_like_labels, 100, classes_per_client, seed=seed)
+    sets = [frozenset(np.unique(cifar_like_labels[s])) for s in shards]
+    assert len(set(sets)) == 100
+    largest_overlap = max(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    assert largest_overlap <= 0.8 * classes_per_client
+
+
 def test_non_iid_shards_use_every_class():
     labels = np.repeat(np.arange(10), 30)
     shards = non_iid_shards(labels, 4, 3, seed=1)  # 12 slices for 10 classes: some classes give two
