@@ -58,8 +58,14 @@ def best_time(function, device: torch.device, repeats: int) -> float:
     return min(times)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> str:
+    """Peak GPU memory since the last reset, as a note ('' on a CPU)."""
+    return f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else ""
 
 
 def random_model(name: str, device) -> torch.nn.Module:
@@ -73,6 +79,7 @@ def synthetic_bundle(device, train: int, test: int) -> DataBundle:
 
 def train_step_seconds(name, device, precision, batch_size, steps, repeats, compile_model=False) -> float:
     """Seconds per bare training step on a batch already at the model's input size."""
+    reset_peak(device)
     model = random_model(name, device)
     forward = torch.compile(model) if compile_model else model
     size = models.input_size(name)
@@ -104,6 +111,21 @@ def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_si
     return best_time(one_round, device, repeats)
 
 
+def evaluation_seconds(name, device, precision, images: int, batch_size: int, repeats: int) -> float:
+    """Seconds per evaluated image (inference under autocast, no augmentation)."""
+    reset_peak(device)
+    model, size = random_model(name, device).eval(), models.input_size(name)
+    inputs = torch.randn(images, 3, size, size, device=device)
+
+    @torch.inference_mode()
+    def evaluate():
+        for chunk in inputs.split(batch_size):
+            with models.autocast(device, precision):
+                model(chunk)
+
+    return best_time(evaluate, device, repeats) / images
+
+
 def data_path_seconds(name, device, batch_size, steps, repeats) -> float:
     data = synthetic_bundle(device, 2000, 100)
     generator, index = augmentation_generator(0, device=device), torch.arange(batch_size, device=device)
@@ -112,15 +134,14 @@ def data_path_seconds(name, device, batch_size, steps, repeats) -> float:
 
 
 def fisher_seconds(name, device, samples, reference: bool) -> tuple[float, float]:
-    """(seconds per sample, peak GPU memory in GB) of the vectorised Fisher or its per-sample loop."""
+    """(seconds per sample, peak GPU memory note) of the vectorised Fisher or its per-sample loop."""
     model, size = random_model(name, device), models.input_size(name)
     batches = [(torch.randn(samples, 3, size, size, device=device), None)]
     function = fisher_sums_loop if reference else fisher_sums
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     seconds = best_time(lambda: function(model, batches, "sampled", models.backbone_parameter_names(model),
                                          generator=torch.Generator(device=device).manual_seed(0)), device, 1)
-    return seconds / samples, peak_memory_gb(device)
+    return seconds / samples, peak_memory(device)
 
 
 def optimizer_step_ratio(name, device, steps, repeats) -> float:
@@ -172,16 +193,7 @@ def unit_seconds(name: str, precision: str = "auto", eval_batch_size: int = 256,
     slow = device.type == "cpu" and models.input_size(name) >= 224  # ViT-S/16 on a CPU: seconds per step
     steps, batch = (1, 32) if slow else (5, 32)
     train = train_step_seconds(name, device, precision, batch, steps, 1 if slow else 2) / batch
-    model, size = random_model(name, device), models.input_size(name)
-    images = torch.randn(64 if slow else 512, 3, size, size, device=device)
-
-    @torch.inference_mode()
-    def evaluate():
-        for chunk in images.split(eval_batch_size):
-            with models.autocast(device, precision):
-                model(chunk)
-
-    evaluation = best_time(evaluate, device, 1) / len(images)
+    evaluation = evaluation_seconds(name, device, precision, 64 if slow else 512, eval_batch_size, 1)
     fisher, _ = fisher_seconds(name, device, 8 if slow else 32, reference=False)
     return {"train": train, "eval": evaluation, "fisher": fisher}, describe(name, device, precision)
 
@@ -192,7 +204,7 @@ def describe(name, device, precision) -> str:
             f"| model: {name} at {models.input_size(name)} px | precision: {precision} | torch {torch.__version__}")
 
 
-def measurements(name, device, precision, quick: bool):
+def measurements(name, device, precision, quick: bool, eval_batch_size: int = 256):
     """(metric, value, unit, note) rows, yielded as each is measured."""
     steps, repeats = (2, 2) if quick else (10, 3)
     clients, local_steps = (2, 2) if quick else (10, 4)
@@ -200,17 +212,19 @@ def measurements(name, device, precision, quick: bool):
     step = {}
     for batch in batches:
         step[batch] = train_step_seconds(name, device, precision, batch, steps, repeats)
-        yield f"train_step_b{batch}", batch / step[batch], "images/s", f"peak {peak_memory_gb(device):.2f} GB"
+        yield f"train_step_b{batch}", batch / step[batch], "images/s", f"batch {batch}{peak_memory(device)}"
     round_seconds = fedavg_round_seconds(name, device, precision, clients, local_steps, 32, repeats)
     images = clients * local_steps * 32
     yield "fedavg_round", images / round_seconds, "images/s", f"{clients} clients x J={local_steps} x B=32"
     yield "fedavg_over_bare", images / round_seconds / (32 / step[32]), "ratio", "simulation overhead"
+    evaluation = evaluation_seconds(name, device, precision, 256 if quick else 1024, eval_batch_size, repeats)
+    yield "evaluation", 1 / evaluation, "images/s", f"batch {eval_batch_size}{peak_memory(device)}"
     data_path = data_path_seconds(name, device, 32, steps, repeats)
     yield "data_path_share", data_path / step[32], "fraction of step", "crop+flip, normalise, resize"
     samples = 8 if quick else 32
     for reference, label in ((False, "fisher_vmap"), (True, "fisher_loop")):
         seconds, memory = fisher_seconds(name, device, samples, reference)
-        yield label, 1 / seconds, "samples/s", f"{samples} samples, peak {memory:.2f} GB"
+        yield label, 1 / seconds, "samples/s", f"{samples} samples{memory}"
     yield "sparse_over_sgd", optimizer_step_ratio(name, device, steps, repeats), "ratio", f"{SPARSITY:.0%} frozen"
     for check, passed in correctness_checks(device).items():
         yield check, float(passed), "1 = holds", "on this device"
@@ -222,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=models.MODELS, help="default: dino_vits16 on a GPU, tiny_vit on a CPU")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=models.PRECISIONS, default="auto")
+    parser.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
     parser.add_argument("--quick", action="store_true", help="the shortest form: few steps, few clients")
     parser.add_argument("--csv", type=Path, help="default: results/bench/<device>-<model>.csv")
     args = parser.parse_args(argv)
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     header = describe(name, device, precision)
     print(header, flush=True)
     started, rows = time.perf_counter(), []
-    for row in measurements(name, device, precision, args.quick):
+    for row in measurements(name, device, precision, args.quick, args.eval_batch_size):
         rows.append(row)
         print(f"{row[0]:>28} {row[1]:12.3f} {row[2]:<18} {row[3]}", flush=True)
         frame = pd.DataFrame(rows, columns=["metric", "value", "unit", "note"])

@@ -73,7 +73,7 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def _check_list(name: str, values: Any, description: str, check_item) -> list:
+def check_list(name: str, values: Any, description: str, check_item) -> list:
     """A non-empty list (a lone string is not a list), each item passed through check_item(item_name, item)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ConfigError(f"{name} must be a list of {description}, got {values!r}")
@@ -84,24 +84,20 @@ def _check_list(name: str, values: Any, description: str, check_item) -> list:
 
 
 def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[int]:
-    """Return a non-empty list of integers, each >= minimum."""
-    return _check_list(name, values, f"integers{_range_text(minimum, None)}",
-                       lambda item_name, v: check_int(item_name, v, minimum))
+    return check_list(name, values, f"integers{_range_text(minimum, None)}",
+                      lambda item, v: check_int(item, v, minimum))
 
 
 def check_float_list(name: str, values: Any, low: float | None = None, high: float | None = None,
                      *, low_open: bool = False, high_open: bool = False) -> list[float]:
-    """Return a non-empty list of numbers, each in the given interval."""
-    return _check_list(name, values, f"numbers in {_interval_text(low, high, low_open, high_open)}",
-                       lambda item_name, v: check_float(item_name, v, low, high,
-                                                        low_open=low_open, high_open=high_open))
+    interval = _interval_text(low, high, low_open, high_open)
+    return check_list(name, values, f"numbers in {interval}",
+                      lambda item, v: check_float(item, v, low, high, low_open=low_open, high_open=high_open))
 
 
 def check_choice_list(name: str, values: Any, allowed: Iterable[Any]) -> list:
-    """Return a non-empty list whose every item is one of `allowed` (a lone string is not a list)."""
     allowed = list(allowed)
-    return _check_list(name, values, f"names from {allowed}",
-                       lambda item_name, v: check_choice(item_name, v, allowed))
+    return check_list(name, values, f"names from {allowed}", lambda item, v: check_choice(item, v, allowed))
 
 
 def check_path(name: str, value: Any) -> Path:
@@ -115,11 +111,7 @@ def check_path(name: str, value: Any) -> Path:
 def _range_text(minimum, maximum) -> str:
     if minimum is not None and maximum is not None:
         return f" in [{minimum}, {maximum}]"
-    if minimum is not None:
-        return f" >= {minimum}"
-    if maximum is not None:
-        return f" <= {maximum}"
-    return ""
+    return f" >= {minimum}" if minimum is not None else (f" <= {maximum}" if maximum is not None else "")
 
 
 def _interval_text(low, high, low_open, high_open) -> str:

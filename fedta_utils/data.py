@@ -88,7 +88,8 @@ class DataBundle:
 
 def derive_seed(seed: int, *tags: int | str) -> int:
     """A 63-bit seed for the stream named by `tags` under the run `seed`."""
-    entropy = [zlib.crc32(t.encode()) if isinstance(t, str) else int(t) for t in (seed, *tags)]
+    # The tag count goes first: SeedSequence pads with zeros, so (s, a) and (s, a, 0) would collide.
+    entropy = [len(tags)] + [zlib.crc32(t.encode()) if isinstance(t, str) else int(t) for t in (seed, *tags)]
     if min(entropy) < 0:
         raise ValueError(f"seed tags must be non-negative, got {(seed, *tags)}")
     state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
@@ -205,6 +206,8 @@ def train_val_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray,
         take = int(round(val_fraction * len(members)))
         val_parts.append(rng.permutation(members)[:take])
     val_idx = np.sort(np.concatenate(val_parts)).astype(np.int64)
+    if len(val_idx) == 0:
+        raise ConfigError(f"val_fraction={val_fraction:g} leaves no validation sample of {len(labels)}")
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[val_idx] = False
     return np.flatnonzero(train_mask).astype(np.int64), val_idx

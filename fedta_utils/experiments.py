@@ -11,9 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import numpy as np
+import pandas as pd
+
 from .checks import ConfigError, check_choice_list, check_float, check_float_list, check_int, check_int_list
 from .fedavg import FedAvgConfig, FedAvgRun
 from .optim import SCHEDULERS
+from .sharding import make_shards, shard_stats
 from .sensitivity import RULES
 from .finetune import FineTuneSpec
 from .training import CentralizedConfig, RunResult, evaluate_splits, read_complete, summarize
@@ -27,6 +31,27 @@ SPARSE_FL = "04_sparse_fl"
 SPARSE_CENTRAL = "04_sparse_centralized"
 HEAD_ONLY = "04_head_only"
 MASK_RULES = "05_mask_rules"
+
+
+# --------------------------------------------------------------------------- notebook 00
+
+def data_splits(ws, data, params: dict) -> None:
+    """Notebook 00: split sizes and per-client shard statistics of every scheme, as CSVs for the report."""
+    sizes = [(name, getattr(data, split).labels.cpu().numpy()) for name, split in
+             (("train", "train"), ("validation", "val"), ("test", "test"))]
+    ws.save_frame("00_data/split_sizes.csv", pd.DataFrame(
+        [{"split": name, "images": len(y), "min per class": np.bincount(y).min(),
+          "max per class": np.bincount(y).max()} for name, y in sizes]))
+    schemes = {"iid": {"sharding": "iid"}}
+    schemes.update({f"Nc={nc}": {"sharding": "non_iid", "classes_per_client": nc}
+                    for nc in check_int_list("classes_per_client_grid", params["classes_per_client_grid"], 1)})
+    schemes[f"Dir({params['dirichlet_alpha']:g})"] = {"sharding": "dirichlet",
+                                                      "dirichlet_alpha": params["dirichlet_alpha"]}
+    labels = data.train_labels_numpy()
+    stats = [shard_stats(make_shards(labels, num_clients=params["num_clients"], seed=params["shard_seed"],
+                                     **options), labels, data.num_classes).assign(scheme=scheme)
+             for scheme, options in schemes.items()]
+    ws.save_frame("00_data/shard_stats.csv", pd.concat(stats, ignore_index=True))
 
 
 # --------------------------------------------------------------------------- notebook 01

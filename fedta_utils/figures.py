@@ -35,16 +35,15 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
-from matplotlib.ticker import EngFormatter
 
 from .experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROGENEITY, LR_SEARCH, MASK_RULES,
                           SPARSE_CENTRAL, SPARSE_FL)
-from .sensitivity import RULES, unpack_masks
+from .sensitivity import RULES, jaccard, unpack_masks
 
 DATA = "00_data"  # notebook 00 saves split_sizes.csv and shard_stats.csv here
 COLUMN, FULL = 3.3, 6.9  # inches: one column of the report, both columns
 DRIFT = ["mean_client_delta_norm", "avg_delta_norm", "mean_pairwise_cosine", "sign_conflict_fraction",
-         "sign_agreement"]  # logged per FedAvg round (federated.py)
+         "sign_agreement"]  # logged per FedAvg round (fedavg.py)
 
 
 class NoResults(LookupError):
@@ -63,42 +62,39 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 def _labelled(run: dict, experiment: str) -> dict:
     """The run with its display labels; sparsity and R only where a mask rule makes them matter."""
-    rule = run.get("finetune.mask_rule") if isinstance(run.get("finetune.mask_rule"), str) else None
-    head = run.get("finetune.head", "train")
-    dense = ("FedAvg" if "sharding" in run else "centralized") if head == "train" else f"dense + {head} head"
-    sharding = {"non_iid": f"Nc={run.get('classes_per_client')}",
-                "dirichlet": f"Dir({run.get('dirichlet_alpha')})"}.get(run.get("sharding"), run.get("sharding"))
-    return {**run, "sharding_label": sharding, "rule": rule,
+    rule, head = run.get("finetune.mask_rule"), run.get("finetune.head", "train")
+    trained = "FedAvg" if "sharding" in run else "centralized"  # dense, trained head
+    dense = trained if head == "train" else f"dense + {head} head"
+    nc, alpha, sharding = run.get("classes_per_client"), run.get("dirichlet_alpha"), run.get("sharding")
+    label = f"Nc={nc}" if sharding == "non_iid" else f"Dir({alpha})" if sharding == "dirichlet" else sharding
+    return {**run, "sharding_label": label, "rule": rule,
             "method": "head only" if experiment == HEAD_ONLY else "sparse" if rule else dense,
-            "sparsity": run.get("finetune.sparsity") if rule else np.nan,
-            "calibration_rounds": run.get("finetune.calibration_rounds") if rule else np.nan}
+            **{k: run.get(f"finetune.{k}") if rule else np.nan for k in ("sparsity", "calibration_rounds")}}
 
 
 def load_runs(root, experiment: str) -> pd.DataFrame:
     """One row per complete run (summary.json written): flattened config, summary, run_dir, labels.
 
-    Labels: sharding_label ('iid', 'Nc=5', 'Dir(0.1)'; rows iid first, then by Nc), method
+    Labels: sharding_label ('iid', 'Nc=5', 'Dir(0.1)'; rows iid first, then by Nc, then by mask rule in the
+    order of sensitivity.RULES), method
     ('FedAvg', 'dense + ridge head', 'sparse', 'head only'), rule, sparsity and calibration_rounds.
     Empty (no columns) when the experiment has no complete run.
     """
     rows = [_labelled({**flatten(json.loads((path.parent / "config.json").read_text())),
                        **json.loads(path.read_text()), "run_dir": str(path.parent)}, experiment)
             for path in sorted(Path(root, experiment).glob("*/summary.json"))]
-    order = {"iid": -1, "non_iid": 0}
-    rows.sort(key=lambda r: (order.get(r.get("sharding"), 1), r.get("classes_per_client") or 0))
+    rows.sort(key=lambda r: ({"iid": -1, "non_iid": 0}.get(r.get("sharding"), 1),  # iid, then by Nc,
+                             r.get("classes_per_client") or 0, RULES.index(r["rule"]) if r["rule"] else -1))
     return pd.DataFrame(rows)
 
 
 def _runs(root, experiment: str) -> pd.DataFrame:
-    runs = load_runs(root, experiment)
-    if runs.empty:
+    if (runs := load_runs(root, experiment)).empty:
         raise NoResults(f"no complete run of {experiment} under {root}")
     return runs
 
 
 def _curves(runs: pd.DataFrame, columns) -> pd.DataFrame:
-    if runs.empty:
-        raise NoResults("no runs to read curves from")
     return pd.concat([pd.read_csv(Path(run["run_dir"], "metrics.csv")).assign(
         **{c: run.get(c) for c in ("run_dir", *columns)}) for _, run in runs.iterrows()], ignore_index=True)
 
@@ -110,8 +106,7 @@ def load_curves(root, experiment: str, columns=("seed",)) -> pd.DataFrame:
 
 def read_csv(root, name: str) -> pd.DataFrame:
     """A table notebook 00 saved under <root>/00_data/ (split_sizes.csv, shard_stats.csv)."""
-    path = Path(root, DATA, name)
-    if not path.is_file():
+    if not (path := Path(root, DATA, name)).is_file():
         raise NoResults(f"{path} does not exist (run notebook 00)")
     return pd.read_csv(path)
 
@@ -139,6 +134,11 @@ def choose(table: pd.DataFrame, within=(), among=None) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- tables
 
+def split_table(root) -> pd.DataFrame:
+    """Notebook 00: images per split (train, validation, test)."""
+    return read_csv(root, "split_sizes.csv")
+
+
 def shard_table(root) -> pd.DataFrame:
     """Notebook 00, per sharding scheme: clients, samples and classes per client, mean largest-class share."""
     stats = read_csv(root, "shard_stats.csv")
@@ -155,11 +155,10 @@ def lr_search_table(root) -> pd.DataFrame:
 
 
 def _central_runs(root) -> pd.DataFrame:
-    """Notebook 01's scheduler runs at the lr and weight decay it chose (hparams.json; all runs without it)."""
+    """Notebook 01's scheduler runs at the lr and weight decay it chose (hparams.json; all without it)."""
     runs, path = _runs(root, CENTRALIZED), Path(root, "hparams.json")
-    chosen = json.loads(path.read_text()) if path.is_file() else {}
-    keep = np.isclose(runs["lr"], chosen.get("lr", np.nan)) & np.isclose(runs["weight_decay"],
-                                                                         chosen.get("weight_decay", np.nan))
+    chosen = json.loads(path.read_text()) if path.is_file() else {"lr": np.nan, "weight_decay": np.nan}
+    keep = np.isclose(runs["lr"], chosen["lr"]) & np.isclose(runs["weight_decay"], chosen["weight_decay"])
     return runs[keep] if keep.any() else runs
 
 
@@ -167,7 +166,7 @@ def centralized_table(root) -> pd.DataFrame:
     """Notebook 01, per scheduler at the chosen lr: test accuracy, `val`, `chosen` (the best scheduler)
     and epochs_to_99, the first epoch whose seed-mean test accuracy reaches 99 % of its final value."""
     runs = _central_runs(root)
-    mean = _curves(runs, ["scheduler"]).dropna(subset=["test_acc"]).groupby(["scheduler", "epoch"])["test_acc"].mean()
+    mean = _curves(runs, ["scheduler"]).groupby(["scheduler", "epoch"])["test_acc"].mean().dropna()
     table = choose(mean_std(runs, ["scheduler"]))
     table["epochs_to_99"] = [mean[s].index[mean[s] >= 0.99 * mean[s].iloc[-1]][0] for s in table["scheduler"]]
     return table
@@ -187,14 +186,15 @@ def sample_curves(root) -> pd.DataFrame:
     """
     fed = load_curves(root, FEDAVG_IID, ["seed", "participation", "num_clients", "local_steps", "batch_size"])
     clients = np.maximum(1, np.round(fed["participation"] * fed["num_clients"]))
-    parts = [fed.assign(samples=fed["round"] * clients * fed["local_steps"] * fed["batch_size"], method="FedAvg (iid)")]
+    fed["samples"] = fed["round"] * clients * fed["local_steps"] * fed["batch_size"]
+    fed["method"] = "FedAvg (iid)"
     try:
         central = _curves(_reference(root), ["seed", "method"])
-        train = read_csv(root, "split_sizes.csv").set_index("split").loc["train", "images"]
-        parts.insert(0, central.assign(samples=central["epoch"] * train))
-    except NoResults:  # FedAvg alone
+        central["samples"] = central["epoch"] * split_table(root).set_index("split").loc["train", "images"]
+        fed = pd.concat([central, fed], ignore_index=True)
+    except (NoResults, ValueError):  # no centralized run, no cosine run (nothing to concatenate)
         pass
-    return pd.concat(parts, ignore_index=True).dropna(subset=["test_acc"])
+    return fed.dropna(subset=["test_acc"])
 
 
 def fedavg_table(root) -> pd.DataFrame:
@@ -224,21 +224,20 @@ def drift_table(root, experiment: str = HETEROGENEITY) -> pd.DataFrame:
     runs = _runs(root, experiment)
     drift = _curves(runs, []).groupby("run_dir")[DRIFT].mean()
     drift["update_efficiency"] = drift["avg_delta_norm"] / drift["mean_client_delta_norm"]
-    labels = ["run_dir", "seed", "sharding_label", "local_steps", "rule", "sparsity"]
-    return runs[labels].merge(drift.reset_index(), on="run_dir")
+    return runs[["run_dir", "seed", "sharding_label", "local_steps", "rule", "sparsity"]].merge(
+        drift.reset_index(), on="run_dir")
 
 
 def sparse_table(root) -> pd.DataFrame:
     """Notebook 04, per sharding, method, sparsity and calibration rounds: test accuracy over seeds,
-    `val`, the last calibration round's Fisher threshold and the achieved sparsity (seed means), and
+    `val`, the last calibration round's Fisher threshold (seed mean), and
     `chosen`, the best sparse setting per sharding. The dense references run the same rounds: FedAvg,
     the frozen step-0 head with a dense backbone, and the head alone ('head only') where it ran."""
     runs = pd.concat([_runs(root, SPARSE_FL), load_runs(root, HEAD_ONLY)], ignore_index=True)
-    thresholds = runs["thresholds"] if "thresholds" in runs else pd.Series([None] * len(runs))
+    thresholds = runs.get("thresholds", runs["seed"])  # a list per sparse run: one threshold per round
     runs["threshold"] = [t[-1] if isinstance(t, list) and t else np.nan for t in thresholds]
-    runs["achieved_sparsity"] = pd.to_numeric(runs.get("achieved_sparsity", np.nan))
     keys = ["sharding_label", "method", "sparsity", "calibration_rounds"]
-    table = mean_std(runs, keys, extra=["threshold", "achieved_sparsity"])
+    table = mean_std(runs, keys, extra=["threshold"])
     return choose(table, ["sharding_label"], among=table["method"] == "sparse")
 
 
@@ -250,65 +249,52 @@ def sparse_central_table(root) -> pd.DataFrame:
 def rules_table(root) -> pd.DataFrame:
     """Notebook 05, per sharding, sparsity and mask rule (least-sensitive first): test accuracy over
     seeds and `chosen`, the best rule per sharding and sparsity."""
-    runs = _runs(root, MASK_RULES)
-    runs = runs.iloc[np.argsort([RULES.index(r) for r in runs["rule"]], kind="stable")]
-    return choose(mean_std(runs, ["sharding_label", "sparsity", "rule"]), ["sharding_label", "sparsity"])
+    table = mean_std(_runs(root, MASK_RULES), ["sharding_label", "sparsity", "rule"])
+    return choose(table, ["sharding_label", "sparsity"])
 
 
 def interference_table(root) -> pd.DataFrame:
     """Notebook 05: drift_table's diagnostics per sharding, sparsity and rule, averaged over seeds."""
-    drift = drift_table(root, MASK_RULES)
-    return drift.groupby(["sharding_label", "sparsity", "rule"], sort=False)[
-        [*DRIFT, "update_efficiency"]].mean().reset_index()
+    drift = drift_table(root, MASK_RULES).drop(columns=["run_dir", "local_steps"])
+    return drift.groupby(["sharding_label", "sparsity", "rule"], sort=False).mean().reset_index()
 
 
-def _rule_masks(root, sharding: str, sparsity, seed) -> dict:
-    """rule -> {parameter name: bool mask} of notebook 05's runs at one sharding, sparsity (default:
-    the smallest) and seed (default: the smallest), from each run's prepared.pt."""
+def _rule_masks(root) -> dict:
+    """rule -> {parameter name: bool mask} of notebook 05's iid runs at its smallest sparsity and seed."""
     runs = _runs(root, MASK_RULES)
-    runs = runs[runs["sharding_label"] == sharding]
-    sparsity = runs["sparsity"].min() if sparsity is None else sparsity
-    seed = runs["seed"].min() if seed is None else seed
-    chosen = runs[np.isclose(runs["sparsity"], sparsity) & (runs["seed"] == seed)]
+    runs = runs[runs["sharding_label"] == "iid"]
+    runs = runs[(runs["sparsity"] == runs["sparsity"].min()) & (runs["seed"] == runs["seed"].min())]
     return {run.rule: unpack_masks(torch.load(Path(run.run_dir, "prepared.pt"), weights_only=True)["masks"])
-            for run in chosen.itertuples()}
+            for run in runs.itertuples()}
 
 
-def mask_overlap_table(root, sharding: str = "iid", sparsity=None, seed=None) -> pd.DataFrame:
-    """Jaccard overlap |A & B| / |A | B| of the rules' trainable sets (1 when both are empty)."""
-    masks = _rule_masks(root, sharding, sparsity, seed)
-    flat = {rule: torch.cat([m[name].flatten() for name in sorted(m)]) for rule, m in masks.items()}
-
-    def jaccard(a, b) -> float:
-        union = int((a | b).sum())
-        return 1.0 if union == 0 else int((a & b).sum()) / union
-
-    return pd.DataFrame([[jaccard(flat[a], flat[b]) for b in flat] for a in flat], index=list(flat),
-                        columns=list(flat))
+def mask_overlap_table(root) -> pd.DataFrame:
+    """Jaccard overlap |A & B| / |A | B| of the rules' trainable sets (1 when both are empty), per
+    pair of rules, for notebook 05's iid runs at its smallest sparsity and seed."""
+    masks = _rule_masks(root)
+    return pd.DataFrame([[jaccard(masks[a], masks[b]) for b in masks] for a in masks], index=list(masks),
+                        columns=list(masks))
 
 
-def block_density_table(root, sharding: str = "iid", sparsity=None, seed=None) -> pd.DataFrame:
-    """Per rule and transformer block (-1: parameters outside the blocks): entries and trainable fraction."""
-    rows = [{"rule": rule, "block": int(match.group(1)) if (match := re.match(r"blocks\.(\d+)\.", name)) else -1,
-             "entries": mask.numel(), "trainable": int(mask.sum())}
-            for rule, masks in _rule_masks(root, sharding, sparsity, seed).items() for name, mask in masks.items()]
-    table = pd.DataFrame(rows).groupby(["rule", "block"], sort=False)[["entries", "trainable"]].sum().reset_index()
+def block_density_table(root) -> pd.DataFrame:
+    """Per rule and transformer block (-1: parameters outside the blocks), entries and the trainable
+    fraction, for notebook 05's iid runs at its smallest sparsity and seed."""
+    rows = [(rule, int(found.group(1)) if (found := re.match(r"blocks\.(\d+)\.", name)) else -1, mask.numel(),
+             int(mask.sum())) for rule, masks in _rule_masks(root).items() for name, mask in masks.items()]
+    table = pd.DataFrame(rows, columns=["rule", "block", "entries", "trainable"])
+    table = table.groupby(["rule", "block"], sort=False)[["entries", "trainable"]].sum().reset_index()
     return table.assign(density=table["trainable"] / table["entries"])
 
 
 # --------------------------------------------------------------------------- figure helpers
 
 def _axes(ncols: int = 1, **kwargs):
-    """The one theme, and a row of `ncols` axes (constrained layout: legends outside stay inside the figure)."""
+    """The one theme, and a row of `ncols` axes (constrained layout keeps outside legends in the figure)."""
     sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=0.9,
-                  rc={"pdf.fonttype": 42, "ps.fonttype": 42, "legend.frameon": False, "figure.dpi": 120,
-                      "savefig.dpi": 200, "axes.titlesize": "medium", "figure.titlesize": "medium"})
+                  rc={"pdf.fonttype": 42, "legend.frameon": False, "savefig.dpi": 200,  # 42: TrueType
+                      "axes.titlesize": "medium", "figure.titlesize": "medium"})
     fig, axes = plt.subplots(1, ncols, squeeze=False, layout="constrained", **kwargs)
     return fig, axes[0]
-
-
-def _title(text: str, profile: str, seeds) -> str:
-    return f"{text} (profile {profile}, {int(seeds)} seed{'s' if int(seeds) != 1 else ''})"
 
 
 def _pretty(label) -> str:
@@ -316,17 +302,10 @@ def _pretty(label) -> str:
     return str(label).replace("Nc=", "$N_c$=")
 
 
-def _legend_right(ax, title=None) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), title=title, fontsize="x-small")
-
-
-def placeholder(title: str, message: str, width: float = COLUMN, aspect: float = 0.5):
-    """A hatched stand-in at the size of the figure it replaces, so the layout stays and the gap shows."""
+def placeholder(title: str, message: str):
+    """A hatched stand-in for a figure (give it that figure's size), so the layout stays and the gap shows."""
     fig, (ax,) = _axes()
-    fig.set_size_inches(width, width * aspect)
-    ax.set(xticks=[], yticks=[])
-    ax.grid(False)
+    ax.set_axis_off()
     ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, facecolor="#fff8e1", edgecolor="#d39e00",
                                hatch="//", alpha=0.5))
     ax.text(0.5, 0.5, f"{title}\n{message}", ha="center", va="center", fontsize=7, wrap=True,
@@ -334,17 +313,21 @@ def placeholder(title: str, message: str, width: float = COLUMN, aspect: float =
     return fig
 
 
-def _figure(width: float, aspect: float):
-    """A figure function's size (width inches, height = width * aspect); a placeholder of that size
-    when its results are missing. The size is also `function.size`, for the report's placeholders."""
+def _figure(width: float, aspect: float, title: str):
+    """Decorates draw(root, profile) -> (figure, seeds): sets the size (width inches, height width *
+    aspect, also `function.size`), the legend right of the last panel and a title naming the profile and
+    the seed count; a placeholder of that size when the results are missing."""
     def wrap(draw):
         @functools.wraps(draw)
         def figure(root, profile: str):
             try:
-                fig = draw(root, profile)
+                fig, seeds = draw(root, profile)
+                fig.suptitle(f"{title} (profile {profile}, {seeds} seed{'s' if seeds != 1 else ''})")
             except NoResults as missing:
-                return placeholder(f"{draw.__name__}: no results yet (profile {profile})", str(missing),
-                                   width, aspect)
+                fig = placeholder(f"{title}: no results yet (profile {profile})", str(missing))
+            if fig.axes[-1].get_legend() is not None:
+                sns.move_legend(fig.axes[-1], "center left", bbox_to_anchor=(1.02, 0.5), fontsize="x-small",
+                                title_fontsize="x-small")
             fig.set_size_inches(width, width * aspect)
             return fig
         figure.size = (width, aspect)
@@ -352,169 +335,166 @@ def _figure(width: float, aspect: float):
     return wrap
 
 
-def save(fig, stem) -> list[Path]:
+def save(fig, stem) -> None:
     """<stem>.pdf (TrueType fonts embedded) and <stem>.png."""
-    paths = [Path(stem).with_suffix(".pdf"), Path(stem).with_suffix(".png")]
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        fig.savefig(path)
-    return paths
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".pdf", ".png"):
+        fig.savefig(Path(stem).with_suffix(suffix))
 
 
-def _loss_and_accuracy(curves: pd.DataFrame, x: str, xlabel: str, hue: str, title: str):
-    """Test loss and test accuracy (%) against `x`: the seed mean with a band of +-1 std, a line per `hue`."""
-    fig, axes = _axes(2)
-    for ax, y, label, scale in zip(axes, ("test_loss", "test_acc"), ("test loss", "test accuracy (%)"), (1, 100)):
-        sns.lineplot(data=curves.assign(y=curves[y] * scale), x=x, y="y", hue=hue, errorbar="sd", ax=ax,
-                     legend=ax is axes[-1])
-        ax.set(xlabel=xlabel, ylabel=label)
-    _legend_right(axes[-1])
-    fig.suptitle(title)
-    return fig, axes
+def _lines(panels: list, x: str, xlabel: str, hue: str):
+    """A panel per (title, curves, y, ylabel): the seed mean of y against x with a +-1 std band, a line
+    per `hue`. Accuracies (columns ending in _acc) are drawn in percent."""
+    fig, axes = _axes(len(panels))
+    for ax, (title, curves, y, ylabel) in zip(axes, panels):
+        curves = curves.dropna(subset=[y]).assign(y=curves[y] * (100 if y.endswith("_acc") else 1))
+        sns.lineplot(data=curves, x=x, y="y", hue=hue, errorbar="sd", ax=ax, legend=ax is axes[-1])
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return fig, panels[0][1]["seed"].nunique()
+
+
+def _loss_and_accuracy(curves: pd.DataFrame) -> list:
+    return [("", curves, "test_loss", "test loss"), ("", curves, "test_acc", "test accuracy (%)")]
 
 
 # --------------------------------------------------------------------------- figures
 
-@_figure(COLUMN, 0.8)
+@_figure(FULL, 0.32, "Client shards")
+def shard_figure(root, profile: str):
+    """Notebook 00: samples and distinct classes per client, per sharding scheme (the shards of one seed)."""
+    stats = read_csv(root, "shard_stats.csv")
+    stats["scheme"] = stats["scheme"].map(_pretty)
+    fig, axes = _axes(2)
+    for ax, column in zip(axes, ("samples", "classes")):
+        sns.boxplot(data=stats, x="scheme", y=column, ax=ax, fliersize=1, linewidth=0.7)
+        ax.set(xlabel="", ylabel=f"{column} per client")
+    return fig, 1
+
+
+@_figure(COLUMN, 0.8, "LR search")
 def lr_search_heatmap(root, profile: str):
     """Notebook 01: validation accuracy (%) of every (learning rate, weight decay) pair of the search."""
     table = lr_search_table(root)
     fig, (ax,) = _axes()
     sns.heatmap(table.pivot(index="lr", columns="weight_decay", values="val") * 100, annot=True, fmt=".1f",
                 cmap="viridis", ax=ax, cbar_kws={"label": "val. accuracy (%)"}, annot_kws={"fontsize": 7})
-    ax.set(xlabel="weight decay", ylabel="learning rate", title=_title("LR search", profile, table["n"].max()))
-    return fig
+    ax.set(xlabel="weight decay", ylabel="learning rate")
+    return fig, table["n"].max()
 
 
-@_figure(FULL, 0.36)
+@_figure(FULL, 0.36, "Centralized")
 def centralized_curves(root, profile: str):
-    """Notebook 01: test loss and accuracy per epoch, one line per scheduler, at the chosen lr."""
-    curves = _curves(_central_runs(root), ["scheduler", "seed"]).dropna(subset=["test_acc"])
-    return _loss_and_accuracy(curves, "epoch", "epoch", "scheduler",
-                              _title("Centralized", profile, curves["seed"].nunique()))[0]
+    """Notebook 01: test loss and accuracy per epoch, a line per scheduler, at the chosen lr."""
+    curves = _curves(_central_runs(root), ["scheduler", "seed"])
+    return _lines(_loss_and_accuracy(curves), "epoch", "epoch", "scheduler")
 
 
-@_figure(FULL, 0.36)
+@_figure(FULL, 0.36, "FedAvg vs centralized")
 def fedavg_vs_centralized(root, profile: str):
     """Notebook 02: FedAvg (iid) and the centralized reference against training images processed."""
     curves = sample_curves(root)
-    fig, axes = _loss_and_accuracy(curves, "samples", "training images processed", "method",
-                                   _title("FedAvg vs centralized", profile, curves["seed"].nunique()))
-    for ax in axes:
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M
-    return fig
+    return _lines(_loss_and_accuracy(curves.assign(thousands=curves["samples"] / 1000)), "thousands",
+                  "training images processed (thousands)", "method")
 
 
-@_figure(COLUMN, 0.8)
+@_figure(COLUMN, 0.8, "FedAvg")
 def heterogeneity_heatmap(root, profile: str):
     """Notebook 03: final test accuracy (%), mean and std over seeds, per sharding (rows) and J (columns)."""
     table = heterogeneity_table(root)
-    mean, std = (table.pivot(index="sharding_label", columns="local_steps", values=v)
-                 .reindex(table["sharding_label"].unique()) * 100 for v in ("mean", "std"))
-    text = mean.map("{:.1f}".format) + "\n±" + std.map("{:.1f}".format)
+    table["text"] = [f"{m * 100:.1f}\n±{s * 100:.1f}" for m, s in zip(table["mean"], table["std"])]
+    grid = table.pivot(index="sharding_label", columns="local_steps", values=["mean", "text"])
+    grid = grid.reindex(table["sharding_label"].unique()).rename(index=_pretty)
     fig, (ax,) = _axes()
-    sns.heatmap(mean.rename(index=_pretty), annot=text.to_numpy(), fmt="", cmap="viridis", ax=ax,
-                cbar_kws={"label": "test accuracy (%)"}, annot_kws={"fontsize": 7})
-    ax.set(xlabel="local steps J", ylabel="sharding", title=_title("FedAvg", profile, table["n"].max()))
+    sns.heatmap(grid["mean"].astype(float) * 100, annot=grid["text"].to_numpy(), fmt="", cmap="viridis",
+                ax=ax, cbar_kws={"label": "test accuracy (%)"}, annot_kws={"fontsize": 7})
+    ax.set(xlabel="local steps J", ylabel="sharding")
     ax.tick_params(axis="y", rotation=0)
-    return fig
+    return fig, table["n"].max()
 
 
-@_figure(FULL, 0.3)
+@_figure(FULL, 0.3, "FedAvg under heterogeneity")
 def heterogeneity_curves(root, profile: str):
-    """Notebook 03: test accuracy per round, one panel per J, one line per sharding."""
-    curves = load_curves(root, HETEROGENEITY, ["seed", "local_steps", "sharding_label"]).dropna(subset=["test_acc"])
-    curves = curves.assign(test_acc=curves["test_acc"] * 100, sharding=curves["sharding_label"].map(_pretty))
-    steps = sorted(curves["local_steps"].unique())
-    fig, axes = _axes(len(steps), sharey=True)
-    for ax, j in zip(axes, steps):
-        sns.lineplot(data=curves[curves["local_steps"] == j], x="round", y="test_acc", hue="sharding",
-                     errorbar="sd", ax=ax, legend=ax is axes[-1])
-        ax.set(title=f"J = {j}", xlabel="round", ylabel="test accuracy (%)")
-    _legend_right(axes[-1])
-    fig.suptitle(_title("FedAvg under heterogeneity", profile, curves["seed"].nunique()))
-    return fig
+    """Notebook 03: test accuracy per round, a panel per J, a line per sharding."""
+    curves = load_curves(root, HETEROGENEITY, ["seed", "local_steps", "sharding_label"])
+    curves["sharding"] = curves["sharding_label"].map(_pretty)
+    return _lines([(f"J = {j}", curves[curves["local_steps"] == j], "test_acc", "test accuracy (%)")
+                   for j in sorted(curves["local_steps"].unique())], "round", "round", "sharding")
 
 
-@_figure(FULL, 0.28)
+@_figure(FULL, 0.28, "Client drift and interference")
 def drift_figure(root, profile: str):
-    """Notebook 03: drift and interference averaged over rounds, per sharding, one line per J; bars: std."""
+    """Notebook 03: drift and interference averaged over rounds, per sharding, a line per J; bars: std."""
     drift = drift_table(root)
-    drift["sharding"] = drift["sharding_label"].map(_pretty)
+    drift = drift.assign(sharding=drift["sharding_label"].map(_pretty), J=drift["local_steps"])
     panels = {"mean_pairwise_cosine": "mean pairwise cosine", "sign_agreement": "sign agreement",
               "mean_client_delta_norm": "client delta norm (L2)", "update_efficiency": "update efficiency"}
     fig, axes = _axes(len(panels))
     for ax, (column, label) in zip(axes, panels.items()):
-        sns.pointplot(data=drift, x="sharding", y=column, hue="local_steps", errorbar="sd", ax=ax, markersize=3,
-                      dodge=0.3 if drift["local_steps"].nunique() > 1 else False,  # seaborn divides by levels - 1
+        sns.pointplot(data=drift, x="sharding", y=column, hue="J", errorbar="sd", ax=ax, markersize=3,
+                      dodge=0.3 if drift["J"].nunique() > 1 else False,  # seaborn divides by levels - 1
                       linewidth=1, palette="colorblind", legend=ax is axes[-1])
         ax.set(xlabel="", ylabel=label)
         ax.tick_params(axis="x", rotation=45)
-    _legend_right(axes[-1], title="J")
-    fig.suptitle(_title("Client drift and interference", profile, drift["seed"].nunique()))
-    return fig
+    return fig, drift["seed"].nunique()
 
 
-@_figure(FULL, 0.32)
+@_figure(FULL, 0.32, "Sparse FedAvg")
 def sparsity_figure(root, profile: str):
     """Notebook 04: final test accuracy against sparsity (least-sensitive masks), a line per calibration
     rounds R, the dense references as horizontal lines; a panel per sharding; bars: std over seeds."""
     table = sparse_table(root)
-    shardings = table["sharding_label"].unique()
-    fig, axes = _axes(len(shardings), sharey=True)
-    for ax, label in zip(axes, shardings):
-        rows = table[table["sharding_label"] == label]
-        sparse = rows[rows["method"] == "sparse"]
-        for rounds, group in sparse.groupby("calibration_rounds"):
+    fig, axes = _axes(table["sharding_label"].nunique(), sharey=True)
+    for ax, (label, rows) in zip(axes, table.groupby("sharding_label", sort=False)):
+        for rounds, group in rows[rows["method"] == "sparse"].groupby("calibration_rounds"):
             ax.errorbar(group["sparsity"], group["mean"] * 100, yerr=group["std"] * 100, marker="o",
                         markersize=3, capsize=2, label=f"R = {int(rounds)}")
         for (_, ref), style in zip(rows[rows["method"] != "sparse"].iterrows(), (":", "-.", "--", "-")):
             ax.axhline(ref["mean"] * 100, color="0.4", linewidth=0.8, linestyle=style, label=ref["method"])
-        ax.set(xscale="logit", xlabel="sparsity (fraction frozen)", ylabel="test accuracy (%)", title=_pretty(label))
-    _legend_right(axes[-1])
-    fig.suptitle(_title("Sparse FedAvg", profile, table["n"].max()))
-    return fig
+        ax.set(xscale="logit", xlabel="sparsity (fraction frozen)", ylabel="test accuracy (%)",
+               title=_pretty(label))  # logit: 0.9, 0.99, 0.999 evenly spaced
+        ax.set_xticks(levels := sorted(rows["sparsity"].dropna().unique()), [f"{v:g}" for v in levels])
+        ax.minorticks_off()
+    axes[-1].legend()
+    return fig, table["n"].max()
 
 
-@_figure(FULL, 0.3)
+@_figure(FULL, 0.3, "Mask calibration rules")
 def mask_rules_figure(root, profile: str):
     """Notebook 05: final test accuracy (%) per mask rule, a panel per sparsity, a bar per sharding;
     bars: std over seeds."""
     runs = _runs(root, MASK_RULES)
     runs = runs.assign(test_acc=runs["final_test_acc"] * 100, sharding=runs["sharding_label"].map(_pretty),
                        rule=runs["rule"].str.replace("_", "\n"))
-    order, sparsities = [r.replace("_", "\n") for r in RULES], sorted(runs["sparsity"].unique())
+    sparsities = sorted(runs["sparsity"].unique())
     fig, axes = _axes(len(sparsities), sharey=True)
     for ax, sparsity in zip(axes, sparsities):
-        sns.barplot(data=runs[runs["sparsity"] == sparsity], x="rule", y="test_acc", hue="sharding", order=order,
-                    errorbar="sd", capsize=0.1, err_kws={"linewidth": 0.8}, ax=ax, legend=ax is axes[-1])
+        sns.barplot(data=runs[runs["sparsity"] == sparsity], x="rule", y="test_acc", hue="sharding",
+                    order=[r.replace("_", "\n") for r in RULES], errorbar="sd", capsize=0.1, ax=ax,
+                    err_kws={"linewidth": 0.8}, legend=ax is axes[-1])
         ax.set(title=f"sparsity {sparsity:g}", xlabel="", ylabel="test accuracy (%)")
-        ax.tick_params(axis="x", labelsize="x-small")
-    _legend_right(axes[-1])
-    fig.suptitle(_title("Mask calibration rules", profile, runs["seed"].nunique()))
-    return fig
+    return fig, runs["seed"].nunique()
 
 
-@_figure(COLUMN, 0.8)
+@_figure(COLUMN, 0.8, "Mask overlap, iid")
 def mask_overlap_heatmap(root, profile: str):
     """Notebook 05: Jaccard overlap of the rules' trainable sets (iid, smallest sparsity and seed)."""
     overlap = mask_overlap_table(root)
-    names = [r.replace("_sensitive", " sens.").replace("_magnitude", " mag.") for r in overlap.index]
+    names = [r.replace("_sensitive", " sens.").replace("est_magnitude", ". mag.") for r in overlap.index]
     fig, (ax,) = _axes()
-    sns.heatmap(overlap.set_axis(names, axis=0).set_axis(names, axis=1), annot=True, fmt=".2f", vmin=0, vmax=1,
-                cmap="rocket_r", ax=ax, cbar_kws={"label": "Jaccard overlap"}, annot_kws={"fontsize": 7})
-    ax.set_title(f"Mask overlap, iid, one seed (profile {profile})")
-    return fig
+    sns.heatmap(pd.DataFrame(overlap.to_numpy(), names, names), annot=True, fmt=".2f", vmin=0, vmax=1, ax=ax,
+                cmap="rocket_r", cbar_kws={"label": "Jaccard overlap"}, annot_kws={"fontsize": 7})
+    ax.tick_params(axis="x", rotation=45)
+    ax.tick_params(axis="y", rotation=0)
+    return fig, 1
 
 
-@_figure(COLUMN, 0.75)
+@_figure(COLUMN, 0.75, "Density per block, iid")
 def block_density_figure(root, profile: str):
-    """Notebook 05: trainable fraction per transformer block, a line per rule (iid, smallest sparsity and seed)."""
+    """Notebook 05: trainable fraction per transformer block, a line per rule (iid, one sparsity and seed)."""
     density = block_density_table(root)
     fig, (ax,) = _axes()
     sns.lineplot(data=density.assign(rule=density["rule"].str.replace("_", " ")), x="block", y="density",
                  hue="rule", marker="o", markersize=3, ax=ax)
-    ax.set(xlabel="transformer block (-1: outside the blocks)", ylabel="trainable fraction", ylim=(0, None),
-           title=f"Trainable fraction per block, iid (profile {profile})")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize="x-small")
-    return fig
+    ax.set(xlabel="transformer block (-1: outside)", ylabel="trainable fraction", ylim=(0, None),
+           xticks=sorted(density["block"].unique()))
+    return fig, 1

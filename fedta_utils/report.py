@@ -1,283 +1,397 @@
-r"""Report assets generated from results: figures, booktabs tables, and the numbers of the text.
+r"""The report's generated inputs, from one results root, and the PDF build.
 
-    warnings = generate_report_assets("results/full", "report", "full")
+    warnings = write_report("results/full", "report", "full")   # figures, tables, numbers.tex
+    built = build_pdf("report")                                  # latexmk: ok, pages, body_pages, ...
 
-reads every experiment under a results root (<results_dir>/<profile>) and writes
-
-    <report_dir>/figures/<stem>.pdf (+ .png)   plots.py figures, one theme
-    <report_dir>/tables/<stem>.tex             booktabs tabulars (main.tex adds the float and caption)
-    <report_dir>/generated/numbers.tex         \newcommand macros: accuracies, gaps, thresholds, seed counts
-
-Accuracies are aggregated over seeds (mean +- std with ddof=1, and n) from the
-same CSVs the notebooks read, so the report never holds a hand-copied number.
-An experiment without results gives placeholder figures and tables, macros
-that read "n/a (no results)", and a warning, never an exception: the report
-still builds, and the gap is visible in the PDF. Every caption macro names the
-profile and the seed count, so a smoke build cannot pass for real results.
-
-latex.py formats the numbers and tables and builds the PDF.
+write_report calls the same figures.py functions the notebooks call, and writes
+    <report_dir>/figures/<name>.pdf (+ .png)   every figure of FIGURES
+    <report_dir>/tables/<name>.tex             booktabs tabulars of TABLES (main.tex adds float and caption)
+    <report_dir>/generated/numbers.tex         a \newcommand for every entry of MACROS, with its comment
+An experiment without results, or a figure, table or section of macros that fails, becomes a hatched
+placeholder figure, a placeholder table or "n/a" macros and a warning in the returned list, never an
+exception: the report still builds and the gap shows in the PDF. Every "best" the macros quote is
+chosen on validation and reported on test, by figures.choose.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import shutil
+import subprocess
+import time
 from pathlib import Path
-from typing import Callable
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
-from . import plots
-from .experiments import (CENTRALIZED, FEDAVG_IID, HETEROGENEITY, LR_SEARCH, MASK_RULES, SPARSE_FL,
-                          load_experiment)
-from .latex import NA, booktabs, latex_escape
-from .report_sections import DATA, RULE_KEYS, SCHEDULER_KEYS, SECTIONS, SHARDING_KEYS
+from . import figures
+from .experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROGENEITY, LR_SEARCH, MASK_RULES,
+                          SPARSE_CENTRAL, SPARSE_FL)
+from .figures import NoResults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FULL, COLUMN = plots.FULL_WIDTH, plots.COLUMN_WIDTH
+BODY_PAGE_LIMIT = 8  # the course's limit: pages up to \label{LastBodyPage}, references excluded
+NA = r"\textit{n/a}"  # the value of a macro whose experiment has no results
+INSTALL_TEX = "sudo apt-get install -y latexmk texlive-latex-extra texlive-fonts-recommended " \
+              "texlive-bibtex-extra lmodern"  # Debian / Ubuntu
+EXPERIMENTS = (LR_SEARCH, CENTRALIZED, FEDAVG_IID, HETEROGENEITY, HEAD_ONLY, SPARSE_FL, SPARSE_CENTRAL,
+               MASK_RULES)
+NOTICE = (r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %s build.} Every number, table and "
+          r"figure below comes from the \texttt{%s} profile, which checks that the pipeline runs end to "
+          r"end. Only a build from the \texttt{full} profile reports the study.}}")
 
-# Every figure main.tex includes: stem -> (experiment it comes from, width in inches, height / width).
-# The size is also the placeholder's, so a missing experiment does not change the layout.
-FIGURES = {
-    "shard_stats": (DATA, FULL, 0.32),
-    "lr_search": (LR_SEARCH, COLUMN, 0.8),
-    "centralized_curves": (CENTRALIZED, FULL, 0.36),
-    "fedavg_vs_central": (FEDAVG_IID, FULL, 0.36),
-    "heterogeneity_heatmap": (HETEROGENEITY, COLUMN, 0.8),
-    "heterogeneity_curves": (HETEROGENEITY, FULL, 0.3),
-    "drift": (HETEROGENEITY, FULL, 0.28),
-    "sparsity": (SPARSE_FL, FULL, 0.32),
-    "calibration_rounds": (SPARSE_FL, FULL, 0.32),
-    "mask_rules": (MASK_RULES, FULL, 0.3),
-    "mask_overlap": (MASK_RULES, COLUMN, 0.8),
-    "layer_density": (MASK_RULES, COLUMN, 0.75),
+MACROS = {  # every macro of numbers.tex -> the comment written beside it; accuracies are test accuracies
+    "ResultsProfile": "profile of the results", "ResultsNotice": "a warning box unless the profile is full",
+    "TrainSize": "images in the train split", "ValSize": "images in the validation split",
+    "TestSize": "images in the test set", "ValFraction": "share of the official train set held out",
+    "NumClients": "K of notebook 00's shards", "DataProvenance": "caption provenance of notebook 00",
+    "SearchGrid": "the learning-rate search", "ChosenLr": "learning rate chosen on validation",
+    "ChosenWeightDecay": "weight decay chosen on validation", "SearchValAcc": "its validation accuracy",
+    "SearchProvenance": "caption provenance of the search",
+    "CentralizedSetting": "the scheduler runs", "BestScheduler": "scheduler chosen on validation",
+    "CentralizedBestAcc": "its accuracy, mean +- std", "CentralizedProvenance": "caption provenance",
+    "FedAvgSetting": "the FedAvg iid runs", "FedAvgIidAcc": "their accuracy, mean +- std",
+    "EqualSamplesBudget": "training images both FedAvg and centralized processed",
+    "FedAvgProvenance": "caption provenance of notebook 02",
+    "HeteroGrid": "the heterogeneity grid", "HeteroProvenance": "caption provenance of notebook 03",
+    "SparseSetting": "the sparse FedAvg runs", "SparseProvenance": "caption provenance of notebook 04",
+    "SparseIidBestAcc": "iid: sparse setting chosen on validation, mean +- std",
+    "SparseIidBestGap": "iid: its accuracy minus dense FedAvg's, points",
+    "SparseNonIidBestAcc": "non-iid: sparse setting chosen on validation, mean +- std",
+    "SparseNonIidBestGap": "non-iid: its accuracy minus dense FedAvg's, points",
+    "SparseCentralAcc": "centralized sparse fine-tuning, mean +- std",
+    "SparseCentralSetting": "its sparsity and R",
+    "RulesSetting": "the rule comparison", "RulesProvenance": "caption provenance of notebook 05",
+    "RulesSparsity": "the smallest sparsity: overlap, density, interference and the macros below",
+    "RulesIidBestRule": "iid: rule chosen on validation", "RulesIidBestAcc": "its accuracy, mean +- std",
+    "RulesNonIidBestRule": "non-iid: rule chosen on validation", "RulesNonIidBestAcc": "its accuracy",
 }
 
-# Every table main.tex inputs: stem -> the experiment it comes from.
-TABLES = {
-    "shards": DATA,
-    "centralized": CENTRALIZED,
-    "fedavg": FEDAVG_IID,
-    "heterogeneity": HETEROGENEITY,
-    "sparse": SPARSE_FL,
-    "sparse_grid": SPARSE_FL,
-    "mask_rules": MASK_RULES,
-    "rule_interference": MASK_RULES,
-}
+
+# --------------------------------------------------------------------------- LaTeX text
+
+def escape(text) -> str:
+    """Text with LaTeX's special characters escaped."""
+    words = {"\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return re.sub(r"[\\&%$#_{}~^]", lambda m: words.get(m.group(), "\\" + m.group()), str(text))
 
 
-def _macro_registry() -> dict[str, str]:
-    """Every macro numbers.tex defines, with the comment written beside it."""
-    macros = {
-        "ResultsProfile": "profile the results come from (smoke or full)",
-        "ResultsDataset": "dataset of the runs",
-        "ResultsModel": "model of the runs",
-        "ResultsNotice": "a warning box unless the profile is full (empty for full)",
-        "Attenuation": "factor on frozen entries while later calibration rounds are scored (code constant)",
-        "CropPadding": "zero padding of the random crop, pixels (code constant)",
-        "StepGamma": "step schedule: factor of each drop (code constant)",
-        "StepMilestones": "step schedule: fractions of training at which the rate drops (code constant)",
-        "LogitScaleGrid": "the logit scales the ridge head chooses from (code constant)",
-        "ValFraction": "share of the official train set held out for validation (%)",
-        "WarmupEpochs": "linear warm-up of the centralized runs, epochs",
-        "TrainSize": "images in the train split", "ValSize": "images in the validation split",
-        "TestSize": "images in the test set", "NumClients": "K, clients of the shardings of notebook 00",
-        "DataProvenance": "caption provenance of notebook 00",
-        "SearchRuns": "runs of the learning-rate search", "SearchEpochs": "epochs of each search run",
-        "SearchLrs": "learning rates searched", "SearchWeightDecays": "weight decays searched",
-        "ChosenLr": "learning rate chosen on validation", "ChosenWeightDecay": "weight decay chosen on validation",
-        "SearchValAcc": "validation accuracy of the chosen pair (%)",
-        "SearchProvenance": "caption provenance of the search",
-        "CentralizedSeeds": "seeds per scheduler", "CentralizedEpochs": "epochs of the centralized runs",
-        "CentralizedBatchSize": "images per centralized step", "SchedulerList": "schedulers compared",
-        "BestScheduler": "scheduler with the highest mean final test accuracy",
-        "CentralizedBestAcc": "final test accuracy of the best scheduler, mean +- std (%)",
-        "CentralizedAcc": "final test accuracy of the cosine runs (the reference of notebook 02), mean +- std (%)",
-        "SchedulerGap": "best minus worst scheduler, points",
-        "CentralizedEpochsToNinetyNine": "epochs the best scheduler needs to reach 99 % of its final accuracy",
-        "CentralizedProvenance": "caption provenance of the centralized runs",
-        "FedAvgSeeds": "seeds of FedAvg iid", "FedAvgRounds": "rounds of FedAvg iid",
-        "FedAvgLocalSteps": "J of FedAvg iid", "FedAvgBatchSize": "B of FedAvg iid",
-        "FedAvgClients": "K of FedAvg iid", "FedAvgParticipation": "C of FedAvg iid",
-        "FedAvgClientsPerRound": "max(1, round(C K))",
-        "FedAvgIidAcc": "final test accuracy of FedAvg iid, mean +- std (%)",
-        "FedAvgCentralGap": "centralized cosine minus FedAvg iid final accuracy, points",
-        "EqualSamplesBudget": "training images both methods processed (the smaller total)",
-        "FedAvgAccAtEqualSamples": "FedAvg test accuracy at that budget (%)",
-        "CentralAccAtEqualSamples": "centralized test accuracy at that budget (%)",
-        "FedAvgProvenance": "caption provenance of notebook 02",
-        "HeteroSeeds": "seeds per heterogeneity cell", "HeteroNcList": "Nc values of the grid",
-        "HeteroJList": "J values of the grid", "HeteroStepBudget": "rounds x J of every run",
-        "HeteroIidAcc": "iid accuracy at the smallest J (%)",
-        "HeteroBestSetting": "highest-accuracy cell", "HeteroBestAcc": "its accuracy (%)",
-        "HeteroWorstSetting": "lowest-accuracy cell", "HeteroWorstAcc": "its accuracy (%)",
-        "HeteroWorstGap": "iid at the same J minus the lowest cell, points",
-        "HeteroCosineCorrelation": "Spearman correlation of accuracy and mean pairwise cosine over cells",
-        "HeteroLowestCosineSetting": "cell whose client deltas agree least",
-        "HeteroLowestCosine": "its mean pairwise cosine", "HeteroLowestCosineSignAgreement": "its sign agreement",
-        "HeteroIidCosine": "mean pairwise cosine of iid at the smallest J",
-        "HeteroProvenance": "caption provenance of notebook 03",
-        "SparseSeeds": "seeds of sparse FedAvg", "SparseRounds": "rounds of sparse FedAvg",
-        "SparseLocalSteps": "J of sparse FedAvg", "SparseNc": "Nc of the non-iid sharding of notebooks 04-05",
-        "SparsityList": "sparsities of the grid", "CalibrationRoundsList": "R values of the grid",
-        "CalibrationSamples": "Fisher samples per calibration round", "RidgeLambda": "ridge penalty of the head",
-        "LogitScale": "logit scale chosen for the ridge head (iid, first seed)",
-        "SparseCentralAcc": "centralized sparse fine-tuning, mean +- std (%)",
-        "SparseCentralSparsity": "its sparsity", "SparseCentralRounds": "its R", "SparseCentralSeeds": "its seeds",
-        "SparseCentralProvenance": "caption provenance of the centralized sparse runs",
-        "SparseProvenance": "caption provenance of notebook 04",
-        "RulesSeeds": "seeds per rule", "RulesSparsityList": "sparsities of the rule comparison",
-        "RulesSparsity": "sparsity of the rule macros below", "RulesRounds": "R of every rule",
-        "RulesOverlapLeastMost": "Jaccard overlap of least- and most-sensitive masks (iid, first seed)",
-        "RulesOverlapLeastLowest": "Jaccard overlap of least-sensitive and lowest-magnitude masks",
-        "RulesOverlapLeastHighest": "Jaccard overlap of least-sensitive and highest-magnitude masks",
-        "RulesOverlapLeastRandom": "Jaccard overlap of least-sensitive and random masks",
-        "RulesProvenance": "caption provenance of notebook 05",
-    }
-    for scheduler, key in SCHEDULER_KEYS.items():
-        macros[f"Centralized{key}Acc"] = f"final test accuracy with the {scheduler} scheduler, mean +- std (%)"
-    for key in SHARDING_KEYS.values():
-        macros.update({
-            f"Sparse{key}BestAcc": "best sparse setting, mean +- std (%)",
-            f"Sparse{key}BestSparsity": "its sparsity", f"Sparse{key}BestRounds": "its R",
-            f"Sparse{key}BestThreshold": "its last-round Fisher threshold (mean over seeds)",
-            f"Sparse{key}BestGap": "best sparse minus dense FedAvg, points",
-            f"Sparse{key}FedAvgAcc": "dense FedAvg (trained head), same rounds (%)",
-            f"Sparse{key}DenseHeadAcc": "dense backbone with the frozen step-0 head (%)",
-            f"Sparse{key}HeadOnlyAcc": "the step-0 head alone, no fine-tuning (%)",
-            f"Sparse{key}BestRoundsAveraged": "R with the best accuracy averaged over sparsities",
-            f"Rules{key}BestRule": "rule with the highest accuracy at RulesSparsity",
-            f"Rules{key}BestAcc": "its accuracy (%)",
-            f"Rules{key}WorstRule": "rule with the lowest accuracy", f"Rules{key}WorstAcc": "its accuracy (%)",
-            f"Rules{key}Lead": "best minus second-best rule, points",
-            f"Rules{key}LeadStd": "sum of the two rules' seed std, points",
-        })
-        for rule, rule_key in RULE_KEYS.items():
-            macros[f"Rules{key}{rule_key}Acc"] = f"{rule} at RulesSparsity (%)"
-    return macros
+def number(value) -> str:
+    """Shortest form; a x 10^b when tiny or huge (Fisher thresholds span many decades)."""
+    value = float(value)
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"${float(mantissa):g}\\times10^{{{int(exponent)}}}$"
 
 
-MACROS = _macro_registry()
+def listing(values) -> str:
+    return ", ".join(number(v) for v in sorted(set(pd.Series(values).dropna())))
 
 
-def placeholder_table(experiment: str, profile: str) -> str:
-    """A one-cell table that says plainly which experiment has no results yet."""
-    text = f"\\textit{{No results yet for {latex_escape(experiment)} (profile {latex_escape(profile)})}}"
-    return booktabs(["\\textbf{placeholder}"], [[text]], "l")
+def integer(value) -> str:
+    return f"{int(value):,}".replace(",", "{,}")
 
 
-# =========================================================================== the writer
+def percent(row) -> str:
+    """'82.0 +- 2.0 %' in text mode, from a table row's test accuracy mean and std (fractions)."""
+    return f"{row['mean'] * 100:.1f}\\,$\\pm$\\,{row['std'] * 100:.1f}\\,\\%"
 
-@dataclass
-class ReportWriter:
-    """Collects what the sections produce and writes it under report_dir."""
 
-    root: Path
-    report_dir: Path
-    profile: str
-    macros: dict = field(default_factory=dict)
-    warnings: list = field(default_factory=list)
-    figures: set = field(default_factory=set)
-    tables: set = field(default_factory=set)
-    _frames: dict = field(default_factory=dict)
+def cell(row) -> str:
+    """A table cell '$82.0 \\pm 2.0$' (percent), starred when the row is the one chosen; '--' for None."""
+    if row is None or pd.isna(row["mean"]):
+        return "--"
+    star = "^\\star" if row.get("chosen") else ""
+    return f"${row['mean'] * 100:.1f} \\pm {row['std'] * 100:.1f}{star}$"
 
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
 
-    def set(self, name: str, value) -> None:
-        if name not in MACROS:
-            raise KeyError(f"macro {name!r} is not in report.MACROS")
-        self.macros[name] = str(value)
+def sharding_tex(label) -> str:
+    """'Nc=5' -> '$N_c{=}5$', 'Dir(0.1)' or 'Dir(alpha=0.1)' -> 'Dir($\\alpha{=}0.1$)', 'iid' -> 'iid'."""
+    label = re.sub(r"^Nc=(\d+)$", r"$N_c{=}\1$", str(label))
+    return re.sub(r"^Dir\((?:alpha=)?([0-9.e-]+)\)$", r"Dir($\\alpha{=}\1$)", label)
 
-    def experiment(self, name: str) -> pd.DataFrame:
-        """Complete runs of `name` (memoised); an empty frame, with a warning, when there are none."""
-        if name not in self._frames:
-            frame = load_experiment(self.root, name)
-            if frame.empty:
-                self.warn(f"no results for {name} under {self.root}: its figures and tables are placeholders")
-            self._frames[name] = frame
-        return self._frames[name]
 
-    def csv(self, relative: str) -> pd.DataFrame:
-        path = self.root / relative
-        if not path.is_file():
-            self.warn(f"{path} does not exist (run notebook 00): its figure and table are placeholders")
-            return pd.DataFrame()
-        return pd.read_csv(path)
+def provenance(profile: str, table) -> str:
+    seeds = int(table["n"].max())
+    return f"profile {escape(profile)}, {seeds} seed{'s' if seeds != 1 else ''}"
 
-    def figure(self, stem: str, build: Callable[[], object]) -> None:
-        """Save the figure `build()` returns; if it fails, say why and leave the placeholder to finish()."""
-        try:
-            fig = build()
-        except Exception as error:  # one broken figure must not cost the whole report
-            self.warn(f"figure {stem} could not be drawn ({type(error).__name__}: {error}); placeholder used")
-            return
-        plots.save(fig, self.report_dir / "figures" / stem)
+
+def booktabs(frame: pd.DataFrame) -> str:
+    """A booktabs tabular of a frame of LaTeX cells (escape text first): first column left, the rest right."""
+    rows = [" & ".join(map(str, row)) + r" \\" for row in frame.itertuples(index=False)]
+    lines = [f"\\begin{{tabular}}{{l{'r' * (frame.shape[1] - 1)}}}", "\\toprule",
+             " & ".join(frame.columns) + r" \\", "\\midrule", *rows]
+    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}", ""])
+
+
+def _row(table: pd.DataFrame, **match):
+    """The first row whose columns equal `match`, or None."""
+    hit = table[np.logical_and.reduce([table[k] == v for k, v in match.items()])]
+    return hit.iloc[0] if len(hit) else None
+
+
+def _cells(table: pd.DataFrame) -> list[str]:
+    return [cell(row) for _, row in table.iterrows()]
+
+
+def _span(low, high) -> str:
+    return str(low) if low == high else f"{low}--{high}"
+
+
+def _setting(row) -> str:
+    return "--" if row is None else f"{number(row['sparsity'])}, $R{{=}}{int(row['calibration_rounds'])}$"
+
+
+# --------------------------------------------------------------------------- tables
+
+def _shards_tex(root) -> str:
+    t = figures.shard_table(root)
+    return booktabs(pd.DataFrame({
+        "sharding": t["scheme"].map(sharding_tex),
+        "samples": list(map(_span, t["samples_min"], t["samples_max"])),
+        "classes": list(map(_span, t["classes_min"], t["classes_max"])),
+        "largest class": t["largest_class_share"].map("{:.2f}".format)}))
+
+
+def _centralized_tex(root) -> str:
+    t = figures.centralized_table(root)
+    return booktabs(pd.DataFrame({"scheduler": t["scheduler"].map(escape), "val.\\ (\\%)": t["val"].map(
+        "{:.1%}".format).str.rstrip("%"), "test (\\%)": _cells(t), "$n$": t["n"],
+        "epochs to 99\\,\\%": t["epochs_to_99"].map(number)}))
+
+
+def _fedavg_tex(root) -> str:
+    t = figures.fedavg_table(root)
+    return booktabs(pd.DataFrame({"method": t["method"].map(escape), "test (\\%)": _cells(t), "$n$": t["n"],
+                                  f"at {integer(t['budget'].iloc[0])} images (\\%)":
+                                      t["acc_at_budget"].map("{:.1%}".format).str.rstrip("%")}))
+
+
+def _sparse_tex(root) -> str:
+    """Dense references and the sparse setting chosen on validation, a column per sharding."""
+    t = figures.sparse_table(root)
+    labels = list(t["sharding_label"].unique())
+    rows = [[escape(m), *[cell(_row(t, sharding_label=l, method=m)) for l in labels]]
+            for m in dict.fromkeys(t["method"]) if m != "sparse"]
+    best = [_row(t, sharding_label=l, chosen=True) for l in labels]
+    rows += [["sparse, chosen on val.", *map(cell, best)], ["\\quad sparsity, $R$", *map(_setting, best)]]
+    return booktabs(pd.DataFrame(rows, columns=["method", *map(sharding_tex, labels)]))
+
+
+def _rules_tex(root) -> str:
+    """A row per rule; a column per sharding and sparsity."""
+    t = figures.rules_table(root)
+    columns = [(l, s) for l in t["sharding_label"].unique() for s in sorted(t["sparsity"].unique())]
+    rows = [[rule.replace("_", " "), *[cell(_row(t, rule=rule, sharding_label=l, sparsity=s))
+                                       for l, s in columns], _span(t["n"].min(), t["n"].max())]
+            for rule in t["rule"].unique()]
+    header = [f"{sharding_tex(l)}, $s{{=}}{number(s)}$" for l, s in columns]
+    return booktabs(pd.DataFrame(rows, columns=["rule", *header, "$n$"]))
+
+
+def _interference_tex(root) -> str:
+    """Mean pairwise cosine and sign agreement of client deltas per rule and sharding, at RulesSparsity."""
+    t = figures.interference_table(root)
+    wide = t[t["sparsity"] == t["sparsity"].min()].pivot_table(
+        index="rule", columns="sharding_label", values=["mean_pairwise_cosine", "sign_agreement"], sort=False)
+    names = {"mean_pairwise_cosine": "cosine", "sign_agreement": "sign agr."}
+    frame = wide.map("{:.3f}".format)
+    frame.columns = [f"{names[v]} {sharding_tex(l)}" for v, l in wide.columns]
+    return booktabs(frame.reset_index().assign(rule=lambda f: f["rule"].str.replace("_", " ")))
+
+
+# --------------------------------------------------------------------------- macros, one function per section
+
+def _overview(root, profile: str) -> dict:
+    return {"ResultsProfile": escape(profile),
+            "ResultsNotice": "" if profile == "full" else NOTICE % (escape(profile), escape(profile))}
+
+
+def _data(root, profile: str) -> dict:
+    images = figures.split_table(root).set_index("split")["images"]
+    held_out = images["validation"] / (images["train"] + images["validation"])
+    return {"TrainSize": integer(images["train"]), "ValSize": integer(images["validation"]),
+            "TestSize": integer(images["test"]), "ValFraction": f"{held_out * 100:.0f}\\,\\%",
+            "NumClients": integer(figures.shard_table(root)["clients"].max()),
+            "DataProvenance": f"profile {escape(profile)}, shards of one seed"}
+
+
+def _search(root, profile: str) -> dict:
+    table, runs = figures.lr_search_table(root), figures.load_runs(root, LR_SEARCH)
+    best = _row(table, chosen=True)
+    return {"SearchGrid": f"learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
+                          f"\\{{{listing(table['weight_decay'])}\\}}, "
+                          f"a {listing(runs['epochs'])}-epoch budget each",
+            "ChosenLr": number(best["lr"]), "ChosenWeightDecay": number(best["weight_decay"]),
+            "SearchValAcc": f"{best['val'] * 100:.1f}\\,\\%", "SearchProvenance": provenance(profile, table)}
+
+
+def _centralized(root, profile: str) -> dict:
+    table, runs = figures.centralized_table(root), figures.load_runs(root, CENTRALIZED)
+    best = _row(table, chosen=True)
+    return {"CentralizedSetting": f"{listing(runs['epochs'])} epochs of batch {listing(runs['batch_size'])}, "
+                                  f"warm-up {listing(runs['warmup_epochs'])} epochs",
+            "BestScheduler": escape(best["scheduler"]), "CentralizedBestAcc": percent(best),
+            "CentralizedProvenance": provenance(profile, table)}
+
+
+def _fedavg(root, profile: str) -> dict:
+    table, runs = figures.fedavg_table(root), figures.load_runs(root, FEDAVG_IID)
+    per_round = np.maximum(1, np.round(runs["participation"] * runs["num_clients"]))
+    return {"FedAvgSetting": f"$K{{=}}{listing(runs['num_clients'])}$ clients, "
+                             f"$C{{=}}{listing(runs['participation'])}$ ({listing(per_round)} per round), "
+                             f"$J{{=}}{listing(runs['local_steps'])}$ local steps of "
+                             f"$B{{=}}{listing(runs['batch_size'])}$ images, "
+                             f"{listing(runs['rounds'])} rounds",
+            "FedAvgIidAcc": percent(_row(table, method="FedAvg (iid)")),
+            "EqualSamplesBudget": integer(table["budget"].iloc[0]),
+            "FedAvgProvenance": provenance(profile, table)}
+
+
+def _heterogeneity(root, profile: str) -> dict:
+    table, runs = figures.heterogeneity_table(root), figures.load_runs(root, HETEROGENEITY)
+    return {"HeteroGrid": f"$N_c \\in \\{{{listing(runs.get('classes_per_client'))}\\}}$ and "
+                          f"$J \\in \\{{{listing(runs['local_steps'])}\\}}$, rounds $\\times J = "
+                          f"{listing(runs['rounds'] * runs['local_steps'])}$",
+            "HeteroProvenance": provenance(profile, table)}
+
+
+def _sparse(root, profile: str) -> dict:
+    table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
+    values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds, "
+                               f"iid and $N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards, "
+                               "sparsity "
+                               f"$s \\in \\{{{listing(runs['sparsity'])}\\}}$, "
+                               f"$R \\in \\{{{listing(runs['calibration_rounds'])}\\}}$, "
+                               f"{listing(runs['finetune.calibration_samples'])} Fisher samples per round, "
+                               f"ridge $\\lambda{{=}}{listing(runs['finetune.ridge_lambda'])}$",
+              "SparseProvenance": provenance(profile, table)}
+    for _, best in table[table["chosen"]].iterrows():
+        key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
+        dense = _row(table, sharding_label=best["sharding_label"], method="FedAvg")
+        values[f"Sparse{key}BestAcc"] = percent(best)
+        if dense is not None:
+            values[f"Sparse{key}BestGap"] = f"${(best['mean'] - dense['mean']) * 100:+.1f}$"
+    return values
+
+
+def _sparse_central(root, profile: str) -> dict:
+    row = figures.sparse_central_table(root).iloc[0]
+    return {"SparseCentralAcc": percent(row), "SparseCentralSetting": _setting(row)}
+
+
+def _rules(root, profile: str) -> dict:
+    table, runs = figures.rules_table(root), figures.load_runs(root, MASK_RULES)
+    sparsity = table["sparsity"].min()
+    values = {"RulesSetting": f"sparsity $s \\in \\{{{listing(table['sparsity'])}\\}}$, "
+                              f"$R{{=}}{listing(runs['calibration_rounds'])}$",
+              "RulesSparsity": number(sparsity), "RulesProvenance": provenance(profile, table)}
+    for _, best in table[table["chosen"] & (table["sparsity"] == sparsity)].iterrows():
+        key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
+        values[f"Rules{key}BestRule"] = best["rule"].replace("_", " ")
+        values[f"Rules{key}BestAcc"] = percent(best)
+    return values
+
+
+# --------------------------------------------------------------------------- writing and building
+
+FIGURES = {"lr_search": figures.lr_search_heatmap, "centralized_curves": figures.centralized_curves,
+           "fedavg_vs_central": figures.fedavg_vs_centralized,
+           "heterogeneity_heatmap": figures.heterogeneity_heatmap,
+           "heterogeneity_curves": figures.heterogeneity_curves, "drift": figures.drift_figure,
+           "sparsity": figures.sparsity_figure, "mask_rules": figures.mask_rules_figure,
+           "mask_overlap": figures.mask_overlap_heatmap, "layer_density": figures.block_density_figure}
+TABLES = {"shards": _shards_tex, "centralized": _centralized_tex, "fedavg": _fedavg_tex,
+          "sparse": _sparse_tex, "mask_rules": _rules_tex, "rule_interference": _interference_tex}
+SECTIONS = (_overview, _data, _search, _centralized, _fedavg, _heterogeneity, _sparse,
+            _sparse_central, _rules)
+
+
+def _attempt(make, name: str, root, warnings: list, *args):
+    """make(root, *args), or None with a warning; a missing experiment is already warned about."""
+    try:
+        return make(root, *args)
+    except NoResults:
+        return None
+    except Exception as error:  # partial or odd results must not cost the rest of the report
+        warnings.append(f"{name} failed ({type(error).__name__}: {error}); a placeholder stands in")
+        return None
+
+
+def write_report(root, report_dir, profile: str) -> list[str]:
+    """Every figure, table and numbers.tex of the report from the results under `root`; the warnings."""
+    root, report_dir = Path(root), Path(report_dir)
+    warnings = [f"no results for {e} under {root}: its figures, tables and numbers are placeholders"
+                for e in EXPERIMENTS if figures.load_runs(root, e).empty]
+    if not (root / figures.DATA / "shard_stats.csv").is_file():
+        warnings.append(f"no results for {figures.DATA} under {root}: its table and numbers are placeholders")
+    for name, draw in FIGURES.items():
+        fig = _attempt(draw, f"figure {name}", root, warnings, profile)
+        if fig is None:
+            fig = figures.placeholder(f"{name}: could not be drawn (profile {profile})", warnings[-1][:120])
+            fig.set_size_inches(draw.size[0], draw.size[0] * draw.size[1])
+        figures.save(fig, report_dir / "figures" / name)
         plt.close(fig)
-        self.figures.add(stem)
-
-    def table(self, stem: str, text: str) -> None:
-        path = self.report_dir / "tables" / f"{stem}.tex"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        self.tables.add(stem)
-
-    def finish(self) -> None:
-        """Placeholders for every figure and table no section wrote, then numbers.tex."""
-        for stem, (experiment, width, aspect) in FIGURES.items():
-            if stem not in self.figures:
-                fig = plots.placeholder(f"No results yet: {experiment}",
-                                        f"profile {self.profile}; run its notebook, then notebook 06",
-                                        width=width, aspect=min(aspect, 0.45))
-                plots.save(fig, self.report_dir / "figures" / stem)
-                plt.close(fig)
-        for stem, experiment in TABLES.items():
-            if stem not in self.tables:
-                self.table(stem, placeholder_table(experiment, self.profile))
-        write_numbers(self.report_dir / "generated" / "numbers.tex", self.macros, self.profile)
-
-
-def write_numbers(path: Path, macros: dict, profile: str) -> None:
-    """numbers.tex: one \\newcommand per registered macro, n/a for those no section set."""
-    lines = [f"% Generated by fedta_utils.report from the {profile} results. Do not edit: rerun notebook 06.",
-             "% Accuracies: mean +- std over seeds (std with ddof=1, 0 for one seed); the seed counts are",
-             "% the *Seeds macros. Requires \\usepackage{xspace}."]
-    for name in MACROS:
-        missing = f"profile {latex_escape(profile)}, no results yet" if name.endswith("Provenance") else NA
-        value = macros.get(name, missing)
-        lines.append(f"\\newcommand{{\\{name}}}{{{value}\\xspace}}  % {MACROS[name]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-
-
-def read_numbers(path: str | Path) -> pd.DataFrame:
-    """numbers.tex back as a table: name, value (without the trailing \\xspace), comment."""
-    pattern = re.compile(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\\xspace\}  % (.*)$")
-    rows = [match.groups() for line in Path(path).read_text().splitlines() if (match := pattern.match(line))]
-    return pd.DataFrame(rows, columns=["name", "value", "comment"])
-
-
-# =========================================================================== entry points
-
-def generate_report_assets(root: str | Path, report_dir: str | Path, profile: str) -> list[str]:
-    """Write every figure, table and numbers.tex of the report from the results under `root`.
-
-    root: <results_dir>/<profile>. Returns the warnings (missing experiments,
-    figures that could not be drawn); each has left a visible placeholder.
-    """
-    writer = ReportWriter(Path(root), Path(report_dir), profile)
+    for name, make in TABLES.items():
+        missing = pd.DataFrame({"placeholder": [f"\\textit{{No results yet for {escape(name)} "
+                                                f"(profile {escape(profile)})}}"]})
+        text = _attempt(make, f"table {name}", root, warnings) or booktabs(missing)
+        _write(report_dir / "tables" / f"{name}.tex", text)
+    values = {}
     for section in SECTIONS:
-        try:
-            section(writer)
-        except Exception as error:  # partial or odd results: say so, keep going, placeholders follow
-            writer.warn(f"{section.__name__} failed ({type(error).__name__}: {error}); "
-                        "what it had not written yet is a placeholder")
-    writer.finish()
-    return writer.warnings
+        values.update(_attempt(section, f"numbers of {section.__name__[1:]}", root, warnings, profile) or {})
+    _write(report_dir / "generated" / "numbers.tex", numbers_tex(values, profile))
+    return warnings
 
 
-def resolve_report_dir(report_dir: str | Path) -> Path:
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def numbers_tex(values: dict, profile: str) -> str:
+    """numbers.tex: a \\newcommand per MACROS entry: its value, else n/a (captions: 'no results yet')."""
+    lines = [f"% Generated by fedta_utils.report from the {profile} results; rerun notebook 06, do not edit.",
+             "% Accuracies: mean +- std over seeds (ddof=1, 0 for one seed). Requires \\usepackage{xspace}."]
+    for name, comment in MACROS.items():
+        missing = f"profile {escape(profile)}, no results yet" if name.endswith("Provenance") else NA
+        lines.append(f"\\newcommand{{\\{name}}}{{{values.get(name, missing)}\\xspace}}  % {comment}")
+    return "\n".join(lines) + "\n"
+
+
+def read_numbers(path) -> dict:
+    """numbers.tex back as {name: value} (value without its trailing \\xspace)."""
+    pattern = re.compile(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\\xspace\}  % ")
+    return dict(m.groups() for line in Path(path).read_text().splitlines() if (m := pattern.match(line)))
+
+
+def resolve_report_dir(report_dir) -> Path:
     """An absolute report_dir as given; a relative one inside the repository (where main.tex lives)."""
-    path = Path(report_dir)
-    return path if path.is_absolute() else REPO_ROOT / path
+    return Path(report_dir) if Path(report_dir).is_absolute() else REPO_ROOT / report_dir
+
+
+def page_counts(report_dir) -> dict:
+    """pages (main.log's 'Output written' line) and body_pages (the page of LastBodyPage in main.aux)."""
+    found = {}
+    for key, name, pattern in (("pages", "main.log", r"Output written on \S+ \((\d+) pages?"),
+                               ("body_pages", "main.aux", r"\\newlabel\{LastBodyPage\}\{\{[^}]*\}\{(\d+)\}")):
+        path = Path(report_dir, name)
+        match = re.search(pattern, path.read_text(errors="replace")) if path.is_file() else None
+        found[key] = int(match.group(1)) if match else None
+    return found
+
+
+def build_pdf(report_dir, timeout: int = 600) -> dict:
+    """latexmk -pdf on <report_dir>/main.tex: {'ok', 'seconds', 'pages', 'body_pages', 'log_tail'}.
+
+    Raises FileNotFoundError, with the install command, where latexmk is not installed.
+    """
+    if shutil.which("latexmk") is None:
+        raise FileNotFoundError(f"latexmk is not installed; on Debian/Ubuntu: {INSTALL_TEX}")
+    started = time.perf_counter()
+    done = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
+                          cwd=report_dir, capture_output=True, text=True, timeout=timeout)
+    return {"ok": done.returncode == 0, "seconds": time.perf_counter() - started, **page_counts(report_dir),
+            "log_tail": "\n".join((done.stdout + done.stderr).splitlines()[-40:])}

@@ -41,7 +41,7 @@ import torch
 STAGING_DIR = ".staging"
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
-HEARTBEAT_SECONDS = 20
+HEARTBEAT_SECONDS = 20  # how often a holder touches lock.json (its mtime is the heartbeat)
 STALE_AFTER_SECONDS = 90  # a lock whose heartbeat is older than this belongs to a dead process
 UNREADABLE_LOCK_GRACE_SECONDS = 5  # an empty or half-written lock older than this was never finished
 
@@ -290,13 +290,20 @@ class RunLock:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
 
-    def holder(self) -> dict:
-        """The lock file's content; {} if it is absent, empty or half-written."""
-        return _read_json(self.path)
+    def holder(self) -> tuple[dict, float | None]:
+        """The lock's content ({} if empty or half-written) and mtime (None if absent), read from one file."""
+        try:
+            with open(self.path) as file:
+                text, mtime = file.read(), os.fstat(file.fileno()).st_mtime
+        except FileNotFoundError:
+            return {}, None
+        with contextlib.suppress(ValueError):
+            return json.loads(text), mtime
+        return {}, mtime
 
     def acquire(self) -> None:
         """Create lock.json, or take over a stale one; RunLockedError while a live process holds it."""
@@ -304,13 +311,16 @@ class RunLock:
             if self._create():
                 self._thread.start()
                 return
-            holder = self.holder()
+            holder, mtime = self.holder()
+            if mtime is None:  # released meanwhile
+                continue
             who, run = f"pid {holder.get('pid')} on {holder.get('host')}", self.path.parent
-            if not self._is_stale(self.path, holder):
+            if not _is_stale(holder, time.time() - mtime):
                 raise RunLockedError(f"{run} is in use by {who} (started {holder.get('started')}). Wait for "
                                      "it to finish; a dead holder's lock is taken over at once on its host, "
                                      f"from another host {STALE_AFTER_SECONDS} s after its last heartbeat.")
-            if self._remove_stale():
+            if self._claim(f"{holder.get('token')}:{mtime!r}"):
+                self.path.unlink(missing_ok=True)
                 warnings.warn(f"taking over a stale lock on {run} ({who})", RuntimeWarning, stacklevel=3)
         raise RunLockedError(f"{self.path.parent}: its lock keeps changing hands; is another process on it?")
 
@@ -318,7 +328,7 @@ class RunLock:
         """Stop the heartbeat and delete the lock, only if it is still ours (after acquire)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        if self.holder().get("token") == self.token:
+        if self.holder()[0].get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
     def _create(self) -> bool:
@@ -331,46 +341,33 @@ class RunLock:
             return False
         return True
 
-    @staticmethod
-    def _is_stale(path: Path, holder: dict) -> bool:
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:  # released meanwhile: try again
-            return True
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(holder.get("pid"), 0)
-            except ProcessLookupError:  # its process is gone
-                return True
-            except (PermissionError, TypeError):  # alive as another user; no pid stored
-                pass
-        return age > (STALE_AFTER_SECONDS if holder else UNREADABLE_LOCK_GRACE_SECONDS)
+    def _claim(self, stale: str) -> bool:
+        """Exclusively create a marker named after one stale lock (token and mtime): one process wins it.
 
-    def _remove_stale(self) -> bool:
-        """Move the lock aside (atomic), judge the file moved again, delete it if stale, else put it back.
-
-        Of two processes that take over one stale lock, one moves it aside and
-        creates the new lock; the other finds either no file or that new, live
-        lock, which it puts back and then finds held: never two holders.
+        Only the winner deletes that lock, so of any number of processes that
+        found it stale, exactly one takes over. The marker stays in .staging
+        (cleared after a minute), so a late one cannot delete the new lock.
         """
-        aside = _staging_dir(self.path) / f".{self.path.name}.{os.getpid()}.{time.time_ns()}.stale.tmp"
+        name = hashlib.sha1(f"{self.path.resolve()}:{stale}".encode("utf-8")).hexdigest()[:16]
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
+            open(_staging_dir(self.path) / f".{self.path.name}.{name}.takeover.tmp", "x").close()
+        except FileExistsError:
             return False
-        if not self._is_stale(aside, _read_json(aside)):
-            os.rename(aside, self.path)
-            return False
-        aside.unlink(missing_ok=True)
         return True
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(OSError):  # moved aside for a moment by a process checking it
+            with contextlib.suppress(OSError):  # taken over meanwhile (we were judged dead)
                 os.utime(self.path)
 
 
-def _read_json(path: Path) -> dict:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
-    return {}
+def _is_stale(holder: dict, age: float) -> bool:
+    """Whether a lock with this content, last touched `age` seconds ago, belongs to a dead process."""
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(holder.get("pid"), 0)
+        except ProcessLookupError:  # its process is gone
+            return True
+        except (PermissionError, TypeError):  # alive as another user; no pid stored
+            pass
+    return age > (STALE_AFTER_SECONDS if holder else UNREADABLE_LOCK_GRACE_SECONDS)

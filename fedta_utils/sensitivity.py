@@ -1,4 +1,4 @@
-"""Diagonal Fisher scores and multi-round mask calibration (TaLoS).
+"""Diagonal Fisher scores, multi-round mask calibration (TaLoS) and mask utilities.
 
 Why: sparse fine-tuning for task arithmetic updates only the parameters the
 pre-trained model is least sensitive to, so that the fine-tuned weights move
@@ -15,14 +15,27 @@ y from the model's own predictive distribution (the true Fisher);
 TaLoS code, which squares the gradient of the sampled class's raw logit, we
 differentiate log p(y|x) (log-softmax), as the definition above says.
 
-Per-sample gradients, three ways (identical results, see the tests):
-  - "hooks": one forward + backward per chunk; each supported layer's
-    per-sample gradient is rebuilt from its saved input and its output
-    gradient (as Opacus and BackPACK do), squared and summed over the chunk.
-    No weight gradient is ever formed. Fastest; covers ViTs.
-  - "vmap": torch.func.vmap(grad(...)) over the samples of a chunk; any model,
-    memory grows as chunk_size x parameter count.
-  - "loop": one forward + backward per sample; the plain ground truth.
+Per-sample gradients come from torch.func: vmap(grad(log p)) over a
+functional_call of the model, one chunk of samples at a time; any model works.
+`fisher_sums_loop` (one backward per sample) is the reference the tests and
+the GPU check compare against. Samples/s with torch.set_num_threads(2) on a
+shared 2-core CPU, random weights, methods interleaved in one process, best of
+10 (tiny_vit, 32 px, 64 samples, chunk 32) or 3 (ViT-S/16, 224 px, 8 samples,
+chunk 8); peak RSS growth at chunk 8 from one fresh process per method:
+    tiny_vit:  per-layer hooks 290, vmap 310-330, loop 85
+    ViT-S/16:  hooks 1.22 (+0.7 GB), vmap 1.11-1.22 (+2.4 GB), loop 0.86 (+0.4 GB)
+Per-layer hooks (each layer's per-sample gradient rebuilt from its input and
+output gradient) were ~1.1x faster on ViT-S/16 (1.2-1.5x in noisier runs) and
+used less memory, but took ~150 lines of layer formulas and refused every other
+layer type; the Fisher is computed only while calibrating (a few rounds over a
+few thousand samples), so vmap's brevity and generality won.
+
+Memory of one chunk on ViT-S/16 at 224 px in fp32: the per-sample gradients
+are chunk x 21.7 M parameters x 4 B = 87 MB per sample; with the activations
+of the chunk's forward/backward under vmap (unfused attention) the peak CPU RSS
+grows by ~280 MB per sample (measured: +2.4 GB at chunk 8, +4.6 GB at chunk 16).
+DEFAULT_CHUNK = 32 thus needs ~32 x 280 MB = 9 GB, within the ~15 GB a 16 GB T4
+offers, and fp16 autocast halves the activations' share.
 
 Calibration (TaLoS Sec. 4.2, vision/prune_finetune.py of the reference code)
 runs R rounds towards the final density d: round r keeps the round(d^(r/R) N)
@@ -34,72 +47,51 @@ model's weights are exactly the original ones again.
 
 Mask convention (DESIGN.md): bool tensor shaped like its parameter, True =
 trainable, False = frozen; sparsity = fraction of eligible entries frozen, with
-the same meaning for every rule.
+the same meaning for every rule. ViT-S/16 masks hold ~21.7 M entries (21.7 MB
+as bool); `pack_masks` stores them as bits (~2.7 MB) that
+torch.load(weights_only=True) reads, for checkpoints and federated clients.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import reduce
 from itertools import count
 
+import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .checks import ConfigError, check_choice, check_float, check_int
 from .models import backbone_parameter_names
-from .seeding import derive_seed, torch_generator
+from .data import derive_seed, torch_generator
 
 LABEL_MODES = ("sampled", "true")
-METHODS = ("hooks", "vmap", "loop")
 RULES = ("least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude", "random")
 SENSITIVITY_RULES = ("least_sensitive", "most_sensitive")
 KEEP_HIGHEST_RULES = ("most_sensitive", "highest_magnitude")  # ranked by the negated score
 ATTENUATION = 0.1  # TaLoS: frozen entries are scaled by 0.1 in the forward of later rounds
+DEFAULT_CHUNK = 32  # samples per vmap call; memory arithmetic in the module docstring
 DEFAULT_LABEL_SEED = 0  # label sampling is deterministic even without a generator
+BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")  # timm ViT: 'blocks.3.attn.qkv.weight'
 
-ScoreFn = Callable[[nn.Module], dict[str, torch.Tensor]]
+Tensors = dict[str, torch.Tensor]  # parameter name -> scores, sums or masks
+ScoreFn = Callable[[nn.Module], Tensors]
 
 
 # ============================================================== Fisher scores
-def fisher_scores(
-    model: nn.Module,
-    batches: Iterable,
-    label_mode: str = "sampled",
-    param_names: list[str] | None = None,
-    generator: torch.Generator | None = None,
-    method: str = "hooks",
-    chunk_size: int = 64,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher: the mean over samples of squared per-sample gradients of log p(y|x).
-
-    See `fisher_sums` for the arguments; this divides its sums by the sample count.
-    """
-    sums, num_samples = fisher_sums(model, batches, label_mode, param_names, generator,
-                                    method, chunk_size, autocast_dtype)
-    if num_samples == 0:
-        raise ConfigError("batches holds no samples; the Fisher needs at least one")
-    return {name: total / num_samples for name, total in sums.items()}
-
-
-def fisher_sums(
-    model: nn.Module,
-    batches: Iterable,
-    label_mode: str = "sampled",
-    param_names: list[str] | None = None,
-    generator: torch.Generator | None = None,
-    method: str = "hooks",
-    chunk_size: int = 64,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Per-parameter sums over samples of squared per-sample gradients, and the sample count.
+def fisher_sums(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
+                param_names: list[str] | None = None, generator: torch.Generator | None = None,
+                chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None,
+                ) -> tuple[Tensors, int]:
+    """Per-parameter sums over samples of squared per-sample gradients of log p(y|x), and the count.
 
     Sums (not means) so that federated clients can send theirs and the server
     adds them: the result equals the Fisher sums of the union of their data.
@@ -108,42 +100,55 @@ def fisher_sums(
     label_mode: 'sampled' (y ~ softmax(logits), the true Fisher) or 'true'.
     param_names: parameters to score (default: every named parameter).
     generator: draws the sampled labels; default a fixed-seed generator.
-    method: 'hooks' (fast, ViT layers), 'vmap' (any model) or 'loop' (reference).
-    chunk_size: samples per forward/backward (bounds memory; also the unit of
-        label sampling, so methods agree exactly given the same generator).
+    chunk_size: samples per vmap call (bounds memory; also the unit of label
+        sampling, so that this and `fisher_sums_loop` agree given the same generator).
     autocast_dtype: e.g. torch.bfloat16 for the forward/backward on a GPU;
         squares are accumulated in at least float32 regardless.
 
     The model is scored in eval mode; its weights, .grad, requires_grad flags
     and train/eval modes are left exactly as they were.
     """
-    check_fisher_options(label_mode, method, chunk_size)
+    return _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype,
+                        _add_squares_vmap)
+
+
+def fisher_sums_loop(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
+                     param_names: list[str] | None = None, generator: torch.Generator | None = None,
+                     chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None,
+                     ) -> tuple[Tensors, int]:
+    """`fisher_sums` by one forward and backward per sample: the slow, plain reference."""
+    return _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype,
+                        _add_squares_loop)
+
+
+def fisher_scores(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
+                  param_names: list[str] | None = None, generator: torch.Generator | None = None,
+                  chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None) -> Tensors:
+    """Diagonal Fisher: `fisher_sums` divided by the sample count."""
+    sums, n = fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype)
+    if n == 0:
+        raise ConfigError("batches holds no samples; the Fisher needs at least one")
+    return {name: total / n for name, total in sums.items()}
+
+
+def _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype, add_squares):
+    check_choice("label_mode", label_mode, LABEL_MODES)
+    check_int("chunk_size", chunk_size, minimum=1)
     names = _resolve_names(model, param_names, default=[n for n, _ in model.named_parameters()])
     if generator is None:
         generator = torch_generator(DEFAULT_LABEL_SEED, "fisher-labels")
-    if not isinstance(generator, torch.Generator):
-        raise ConfigError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if method == "hooks":
-        _check_hooks_support(model, names)
-
     params = dict(model.named_parameters())
-    sums = {n: torch.zeros_like(params[n], dtype=_accumulator_dtype(params[n])) for n in names}
-    add_squares = {"hooks": _add_squares_hooks, "vmap": _add_squares_vmap, "loop": _add_squares_loop}[method]
+    # float32 at least (bf16/fp16 models), float64 for float64 models
+    sums = {n: torch.zeros_like(params[n], dtype=torch.promote_types(params[n].dtype, torch.float32))
+            for n in names}
     device = params[names[0]].device
     num_samples = 0
-    with _scoring_state(model, names, method):
+    with _scoring_state(model, names):
         for inputs, labels in _chunks(batches, chunk_size, device):
             targets = _targets(model, inputs, labels, label_mode, generator, autocast_dtype)
             add_squares(model, names, inputs, targets, sums, autocast_dtype)
             num_samples += len(inputs)
     return sums, num_samples
-
-
-def check_fisher_options(label_mode: str, method: str, chunk_size: int) -> None:
-    """Raise ConfigError for a bad label_mode, method or chunk_size (before any compute)."""
-    check_choice("label_mode", label_mode, LABEL_MODES)
-    check_choice("method", method, METHODS)
-    check_int("chunk_size", chunk_size, minimum=1)
 
 
 def _resolve_names(model: nn.Module, param_names: list[str] | None, default: list[str]) -> list[str]:
@@ -161,32 +166,24 @@ def _resolve_names(model: nn.Module, param_names: list[str] | None, default: lis
     return names
 
 
-def _accumulator_dtype(param: torch.Tensor) -> torch.dtype:
-    # float32 at least (bf16/fp16 models), float64 for float64 models.
-    return torch.promote_types(param.dtype, torch.float32)
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @contextmanager
-def _scoring_state(model: nn.Module, names: list[str], method: str):
-    """Eval mode, the requires_grad flags the method needs, unfused attention under vmap; then restore."""
+def _scoring_state(model: nn.Module, names: list[str]):
+    """Eval mode, grad only for the scored parameters, unfused attention; then all restored."""
     modes = {module: module.training for module in model.modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    # hooks differentiate w.r.t. the inputs and vmap w.r.t. functional copies,
-    # so only the loop needs the scored parameters to require grad.
-    needs_grad = set(names) if method == "loop" else set()
-    # The fused attention kernel has no vmap batching rule (slow fallback).
-    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")} if method == "vmap" else {}
+    # timm's fused attention kernel has no vmap batching rule; the loop uses the same math.
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
     # torch.func.functional_call can leave plain tensors in place of the
     # Parameters of a module that is called at two paths; put the originals back.
     registered = [(m, key, p) for m in model.modules() for key, p in m.named_parameters(recurse=False)]
     try:
         model.eval()
         for name, param in model.named_parameters():
-            param.requires_grad_(name in needs_grad)
+            param.requires_grad_(name in names)  # the loop differentiates these; vmap uses detached copies
         for module in fused:
             module.fused_attn = False
         yield
@@ -203,8 +200,7 @@ def _scoring_state(model: nn.Module, names: list[str], method: str):
 
 
 def _chunks(batches: Iterable, chunk_size: int, device: torch.device) -> Iterator:
-    for batch in batches:
-        inputs, labels = batch
+    for inputs, labels in batches:
         for start in range(0, len(inputs), chunk_size):
             chunk_labels = None if labels is None else labels[start:start + chunk_size].to(device)
             yield inputs[start:start + chunk_size].to(device), chunk_labels
@@ -213,9 +209,9 @@ def _chunks(batches: Iterable, chunk_size: int, device: torch.device) -> Iterato
 def _targets(model, inputs, labels, label_mode, generator, autocast_dtype) -> torch.Tensor:
     """The class whose log-probability is differentiated, per sample.
 
-    Sampled labels come from a separate no-grad forward of the whole chunk,
-    drawn before any gradient, identically in every method, so that the
-    methods see the same labels for the same generator.
+    Sampled labels come from a no-grad forward of the whole chunk, drawn before
+    any gradient and identically for vmap and the loop, so both see the same
+    labels for the same generator.
     """
     if label_mode == "true":
         if labels is None:
@@ -233,7 +229,19 @@ def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
-# -------------------------------------------------------------- method: loop
+def _add_squares_vmap(model, names, inputs, targets, sums, autocast_dtype) -> None:
+    scored = {n: p.detach() for n, p in model.named_parameters() if n in sums}
+
+    def log_prob(params, sample, target):
+        with _autocast(sample.device, autocast_dtype):
+            logits = functional_call(model, params, (sample.unsqueeze(0),))
+        return _log_probs(logits, target.view(1)).sum()
+
+    per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))(scored, inputs, targets)
+    for name in names:  # pop: each [chunk, *shape] block is freed once squared
+        sums[name] += per_sample.pop(name).to(sums[name].dtype).square().sum(0)
+
+
 def _add_squares_loop(model, names, inputs, targets, sums, autocast_dtype) -> None:
     params = dict(model.named_parameters())
     scored = [params[n] for n in names]
@@ -244,197 +252,6 @@ def _add_squares_loop(model, names, inputs, targets, sums, autocast_dtype) -> No
         for name, gradient in zip(names, grads):
             if gradient is not None:  # None: the parameter does not affect the output
                 sums[name] += gradient.to(sums[name].dtype).square()
-
-
-# -------------------------------------------------------------- method: vmap
-def _add_squares_vmap(model, names, inputs, targets, sums, autocast_dtype) -> None:
-    scored = {n: p.detach() for n, p in model.named_parameters() if n in sums}
-
-    def log_prob(params, sample, target):
-        with _autocast(sample.device, autocast_dtype):
-            logits = functional_call(model, params, (sample.unsqueeze(0),))
-        return _log_probs(logits, target.view(1)).sum()
-
-    per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))(scored, inputs, targets)
-    for name, grads in per_sample.items():
-        sums[name] += grads.to(sums[name].dtype).square().sum(0)
-
-
-# ------------------------------------------------------------- method: hooks
-# Per-sample gradients from a layer's input x_b and output gradient g_b:
-#   Linear  W: sum_t g_bt x_bt^T,  b: sum_t g_bt
-#   LayerNorm  gamma: sum_t g_bt * xhat_bt,  beta: sum_t g_bt
-#   Conv2d  W: g_b (out x L) @ unfold(x_b)^T (L x in*kh*kw),  b: sum_L g_b
-#   ViT tokens: pos_embed gets the gradient of (tokens + pos_embed) itself and
-#   cls_token its row 0 (timm's _pos_embed with no_embed_class=False).
-HOOKABLE = "nn.Linear, nn.LayerNorm, nn.Conv2d (groups=1, zero padding) and timm ViT's cls_token/pos_embed"
-
-
-def _hooked_modules(model: nn.Module, names: list[str]) -> dict[nn.Module, dict[str, str]]:
-    """module -> {local parameter name: full name} for every scored parameter."""
-    wanted = set(names)
-    owners: dict[nn.Module, dict[str, str]] = {}
-    for prefix, module in model.named_modules():
-        for local, _ in module.named_parameters(recurse=False):
-            full = f"{prefix}.{local}" if prefix else local
-            if full in wanted:
-                owners.setdefault(module, {})[local] = full
-    return owners
-
-
-def _check_hooks_support(model: nn.Module, names: list[str]) -> None:
-    unsupported = []
-    for module, params in _hooked_modules(model, names).items():
-        if not _hookable(module, params):
-            unsupported += list(params.values())
-    if unsupported:
-        raise ConfigError(
-            f"method='hooks' cannot form per-sample gradients of {unsupported} (supported: {HOOKABLE}); "
-            "use method='vmap' for these parameters")
-
-
-def _hookable(module: nn.Module, params: dict[str, str]) -> bool:
-    if isinstance(module, (nn.Linear, nn.LayerNorm)):
-        return True
-    if isinstance(module, nn.Conv2d):
-        return (module.groups == 1 and module.padding_mode == "zeros"
-                and (not isinstance(module.padding, str) or module.padding == "valid"))
-    if isinstance(module, VisionTransformer):
-        return (set(params) <= {"cls_token", "pos_embed"} and not module.no_embed_class
-                and module.reg_token is None and not module.dynamic_img_size and module.pos_embed is not None)
-    return False
-
-
-def _add_squares_hooks(model, names, inputs, targets, sums, autocast_dtype) -> None:
-    handles = []
-    called: set[nn.Module] = set()
-    try:
-        for module, params in _hooked_modules(model, names).items():
-            forward_hook = _make_forward_hook(module, params, sums, handles, called)
-            # tokens + pos_embed leave timm's _pos_embed through pos_drop
-            hooked = module.pos_drop if isinstance(module, VisionTransformer) else module
-            handles.append(hooked.register_forward_hook(forward_hook))
-        # Differentiate w.r.t. the inputs, not the weights: the backward then
-        # reaches every hooked output without forming any weight gradient.
-        inputs = inputs.detach().requires_grad_(True)
-        with _autocast(inputs.device, autocast_dtype):
-            log_prob = _log_probs(model(inputs), targets).sum()
-        torch.autograd.grad(log_prob, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _make_forward_hook(module, params, sums, handles, called):
-    square_sums = _square_sums_function(module)
-
-    def forward_hook(hooked, args, output):
-        if module in called:  # a reused module's per-sample gradient is a sum over its calls
-            raise ConfigError(f"method='hooks' needs each module called once per forward; "
-                              f"{list(params.values())} belong to a module called twice; use method='vmap'")
-        called.add(module)
-        if not output.requires_grad:  # e.g. a layer applied to a constant: its gradient is not tracked here
-            raise ConfigError(f"method='hooks' needs layer outputs that depend on the inputs; "
-                              f"{list(params.values())} do not; use method='vmap'")
-        saved_input = [args[0].detach()]  # popped in the tensor hook to free memory early
-
-        def tensor_hook(output_grad):
-            for local, squares in square_sums(module, saved_input.pop(), output_grad, params).items():
-                sums[params[local]] += squares
-        handles.append(output.register_hook(tensor_hook))
-    return forward_hook
-
-
-def _square_sums_function(module):
-    if isinstance(module, nn.Linear):
-        return _linear_square_sums
-    if isinstance(module, nn.LayerNorm):
-        return _layer_norm_square_sums
-    if isinstance(module, nn.Conv2d):
-        return _conv2d_square_sums
-    return _token_square_sums
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return _accumulator_dtype(next(module.parameters()))
-
-
-def _linear_square_sums(module: nn.Linear, x, output_grad, params) -> dict[str, torch.Tensor]:
-    dtype = _dtype_of(module)
-    x = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # [B, T, in]
-    g = output_grad.reshape(output_grad.shape[0], -1, output_grad.shape[-1]).to(dtype)  # [B, T, out]
-    squares = {}
-    if "weight" in params:
-        squares["weight"] = torch.einsum("bto,bti->boi", g, x).square().sum(0)
-    if "bias" in params:
-        squares["bias"] = g.sum(1).square().sum(0)
-    return squares
-
-
-def _layer_norm_square_sums(module: nn.LayerNorm, x, output_grad, params) -> dict[str, torch.Tensor]:
-    dtype = _dtype_of(module)
-    shape = tuple(module.normalized_shape)
-    x_hat = F.layer_norm(x.to(dtype), shape, eps=module.eps)  # the module's own normalisation, no affine
-    g = output_grad.to(dtype)
-
-    def per_sample(t):  # sum over tokens: [B, ..., *shape] -> [B, *shape]
-        return t.reshape(t.shape[0], -1, *shape).sum(1)
-
-    squares = {}
-    if "weight" in params:
-        squares["weight"] = per_sample(g * x_hat).square().sum(0)
-    if "bias" in params:
-        squares["bias"] = per_sample(g).square().sum(0)
-    return squares
-
-
-def _conv2d_square_sums(module: nn.Conv2d, x, output_grad, params) -> dict[str, torch.Tensor]:
-    dtype = _dtype_of(module)
-    padding = 0 if module.padding == "valid" else module.padding
-    # [B, in*kh*kw, L]: the input patch that each output position saw
-    columns = F.unfold(x.to(dtype), module.kernel_size, module.dilation, padding, module.stride)
-    g = output_grad.reshape(output_grad.shape[0], output_grad.shape[1], -1).to(dtype)  # [B, out, L]
-    squares = {}
-    if "weight" in params:
-        per_sample = torch.einsum("bol,bil->boi", g, columns)
-        squares["weight"] = per_sample.square().sum(0).reshape(module.weight.shape)
-    if "bias" in params:
-        squares["bias"] = g.sum(2).square().sum(0)
-    return squares
-
-
-def _token_square_sums(model: VisionTransformer, x, output_grad, params) -> dict[str, torch.Tensor]:
-    # output_grad is d(sum log p)/d(tokens + pos_embed), [B, T, D]; per sample it
-    # is exactly the gradient of pos_embed, and its row 0 that of cls_token.
-    g = output_grad.to(_dtype_of(model))
-    squares = {}
-    if "pos_embed" in params:
-        squares["pos_embed"] = g.square().sum(0).reshape(model.pos_embed.shape)
-    if "cls_token" in params:
-        squares["cls_token"] = g[:, 0].square().sum(0).reshape(model.cls_token.shape)
-    return squares
-
-
-# ============================================================= other scores
-def magnitude_scores(model: nn.Module, param_names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """|theta| per entry (detached copies); default: every named parameter."""
-    names = _resolve_names(model, param_names, default=[n for n, _ in model.named_parameters()])
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().abs() for n in names}
-
-
-def random_scores(
-    model: nn.Module, param_names: list[str] | None = None, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Uniform [0, 1) scores; one stream per parameter name, so dict order does not matter."""
-    check_int("seed", seed, minimum=0)
-    names = _resolve_names(model, param_names, default=[n for n, _ in model.named_parameters()])
-    params = dict(model.named_parameters())
-    scores = {}
-    for name in names:
-        generator = torch_generator(seed, "random-scores", name)
-        scores[name] = torch.rand(params[name].shape, generator=generator).to(params[name].device)
-    return scores
 
 
 # ================================================================ calibration
@@ -448,7 +265,7 @@ class Calibration:
     densities: fraction of eligible entries trainable after each round.
     """
 
-    masks: dict[str, torch.Tensor]
+    masks: Tensors
     rule: str
     target_sparsity: float
     achieved_sparsity: float
@@ -457,16 +274,8 @@ class Calibration:
     densities: list[float] = field(default_factory=list)
 
 
-def calibrate(
-    model: nn.Module,
-    score_fn: ScoreFn,
-    rule: str,
-    sparsity: float,
-    rounds: int = 1,
-    param_names: list[str] | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> Calibration:
+def calibrate(model: nn.Module, score_fn: ScoreFn, rule: str, sparsity: float, rounds: int = 1,
+              param_names: list[str] | None = None, seed: int = 0, progress: bool = False) -> Calibration:
     """Multi-round global mask calibration (TaLoS); masks True = trainable.
 
     score_fn(model) returns Fisher scores of the model as it is now; it is
@@ -491,56 +300,51 @@ def calibrate(
     originals = {n: p.detach().clone() for n, p in params.items()}
     total = sum(p.numel() for p in params.values())
     device = params[names[0]].device
-    kept = torch.ones(total, dtype=torch.bool, device=device)  # flat over the eligible entries, in `names` order
+    kept = torch.ones(total, dtype=torch.bool, device=device)  # flat over eligible entries, `names` order
     thresholds, densities = [], []
     try:
         for round_index in tqdm(range(1, rounds + 1), desc="calibration rounds", disable=not progress):
             rank = _rank_scores(rule, model, score_fn, originals, seed, round_index, device)
             rank[~kept] = math.inf  # after any negation: frozen entries can never come back
             keep_count = round((1.0 - sparsity) ** (round_index / rounds) * total)
-            kept, boundary = _keep_lowest(rank, keep_count)
-            del rank
+            # stable sort: ties keep the earlier position, so masks are deterministic
+            values, order = torch.sort(rank, stable=True)
+            kept = torch.zeros_like(rank, dtype=torch.bool)
+            kept[order[:keep_count]] = True
+            boundary = float(values[keep_count - 1]) if keep_count > 0 else math.nan
             thresholds.append(-boundary if rule in KEEP_HIGHEST_RULES else boundary)
             densities.append(keep_count / total)
-            if round_index < rounds:
-                _attenuate_frozen(params, originals, kept)
+            if round_index < rounds:  # from the originals, not cumulative: frozen = 0.1 * theta_0
+                _load(params, {n: torch.where(k, originals[n], originals[n] * ATTENUATION)
+                               for n, k in _unflatten(kept, params).items()})
     finally:
-        _restore(params, originals)
+        _load(params, originals)
     masks = _unflatten(kept, params)
     achieved = 1.0 - int(kept.sum()) / total
     return Calibration(masks, rule, sparsity, achieved, rounds, thresholds, densities)
 
 
-def calibrate_masks(
-    model: nn.Module,
-    batches: Iterable,
-    rule: str,
-    sparsity: float,
-    rounds: int = 1,
-    param_names: list[str] | None = None,
-    label_mode: str = "sampled",
-    seed: int = 0,
-    method: str = "hooks",
-    chunk_size: int = 64,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> dict[str, torch.Tensor]:
+def calibrate_masks(model: nn.Module, batches: Iterable, rule: str, sparsity: float, rounds: int = 1,
+                    param_names: list[str] | None = None, label_mode: str = "sampled", seed: int = 0,
+                    chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None,
+                    progress: bool = False) -> Tensors:
     """Masks (True = trainable) from Fisher scores on `batches`, calibrated in `rounds` rounds.
 
     `batches` must be re-iterable (a list): every round re-scores the same
     samples, now through the attenuated model. Round r draws its sampled
     labels from the stream (seed, 'fisher-labels', r). See `calibrate`.
     """
-    check_fisher_options(label_mode, method, chunk_size)
+    check_choice("label_mode", label_mode, LABEL_MODES)
+    check_int("chunk_size", chunk_size, minimum=1)
     if isinstance(batches, Iterator):
         raise ConfigError("batches must be re-iterable (e.g. a list of (inputs, labels) pairs), "
                           f"got a one-shot {type(batches).__name__}; every calibration round re-reads it")
     names = _resolve_names(model, param_names, default=backbone_parameter_names(model))
     round_numbers = count(1)
 
-    def fisher_of_current_model(current: nn.Module) -> dict[str, torch.Tensor]:
+    def fisher_of_current_model(current: nn.Module) -> Tensors:
         generator = torch_generator(seed, "fisher-labels", next(round_numbers))
-        return fisher_scores(current, batches, label_mode, names, generator, method, chunk_size, autocast_dtype)
+        return fisher_scores(current, batches, label_mode, names, generator, chunk_size, autocast_dtype)
 
     return calibrate(model, fisher_of_current_model, rule, sparsity, rounds, names, seed, progress).masks
 
@@ -550,14 +354,16 @@ def _rank_scores(rule, model, score_fn, originals, seed, round_index, device) ->
     names = list(originals)
     if rule in SENSITIVITY_RULES:
         scores = score_fn(model)
-        _check_fisher_scores(scores, originals)
-    elif rule == "random":
-        scores = random_scores(model, names, seed=derive_seed(seed, "calibration-round", round_index))
+        wrong = [n for n, w in originals.items() if n not in scores or scores[n].shape != w.shape]
+        if wrong:
+            raise ValueError(f"score_fn returned no scores or misshapen scores for {wrong}")
+    elif rule == "random":  # one stream per round and parameter name, so dict order does not matter
+        round_seed = derive_seed(seed, "calibration-round", round_index)
+        scores = {n: torch.rand(w.shape, generator=torch_generator(round_seed, "random-scores", n))
+                  for n, w in originals.items()}
     else:
         scores = {n: weight.abs() for n, weight in originals.items()}  # the original weights, never Fisher
-    dtype = torch.float32
-    for name in names:
-        dtype = torch.promote_types(dtype, scores[name].dtype)
+    dtype = reduce(torch.promote_types, [scores[n].dtype for n in names], torch.float32)
     flat = torch.cat([scores[n].detach().reshape(-1).to(device, dtype) for n in names])
     if rule in SENSITIVITY_RULES and not torch.isfinite(flat).all():
         bad = [n for n in names if not torch.isfinite(scores[n]).all()]
@@ -565,40 +371,85 @@ def _rank_scores(rule, model, score_fn, originals, seed, round_index, device) ->
     return flat.neg_() if rule in KEEP_HIGHEST_RULES else flat
 
 
-def _check_fisher_scores(scores, originals) -> None:
-    if not isinstance(scores, dict):
-        raise ValueError(f"score_fn must return a dict name -> tensor, got {type(scores).__name__}")
-    missing = [n for n in originals if n not in scores]
-    if missing:
-        raise ValueError(f"score_fn returned no scores for {missing}")
-    wrong = [n for n, w in originals.items() if tuple(scores[n].shape) != tuple(w.shape)]
-    if wrong:
-        raise ValueError(f"score_fn returned scores shaped unlike their parameters for {wrong}")
-
-
-def _keep_lowest(rank: torch.Tensor, keep_count: int) -> tuple[torch.Tensor, float]:
-    """The keep_count lowest ranks (ties: earlier position first) and the largest rank kept."""
-    values, order = torch.sort(rank, stable=True)
-    kept = torch.zeros_like(rank, dtype=torch.bool)
-    kept[order[:keep_count]] = True
-    boundary = float(values[keep_count - 1]) if keep_count > 0 else math.nan
-    return kept, boundary
-
-
-def _unflatten(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _unflatten(flat: torch.Tensor, params: Tensors) -> Tensors:
     pieces = flat.split([p.numel() for p in params.values()])
     return {n: piece.reshape(p.shape).to(p.device).clone() for (n, p), piece in zip(params.items(), pieces)}
 
 
 @torch.no_grad()
-def _attenuate_frozen(params, originals, kept: torch.Tensor) -> None:
-    # In place, from the originals (not cumulative): frozen = 0.1 * theta_0, kept = theta_0,
-    # as the reference's forward w * mask with mask 0.1 on frozen entries.
-    for name, keep in _unflatten(kept, params).items():
-        params[name].copy_(torch.where(keep, originals[name], originals[name] * ATTENUATION))
-
-
-@torch.no_grad()
-def _restore(params, originals) -> None:
+def _load(params: Tensors, values: Tensors) -> None:
     for name, param in params.items():
-        param.copy_(originals[name])
+        param.copy_(values[name])
+
+
+# ============================================================== mask utilities
+def count_trainable(masks: Tensors) -> int:
+    """Number of trainable (True) entries over all masks."""
+    return sum(int(mask.sum()) for mask in masks.values())
+
+
+def mask_sparsity(masks: Tensors) -> float:
+    """Fraction of entries frozen (False) over all masks."""
+    total = sum(mask.numel() for mask in masks.values())
+    if total == 0:
+        raise ValueError("masks hold no entries; sparsity is undefined")
+    return 1.0 - count_trainable(masks) / total
+
+
+def mask_density_by_parameter(masks: Tensors) -> pd.DataFrame:
+    """One row per mask: parameter, entries, trainable, density, block, kind.
+
+    block is the transformer block index parsed from 'blocks.N.' (-1 outside
+    the blocks); kind is the name without that prefix (e.g. 'attn.qkv.weight'),
+    so rows group by layer type across blocks.
+    """
+    rows = []
+    for name, mask in masks.items():
+        match = BLOCK_NAME.match(name)
+        block, kind = (int(match.group(1)), match.group(2)) if match else (-1, name)
+        entries, trainable = mask.numel(), int(mask.sum())
+        rows.append(dict(parameter=name, entries=entries, trainable=trainable,
+                         density=trainable / entries if entries else math.nan, block=block, kind=kind))
+    return pd.DataFrame(rows, columns=["parameter", "entries", "trainable", "density", "block", "kind"])
+
+
+def jaccard(masks_a: Tensors, masks_b: Tensors) -> float:
+    """|A ∩ B| / |A ∪ B| of the trainable entries; 1.0 when both have none."""
+    wrong = sorted(set(masks_a) ^ set(masks_b))  # parameters in only one of them, else misshapen ones
+    wrong = wrong or [n for n, mask in masks_a.items() if mask.shape != masks_b[n].shape]
+    if wrong:
+        raise ValueError(f"the masks differ in which parameters they cover or in shape: {wrong}")
+    intersection = union = 0
+    for name, mask_a in masks_a.items():
+        mask_b = masks_b[name].to(mask_a.device)
+        intersection += int((mask_a & mask_b).sum())
+        union += int((mask_a | mask_b).sum())
+    return 1.0 if union == 0 else intersection / union
+
+
+def pack_masks(masks: Tensors) -> dict[str, dict]:
+    """Bit-packed masks: {name: {'shape': [ints], 'bits': uint8 tensor}}, 8x smaller than bool.
+
+    Only tensors, lists, ints and strings, so torch.load(weights_only=True) reads it back.
+    """
+    packed = {}
+    for name, mask in masks.items():
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask {name!r} has dtype {mask.dtype}; masks are bool tensors")
+        bits = np.packbits(mask.detach().cpu().numpy().reshape(-1))
+        packed[name] = {"shape": [int(size) for size in mask.shape], "bits": torch.from_numpy(bits)}
+    return packed
+
+
+def unpack_masks(packed: dict[str, dict], device: torch.device | str = "cpu") -> Tensors:
+    """The bool masks stored by `pack_masks`, on `device`."""
+    masks = {}
+    for name, entry in packed.items():
+        shape = [int(size) for size in entry["shape"]]
+        numel, bits = math.prod(shape), entry["bits"]
+        if bits.dtype != torch.uint8 or bits.numel() != (numel + 7) // 8:
+            raise ValueError(f"packed mask {name!r} has {bits.numel()} {bits.dtype} bytes; "
+                             f"shape {shape} needs {(numel + 7) // 8} uint8 bytes")
+        flat = np.unpackbits(bits.cpu().numpy(), count=numel).astype(bool)
+        masks[name] = torch.from_numpy(flat).reshape(shape).to(device)
+    return masks

@@ -33,10 +33,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from fedta_utils import federated, storage, training  # noqa: E402
-from fedta_utils.federated import FedAvgConfig, run_fedavg  # noqa: E402
+from fedta_utils import fedavg, runs, training  # noqa: E402
+from fedta_utils.fedavg import FedAvgConfig, run_fedavg  # noqa: E402
+from fedta_utils.finetune import FineTuneSpec  # noqa: E402
 from fedta_utils.runs import config_id  # noqa: E402
-from fedta_utils.sparse import FineTuneSpec  # noqa: E402
 from fedta_utils.training import CentralizedConfig, run_centralized  # noqa: E402
 from fedta_utils.workspace import setup_workspace  # noqa: E402
 
@@ -102,7 +102,7 @@ class SlowFile:
 
 
 class SlowOs:
-    """storage.py's view of `os`: fdopen gives a SlowFile, replace logs the write's end."""
+    """runs.py's view of `os`: fdopen gives a SlowFile, replace logs the write's end."""
 
     def __init__(self, seconds: float, events: Events):
         self.seconds, self.events = seconds, events
@@ -120,14 +120,14 @@ class SlowOs:
 
 
 def final_name(temp_path: str) -> str:
-    """'.../.checkpoint-000003.pt.ab12cd.tmp' -> 'checkpoint-000003.pt' (mkstemp's naming in storage.py)."""
+    """'.../.checkpoint-000003.pt.ab12cd.tmp' -> 'checkpoint-000003.pt' (mkstemp's naming in runs.py)."""
     name = Path(temp_path).name
     return name[1:].rsplit(".", 2)[0]
 
 
 def instrument(events: Events, write_seconds: float) -> None:
     """Log phases and slow down writes, by wrapping functions of this process only."""
-    storage.os = SlowOs(write_seconds, events)
+    runs.os = SlowOs(write_seconds, events)
 
     def phase(module, attribute, kind, set_round=None):
         original = getattr(module, attribute)
@@ -142,14 +142,15 @@ def instrument(events: Events, write_seconds: float) -> None:
 
         setattr(module, attribute, wrapper)
 
-    phase(federated, "prepare_federated", "prepare")
-    phase(training, "prepare_centralized", "prepare")
-    phase(federated._FedAvgTrainer, "round", "round", set_round=lambda self, round_index: round_index)
-    phase(federated._FedAvgTrainer, "_local_training", "train")
+    # `from .finetune import prepare` binds the name in each importing module: patch it there
+    phase(fedavg, "prepare", "prepare")
+    phase(training, "prepare", "prepare")
+    phase(fedavg.FedAvgRun, "round", "round", set_round=lambda self, round_index: round_index)
+    phase(fedavg, "client_update", "train")
     phase(training, "epoch_batches", "round", set_round=lambda n, b, seed, tag, epoch, **_: epoch)
     phase(training, "train_steps", "train")
-    phase(federated, "_evaluate_splits", "eval")
-    phase(training, "_evaluate_splits", "eval")
+    phase(fedavg, "evaluate_splits", "eval")
+    phase(training, "evaluate_splits", "eval")
 
 
 # --------------------------------------------------------------------------- one run

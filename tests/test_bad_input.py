@@ -21,11 +21,11 @@ import torch
 from fedta_utils import experiments, pipeline
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import prepare_data, train_val_split
-from fedta_utils.federated import FedAvgConfig, run_fedavg
+from fedta_utils.fedavg import FedAvgConfig, run_fedavg
 from fedta_utils.models import build_model
 from fedta_utils.pipeline import NotebookFailed, run_pipeline
 from fedta_utils.sharding import dirichlet_shards, iid_shards, make_shards, non_iid_shards
-from fedta_utils.sparse import FineTuneSpec
+from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.training import CentralizedConfig, run_centralized
 from fedta_utils.workspace import setup_workspace
 
@@ -271,11 +271,8 @@ def test_fedavg_config_rejects_bad_fields(fields, message):
 
 
 SPEC_CASES = [
-    ({"head": "linear"}, "head='linear' is not allowed; choose one of ['train', 'ridge', 'probe']"),
+    ({"head": "linear"}, "head='linear' is not allowed; choose one of ['train', 'ridge']"),
     ({"ridge_lambda": 0}, "ridge_lambda=0 is out of range; it must be in (0, inf)"),
-    ({"probe_rounds": 0}, "probe_rounds=0 is too small; it must be >= 1"),
-    ({"probe_local_steps": 1.5}, "probe_local_steps must be an integer >= 1, got 1.5 (float)"),
-    ({"probe_lr": -0.1}, "probe_lr=-0.1 is out of range; it must be in (0, inf)"),
     ({"mask_rule": "fisher"}, "mask_rule='fisher' is not allowed; choose one of [None, 'least_sensitive'"),
     ({"sparsity": -0.1}, "sparsity=-0.1 is out of range; it must be in [0, 1)"),
     ({"sparsity": "0.9"}, "sparsity must be a number in [0, 1), got '0.9' (str)"),
@@ -283,7 +280,6 @@ SPEC_CASES = [
     ({"calibration_samples": 0}, "calibration_samples=0 is too small; it must be >= 1"),
     ({"label_mode": "empirical"}, "label_mode='empirical' is not allowed; choose one of ['sampled', 'true']"),
     ({"eligible": "all"}, "eligible='all' is not allowed; choose one of ['backbone', 'blocks', 'matrices']"),
-    ({"mask_scope": "per_client"}, "mask_scope='per_client' is not allowed; choose one of ['global', 'local']"),
 ]
 
 
@@ -391,7 +387,7 @@ GRID_CASES = [
     (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
      {"sparse_classes_per_client": 0}, "sparse_classes_per_client=0 is too small; it must be >= 1"),
     (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"head": "frozen"}, "head='frozen' is not allowed; choose one of ['train', 'ridge', 'probe']"),
+     {"head": "frozen"}, "head='frozen' is not allowed; choose one of ['train', 'ridge']"),
     (experiments.sparse_central_configs,
      dict(SPARSE_GRID, sparse_central_epochs=1, central_batch_size=64, central_sparsity=0.9,
           central_calibration_rounds=2), {"central_sparsity": 1.5},
@@ -427,7 +423,7 @@ def test_run_grid_checks_every_config_against_the_data_before_the_first_run(work
         **dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[200], local_steps_grid=[1], base_rounds=1))
     assert configs[0].sharding == "iid"  # a valid run comes first and must not start
     with raises("classes_per_client=200 is too large; it must be <= 100"):
-        experiments.run_grid(run_fedavg, workspace, small_data, configs, experiment="grid", progress=False)
+        experiments.run_grid(run_fedavg, workspace, small_data, "grid", configs, {})
     assert not (workspace.root / "grid").exists()
 
 
@@ -441,7 +437,7 @@ def test_pipeline_rejects_an_unknown_profile_on_the_command_line(capsys):
 
 
 def test_run_pipeline_rejects_an_unknown_profile(tmp_path):
-    with raises("profile='fast' is not allowed; choose one of ['full', 'smoke']"):
+    with raises("profile='fast' is not allowed; choose one of ['smoke', 'full']"):
         run_pipeline("fast", results_dir=tmp_path / "results")
     assert not (tmp_path / "results").exists()
 

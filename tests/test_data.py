@@ -1,4 +1,4 @@
-"""Data: loading, the stratified split, and the on-device batch path."""
+"""Data: loading, the stratified split, the on-device batch path, and the seeded random streams."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from fedta_utils.checks import ConfigError
-from fedta_utils.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_cifar100, load_or_create_split,
-                              make_batch, normalize_resize, prepare_data, random_crop_flip,
-                              synthetic_cifar100, train_val_split)
+from fedta_utils.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, derive_seed, load_cifar100,
+                              load_or_create_split, make_batch, normalize_resize, numpy_rng, prepare_data,
+                              random_crop_flip, synthetic_cifar100, torch_generator, train_val_split)
 
 
 # ------------------------------------------------------------------ split
@@ -65,6 +65,12 @@ def test_synthetic_classes_are_separable_by_their_mean_image():
 def test_prepare_data_splits_and_never_touches_test(small_data):
     assert len(small_data.train) == 1800 and len(small_data.val) == 200 and len(small_data.test) == 500
     assert small_data.num_classes == 100 and small_data.name == "synthetic"
+
+
+def test_a_bundle_refuses_a_config_made_for_another_dataset(small_data):
+    small_data.check_is("synthetic")
+    with pytest.raises(ConfigError, match="config.dataset='cifar100' but the data passed in is 'synthetic'"):
+        small_data.check_is("cifar100")
 
 
 def test_prepare_data_rejects_unknown_datasets():
@@ -139,7 +145,8 @@ def test_normalising_before_resizing_equals_resizing_before_normalising():
     ours = normalize_resize(images, 96)
     raw = images.permute(0, 3, 1, 2).float() / 255
     resized = F.interpolate(raw, size=96, mode="bilinear", align_corners=False)
-    reference = (resized - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    reference = (resized - mean) / std
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
@@ -154,3 +161,24 @@ def test_evaluation_batches_are_never_augmented(small_data):
 def test_image_set_validates_its_tensors():
     with pytest.raises(ValueError, match="uint8"):
         ImageSet(torch.zeros(2, 32, 32, 3), torch.zeros(2, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------ random streams
+
+def test_a_stream_is_fixed_by_its_seed_and_tags_alone():
+    assert derive_seed(3, "clients", 7) == derive_seed(3, "clients", 7)
+    seeds = {derive_seed(3, "clients", 7), derive_seed(4, "clients", 7), derive_seed(3, "clients", 8),
+             derive_seed(3, "batches", 7), derive_seed(3, "clients", 7, 1)}
+    assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
+    assert np.array_equal(numpy_rng(3, "x").permutation(50), numpy_rng(3, "x").permutation(50))
+
+
+def test_torch_generators_draw_from_the_derived_seed():
+    draws = torch.rand(5, generator=torch_generator(1, "head-init"))
+    expected = torch.Generator().manual_seed(derive_seed(1, "head-init"))
+    assert torch.equal(draws, torch.rand(5, generator=expected))
+
+
+def test_negative_seed_tags_are_refused():
+    with pytest.raises(ValueError, match="non-negative"):
+        derive_seed(0, "round", -1)

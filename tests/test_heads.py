@@ -1,11 +1,11 @@
-"""Step-0 heads: the federated ridge head equals the centralized one; probe and logit scale."""
+"""Step-0 heads: the federated ridge head equals the centralized one; the logit scale; client features."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedta_utils.heads import (LOGIT_SCALES, federated_linear_probe, federated_ridge_head, ridge_statistics,
+from fedta_utils.heads import (LOGIT_SCALES, client_features, federated_ridge_head, ridge_statistics,
                                solve_ridge)
 from fedta_utils.sharding import iid_shards, non_iid_shards
 
@@ -44,47 +44,42 @@ def test_federated_ridge_head_equals_the_centralized_one_for_any_client_order(fe
     client_feats, client_labels = split(feats, labels, shards)
     federated = federated_ridge_head(client_feats, client_labels, 10, ridge_lambda=1.0)
     order = np.random.default_rng(1).permutation(len(shards))
-    shuffled = federated_ridge_head([client_feats[i] for i in order], [client_labels[i] for i in order], 10, 1.0)
-    for fit in (federated, shuffled):
-        assert fit.info["logit_scale"] == central.info["logit_scale"]
-        assert torch.allclose(fit.weight, central.weight, atol=1e-5, rtol=1e-6)
-        assert torch.allclose(fit.bias, central.bias, atol=1e-5, rtol=1e-6)
+    shuffled = federated_ridge_head([client_feats[i] for i in order], [client_labels[i] for i in order], 10,
+                                    1.0)
+    for weight, bias, info in (federated, shuffled):
+        assert info["logit_scale"] == central[2]["logit_scale"]
+        torch.testing.assert_close(weight, central[0], atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(bias, central[1], atol=1e-5, rtol=1e-6)
 
 
 def test_logit_scale_is_the_grid_value_with_the_lowest_training_loss(features_and_labels):
     feats, labels = features_and_labels
-    fit = federated_ridge_head([feats], [labels], 10, ridge_lambda=1.0)
+    _, _, info = federated_ridge_head([feats], [labels], 10, ridge_lambda=1.0)
     a, b = ridge_statistics(feats, labels, 10)
     weight, bias = solve_ridge(a, b, 1.0)
     logits = feats.double() @ weight.T + bias
     losses = [F.cross_entropy(s * logits, labels).item() for s in LOGIT_SCALES]
-    assert fit.info["logit_scale"] == LOGIT_SCALES[int(np.argmin(losses))]
-    assert fit.info["logit_scale"] > 1.0  # one-hot regression logits need sharpening
+    assert info["logit_scale"] == LOGIT_SCALES[int(np.argmin(losses))]
+    assert info["logit_scale"] > 1.0  # one-hot regression logits need sharpening
 
 
-def test_ridge_head_classifies_separable_features(features_and_labels):
+def test_ridge_head_is_the_scaled_solution_and_classifies_separable_features(features_and_labels):
     feats, labels = features_and_labels
-    fit = federated_ridge_head([feats], [labels], 10, ridge_lambda=1.0)
-    accuracy = ((feats @ fit.weight.T + fit.bias).argmax(1) == labels).float().mean()
-    assert accuracy > 0.9
+    weight, bias, info = federated_ridge_head([feats], [labels], 10, ridge_lambda=1.0)
+    solution, offset = solve_ridge(*ridge_statistics(feats, labels, 10), 1.0)
+    torch.testing.assert_close(weight, (info["logit_scale"] * solution).float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bias, (info["logit_scale"] * offset).float(), rtol=1e-6, atol=1e-7)
+    assert ((feats @ weight.T + bias).argmax(1) == labels).float().mean() > 0.9
 
 
-def test_linear_probe_learns_a_head_from_client_features(features_and_labels):
-    feats, labels = features_and_labels
-    shards = iid_shards(labels.numpy(), 6, seed=0)
-    client_feats, client_labels = split(feats, labels, shards)
-    fit = federated_linear_probe(client_feats, client_labels, 10, rounds=30, local_steps=4, clients_per_round=3,
-                                 batch_size=32, lr=0.1, seed=0)
-    accuracy = ((feats @ fit.weight.T + fit.bias).argmax(1) == labels).float().mean()
-    assert accuracy > 0.8
-
-
-def test_installed_head_is_the_fitted_one(features_and_labels):
+def test_client_features_are_the_head_inputs(small_data):
+    from fedta_utils.data import make_batch
     from fedta_utils.models import build_model
 
-    feats, labels = features_and_labels
-    fit = federated_ridge_head([feats], [labels], 10, ridge_lambda=1.0)
-    model = build_model("tiny_vit", 10)
-    fit.weight = torch.randn(10, model.num_features)
-    fit.install(model)
-    assert torch.equal(model.get_classifier().weight.detach(), fit.weight)
+    model = build_model("tiny_vit", 100, head_seed=1)
+    index = np.arange(40, 80)
+    feats = client_features(model, small_data.train, index, 32, "fp32", batch_size=16)
+    inputs, _ = make_batch(small_data.train, torch.as_tensor(index), 32)
+    assert feats.shape == (40, model.num_features) and feats.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(feats), model.eval()(inputs), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Specifications of fedta_utils.masks: counts, per-parameter tables, overlap and bit-packed storage."""
+"""Specifications of the mask utilities in fedta_utils.sensitivity: counts, tables, overlap, storage."""
 
 from __future__ import annotations
 
@@ -7,17 +7,14 @@ import io
 import pytest
 import torch
 
-from fedta_utils.masks import (
-    all_true_masks,
+from fedta_utils.sensitivity import (
     count_trainable,
     jaccard,
     mask_density_by_parameter,
     mask_sparsity,
     pack_masks,
-    parse_block,
     unpack_masks,
 )
-from fedta_utils.models import backbone_parameter_names, build_model
 
 
 def hand_made_masks() -> dict[str, torch.Tensor]:
@@ -44,6 +41,11 @@ def test_count_trainable_and_sparsity_of_hand_made_masks():
     assert mask_sparsity(masks) == pytest.approx(0.6)
 
 
+def test_sparsity_of_masks_without_entries_is_refused():
+    with pytest.raises(ValueError, match="no entries"):
+        mask_sparsity({"empty": torch.ones(0, dtype=torch.bool)})
+
+
 def test_density_table_has_one_row_per_parameter_with_counts_and_density():
     table = mask_density_by_parameter(hand_made_masks())
     assert list(table.columns) == ["parameter", "entries", "trainable", "density", "block", "kind"]
@@ -59,15 +61,16 @@ def test_density_table_parses_block_index_and_kind():
     assert table["kind"].tolist() == ["attn.qkv.weight", "mlp.fc1.bias", "cls_token"]
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("blocks.3.attn.qkv.weight", (3, "attn.qkv.weight")),
-    ("blocks.10.norm1.bias", (10, "norm1.bias")),
-    ("patch_embed.proj.weight", (-1, "patch_embed.proj.weight")),
-    ("pos_embed", (-1, "pos_embed")),
-    ("model.blocks.3.attn.qkv.weight", (-1, "model.blocks.3.attn.qkv.weight")),  # prefix only at the start
+@pytest.mark.parametrize("name, block, kind", [
+    ("blocks.3.attn.qkv.weight", 3, "attn.qkv.weight"),
+    ("blocks.10.norm1.bias", 10, "norm1.bias"),
+    ("patch_embed.proj.weight", -1, "patch_embed.proj.weight"),
+    ("pos_embed", -1, "pos_embed"),
+    ("model.blocks.3.attn.qkv.weight", -1, "model.blocks.3.attn.qkv.weight"),  # prefix only at the start
 ])
-def test_parse_block_splits_block_index_from_kind(name, expected):
-    assert parse_block(name) == expected
+def test_density_table_splits_the_block_index_from_the_kind(name, block, kind):
+    row = mask_density_by_parameter({name: torch.ones(2, dtype=torch.bool)}).iloc[0]
+    assert (row["block"], row["kind"]) == (block, kind)
 
 
 def test_jaccard_of_hand_made_masks():
@@ -88,10 +91,12 @@ def test_jaccard_is_zero_for_complementary_masks():
     assert jaccard(masks, {name: ~mask for name, mask in masks.items()}) == 0.0
 
 
-def test_jaccard_refuses_masks_of_different_parameters():
+def test_jaccard_refuses_masks_of_different_parameters_or_shapes():
     masks = hand_made_masks()
     with pytest.raises(ValueError, match="cls_token"):
         jaccard(masks, {name: m for name, m in masks.items() if name != "cls_token"})
+    with pytest.raises(ValueError, match="cls_token"):
+        jaccard(masks, masks | {"cls_token": torch.zeros(3, dtype=torch.bool)})
 
 
 def test_pack_unpack_round_trip_is_exact_for_odd_sizes_and_shapes():
@@ -132,13 +137,3 @@ def test_unpack_refuses_bits_that_do_not_fit_the_shape():
 def test_pack_refuses_non_bool_masks():
     with pytest.raises(ValueError, match="bool"):
         pack_masks({"w": torch.ones(3)})
-
-
-def test_all_true_masks_cover_the_backbone_by_default():
-    model = build_model("tiny_vit", num_classes=10)
-    masks = all_true_masks(model)
-    assert list(masks) == backbone_parameter_names(model)
-    assert mask_sparsity(masks) == 0.0
-    params = dict(model.named_parameters())
-    assert all(masks[n].shape == params[n].shape and masks[n].dtype == torch.bool for n in masks)
-    assert list(all_true_masks(model, ["head.weight"])) == ["head.weight"]

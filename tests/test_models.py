@@ -1,4 +1,4 @@
-"""Models: tiny_vit, and DINO ViT-S/16 from a local file, timm, or torch.hub (all offline here)."""
+"""Models: tiny_vit, DINO ViT-S/16 from a local file, timm, or torch.hub (all offline here); precision."""
 
 import pytest
 import timm
@@ -43,14 +43,6 @@ def test_parameter_name_helpers_split_head_and_backbone():
         len(list(model.parameters()))
 
 
-def test_features_are_the_head_inputs():
-    model = build_model("tiny_vit", 10).eval()
-    inputs = torch.randn(3, 3, 32, 32)
-    feats = models.features(model, inputs)
-    assert feats.shape == (3, 64)
-    assert torch.allclose(model.head(feats), model(inputs), atol=1e-6)
-
-
 def test_dino_weights_load_from_a_local_dino_checkpoint(tmp_path, dino_like_state):
     path = tmp_path / "dino_deitsmall16_pretrain.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in dino_like_state.items()}}, path)
@@ -73,7 +65,8 @@ def test_torch_hub_is_the_fallback_when_timm_cannot_download(monkeypatch, dino_l
 
     calls = []
     monkeypatch.setattr(models.timm, "create_model", offline_create)
-    monkeypatch.setattr(models.torch.hub, "load", lambda repo, name, **kw: calls.append((repo, name)) or HubModel())
+    monkeypatch.setattr(models.torch.hub, "load",
+                        lambda repo, name, **kw: calls.append((repo, name)) or HubModel())
     model = build_model("dino_vits16", 100)
     assert calls == [(models.HUB_REPO, models.HUB_MODEL)]
     assert backbone_equals(model, dino_like_state)
@@ -112,3 +105,31 @@ def test_build_model_rejects_bad_arguments(kwargs, message):
     arguments = {"name": "tiny_vit", "num_classes": 10, **kwargs}
     with pytest.raises(ConfigError, match=message):
         build_model(**arguments)
+
+
+# ------------------------------------------------------------------ precision
+
+def test_precision_is_fp32_on_a_cpu():
+    assert models.resolve_precision("auto", "cpu") == "fp32"
+    assert not models.grad_scaler("cpu", "fp32").is_enabled()
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_precision_follows_the_gpu_generation(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert models.resolve_precision("auto", "cuda") == expected
+
+
+def test_explicit_precision_is_kept_and_unknown_is_refused():
+    assert models.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="precision='fp8'"):
+        models.resolve_precision("fp8", "cpu")
+
+
+def test_only_fp16_scales_the_loss_and_only_fp32_runs_without_autocast():
+    assert models.grad_scaler("cpu", "fp16").is_enabled()
+    assert not models.grad_scaler("cpu", "bf16").is_enabled()
+    with models.autocast("cpu", "bf16"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    with models.autocast("cpu", "fp32"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32

@@ -1,18 +1,19 @@
-"""Specifications of fedta_utils.optim.SparseSGDM (SGD with momentum and per-entry masks)."""
+"""Specifications of fedta_utils.optim: SparseSGDM (SGD with momentum and per-entry masks), LR schedules."""
 
 from __future__ import annotations
 
 import copy
 import io
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedta_utils import optim
-from fedta_utils.optim import SparseSGDM, count_trainable
+from fedta_utils.checks import ConfigError
+from fedta_utils.optim import SparseSGDM, lr_multiplier, make_scheduler
 
 LR = 0.05
 
@@ -48,6 +49,10 @@ def momentum_buffer(opt: torch.optim.Optimizer, p: torch.Tensor):
     return opt.state.get(p, {}).get("momentum_buffer")
 
 
+def stored_masks(opt: SparseSGDM) -> list:
+    return [opt.state.get(p, {}).get("mask") for group in opt.param_groups for p in group["params"]]
+
+
 def assert_same_trajectory_state(model_a, opt_a, model_b, opt_b, where: str) -> None:
     for i, (pa, pb) in enumerate(zip(model_a.parameters(), model_b.parameters())):
         assert torch.equal(pa, pb), f"{where}: parameter {i} differs"
@@ -61,7 +66,8 @@ def _valid_sgd_configs():
     for momentum, dampening, nesterov in itertools.product([0.0, 0.9], [0.0, 0.5], [False, True]):
         if nesterov and (momentum <= 0 or dampening != 0):
             continue  # torch.optim.SGD rejects these
-        for weight_decay, maximize, foreach in itertools.product([0.0, 1e-2], [False, True], [False, True]):
+        for weight_decay, maximize, foreach in itertools.product([0.0, 1e-2], [False, True],
+                                                                 [False, True, None]):
             yield dict(
                 momentum=momentum,
                 dampening=dampening,
@@ -76,7 +82,8 @@ SGD_CONFIGS = list(_valid_sgd_configs())
 
 
 def _config_id(cfg: dict) -> str:
-    return "mom{momentum}-damp{dampening}-nest{nesterov:d}-wd{weight_decay}-max{maximize:d}-fe{foreach:d}".format(**cfg)
+    return ("mom{momentum}-damp{dampening}-nest{nesterov:d}-wd{weight_decay}-max{maximize:d}-fe{foreach}"
+            .format(**cfg))
 
 
 def dense_equivalent_masks(kind: str, model: nn.Module):
@@ -84,13 +91,15 @@ def dense_equivalent_masks(kind: str, model: nn.Module):
     if kind == "none":
         return None
     if kind == "ones":  # bool and float all-ones masks
-        return [torch.ones_like(p, dtype=torch.bool) if i % 2 else torch.ones_like(p) for i, p in enumerate(params)]
+        return [torch.ones_like(p, dtype=torch.bool) if i % 2 else torch.ones_like(p)
+                for i, p in enumerate(params)]
     if kind == "mix":
         return [torch.ones_like(p, dtype=torch.bool) if i % 2 == 0 else None for i, p in enumerate(params)]
     raise AssertionError(kind)
 
 
-def reference_masked_sgd(params, grads_list, masks, bufs, t, *, lr, momentum, dampening, nesterov, weight_decay, maximize):
+def reference_masked_sgd(params, grads_list, masks, bufs, t, *, lr, momentum, dampening, nesterov,
+                         weight_decay, maximize):
     """Hand-written torch.optim.SGD pseudo-code with a mask (frozen: no gradient, no decay, no momentum)."""
     for i, (theta, grad) in enumerate(zip(params, grads_list)):
         m = torch.ones_like(theta) if masks[i] is None else masks[i].to(theta.dtype)
@@ -123,7 +132,7 @@ def test_dense_equivalent_masks_are_bit_identical_to_sgd(cfg, mask_kind):
     assert moved
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, None])
 def test_lr_scheduler_changes_are_followed_bit_identically_to_sgd(foreach):
     cfg = dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-2, foreach=foreach)
     model_ref, model = make_model(), make_model()
@@ -162,17 +171,19 @@ def test_params_without_grad_are_skipped_like_sgd():
 
 
 # --------------------------------------------------------------------------- 2. frozen entries
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_frozen_entries_never_move_and_their_momentum_stays_zero(nesterov, foreach):
+def test_frozen_entries_never_move_and_their_momentum_stays_zero(nesterov, foreach, maximize):
     model = make_model()
     init = [p.detach().clone() for p in model.parameters()]
     masks = random_masks(model)
-    opt = SparseSGDM(
-        model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, nesterov=nesterov, foreach=foreach, masks=masks
-    )
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, nesterov=nesterov,
+                     foreach=foreach, maximize=maximize, masks=masks)
+    sign = -1.0 if maximize else 1.0  # maximize a bounded objective
     for t, batch in enumerate(make_batches(60)):
-        backward(model, opt, batch, t)
+        opt.zero_grad(set_to_none=True)
+        (sign * loss_fn(model, *batch, t)).backward()
         opt.step()
     for i, (p, p0, m) in enumerate(zip(model.parameters(), init, masks)):
         assert torch.equal(p[~m], p0[~m]), f"frozen entries of parameter {i} moved"
@@ -192,7 +203,8 @@ def test_partial_mask_equals_sgd_on_masked_gradient_with_masked_decay(nesterov, 
     masks[1] = None  # one dense parameter next to masked ones
     ref = torch.optim.SGD(model_ref.parameters(), lr=LR, momentum=0.9, nesterov=nesterov, foreach=foreach)
     opt = SparseSGDM(
-        model.parameters(), lr=LR, momentum=0.9, weight_decay=wd, nesterov=nesterov, foreach=foreach, masks=masks
+        model.parameters(), lr=LR, momentum=0.9, weight_decay=wd, nesterov=nesterov, foreach=foreach,
+        masks=masks,
     )
     for t, batch in enumerate(make_batches(30)):
         backward(model_ref, ref, batch, t)
@@ -216,16 +228,9 @@ def masked_direction_reference(model_ref, masks, weight_decay, maximize) -> None
             p.grad = d if m is None else torch.where(m, d, torch.zeros_like(d))
 
 
-@pytest.mark.parametrize("segment", [None, 40], ids=["one-segment", "segments-of-40"])
 @pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=[_config_id(c) for c in SGD_CONFIGS])
-def test_masked_parameters_equal_sgd_on_the_masked_direction_for_every_option(cfg, segment, monkeypatch):
-    """Partial, all-zeros and dense parameters side by side, for every SGD option.
-
-    With segments of 40 entries the masked parameters (48, 8 and 24 entries)
-    are stepped in two pieces: [48] alone, then [8, 24] together.
-    """
-    if segment is not None:
-        monkeypatch.setattr(optim, "CPU_SEGMENT", segment)
+def test_masked_parameters_equal_sgd_on_the_masked_direction_for_every_option(cfg):
+    """Partial, all-zeros and dense parameters side by side, for every SGD option."""
     model_ref, model = make_model(), make_model()
     masks = random_masks(model)
     masks[2] = torch.zeros_like(masks[2])
@@ -345,24 +350,6 @@ def test_inf_gradient_at_frozen_entry_does_not_move_it(bad, foreach):
     assert bool(torch.isfinite(w).all())
 
 
-def test_set_masks_mid_training_freezes_immediately():
-    model = make_model()
-    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9)
-    batches = make_batches(10)
-    for t in range(5):
-        backward(model, opt, batches[t], t)
-        opt.step()
-    masks = random_masks(model)
-    opt.set_masks(masks)
-    snapshot = [p.detach().clone() for p in model.parameters()]
-    for t in range(5, 10):
-        backward(model, opt, batches[t], t)
-        opt.step()
-    for p, p0, m in zip(model.parameters(), snapshot, masks):
-        assert torch.equal(p[~m], p0[~m])
-        assert torch.equal(momentum_buffer(opt, p)[~m], torch.zeros(int((~m).sum())))
-
-
 def test_masks_align_with_parameters_across_param_groups():
     model = make_model()
     w0, b0, w1, b1 = model.parameters()
@@ -379,7 +366,8 @@ def test_masks_align_with_parameters_across_param_groups():
 
 def test_step_does_not_write_into_masked_gradients():
     model = make_model()
-    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, nesterov=True, foreach=True, masks=random_masks(model))
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, nesterov=True, foreach=True,
+                     masks=random_masks(model))
     for t, batch in enumerate(make_batches(3)):
         backward(model, opt, batch, t)
         grads = [p.grad.clone() for p in model.parameters()]
@@ -496,7 +484,7 @@ def test_state_dict_round_trip_with_masks_continues_bit_identically(foreach):
     resumed.load_state_dict(saved["model"])
     opt2 = SparseSGDM(resumed.parameters(), masks=None, **cfg)
     opt2.load_state_dict(saved["opt"])
-    for got, want in zip(opt2.get_masks(), masks):
+    for got, want in zip(stored_masks(opt2), masks):
         assert (got is None) == (want is None)
         if want is not None:
             assert got.dtype == torch.bool and torch.equal(got, want)
@@ -526,7 +514,7 @@ def test_loaded_masks_replace_the_constructor_masks():
     saved = SparseSGDM(model.parameters(), masks=masks).state_dict()
     opt = SparseSGDM(model.parameters(), masks=[torch.ones_like(p) for p in model.parameters()])
     opt.load_state_dict(copy.deepcopy(saved))
-    assert all(torch.equal(a, b) for a, b in zip(opt.masks, masks))
+    assert all(torch.equal(a, b) for a, b in zip(stored_masks(opt), masks))
 
 
 # --------------------------------------------------------------------------- 6. bad input
@@ -539,7 +527,8 @@ def test_wrong_mask_count_is_rejected():
 def test_wrong_mask_shape_is_rejected_naming_the_parameter():
     model = make_model()
     masks = [None, None, torch.ones(8, 3), None]
-    with pytest.raises(ValueError, match=r"masks\[2\] has shape \(8, 3\) but its parameter has shape \(3, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"masks\[2\] has shape \(8, 3\) but its parameter has shape \(3, 8\)"):
         SparseSGDM(model.parameters(), masks=masks)
 
 
@@ -548,6 +537,20 @@ def test_non_binary_mask_is_rejected_naming_the_parameter():
     masks = [None, torch.full((8,), 0.5), None, None]
     with pytest.raises(ValueError, match=r"masks\[1\].*only 0 and 1"):
         SparseSGDM(model.parameters(), masks=masks)
+
+
+def test_single_tensor_instead_of_a_list_is_rejected():
+    model = make_model()
+    with pytest.raises(TypeError, match="not a single tensor"):
+        SparseSGDM([model[0].weight], masks=torch.ones(8, 6))
+
+
+def test_sparse_gradient_on_a_masked_parameter_is_rejected():
+    weight = nn.Parameter(torch.ones(4, 2))
+    opt = SparseSGDM([weight], lr=LR, masks=[torch.ones(4, 2)])
+    weight.grad = torch.ones(4, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt.step()
 
 
 def test_non_tensor_mask_is_rejected():
@@ -562,34 +565,57 @@ def test_fused_is_rejected():
         SparseSGDM(model.parameters(), fused=True)
 
 
-def test_invalid_set_masks_leaves_previous_masks_unchanged():
-    model = make_model()
-    masks = random_masks(model)
-    opt = SparseSGDM(model.parameters(), masks=masks)
-    bad = [torch.zeros_like(p) for p in model.parameters()]
-    bad[3] = torch.full_like(bad[3], 2.0)
-    with pytest.raises(ValueError, match=r"masks\[3\]"):
-        opt.set_masks(bad)
-    with pytest.raises(ValueError, match=r"masks has 1 entries"):
-        opt.set_masks([None])
-    assert all(torch.equal(a, b) for a, b in zip(opt.get_masks(), masks))
-
-
-# --------------------------------------------------------------------------- helpers of the module
+# --------------------------------------------------------------------------- 7. stored masks
 def test_masks_are_stored_as_bool_copies():
     model = make_model()
     masks = [m.float() for m in random_masks(model)]
     opt = SparseSGDM(model.parameters(), masks=masks)
     masks[0].zero_()  # the caller's tensor is not the optimizer's
-    got = opt.get_masks()
+    got = stored_masks(opt)
     assert all(m.dtype == torch.bool for m in got)
     assert bool(got[0].any())
 
 
-def test_count_trainable_counts_entries_that_can_move():
-    model = make_model()
-    masks = random_masks(model)
-    masks[1] = None
-    expected = int(masks[0].sum()) + 8 + int(masks[2].sum()) + int(masks[3].sum())
-    assert count_trainable(masks, model.parameters()) == expected
-    assert count_trainable(None, model.parameters()) == sum(p.numel() for p in model.parameters())
+# --------------------------------------------------------------------------- 8. learning-rate schedules
+def test_cosine_schedule_warms_up_linearly_then_anneals_to_zero():
+    values = [lr_multiplier("cosine", step, 100, warmup_steps=10) for step in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    assert values[55] == pytest.approx(0.5, abs=0.02)
+    assert values[-1] < 0.01
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_step_schedule_drops_tenfold_at_half_and_three_quarters():
+    values = [lr_multiplier("step", step, 100) for step in (0, 49, 50, 74, 75, 99)]
+    assert values == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_constant_schedule_stays_at_the_base_rate_after_warm_up():
+    values = [lr_multiplier("constant", s, 10, warmup_steps=2) for s in range(4)]
+    assert values == pytest.approx([0.5, 1, 1, 1])
+
+
+def test_scheduler_checkpoint_resumes_the_same_rate():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = make_scheduler(optimizer, "cosine", 20, 3)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    optimizer2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    resumed = make_scheduler(optimizer2, "cosine", 20, 3)
+    resumed.load_state_dict(state)
+    optimizer2.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step(), scheduler.step(), optimizer2.step(), resumed.step()
+    assert resumed.get_last_lr() == scheduler.get_last_lr()
+    assert math.isclose(scheduler.get_last_lr()[0], lr_multiplier("cosine", 8, 20, 3))
+
+
+def test_make_scheduler_rejects_an_unknown_schedule_and_a_warm_up_longer_than_training():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ConfigError, match="scheduler='linear'"):
+        make_scheduler(optimizer, "linear", 10)
+    with pytest.raises(ConfigError, match="warmup_steps=11"):
+        make_scheduler(optimizer, "cosine", 10, warmup_steps=11)

@@ -8,9 +8,10 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from fedta_utils import pipeline
 from fedta_utils.checks import ConfigError
-from fedta_utils.profiles import SMOKE
+from fedta_utils.workspace import declared_parameters, discover_notebooks, profile_values
 
-NOTEBOOKS = pipeline.discover_notebooks()
+NOTEBOOKS = discover_notebooks()
+SMOKE = profile_values("smoke")
 
 
 def test_notebooks_are_numbered_from_00_in_order():
@@ -21,7 +22,7 @@ def test_notebooks_are_numbered_from_00_in_order():
 
 @pytest.mark.parametrize("key", list(NOTEBOOKS))
 def test_every_notebook_declares_profile_and_results_dir_and_has_no_outputs(key):
-    declared = pipeline.declared_parameters(NOTEBOOKS[key])
+    declared = declared_parameters(NOTEBOOKS[key])
     assert {"profile", "results_dir", "drive_dir"} <= set(declared)
     assert all(info["help"] for info in declared.values()), "every parameter has a comment"
     notebook = json.loads(NOTEBOOKS[key].read_text())
@@ -30,7 +31,7 @@ def test_every_notebook_declares_profile_and_results_dir_and_has_no_outputs(key)
 
 def test_full_profile_is_the_notebook_defaults():
     for path in NOTEBOOKS.values():
-        declared = pipeline.declared_parameters(path)
+        declared = declared_parameters(path)
         assert declared["profile"]["default"] == '"full"'
         if "dataset" in declared:
             assert declared["dataset"]["default"] == '"cifar100"'
@@ -41,7 +42,7 @@ def test_full_profile_is_the_notebook_defaults():
 def test_every_smoke_value_is_a_parameter_of_some_notebook():
     declared = set()
     for path in NOTEBOOKS.values():
-        declared |= set(pipeline.declared_parameters(path))
+        declared |= set(declared_parameters(path))
     assert set(SMOKE) <= declared, f"profiles.SMOKE names unknown parameters: {set(SMOKE) - declared}"
 
 

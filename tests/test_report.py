@@ -1,217 +1,384 @@
-"""Report assets: numbers.tex, booktabs tables, placeholders, LaTeX escaping, the PDF build.
+"""Results -> tables, figures, numbers.tex and the PDF (fedta_utils.figures, fedta_utils.report).
 
-The unit tests write small run folders by hand (config.json, summary.json,
-metrics.csv, as runs.py lays them out) so every expected number is known.
-The end-to-end tests use the session's smoke pipeline (tests/smoke_fixture.py).
+The unit tests write small run folders by hand (config.json, summary.json, metrics.csv and, for the
+mask rules, prepared.pt, as the runs lay them out), so every expected number is known. In them the
+configuration that is best on validation is never the one that is best on test, so a "best" chosen
+on test would fail. The end-to-end tests use the session's smoke pipeline (tests/smoke_fixture.py).
 """
 
 import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import papermill
 import pytest
+import torch
 
-from fedta_utils import latex, plots, report
-from fedta_utils.experiments import CENTRALIZED, FEDAVG_IID, HETEROGENEITY, LR_SEARCH, SPARSE_FL
+from fedta_utils import figures, report
+from fedta_utils.experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROGENEITY, LR_SEARCH, MASK_RULES,
+                                     SPARSE_CENTRAL, SPARSE_FL)
 from fedta_utils.runs import rows_to_csv
 
 REPO = Path(__file__).resolve().parent.parent
 LATEX_COMMANDS = {"Cref", "FloatBarrier", "Phi"}  # capitalised commands of LaTeX and its packages in main.tex
 DRIFT = {"mean_client_delta_norm": 1.0, "avg_delta_norm": 0.5, "mean_pairwise_cosine": 0.2,
          "sign_conflict_fraction": 0.3, "sign_agreement": 0.6}
+FL = {"dataset": "synthetic", "model": "tiny_vit", "num_clients": 10, "participation": 0.5, "batch_size": 64}
+# Per-block masks of two rules (block 0: 4 entries, block 1: 4 entries, patch embedding: 2 entries).
+MASKS = {"least_sensitive": {"blocks.0.attn.qkv.weight": [1, 1, 1, 1],
+                             "blocks.1.mlp.fc1.weight": [0, 0, 0, 0], "patch_embed.proj.weight": [1, 0]},
+         "random": {"blocks.0.attn.qkv.weight": [1, 1, 0, 0],
+                    "blocks.1.mlp.fc1.weight": [1, 1, 0, 0], "patch_embed.proj.weight": [1, 1]}}
 
 
-def write_run(root: Path, experiment: str, name: str, config: dict, summary: dict, metrics: list[dict]) -> None:
-    run_dir = root / experiment / name
+def write_run(root, experiment, name, config, summary, metrics, masks=None) -> None:
+    run_dir = Path(root) / experiment / name
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "metrics.csv").write_bytes(rows_to_csv(metrics))
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    if masks is not None:  # as the runs store them: bit-packed, one entry per parameter
+        packed = {name: {"shape": [len(bits)], "bits": torch.from_numpy(np.packbits(np.array(bits, bool)))}
+                  for name, bits in masks.items()}
+        torch.save({"masks": packed}, run_dir / "prepared.pt")
 
 
-def write_centralized(root: Path, scheduler: str, accuracies: list[float]) -> None:
-    for seed, accuracy in enumerate(accuracies):
+def write_centralized(root, scheduler, val, test, lr=0.1) -> None:
+    for seed, (v, t) in enumerate(zip(val, test)):
         config = {"dataset": "synthetic", "model": "tiny_vit", "seed": seed, "epochs": 2, "batch_size": 64,
-                  "lr": 0.1, "weight_decay": 0.0, "scheduler": scheduler, "warmup_epochs": 0.5}
-        metrics = [{"epoch": 1, "test_loss": 2.0, "test_acc": accuracy / 2, "val_acc": 0.1},
-                   {"epoch": 2, "test_loss": 1.0, "test_acc": accuracy, "val_acc": 0.2}]
-        write_run(root, CENTRALIZED, f"{scheduler}-s{seed}", config, {"final_test_acc": accuracy}, metrics)
+                  "lr": lr, "weight_decay": 0.0, "scheduler": scheduler, "warmup_epochs": 0.5,
+                  "finetune": {"head": "train", "mask_rule": None}}
+        metrics = [{"epoch": 1, "test_loss": 2.0, "test_acc": t / 2, "val_acc": v / 2},
+                   {"epoch": 2, "test_loss": 1.0, "test_acc": t, "val_acc": v}]
+        write_run(root, CENTRALIZED, f"{scheduler}-lr{lr}-s{seed}", config,
+                  {"final_val_acc": v, "final_test_acc": t}, metrics)
 
 
-def write_heterogeneity(root: Path, sharding: str, nc, local_steps: int, accuracies: list[float]) -> None:
-    for seed, accuracy in enumerate(accuracies):
-        config = {"dataset": "synthetic", "model": "tiny_vit", "seed": seed, "sharding": sharding,
-                  "local_steps": local_steps, "rounds": 8 // local_steps, "num_clients": 10, "participation": 0.5}
-        if nc is not None:
-            config["classes_per_client"] = nc
-        metrics = [{"round": r, **DRIFT, "test_acc": accuracy, "test_loss": 1.0} for r in (1, 2)]
-        write_run(root, HETEROGENEITY, f"{sharding}{nc}-J{local_steps}-s{seed}", config,
-                  {"final_test_acc": accuracy}, metrics)
+def write_fl(root, experiment, name, seed, val, test, rounds=4, local_steps=2, nc=None, finetune=None,
+             summary=(), masks=None) -> None:
+    config = {**FL, "seed": seed, "rounds": rounds, "local_steps": local_steps,
+              "sharding": "iid" if nc is None else "non_iid",
+              "finetune": finetune or {"head": "train", "mask_rule": None}}
+    if nc is not None:
+        config["classes_per_client"] = nc
+    metrics = [{"round": r, **DRIFT, "test_loss": 1.0, "test_acc": test * r / rounds}
+               for r in range(1, rounds + 1)]
+    write_run(root, experiment, f"{name}-s{seed}", config,
+              {"final_val_acc": val, "final_test_acc": test, **dict(summary)}, metrics, masks)
 
 
-def write_sparse(root: Path, mask_rule, accuracy: float, seed: int, thresholds=None) -> None:
-    finetune = {"head": "train" if mask_rule is None else "ridge", "mask_rule": mask_rule}
-    if mask_rule is not None:
-        finetune.update(sparsity=0.9, calibration_rounds=2, calibration_samples=100, ridge_lambda=1.0)
-    config = {"dataset": "synthetic", "model": "tiny_vit", "seed": seed, "sharding": "iid", "local_steps": 2,
-              "rounds": 4, "num_clients": 10, "participation": 0.5, "finetune": finetune}
-    summary = {"final_test_acc": accuracy}
-    if thresholds is not None:
-        summary.update(thresholds=thresholds, achieved_sparsity=0.9)
-    metrics = [{"round": 4, **DRIFT, "test_acc": accuracy, "test_loss": 1.0}]
-    write_run(root, SPARSE_FL, f"{mask_rule}-s{seed}", config, summary, metrics)
+def sparse_spec(sparsity, rounds=2, rule="least_sensitive") -> dict:
+    return {"head": "ridge", "mask_rule": rule, "sparsity": sparsity, "calibration_rounds": rounds,
+            "calibration_samples": 100, "ridge_lambda": 1.0}
 
 
-def numbers(report_dir: Path) -> dict:
-    frame = report.read_numbers(report_dir / "generated" / "numbers.tex")
-    return dict(zip(frame["name"], frame["value"]))
+def write_study(root) -> None:
+    """Every experiment; wherever configurations compete, the validation best is not the test best."""
+    data = Path(root) / figures.DATA
+    data.mkdir(parents=True)
+    (data / "split_sizes.csv").write_text("split,images\ntrain,900\nvalidation,100\ntest,500\n")
+    (data / "shard_stats.csv").write_text("client,samples,classes,largest_class_share,scheme\n"
+                                          "0,90,10,0.1,iid\n1,90,10,0.1,iid\n"
+                                          "0,80,5,0.3,Nc=5\n1,100,5,0.2,Nc=5\n")
+    for lr, val in ((0.01, 0.30), (0.1, 0.40)):
+        write_run(root, LR_SEARCH, f"search-lr{lr}", {"seed": 0, "epochs": 1, "lr": lr, "weight_decay": 0.0},
+                  {"final_val_acc": val}, [{"epoch": 1, "val_acc": val}])
+    (Path(root) / "hparams.json").write_text(json.dumps({"lr": 0.1, "weight_decay": 0.0}))
+    write_centralized(root, "cosine", val=[0.60, 0.62, 0.64], test=[0.80, 0.82, 0.84])
+    write_centralized(root, "step", val=[0.50, 0.52, 0.54], test=[0.90, 0.92, 0.94])
+    write_centralized(root, "cosine", val=[0.99], test=[0.99], lr=0.01)  # not at the chosen lr: ignored
+    for seed in (0, 1):
+        write_fl(root, FEDAVG_IID, "iid", seed, 0.5, 0.6 + 0.02 * seed)
+        for nc, local_steps, acc in ((None, 2, 0.6), (None, 4, 0.55), (1, 2, 0.2), (5, 2, 0.4)):
+            write_fl(root, HETEROGENEITY, f"{nc}-J{local_steps}", seed, acc, acc, local_steps=local_steps,
+                     nc=nc)
+        for nc in (None, 5):
+            tag = "iid" if nc is None else "nc5"
+            write_fl(root, SPARSE_FL, f"{tag}-dense", seed, 0.50, 0.50, nc=nc)
+            write_fl(root, HEAD_ONLY, f"{tag}-head", seed, 0.30, 0.30, rounds=1, nc=nc,
+                     finetune={"head": "ridge", "mask_rule": None})
+            for sparsity, val, test in ((0.9, 0.70, 0.55), (0.99, 0.60, 0.65)):
+                write_fl(root, SPARSE_FL, f"{tag}-{sparsity}", seed, val, test, nc=nc,
+                         finetune=sparse_spec(sparsity), summary={"thresholds": [1e-6, 2e-6 * (seed + 1)],
+                                                                   "achieved_sparsity": sparsity})
+            for rule, val, test in (("least_sensitive", 0.40, 0.70), ("random", 0.60, 0.50)):
+                write_fl(root, MASK_RULES, f"{tag}-{rule}", seed, val, test, nc=nc,
+                         finetune=sparse_spec(0.9, 2, rule), masks=MASKS[rule])
+    config = {"dataset": "synthetic", "model": "tiny_vit", "seed": 0, "epochs": 1, "lr": 0.1,
+              "weight_decay": 0.0, "scheduler": "cosine", "finetune": sparse_spec(0.9, 4)}
+    write_run(root, SPARSE_CENTRAL, "sparse-central", config, {"final_val_acc": 0.6, "final_test_acc": 0.7},
+              [{"epoch": 1, "test_acc": 0.7}])
 
 
-@pytest.fixture
-def centralized_root(tmp_path):
-    root = tmp_path / "results" / "smoke"
-    write_centralized(root, "cosine", [0.80, 0.82, 0.84])
-    write_centralized(root, "step", [0.70, 0.72, 0.74])
-    return root
+def numbers(report_dir) -> dict:
+    return report.read_numbers(Path(report_dir) / "generated" / "numbers.tex")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Every experiment written by hand, and the report built from it once: (root, report_dir, warnings)."""
+    base = tmp_path_factory.mktemp("study")
+    root = base / "results" / "smoke"
+    write_study(root)
+    warnings = report.write_report(root, base / "report", "smoke")
+    return root, base / "report", warnings
+
+
+@pytest.fixture(scope="module")
+def centralized_only(tmp_path_factory):
+    """Only notebook 01's scheduler runs, and the report built from them: (report_dir, warnings)."""
+    base = tmp_path_factory.mktemp("partial")
+    write_centralized(base / "smoke", "cosine", val=[0.6, 0.6, 0.6], test=[0.80, 0.82, 0.84])
+    write_centralized(base / "smoke", "warm_restart", val=[0.1], test=[0.1])
+    return base / "report", report.write_report(base / "smoke", base / "report", "smoke")
+
+
+# --------------------------------------------------------------------------- statistics and selection
+
+def test_mean_std_uses_ddof_1_and_gives_0_for_one_seed(study):
+    table = figures.centralized_table(study[0])
+    cosine = table.set_index("scheduler").loc["cosine"]
+    assert cosine["mean"] == pytest.approx(0.82) and cosine["std"] == pytest.approx(0.02) and cosine["n"] == 3
+    single = figures.mean_std(figures.load_runs(study[0], LR_SEARCH), ["lr"])
+    assert list(single["std"]) == [0.0, 0.0]
+
+
+def test_the_best_scheduler_is_chosen_on_validation_and_reported_on_test(study):
+    values = numbers(study[1])
+    assert values["BestScheduler"] == "cosine"  # step has the higher test accuracy, cosine the higher val
+    assert values["CentralizedBestAcc"] == r"82.0\,$\pm$\,2.0\,\%"
+
+
+def test_the_best_sparse_setting_is_chosen_on_validation_with_its_gap_to_fedavg(study):
+    table = figures.sparse_table(study[0])
+    chosen = table[table["chosen"]]
+    assert list(chosen["sparsity"]) == [0.9, 0.9] and list(chosen["sharding_label"]) == ["iid", "Nc=5"]
+    values = numbers(study[1])
+    assert values["SparseIidBestAcc"] == r"55.0\,$\pm$\,0.0\,\%" and values["SparseIidBestGap"] == "$+5.0$"
+    assert values["SparseNonIidBestAcc"] == r"55.0\,$\pm$\,0.0\,\%"
+
+
+def test_the_best_mask_rule_is_chosen_on_validation(study):
+    values = numbers(study[1])
+    assert values["RulesIidBestRule"] == "random" and values["RulesNonIidBestRule"] == "random"
+    assert values["RulesIidBestAcc"] == r"50.0\,$\pm$\,0.0\,\%"
+
+
+def test_the_learning_rate_search_choice_is_the_validation_best(study):
+    table = figures.lr_search_table(study[0])
+    assert list(table.loc[table["chosen"], "lr"]) == [0.1]
+    assert numbers(study[1])["ChosenLr"] == "0.1" and numbers(study[1])["SearchValAcc"] == r"40.0\,\%"
+
+
+def test_ties_on_validation_go_to_the_first_configuration_in_table_order():
+    table = figures.choose(pd.DataFrame({"lr": [0.01, 0.1], "val": [0.5, 0.5]}))
+    assert list(table["chosen"]) == [True, False]
+
+
+def test_scheduler_runs_at_other_learning_rates_are_left_out(study):
+    assert figures.centralized_table(study[0]).set_index("scheduler").loc["cosine", "n"] == 3
+
+
+def test_epochs_to_99_percent_is_the_first_epoch_within_1_percent_of_the_final_accuracy(study):
+    assert list(figures.centralized_table(study[0])["epochs_to_99"]) == [2, 2]
+
+
+def test_fedavg_and_centralized_are_compared_at_the_images_both_processed(study):
+    table = figures.fedavg_table(study[0]).set_index("method")
+    # FedAvg: a round is m=5 clients x J=2 steps x B=64 images = 640, 4 rounds 2,560; centralized: 2 x 900.
+    assert table["budget"].tolist() == [1800, 1800]
+    assert table.loc["centralized (cosine)", "acc_at_budget"] == pytest.approx(0.82)
+    # FedAvg's seed-mean accuracy grows linearly to 0.61 at 2,560 images: interpolated at 1,800.
+    assert table.loc["FedAvg (iid)", "acc_at_budget"] == pytest.approx(0.61 * 1800 / 2560)
+
+
+def test_sharding_labels_order_iid_first_then_by_classes_per_client(study):
+    assert list(figures.heterogeneity_table(study[0])["sharding_label"].unique()) == ["iid", "Nc=1", "Nc=5"]
+
+
+def test_drift_table_averages_the_diagnostics_over_rounds(study):
+    drift = figures.drift_table(study[0])
+    assert drift["mean_pairwise_cosine"].tolist() == pytest.approx([0.2] * len(drift))
+    assert drift["update_efficiency"].tolist() == pytest.approx([0.5] * len(drift))
+
+
+def test_the_threshold_is_the_seed_mean_of_the_last_calibration_round(study):
+    table = figures.sparse_table(study[0])
+    assert table.loc[table["chosen"], "threshold"].tolist() == pytest.approx([3e-6, 3e-6])
+
+
+def test_mask_overlap_is_the_jaccard_index_of_the_trainable_sets(study):
+    overlap = figures.mask_overlap_table(study[0])
+    # least: {b0: 4, p: 1} = 5 entries; random: {b0: 2, b1: 2, p: 2} = 6; shared: b0 2 + p 1 = 3.
+    assert overlap.loc["least_sensitive", "random"] == pytest.approx(3 / 8)
+    assert overlap.loc["random", "random"] == 1.0
+
+
+def test_block_density_is_the_trainable_fraction_per_transformer_block(study):
+    density = figures.block_density_table(study[0]).set_index(["rule", "block"])["density"]
+    assert density[("least_sensitive", 0)] == 1.0 and density[("least_sensitive", 1)] == 0.0
+    assert density[("least_sensitive", -1)] == 0.5 and density[("random", 1)] == 0.5
 
 
 # --------------------------------------------------------------------------- numbers.tex
 
-def test_accuracy_macros_hold_mean_and_std_over_seeds(centralized_root, tmp_path):
-    report.generate_report_assets(centralized_root, tmp_path / "report", "smoke")
-    values = numbers(tmp_path / "report")
-    assert values["CentralizedCosineAcc"] == r"82.0\,$\pm$\,2.0\,\%"
-    assert values["CentralizedStepAcc"] == r"72.0\,$\pm$\,2.0\,\%"
+def test_numbers_tex_defines_every_macro_once_and_parses_back(study):
+    text = (study[1] / "generated" / "numbers.tex").read_text()
+    names = re.findall(r"\\newcommand\{\\([A-Za-z]+)\}", text)
+    assert sorted(names) == sorted(report.MACROS) and len(names) == len(set(names))
+    assert set(numbers(study[1])) == set(report.MACROS)
 
 
-def test_seed_count_and_best_scheduler_macros(centralized_root, tmp_path):
-    report.generate_report_assets(centralized_root, tmp_path / "report", "smoke")
-    values = numbers(tmp_path / "report")
-    assert values["CentralizedSeeds"] == "3"
-    assert values["BestScheduler"] == "cosine"
-    assert values["SchedulerGap"] == "$+10.0$"
-
-
-def test_caption_provenance_names_profile_and_seeds(centralized_root, tmp_path):
-    report.generate_report_assets(centralized_root, tmp_path / "report", "smoke")
-    values = numbers(tmp_path / "report")
-    assert values["ResultsProfile"] == "smoke"
-    assert values["CentralizedProvenance"] == "profile smoke, 3 seeds"
-
-
-def test_heterogeneity_gap_is_iid_minus_the_worst_cell_at_the_same_local_steps(tmp_path):
-    root = tmp_path / "results" / "smoke"
-    write_heterogeneity(root, "iid", None, 2, [0.5, 0.6])
-    write_heterogeneity(root, "iid", None, 4, [0.55, 0.65])
-    write_heterogeneity(root, "non_iid", 1, 2, [0.2, 0.3])
-    write_heterogeneity(root, "non_iid", 1, 4, [0.1, 0.2])
-    report.generate_report_assets(root, tmp_path / "report", "smoke")
-    values = numbers(tmp_path / "report")
-    assert values["HeteroWorstSetting"] == "$N_c{=}1$, $J{=}4$"
-    assert values["HeteroWorstGap"] == "$+45.0$"
-    assert values["HeteroSeeds"] == "2"
-
-
-def test_threshold_macro_is_the_seed_mean_of_the_last_calibration_round(tmp_path):
-    root = tmp_path / "results" / "smoke"
-    write_sparse(root, None, 0.50, 0)
-    write_sparse(root, "least_sensitive", 0.60, 0, thresholds=[1e-6, 2e-6])
-    write_sparse(root, "least_sensitive", 0.70, 1, thresholds=[1e-6, 4e-6])
-    report.generate_report_assets(root, tmp_path / "report", "smoke")
-    values = numbers(tmp_path / "report")
-    assert values["SparseIidBestThreshold"] == r"$3.00\times10^{-6}$"
-    assert values["SparseIidBestGap"] == "$+15.0$"
+def test_a_complete_study_fills_every_macro_without_warnings(study):
+    assert [name for name, value in numbers(study[1]).items() if value == report.NA] == []
+    assert study[2] == []
 
 
 def test_every_macro_name_is_letters_only():
-    assert all(latex.is_macro_name(name) for name in report.MACROS)
+    assert all(re.fullmatch(r"[A-Za-z]+", name) for name in report.MACROS)
 
 
-def test_every_number_macro_main_tex_uses_is_generated():
+def test_main_tex_uses_exactly_the_macros_numbers_tex_defines():
     text = (REPO / "report" / "main.tex").read_text()
-    used = set(re.findall(r"\\([A-Z][A-Za-z]*)", text)) - LATEX_COMMANDS
-    assert used - set(report.MACROS) == set()
+    assert set(re.findall(r"\\([A-Z][A-Za-z]*)", text)) - LATEX_COMMANDS == set(report.MACROS)
 
 
-# --------------------------------------------------------------------------- tables
-
-def test_tables_are_booktabs_and_hold_the_seed_statistics(centralized_root, tmp_path):
-    report.generate_report_assets(centralized_root, tmp_path / "report", "smoke")
-    table = (tmp_path / "report" / "tables" / "centralized.tex").read_text()
-    assert "\\toprule" in table and "\\midrule" in table and "\\bottomrule" in table
-    assert "cosine & $82.0 \\pm 2.0$ & 3 &" in table
+def test_caption_provenance_names_profile_and_seeds(study):
+    values = numbers(study[1])
+    assert values["ResultsProfile"] == "smoke" and values["CentralizedProvenance"] == "profile smoke, 3 seeds"
+    assert values["SearchProvenance"] == "profile smoke, 1 seed"
 
 
-def test_table_cells_from_results_are_latex_escaped(tmp_path):
-    root = tmp_path / "results" / "smoke"
-    write_centralized(root, "warm_restart", [0.5])
-    report.generate_report_assets(root, tmp_path / "report", "smoke")
-    assert "warm\\_restart &" in (tmp_path / "report" / "tables" / "centralized.tex").read_text()
+def test_a_non_full_build_opens_with_a_notice(study):
+    assert "Not results: a smoke build" in numbers(study[1])["ResultsNotice"]
+
+
+def test_a_full_build_has_no_notice(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "FIGURES", {})  # numbers only
+    report.write_report(tmp_path / "nothing", tmp_path / "report", "full")
+    assert numbers(tmp_path / "report")["ResultsNotice"] == ""
+
+
+# --------------------------------------------------------------------------- tables and figures
+
+def test_tables_are_booktabs_and_mark_the_configuration_chosen_on_validation(study):
+    table = (study[1] / "tables" / "centralized.tex").read_text()
+    assert table.startswith("\\begin{tabular}{lrrrr}\n\\toprule") and "\\midrule" in table
+    assert "\\bottomrule\n\\end{tabular}" in table
+    assert "cosine & 62.0 & $82.0 \\pm 2.0^\\star$ & 3 & 2 \\\\" in table
+    assert "step & 52.0 & $92.0 \\pm 2.0$ & 3 & 2 \\\\" in table
+
+
+def test_table_cells_from_results_are_latex_escaped(centralized_only):
+    assert "warm\\_restart &" in (centralized_only[0] / "tables" / "centralized.tex").read_text()
 
 
 def test_latex_escape_escapes_every_special_character():
-    assert latex.latex_escape("a_b & 5% #1 {x} $ ~ ^ \\") == (
+    assert report.escape("a_b & 5% #1 {x} $ ~ ^ \\") == (
         r"a\_b \& 5\% \#1 \{x\} \$ \textasciitilde{} \textasciicircum{} \textbackslash{}")
 
 
 def test_sharding_labels_become_latex():
-    assert [latex.sharding_tex(label) for label in ("iid", "Nc=5", "Dir(alpha=0.1)")] == [
-        "iid", "$N_c{=}5$", "Dir($\\alpha{=}0.1$)"]
+    assert [report.sharding_tex(label) for label in ("iid", "Nc=5", "Dir(alpha=0.1)", "Dir(0.1)")] == [
+        "iid", "$N_c{=}5$", "Dir($\\alpha{=}0.1$)", "Dir($\\alpha{=}0.1$)"]
+
+
+def test_figures_are_saved_as_pdf_with_embedded_truetype_fonts_and_png(study):
+    assert b"/FontFile2" in (study[1] / "figures" / "heterogeneity_heatmap.pdf").read_bytes()
+    assert all((study[1] / "figures" / f"{name}.png").is_file() for name in report.FIGURES)
+
+
+def test_figures_have_their_declared_size(study):
+    fig = figures.heterogeneity_heatmap(study[0], "smoke")
+    assert tuple(fig.get_size_inches()) == pytest.approx((figures.COLUMN, figures.COLUMN * 0.8))
+
+
+def test_figure_titles_name_the_profile_and_the_seed_count(study):
+    fig = figures.drift_figure(study[0], "smoke")
+    assert fig.get_suptitle() == "Client drift and interference (profile smoke, 2 seeds)"
 
 
 # --------------------------------------------------------------------------- missing results
 
-def test_missing_experiment_gives_a_warning(centralized_root, tmp_path):
-    warnings = report.generate_report_assets(centralized_root, tmp_path / "report", "smoke")
+def test_a_missing_experiment_gives_a_warning_naming_it(centralized_only):
+    warnings = centralized_only[1]
     assert any(FEDAVG_IID in message for message in warnings)
     assert not any(CENTRALIZED in message for message in warnings)
 
 
-def test_missing_experiment_gives_placeholder_table_figure_and_macros(centralized_root, tmp_path):
-    report.generate_report_assets(centralized_root, tmp_path / "report", "smoke")
-    table = (tmp_path / "report" / "tables" / "fedavg.tex").read_text()
-    assert "No results yet for 02\\_fedavg\\_iid (profile smoke)" in table and "\\toprule" in table
-    assert (tmp_path / "report" / "figures" / "fedavg_vs_central.pdf").is_file()
-    values = numbers(tmp_path / "report")
-    assert values["FedAvgIidAcc"] == latex.NA
+def test_a_missing_experiment_gives_placeholder_table_figure_and_na_macros(centralized_only):
+    report_dir = centralized_only[0]
+    table = (report_dir / "tables" / "fedavg.tex").read_text()
+    assert "No results yet for fedavg (profile smoke)" in table and "\\toprule" in table
+    assert (report_dir / "figures" / "fedavg_vs_central.pdf").is_file()
+    values = numbers(report_dir)
+    assert values["FedAvgIidAcc"] == report.NA
     assert values["FedAvgProvenance"] == "profile smoke, no results yet"
+    assert values["BestScheduler"] == "cosine"  # the experiment that ran is still reported
 
 
-def test_empty_results_root_writes_every_asset_without_raising(tmp_path):
-    warnings = report.generate_report_assets(tmp_path / "nothing" / "smoke", tmp_path / "report", "smoke")
-    assert len(warnings) >= 7
-    assert all((tmp_path / "report" / "figures" / f"{stem}.pdf").is_file() for stem in report.FIGURES)
-    assert all((tmp_path / "report" / "figures" / f"{stem}.png").is_file() for stem in report.FIGURES)
-    assert all((tmp_path / "report" / "tables" / f"{stem}.tex").is_file() for stem in report.TABLES)
+def test_a_sharding_without_sparse_runs_leaves_only_its_own_macros_na(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "FIGURES", {})  # numbers only
+    write_fl(tmp_path, SPARSE_FL, "iid-dense", 0, 0.5, 0.5)
+    write_fl(tmp_path, SPARSE_FL, "iid-sparse", 0, 0.6, 0.6, finetune=sparse_spec(0.9))
+    for nc in (None, 5):  # the head alone ran on both shardings, sparse FedAvg only on iid so far
+        write_fl(tmp_path, HEAD_ONLY, f"{nc}-head", 0, 0.3, 0.3, rounds=1, nc=nc,
+                 finetune={"head": "ridge", "mask_rule": None})
+    warnings = report.write_report(tmp_path, tmp_path / "report", "smoke")
+    values = numbers(tmp_path / "report")
+    assert values["SparseIidBestAcc"] == r"60.0\,$\pm$\,0.0\,\%" and values["SparseIidBestGap"] == "$+10.0$"
+    assert values["SparseNonIidBestAcc"] == report.NA
+    assert not any("failed" in message for message in warnings)
+
+
+def test_a_figure_without_results_is_a_placeholder_of_its_size(tmp_path):
+    fig = figures.sparsity_figure(tmp_path, "smoke")
+    width, aspect = figures.sparsity_figure.size
+    assert tuple(fig.get_size_inches()) == pytest.approx((width, width * aspect))
+    assert "no results yet (profile smoke)" in fig.axes[0].texts[0].get_text()
+
+
+def test_a_table_without_results_raises_no_results(tmp_path):
+    with pytest.raises(figures.NoResults, match=HETEROGENEITY):
+        figures.heterogeneity_table(tmp_path)
+
+
+def test_an_empty_results_root_writes_every_asset_without_raising(tmp_path):
+    warnings = report.write_report(tmp_path / "nothing", tmp_path / "report", "smoke")
+    assert len(warnings) == len(report.EXPERIMENTS) + 1  # the experiments and notebook 00's tables
+    assert all((tmp_path / "report" / "figures" / f"{name}.pdf").is_file() for name in report.FIGURES)
+    assert all((tmp_path / "report" / "tables" / f"{name}.tex").is_file() for name in report.TABLES)
     assert set(numbers(tmp_path / "report")) == set(report.MACROS)
 
 
-def test_a_figure_that_fails_becomes_a_placeholder_and_a_warning(tmp_path, monkeypatch):
-    root = tmp_path / "results" / "smoke"
-    config = {"dataset": "synthetic", "model": "tiny_vit", "seed": 0, "epochs": 1, "lr": 0.1, "weight_decay": 0.0}
-    write_run(root, LR_SEARCH, "search", config, {"final_val_acc": 0.3}, [{"epoch": 1, "val_acc": 0.3}])
-
-    def broken(*args, **kwargs):
+def test_a_figure_that_fails_becomes_a_placeholder_and_a_warning(study, tmp_path, monkeypatch):
+    def broken(root, profile):
         raise ValueError("cannot draw")
 
-    monkeypatch.setattr(plots, "lr_search_figure", broken)
-    warnings = report.generate_report_assets(root, tmp_path / "report", "smoke")
-    assert any("lr_search" in message and "cannot draw" in message for message in warnings)
+    broken.size = figures.lr_search_heatmap.size
+    monkeypatch.setattr(report, "FIGURES", {"lr_search": broken, "drift": figures.drift_figure})
+    warnings = report.write_report(study[0], tmp_path / "report", "smoke")
+    failed = [message for message in warnings if "failed" in message]
+    assert len(failed) == 1 and "lr_search" in failed[0] and "cannot draw" in failed[0]
     assert (tmp_path / "report" / "figures" / "lr_search.pdf").is_file()
+    assert (tmp_path / "report" / "figures" / "drift.pdf").is_file()  # the rest of the report is unaffected
     assert numbers(tmp_path / "report")["ChosenLr"] == "0.1"
 
 
-# --------------------------------------------------------------------------- reading the build
+# --------------------------------------------------------------------------- building
 
-def test_pdf_pages_reads_the_latex_log(tmp_path):
+def test_page_counts_read_the_latex_log_and_the_body_label(tmp_path):
     (tmp_path / "main.log").write_text("...\nOutput written on main.pdf (9 pages, 285121 bytes).\n")
-    assert latex.pdf_pages(tmp_path / "main.log") == 9
-
-
-def test_body_pages_reads_the_label_page_from_the_aux_file(tmp_path):
     (tmp_path / "main.aux").write_text("\\newlabel{LastBodyPage}{{5}{8}{Conclusion}{section.5}{}}\n")
-    assert latex.body_pages(tmp_path / "main.aux") == 8
+    assert report.page_counts(tmp_path) == {"pages": 9, "body_pages": 8}
+
+
+def test_build_pdf_without_latexmk_says_how_to_install_tex(tmp_path, monkeypatch):
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install -y latexmk"):
+        report.build_pdf(tmp_path)
 
 
 def test_notebook_06_declares_the_parameters_the_pipeline_passes():
@@ -224,14 +391,13 @@ def test_notebook_06_declares_the_parameters_the_pipeline_passes():
 @pytest.mark.slow
 def test_smoke_pipeline_builds_the_report_pdf(smoke_results):
     report_dir = smoke_results["report_dir"]
-    assert (report_dir / "main.pdf").is_file()
-    assert latex.pdf_pages(report_dir / "main.log") >= 1
+    assert (report_dir / "main.pdf").is_file() and report.page_counts(report_dir)["pages"] >= 1
 
 
 @pytest.mark.slow
 def test_smoke_report_body_fits_the_page_limit(smoke_results):
-    pages = latex.body_pages(smoke_results["report_dir"] / "main.aux")
-    assert pages is not None and pages <= latex.BODY_PAGE_LIMIT
+    pages = report.page_counts(smoke_results["report_dir"])["body_pages"]
+    assert pages is not None and pages <= report.BODY_PAGE_LIMIT
 
 
 @pytest.mark.slow
@@ -242,7 +408,12 @@ def test_smoke_numbers_say_they_come_from_the_smoke_profile(smoke_results):
 @pytest.mark.slow
 def test_smoke_pipeline_fills_every_number_and_table(smoke_results):
     report_dir = smoke_results["report_dir"]
-    missing = [name for name, value in numbers(report_dir).items() if value == latex.NA]
-    tables = {stem: (report_dir / "tables" / f"{stem}.tex").read_text() for stem in report.TABLES}
-    placeholders = [stem for stem, text in tables.items() if "No results yet" in text]
+    missing = [name for name, value in numbers(report_dir).items() if value == report.NA]
+    placeholders = [name for name in report.TABLES
+                    if "No results yet" in (report_dir / "tables" / f"{name}.tex").read_text()]
     assert missing == [] and placeholders == []
+
+
+@pytest.mark.slow
+def test_smoke_results_draw_every_figure_without_warnings(smoke_results, tmp_path):
+    assert report.write_report(smoke_results["results_dir"] / "smoke", tmp_path, "smoke") == []

@@ -35,7 +35,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedta_utils.runs import Checkpoint, Run, RunLockedError, _RunLock, rows_to_csv
+from fedta_utils.runs import Checkpoint, Run, RunLock, RunLockedError, rows_to_csv
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,8 @@ class Runner:
     """Starts numbered attempts of one experiment on one results folder."""
 
     def __init__(self, zygote: Zygote, experiment: str, results_dir: Path, scratch: Path):
-        self.zygote, self.experiment, self.results_dir, self.scratch = zygote, experiment, results_dir, scratch
+        self.zygote, self.experiment = zygote, experiment
+        self.results_dir, self.scratch = results_dir, scratch
         self.count = 0
         scratch.mkdir(parents=True, exist_ok=True)
 
@@ -383,7 +384,8 @@ def test_killed_at_random_moments_and_resumed_ends_bit_identical(experiment, zyg
             torn = set((runner.root / ".staging").glob(f".{name}.*.tmp")) - staged_before
             assert len(torn) == 1, f"no partial temp file of {name} in .staging"
             if kill.kind != "metrics":
-                with pytest.raises((RuntimeError, OSError, EOFError, pickle.UnpicklingError)):  # really cut short
+                cut_short = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
+                with pytest.raises(cut_short):
                     torch.load(torn.pop(), weights_only=True)
         if lock_left:
             assert "taking over a stale lock" in attempt.log()
@@ -487,8 +489,8 @@ def test_two_takeovers_of_one_stale_lock_leave_exactly_one_holder(tmp_path, monk
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path.write_text(json.dumps({"token": "dead", "host": os.uname().nodename, "pid": dead.pid}))
-    first, second = _RunLock(path), _RunLock(path)
-    original = _RunLock._read_holder
+    first, second = RunLock(path), RunLock(path)
+    original = RunLock.holder
 
     def second_reads_then_first_takes_over(self):
         holder = original(self)
@@ -497,7 +499,7 @@ def test_two_takeovers_of_one_stale_lock_leave_exactly_one_holder(tmp_path, monk
             first.acquire()  # the first process takes over between the second's read and its write
         return holder
 
-    monkeypatch.setattr(_RunLock, "_read_holder", second_reads_then_first_takes_over)
+    monkeypatch.setattr(RunLock, "holder", second_reads_then_first_takes_over)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(RunLockedError):

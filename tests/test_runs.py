@@ -1,12 +1,15 @@
 """Run directories: atomic writes, identity, checkpoints and their fallbacks, metrics files, the run lock."""
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ import torch
 from fedta_utils import runs
 from fedta_utils.runs import (Checkpoint, Run, RunLock, RunLockedError, atomic_torch_save, atomic_write_bytes,
                               atomic_write_json, clear_staging, config_id, read_metrics, rows_to_csv)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_run(tmp_path, config=None):
@@ -277,7 +282,7 @@ def test_a_live_process_holds_the_lock_until_it_dies_then_it_is_taken_over(tmp_p
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from fedta_utils.runs import Run; "
          f"run = Run({str(tmp_path)!r}, 'experiment', 'name', {{'lr': 0.1, 'seed': 0}}); run.__enter__(); "
-         "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+         "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline() == "ready\n"
         with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid} "):
@@ -375,3 +380,31 @@ def test_two_takeovers_of_one_stale_lock_leave_exactly_one_holder(tmp_path, monk
     assert json.loads(path.read_text())["token"] == first.token
     first.release()
     assert not path.exists()
+
+
+@pytest.mark.filterwarnings("ignore:taking over a stale lock:RuntimeWarning")
+def test_threads_racing_to_take_over_a_stale_lock_end_with_one_holder(tmp_path):
+    stale = json.dumps({"token": "dead", "host": socket.gethostname(), "pid": dead_pid()})
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads between almost every bytecode: many interleavings
+    try:
+        for attempt in range(100):
+            path = tmp_path / f"lock-{attempt}.json"
+            path.write_text(stale)
+            locks, held, barrier = [RunLock(path) for _ in range(4)], [], threading.Barrier(4)
+
+            def contend(lock):
+                barrier.wait()
+                with contextlib.suppress(RunLockedError):
+                    lock.acquire()
+                    held.append(lock)
+
+            threads = [threading.Thread(target=contend, args=(lock,)) for lock in locks]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert len(held) == 1 and json.loads(path.read_text())["token"] == held[0].token, attempt
+            held[0].release()
+    finally:
+        sys.setswitchinterval(interval)

@@ -1,28 +1,36 @@
-"""Centralized fine-tuning, schedules and precision selection."""
+"""Centralized fine-tuning: metrics, determinism, resume, sparse masks, the frozen ridge head; schedules."""
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
-from fedta_utils import precision
-from fedta_utils.schedules import lr_multiplier, make_scheduler
-from fedta_utils.sparse import FineTuneSpec
+from fedta_utils import training
+from fedta_utils.finetune import FineTuneSpec, load_prepared
 from fedta_utils.training import CentralizedConfig, run_centralized
 
 TINY = dict(dataset="synthetic", model="tiny_vit", epochs=2, batch_size=64, lr=0.05)
+
+
+class Killed(Exception):
+    """Stands for a process killed mid-run."""
 
 
 def test_centralized_metrics_have_a_row_per_epoch_with_every_split(workspace, small_data):
     result = run_centralized(workspace, small_data, CentralizedConfig(**TINY), progress=False)
     metrics = result.metrics
     assert metrics["epoch"].tolist() == [1, 2]
-    assert {"lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "wall_s"} <= set(metrics.columns)
+    assert {"lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "wall_s"} <= set(
+        metrics.columns)
     assert result.summary["final_test_acc"] == metrics["test_acc"].iloc[-1]
+    timing = pd.read_csv(result.run.dir / "timing.csv")
+    assert timing.columns.tolist() == ["epoch", "train_s", "eval_s", "wall_s"]
 
 
 def test_hyperparameter_search_runs_never_touch_the_test_set(workspace, small_data):
-    result = run_centralized(workspace, small_data, CentralizedConfig(**TINY, evaluate_test=False), progress=False)
+    config = CentralizedConfig(**TINY, evaluate_test=False)
+    result = run_centralized(workspace, small_data, config, progress=False)
     assert not any(column.startswith("test_") for column in result.metrics.columns)
 
 
@@ -44,16 +52,43 @@ def test_identical_centralized_runs_write_identical_metrics(tmp_path, small_data
     assert texts[0] == texts[1]
 
 
-def test_sparse_centralized_fine_tuning_moves_only_trainable_entries(workspace, small_data):
-    from fedta_utils.sparse import load_run_masks
+def test_a_run_interrupted_after_an_epoch_resumes_to_bit_identical_results(tmp_path, monkeypatch):
+    from fedta_utils.data import prepare_data
+    from fedta_utils.workspace import setup_workspace
 
+    small_data = prepare_data("synthetic", synthetic_train_size=1000, synthetic_test_size=100)  # 900 to train
+    config = CentralizedConfig(**TINY, warmup_epochs=0.5)  # the scheduler state is restored too
+    reference = run_centralized(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
+                                small_data, config, save_weights=True, progress=False)
+    ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
+    real_evaluate, calls = training.evaluate_splits, []
+
+    def evaluate_then_die(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed("during the second epoch's evaluation")
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(training, "evaluate_splits", evaluate_then_die)
+    with pytest.raises(Killed):
+        run_centralized(ws, small_data, config, save_weights=True, progress=False)
+    calls.clear()
+    monkeypatch.setattr(training, "evaluate_splits", lambda *args: calls.append(1) or real_evaluate(*args))
+    resumed = run_centralized(ws, small_data, config, save_weights=True, progress=False)
+    assert len(calls) == 1  # epoch 2 only: epoch 1 comes from its checkpoint
+    assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
+    weights, expected = (torch.load(r.run.dir / "model.pt", weights_only=True) for r in (resumed, reference))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_sparse_centralized_fine_tuning_moves_only_trainable_entries(workspace, small_data):
     spec = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=2,
                         calibration_samples=64)
-    result = run_centralized(workspace, small_data, CentralizedConfig(**TINY, finetune=spec), save_weights=True,
-                             progress=False)
+    result = run_centralized(workspace, small_data, CentralizedConfig(**TINY, finetune=spec),
+                             save_weights=True, progress=False)
     final = torch.load(result.run.dir / "model.pt", weights_only=True)
     initial = workspace.build_model("tiny_vit", 100, head_seed=0).state_dict()
-    for name, mask in load_run_masks(result.run.dir).items():
+    for name, mask in load_prepared(result.run.dir).masks.items():
         assert torch.equal(final[name][~mask], initial[name][~mask]), name
     prepared = torch.load(result.run.dir / "prepared.pt", weights_only=True)
     assert torch.equal(final["head.weight"], prepared["head"]["weight"])
@@ -69,68 +104,14 @@ def test_config_rejects_a_mismatched_dataset(workspace, small_data):
 
 # ------------------------------------------------------------------ schedules
 
-def test_cosine_schedule_warms_up_linearly_then_anneals_to_zero():
-    values = [lr_multiplier("cosine", step, 100, warmup_steps=10) for step in range(100)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert values[10] == pytest.approx(1.0)
-    assert values[55] == pytest.approx(0.5, abs=0.02)
-    assert values[-1] < 0.01
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
-
-
-def test_step_schedule_drops_tenfold_at_half_and_three_quarters():
-    values = [lr_multiplier("step", step, 100) for step in (0, 49, 50, 74, 75, 99)]
-    assert values == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
-
-
-def test_constant_schedule_stays_at_the_base_rate_after_warm_up():
-    assert [lr_multiplier("constant", s, 10, warmup_steps=2) for s in range(4)] == pytest.approx([0.5, 1, 1, 1])
-
-
-def test_scheduler_checkpoint_resumes_the_same_rate():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = make_scheduler(optimizer, "cosine", 20, 3)
-    for _ in range(7):
-        optimizer.step()
-        scheduler.step()
-    state = scheduler.state_dict()
-    optimizer2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    resumed = make_scheduler(optimizer2, "cosine", 20, 3)
-    resumed.load_state_dict(state)
-    optimizer2.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"]
-    optimizer.step(), scheduler.step(), optimizer2.step(), resumed.step()
-    assert resumed.get_last_lr() == scheduler.get_last_lr()
-    assert math.isclose(scheduler.get_last_lr()[0], lr_multiplier("cosine", 8, 20, 3))
-
-
-# ------------------------------------------------------------------ precision
-
-def test_precision_is_fp32_on_a_cpu():
-    assert precision.resolve_precision("auto", "cpu") == "fp32"
-    assert not precision.grad_scaler("cpu", "fp32").is_enabled()
-
-
-@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
-def test_precision_follows_the_gpu_generation(monkeypatch, capability, expected):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert precision.resolve_precision("auto", "cuda") == expected
-
-
-def test_explicit_precision_is_kept_and_unknown_is_refused():
-    from fedta_utils.checks import ConfigError
-
-    assert precision.resolve_precision("bf16", "cpu") == "bf16"
-    with pytest.raises(ConfigError, match="precision='fp8'"):
-        precision.resolve_precision("fp8", "cpu")
-
-
 def test_fine_tuning_under_a_frozen_ridge_head_does_not_collapse(workspace, small_data):
     """A weakly regularised ridge head once made every frozen-head run diverge to chance (1 %)."""
-    from fedta_utils.federated import FedAvgConfig, run_head_only
+    from fedta_utils.experiments import run_head_only
+    from fedta_utils.fedavg import FedAvgConfig
 
     head_only = run_head_only(workspace, small_data, FedAvgConfig(
-        dataset="synthetic", model="tiny_vit", num_clients=1, participation=1.0, finetune=FineTuneSpec(head="ridge")),
+        dataset="synthetic", model="tiny_vit", num_clients=1, participation=1.0,
+        finetune=FineTuneSpec(head="ridge")),
         experiment="head_only")
     config = CentralizedConfig(**{**TINY, "epochs": 3, "lr": 0.1}, finetune=FineTuneSpec(head="ridge"))
     tuned = run_centralized(workspace, small_data, config, progress=False)
