@@ -87,7 +87,8 @@ def train_step_seconds(name, device, precision, batch_size, steps, repeats, comp
                 torch.randint(0, 100, (batch_size,), device=device))] * steps
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = models.grad_scaler(device, precision)
-    return best_time(lambda: train_steps(forward, optimizer, scaler, batches, precision), device, repeats) / steps
+    seconds = best_time(lambda: train_steps(forward, optimizer, scaler, batches, precision), device, repeats)
+    return seconds / steps
 
 
 def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_size, repeats) -> float:
@@ -167,18 +168,20 @@ def correctness_checks(device) -> dict[str, bool]:
         masks = [torch.rand_like(p) < 0.5 for p in params]
         load_flat(params, torch.cat([s.reshape(-1) for s in start]))
         optimizer = SparseSGDM(params, lr=0.1, momentum=0.9, weight_decay=1e-3, masks=masks)
-        train_steps(model, optimizer, models.grad_scaler(device, precision), [(inputs, labels)] * 3, precision)
+        scaler = models.grad_scaler(device, precision)
+        train_steps(model, optimizer, scaler, [(inputs, labels)] * 3, precision)
         results[f"check_frozen_exact_{precision}"] = all(
             torch.equal(p[~m], s[~m]) for p, m, s in zip(params, masks, start))
     trajectories = []
-    for optimizer_class, options in ((torch.optim.SGD, {}), (SparseSGDM, {"masks": [torch.ones_like(p) for p in params]})):
+    ones = [torch.ones_like(p) for p in params]
+    for optimizer_class, options in ((torch.optim.SGD, {}), (SparseSGDM, {"masks": ones})):
         load_flat(params, torch.cat([s.reshape(-1) for s in start]))
         optimizer = optimizer_class(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, **options)
         train_steps(model, optimizer, models.grad_scaler(device, "fp32"), [(inputs, labels)] * 3, "fp32")
         trajectories.append(read_flat(params))
     results["check_all_ones_equals_sgd"] = torch.equal(*trajectories)
     names = models.backbone_parameter_names(model)
-    sums = [f(model, [(inputs, None)], "sampled", names, generator=torch.Generator(device=device).manual_seed(0))[0]
+    sums = [f(model, [(inputs, None)], "sampled", names, generator=torch.Generator(device).manual_seed(0))[0]
             for f in (fisher_sums, fisher_sums_loop)]
     results["check_fisher_equals_loop"] = all(torch.allclose(sums[0][n], sums[1][n], rtol=1e-3, atol=1e-9)
                                               for n in names)
@@ -187,7 +190,7 @@ def correctness_checks(device) -> dict[str, bool]:
 
 def unit_seconds(name: str, precision: str = "auto", eval_batch_size: int = 256,
                  device: str = "auto") -> tuple[dict, str]:
-    """Seconds per trained image, evaluated image and Fisher sample on this device (the dry-run's calibration)."""
+    """Seconds per trained image, evaluated image and Fisher sample here (the dry-run's calibration)."""
     device = resolve_device(device)
     precision = models.resolve_precision(precision, device)
     slow = device.type == "cpu" and models.input_size(name) >= 224  # ViT-S/16 on a CPU: seconds per step
@@ -199,9 +202,10 @@ def unit_seconds(name: str, precision: str = "auto", eval_batch_size: int = 256,
 
 
 def describe(name, device, precision) -> str:
-    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return (f"device: {device} ({processor}, {torch.get_num_threads()} CPU threads, load {os.getloadavg()[0]:.2f}) "
-            f"| model: {name} at {models.input_size(name)} px | precision: {precision} | torch {torch.__version__}")
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return (f"device: {device} ({processor}, {torch.get_num_threads()} CPU threads, "
+            f"load {os.getloadavg()[0]:.2f}) | model: {name} at {models.input_size(name)} px "
+            f"| precision: {precision} | torch {torch.__version__}")
 
 
 def measurements(name, device, precision, quick: bool, eval_batch_size: int = 256):
@@ -225,7 +229,8 @@ def measurements(name, device, precision, quick: bool, eval_batch_size: int = 25
     for reference, label in ((False, "fisher_vmap"), (True, "fisher_loop")):
         seconds, memory = fisher_seconds(name, device, samples, reference)
         yield label, 1 / seconds, "samples/s", f"{samples} samples{memory}"
-    yield "sparse_over_sgd", optimizer_step_ratio(name, device, steps, repeats), "ratio", f"{SPARSITY:.0%} frozen"
+    ratio = optimizer_step_ratio(name, device, steps, repeats)
+    yield "sparse_over_sgd", ratio, "ratio", f"{SPARSITY:.0%} frozen"
     for check, passed in correctness_checks(device).items():
         yield check, float(passed), "1 = holds", "on this device"
 
@@ -233,7 +238,7 @@ def measurements(name, device, precision, quick: bool, eval_batch_size: int = 25
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedta_utils.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=models.MODELS, help="default: dino_vits16 on a GPU, tiny_vit on a CPU")
+    parser.add_argument("--model", choices=models.MODELS, help="default: dino_vits16 on a GPU, else tiny_vit")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=models.PRECISIONS, default="auto")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")

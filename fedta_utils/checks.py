@@ -74,7 +74,7 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_list(name: str, values: Any, description: str, check_item) -> list:
-    """A non-empty list (a lone string is not a list), each item passed through check_item(item_name, item)."""
+    """A non-empty list (a lone string is not one), each item passed through check_item(item_name, item)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ConfigError(f"{name} must be a list of {description}, got {values!r}")
     values = list(values)

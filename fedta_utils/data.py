@@ -42,7 +42,7 @@ class ImageSet:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(f"images must be uint8 [N, H, W, 3], not {self.images.dtype} {self.images.shape}")
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError("labels must be int64 [N] aligned with images")
 
@@ -173,7 +173,7 @@ def _smooth_patterns(rng: np.random.Generator, count: int) -> torch.Tensor:
     return F.interpolate(coarse, size=CIFAR_SIZE, mode="bilinear", align_corners=False)
 
 
-def _synthetic_split(rng: np.random.Generator, colours: torch.Tensor, patterns: torch.Tensor, size: int) -> ImageSet:
+def _synthetic_split(rng: np.random.Generator, colours, patterns, size: int) -> ImageSet:
     num_classes = patterns.shape[0]
     labels = np.arange(size) % num_classes
     rng.shuffle(labels)
@@ -275,7 +275,7 @@ def prepare_data(
 
 # --------------------------------------------------------------------------- batches
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING):
     """Random crop with zero padding and a random horizontal flip, per image.
 
     `images` is uint8 [B, H, W, C] on any device; one gather does both

@@ -44,7 +44,7 @@ def data_splits(ws, data, params: dict) -> None:
           "max per class": np.bincount(y).max()} for name, y in sizes]))
     schemes = {"iid": {"sharding": "iid"}}
     schemes.update({f"Nc={nc}": {"sharding": "non_iid", "classes_per_client": nc}
-                    for nc in check_int_list("classes_per_client_grid", params["classes_per_client_grid"], 1)})
+                    for nc in check_int_list("classes_per_client_grid", params["classes_per_client_grid"])})
     schemes[f"Dir({params['dirichlet_alpha']:g})"] = {"sharding": "dirichlet",
                                                       "dirichlet_alpha": params["dirichlet_alpha"]}
     labels = data.train_labels_numpy()
@@ -150,8 +150,8 @@ def _fl_shardings(sparse_classes_per_client) -> list[dict]:
     return [{"sharding": "iid"}, {"sharding": "non_iid", "classes_per_client": nc}]
 
 
-def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparse_classes_per_client, local_steps, rounds,
-                      **params) -> list[FedAvgConfig]:
+def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparse_classes_per_client, local_steps,
+                      rounds,                      **params) -> list[FedAvgConfig]:
     """Notebook 04: sparsity x calibration rounds (least-sensitive rule), iid and one non-iid Nc.
 
     Each sharding also gets the dense baselines with the same rounds: the
@@ -191,7 +191,8 @@ def sparse_central_configs(dataset, model, seeds, sparse_central_epochs, central
     spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=central_sparsity,
                          calibration_rounds=central_calibration_rounds)
     return [CentralizedConfig(dataset=dataset, model=model, seed=s, epochs=sparse_central_epochs,
-                              batch_size=central_batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              batch_size=central_batch_size, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay,
                               scheduler="cosine", precision=precision, finetune=spec)
             for s in check_int_list("seeds", seeds, minimum=0)]
 
@@ -218,7 +219,8 @@ def check_against_data(configs: list, data) -> None:
     for config in configs:
         if config.dataset != data.name:
             raise ConfigError(f"dataset={config.dataset!r} in a config, but the loaded data is {data.name!r}")
-        key = (config.sharding_name(), config.num_clients, config.seed) if isinstance(config, FedAvgConfig) else None
+        fed = isinstance(config, FedAvgConfig)
+        key = (config.sharding_name(), config.num_clients, config.seed) if fed else None
         if key is not None and key not in checked:
             config.shards(data)  # raises for impossible requests
             checked.add(key)
@@ -247,7 +249,8 @@ def run_head_only(ws, data, config: FedAvgConfig, *, experiment: str = HEAD_ONLY
     check_int("checkpoint_every", checkpoint_every, minimum=1)
     data.check_is(config.dataset)
     shards = config.shards(data)
-    identity = {k: v for k, v in config.to_dict().items() if k not in ("rounds", "local_steps", "lr_schedule")}
+    identity = {k: v for k, v in config.to_dict().items()
+                if k not in ("rounds", "local_steps", "lr_schedule")}
     run = ws.run(experiment, f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
     if run.is_complete:
         return read_complete(run)

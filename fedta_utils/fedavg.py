@@ -108,7 +108,8 @@ class FedAvgConfig:
         return f"dir{self.dirichlet_alpha:g}" if self.sharding == "dirichlet" else "iid"
 
     def run_name(self) -> str:
-        return f"{self.sharding_name()}-J{self.local_steps}-T{self.rounds}{self.finetune.short_name()}-s{self.seed}"
+        name = f"{self.sharding_name()}-J{self.local_steps}-T{self.rounds}"
+        return f"{name}{self.finetune.short_name()}-s{self.seed}"
 
     def shards(self, data: DataBundle) -> list[np.ndarray]:
         return make_shards(data.train_labels_numpy(), self.sharding, self.num_clients, self.seed,
@@ -293,7 +294,8 @@ class FedAvgRun:
                    "trainable_entries": self.entries_sent}
         load_flat(self.params, self.global_weights)
         if save_weights:
-            self.run.save_artifact("model.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+            weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            self.run.save_artifact("model.pt", weights)
         self.run.finish(summary, rows, timing)
         return RunResult(self.run, summary, self.run.metrics())
 

@@ -48,7 +48,7 @@ class FineTuneSpec:
     calibration_rounds: int = 4      # R in TaLoS: density d^(r/R) in round r
     calibration_samples: int = 1600  # samples scored per round in total (split evenly over clients)
     label_mode: str = "sampled"      # Fisher labels drawn from the model ('sampled') or the true ones
-    eligible: str = "backbone"       # 'backbone' (all but the head) | 'blocks' | 'matrices' (2-D block weights)
+    eligible: str = "backbone"       # 'backbone' (all but the head) | 'blocks' | 'matrices' (2-D, blocks)
 
     def __post_init__(self):
         check_choice("head", self.head, HEAD_MODES)

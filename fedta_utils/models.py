@@ -108,7 +108,7 @@ def _dino_vits16(num_classes: int, pretrained: bool, weights_path) -> nn.Module:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .pth/.pt (optionally wrapped in 'state_dict'/'model'/'teacher') or .safetensors file."""
+    """A state dict from .pth/.pt (maybe wrapped in 'state_dict'/'model'/'teacher') or .safetensors."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -135,9 +135,10 @@ def notebook_values(path: Path, profile: str, overrides: dict) -> dict:
         try:
             params[name] = ast.literal_eval(info["default"])
         except (ValueError, SyntaxError):
-            raise ConfigError(f"{path.name}: the default of {name} ({info['default']}) is not a literal") from None
+            raise ConfigError(f"{path.name}: the default of {name} is not a literal") from None
     params.update({k: v for k, v in {**profile_values(profile), **overrides}.items() if k in params})
-    return {k: PLACEHOLDER_HPARAMS[k] if v is None and k in PLACEHOLDER_HPARAMS else v for k, v in params.items()}
+    return {k: PLACEHOLDER_HPARAMS.get(k) if v is None and k in PLACEHOLDER_HPARAMS else v
+            for k, v in params.items()}
 
 
 def grids(profile: str, only: list[str] | None = None, overrides: dict | None = None) -> list[dict]:
@@ -223,21 +224,25 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     configs = [c for g in groups for c in g["configs"]]
     models_used = sorted({c.model for c in configs})
     if len(models_used) != 1:
-        raise ConfigError(f"the selected notebooks use the models {models_used}; estimate one at a time (--only)")
+        raise ConfigError(f"the selected notebooks use the models {models_used}; estimate one at a time")
     started = time.perf_counter()
-    seconds, setup = unit_seconds(models_used[0], configs[0].precision, groups[0]["params"].get("eval_batch_size", 256))
+    eval_batch = groups[0]["params"].get("eval_batch_size", 256)
+    seconds, setup = unit_seconds(models_used[0], configs[0].precision, eval_batch)
     table["hours"] = sum(table[kind] * seconds[kind] for kind in ("train", "eval", "fisher")) / 3600
     kind = "GPU" if "cuda" in setup else "CPU"
     print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
-    print(f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image {seconds['train']:.2e}, "
+    print(f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image "
+          f"{seconds['train']:.2e}, "
           f"per evaluated image {seconds['eval']:.2e}, per Fisher sample {seconds['fisher']:.2e}")
     totals = table.groupby("notebook", sort=False)[["runs", "train", "eval", "fisher", "hours"]].sum()
     totals.loc["total"] = totals.sum()
-    shown = totals.assign(train=totals["train"] / 1e6, eval=totals["eval"] / 1e6, fisher=totals["fisher"] / 1e3)
+    shown = totals.assign(train=totals["train"] / 1e6, eval=totals["eval"] / 1e6,
+                          fisher=totals["fisher"] / 1e3)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
     print(shown.rename(columns={"train": "trained images (M)", "eval": "evaluated images (M)",
-                                "fisher": "Fisher samples (k)"}).to_string(float_format=lambda v: f"{v:,.2f}"))
-    print(f"total: {int(totals['runs'].iloc[-1])} runs, {totals['hours'].iloc[-1]:,.2f} {kind}-hours on this machine")
+                                "fisher": "Fisher samples (k)"}).to_string(float_format="{:,.2f}".format))
+    runs, hours = int(totals["runs"].iloc[-1]), totals["hours"].iloc[-1]
+    print(f"total: {runs} runs, {hours:,.2f} {kind}-hours on this machine")
     return table
 
 

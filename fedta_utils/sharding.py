@@ -100,7 +100,7 @@ def deal_classes(slices_per_class: np.ndarray, num_clients: int, per_client: int
             x = holds[client, slot]
             swappable = ~np.isin(holds, values) & ~(holds == x).any(axis=1, keepdims=True)
             if not swappable.any():
-                raise ConfigError(f"cannot deal {per_client} distinct classes to each of {num_clients} clients")
+                raise ConfigError(f"cannot deal {per_client} distinct classes to {num_clients} clients")
             other, other_slot = np.argwhere(swappable)[rng.integers(swappable.sum())]
             holds[client, slot], holds[other, other_slot] = holds[other, other_slot], x
     return holds
@@ -131,7 +131,7 @@ def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int) -> list[
 
 
 def make_shards(labels, sharding: str, num_clients: int, seed: int,
-                classes_per_client: int | None = None, dirichlet_alpha: float | None = None) -> list[np.ndarray]:
+                classes_per_client: int | None = None, dirichlet_alpha: float | None = None) -> list:
     """Dispatch on `sharding` ('iid', 'non_iid', 'dirichlet')."""
     check_choice("sharding", sharding, SHARDINGS)
     if sharding == "iid":

@@ -66,7 +66,8 @@ class CentralizedConfig:
         return {**asdict(self), "finetune": self.finetune.identity()}
 
     def run_name(self) -> str:
-        return f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}{self.finetune.short_name()}-s{self.seed}"
+        name = f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}"
+        return f"{name}{self.finetune.short_name()}-s{self.seed}"
 
 
 @dataclass
@@ -201,7 +202,8 @@ def train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, 
     for epoch in bar:
         started = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
-        batches = epoch_batches(len(data.train), config.batch_size, config.seed, "epoch", epoch, device=device)
+        batches = epoch_batches(len(data.train), config.batch_size, config.seed, "epoch", epoch,
+                                device=device)
         generator = augmentation_generator(config.seed, "epoch", epoch, device=device)
         loss_sum, count = train_steps(model, optimizer, scaler,
                                       training_batches(data.train, img_size, batches, generator),

@@ -88,8 +88,8 @@ class Workspace:
         key = (dataset, val_fraction, split_seed, synthetic_train_size, synthetic_test_size)
         if key not in self._data_cache:
             split_path = self.root / "splits" / f"{dataset}-val{val_fraction:g}-seed{split_seed}.npz"
-            self._data_cache[key] = prepare_data(dataset, self.data_dir, self.download, val_fraction, split_seed,
-                                                 split_path, self.device, synthetic_train_size,
+            self._data_cache[key] = prepare_data(dataset, self.data_dir, self.download, val_fraction,
+                                                 split_seed, split_path, self.device, synthetic_train_size,
                                                  synthetic_test_size)
         return self._data_cache[key]
 
@@ -170,7 +170,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ConfigError(f"device={device!r} is not allowed; choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise ConfigError(f"device={device!r} is not allowed; "
+                          "choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
     return torch.device(device)
