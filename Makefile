@@ -1,32 +1,53 @@
-# fedta: two commands on a fresh Linux machine with Python >= 3.10.
+# fedta: two commands on a fresh Debian/Ubuntu machine with Python >= 3.10.
 #
-#   make smoke   create .venv once, then run every notebook on the offline smoke profile
-#   make test    create .venv once, then run the whole test suite
+#   make smoke   set up once, then run every notebook on the offline smoke profile (ends with report/main.pdf)
+#   make test    set up once, then run the whole test suite
 #
-# Also: make report (build report/main.pdf from the generated figures/tables),
-#       make dry-run (runs and estimated GPU-hours of the full study on this device),
-#       make bench (throughput benchmark).
+# Set-up: .venv/ with the requirements, and TeX Live from the distribution's packages for the report PDF
+# (installed once where this user may: root, or sudo without a password; otherwise the PDF tests are skipped
+# and the command that installs TeX is printed).
+# Also: make report (build report/main.pdf from the generated figures/tables), make dry-run (runs and
+#       estimated hours of the full study on this device), make bench (throughput benchmark).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS ?= results
+TEX_PACKAGES := latexmk texlive-latex-base texlive-latex-recommended texlive-latex-extra \
+	texlive-fonts-recommended texlive-bibtex-extra lmodern
+INSTALL_TEX := sudo apt-get install -y --no-install-recommends $(TEX_PACKAGES)
 
-.PHONY: setup smoke test report dry-run bench
+.PHONY: setup tex smoke test report dry-run bench
 
 $(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { echo "python3 -m venv is unavailable here;" \
+		"install it with: sudo apt-get install -y python3-venv"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt "pytest>=7.4"
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+tex:
+	@command -v latexmk >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else \
+		echo "latexmk is missing and this user cannot install packages: the PDF tests are skipped and" \
+			"make smoke builds no PDF. To install TeX: $(INSTALL_TEX)"; exit 0; fi; \
+	command -v apt-get >/dev/null || { echo "latexmk is missing and there is no apt-get: install TeX Live" \
+		"(latexmk, pdflatex) with this system's package manager"; exit 0; }; \
+	echo "Installing TeX Live for the report PDF from the distribution's packages (once, a few minutes):"; \
+	echo "  $(TEX_PACKAGES)"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+		--no-install-recommends $(TEX_PACKAGES) poppler-utils >/dev/null
 
-smoke: $(STAMP)
+setup: $(STAMP) tex
+
+smoke: setup
 	$(PY) -m fedta_utils.pipeline --profile smoke --results-dir $(RESULTS)
+	@test -f report/main.pdf && echo "make smoke: done, report/main.pdf built from $(RESULTS)/smoke" || \
+		echo "make smoke: done, but no PDF: latexmk is missing. To install TeX: $(INSTALL_TEX)"
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest
 
 report:

@@ -42,7 +42,8 @@ class ImageSet:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {self.images.dtype}, {self.images.ndim}-D")
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {self.images.dtype} "
+                             f"{list(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError("labels must be int64 [N] aligned with images")
 

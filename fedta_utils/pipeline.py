@@ -35,6 +35,9 @@ from .fedavg import FedAvgConfig
 from .workspace import NOTEBOOK_DIR, PROFILES, declared_parameters, discover_notebooks, profile_values
 
 KERNEL = "python3"
+# The kernel's one start-up warning says it talks over TCP without encryption: papermill reaches it on
+# this machine's loopback interface, so nothing leaves the machine (README, "Running from a terminal").
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
 # Notebook -> (group label, experiments.<function>) in the order the notebook runs them.
 NOTEBOOK_GRIDS = {
@@ -108,7 +111,8 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
         started = time.perf_counter()
         try:
             papermill.execute_notebook(str(path), str(output_dir / path.name), parameters=parameters,
-                                       kernel_name=KERNEL, cwd=str(path.parent.parent), progress_bar=False)
+                                       kernel_name=KERNEL, cwd=str(path.parent.parent), progress_bar=False,
+                                       extra_arguments=QUIET_KERNEL)
         except PapermillExecutionError as error:
             raise NotebookFailed(path.name, error) from None
         records.append({"notebook": path.name, "seconds": time.perf_counter() - started})

@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -395,3 +396,24 @@ def build_pdf(report_dir, timeout: int = 600) -> dict:
                           cwd=report_dir, capture_output=True, text=True, timeout=timeout)
     return {"ok": done.returncode == 0, "seconds": time.perf_counter() - started, **page_counts(report_dir),
             "log_tail": "\n".join((done.stdout + done.stderr).splitlines()[-40:])}
+
+
+ARCHIVED = {"report.zip": ("main.tex", "refs.bib", "figures/*.pdf", "tables/*.tex", "generated/*.tex"),
+            "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "*/*/config.json", "*/*/summary.json",
+                            "*/*/metrics.csv")}
+
+
+def archive(report_dir, root) -> list[Path]:
+    """<root>/report.zip, a project Overleaf opens as it is, and <root>/results.zip, the evidence behind it.
+
+    results.zip holds every run's config, metrics and summary under <experiment>/<run id>/ (the
+    folders the tables' numbers come from), and no checkpoint.
+    """
+    written = []
+    for name, patterns in ARCHIVED.items():
+        base = Path(report_dir) if name == "report.zip" else Path(root)
+        with zipfile.ZipFile(Path(root) / name, "w", zipfile.ZIP_DEFLATED) as bundle:
+            for file in sorted({f for pattern in patterns for f in base.glob(pattern)}):
+                bundle.write(file, file.relative_to(base))
+        written.append(Path(root) / name)
+    return written

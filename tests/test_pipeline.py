@@ -1,6 +1,8 @@
 """The papermill pipeline: parameters, profiles, failures, and the notebooks themselves."""
 
+import ast
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -113,3 +115,59 @@ def test_smoke_pipeline_completes_every_experiment(smoke_results):
         assert runs, experiment
         assert all((run / "summary.json").is_file() for run in runs), experiment
         assert not list((root / experiment).glob("*/checkpoint-*.pt")), "complete runs keep no checkpoints"
+
+
+def test_smoke_profile_is_one_parameters_file_that_the_pipeline_and_papermill_read(tmp_path):
+    import yaml
+
+    from fedta_utils.workspace import NOTEBOOK_DIR
+
+    assert profile_values("smoke") == yaml.safe_load((NOTEBOOK_DIR / "smoke.yaml").read_text())
+    values = pipeline.notebook_parameters(NOTEBOOKS["01"], "smoke", tmp_path, {})
+    assert {k: v for k, v in values.items() if k != "results_dir"} == {
+        k: v for k, v in SMOKE.items() if k in declared_parameters(NOTEBOOKS["01"])}
+
+
+@pytest.mark.parametrize("profile, name, value", [("smoke", "dataset", "cifar100"), ("smoke", "model", "dino_vits16"),
+                                                  ("full", "dataset", "synthetic"), ("full", "model", "tiny_vit")])
+def test_a_notebook_refuses_a_profile_that_disagrees_with_what_it_loads(profile, name, value, tmp_path):
+    from fedta_utils.workspace import setup_notebook
+
+    namespace = {k: ast.literal_eval(v["default"]) for k, v in declared_parameters(NOTEBOOKS["02"]).items()}
+    namespace.update(profile=profile, results_dir=str(tmp_path / "results"), **{name: value})
+    if profile == "smoke":
+        namespace.update({k: v for k, v in SMOKE.items() if k in namespace and k != name})
+    with pytest.raises(ConfigError, match=f"profile='{profile}' with {name}='{value}'"):
+        setup_notebook("02", namespace)
+    assert not (tmp_path / "results").exists()  # refused before anything is created or loaded
+
+
+def test_every_copy_of_the_repository_url_is_the_packages_one():
+    import re
+
+    from fedta_utils import REPO_URL
+
+    readme = (NOTEBOOKS["00"].parent.parent / "README.md").read_text()
+    badges = set(re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob", readme))
+    assert badges == {REPO_URL.removeprefix("https://github.com/")}
+    for path in NOTEBOOKS.values():
+        cells = json.loads(path.read_text())["cells"]
+        first_code = next(c for c in cells if c["cell_type"] == "code")
+        assert f'REPO_URL = "{REPO_URL}"' in "".join(first_code["source"]), path.name
+        badge = "".join(cells[0]["source"])
+        assert f"colab.research.google.com/github/{REPO_URL.removeprefix('https://github.com/')}/blob" in badge
+
+
+@pytest.mark.slow
+def test_the_readme_papermill_command_runs_notebook_00_offline(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    repo = NOTEBOOKS["00"].parent.parent
+    command = ["papermill", "notebooks/00_data_splits.ipynb", str(tmp_path / "out.ipynb"),
+               "-f", "notebooks/smoke.yaml", "-p", "results_dir", str(tmp_path / "results")]
+    assert " ".join(command[:2] + ["out.ipynb"] + command[3:5]) in (repo / "README.md").read_text()
+    executable = shutil.which("papermill", path=str(Path(sys.executable).parent)) or "papermill"
+    subprocess.run([executable, *command[1:]], cwd=repo, check=True, capture_output=True, timeout=600)
+    assert (tmp_path / "results" / "smoke" / "00_data" / "shard_stats.csv").is_file()

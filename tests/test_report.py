@@ -21,6 +21,8 @@ from fedta_utils.experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROG
                                      SPARSE_CENTRAL, SPARSE_FL)
 from fedta_utils.runs import rows_to_csv
 
+from conftest import needs_tex
+
 REPO = Path(__file__).resolve().parent.parent
 LATEX_COMMANDS = {"Cref", "FloatBarrier", "Phi"}  # capitalised commands of LaTeX and its packages in main.tex
 DRIFT = {"mean_client_delta_norm": 1.0, "avg_delta_norm": 0.5, "mean_pairwise_cosine": 0.2,
@@ -388,12 +390,14 @@ def test_notebook_06_declares_the_parameters_the_pipeline_passes():
 
 # --------------------------------------------------------------------------- end to end (smoke pipeline)
 
+@needs_tex
 @pytest.mark.slow
 def test_smoke_pipeline_builds_the_report_pdf(smoke_results):
     report_dir = smoke_results["report_dir"]
     assert (report_dir / "main.pdf").is_file() and report.page_counts(report_dir)["pages"] >= 1
 
 
+@needs_tex
 @pytest.mark.slow
 def test_smoke_report_body_fits_the_page_limit(smoke_results):
     pages = report.page_counts(smoke_results["report_dir"])["body_pages"]
