@@ -119,27 +119,17 @@ def load_cifar100(root: str | Path, download: bool = False) -> tuple[ImageSet, I
     """
     from torchvision.datasets import CIFAR100
 
-    root = Path(root)
     try:
         train = CIFAR100(str(root), train=True, download=download)
         test = CIFAR100(str(root), train=False, download=download)
-    except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
-        hint = "set download=True (needs internet)" if not download else "check the internet connection"
-        raise FileNotFoundError(
-            f"CIFAR-100 is not available under data_dir={str(root)!r} ({error}); {hint}, "
-            "or point data_dir at a folder that holds cifar-100-python/"
-        ) from error
-    except OSError as error:  # URLError and friends when offline
-        raise FileNotFoundError(
-            f"CIFAR-100 could not be downloaded to data_dir={str(root)!r} ({error}); "
-            "copy cifar-100-python/ there by hand or run where the internet is reachable"
-        ) from error
-    return _as_image_set(train.data, train.targets), _as_image_set(test.data, test.targets)
-
-
-def _as_image_set(images: np.ndarray, labels) -> ImageSet:
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
-                    torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+    except (RuntimeError, OSError) as error:  # "Dataset not found or corrupted"; URLError when offline
+        hint = "check the internet connection" if download else "set download=True (needs internet)"
+        raise FileNotFoundError(f"CIFAR-100 is not available under data_dir={str(root)!r} ({error}); "
+                                f"{hint}, or point data_dir at a folder that holds cifar-100-python/"
+                                ) from error
+    return tuple(ImageSet(torch.from_numpy(np.ascontiguousarray(split.data, dtype=np.uint8)),
+                          torch.as_tensor(np.asarray(split.targets), dtype=torch.int64))
+                 for split in (train, test))
 
 
 def synthetic_cifar100(
@@ -335,9 +325,8 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, *tags, device="c
     The permutation comes from the stream (seed, *tags) and is moved to the
     device in one transfer.
     """
-    order = numpy_rng(seed, *tags).permutation(num_samples)
-    order = torch.from_numpy(order).to(device)
-    return list(order.split(batch_size))
+    order = torch.from_numpy(numpy_rng(seed, *tags).permutation(num_samples))
+    return list(order.to(device).split(batch_size))
 
 
 def sequential_batches(num_samples: int, batch_size: int, device="cpu") -> list[torch.Tensor]:
