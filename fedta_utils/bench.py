@@ -17,14 +17,24 @@ cut short still leaves data. Rows:
     fisher_vmap / _loop  per-sample squared gradients, samples/s, and peak GPU memory
     sparse_over_sgd      SparseSGDM.step (90 % frozen) / torch.optim.SGD.step
     check_*              1 when a correctness check holds on this device (0 otherwise)
+
+--gpu-check adds what only a GPU run can tell (the script for a lent GPU; on a CPU it runs the
+same code with tiny_vit and short steps): the training step in bf16 and in fp16 with a GradScaler,
+one torch.compile'd configuration (its compile time apart), the FedSGD identity on the device, a
+rehearsal of the notebooks' code paths (a centralized epoch, 3 FedAvg rounds and a sparse FedAvg run
+with 2 calibration rounds, each interrupted after its first checkpoint and resumed, compared with an
+uninterrupted run), and the dry-run's calibration (seconds per trained / evaluated image, Fisher
+sample). Its output is labelled a rehearsal: random weights, synthetic data.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,10 +45,13 @@ import torch.nn.functional as F
 from . import models
 from .data import DataBundle, augmentation_generator, make_batch, synthetic_cifar100
 from .fedavg import client_update, load_flat, read_flat, server_update
+from .fedavg import FedAvgConfig, run_fedavg
+from .finetune import FineTuneSpec
 from .optim import SparseSGDM
-from .sensitivity import fisher_sums, fisher_sums_loop
-from .training import train_steps
-from .workspace import resolve_device
+from .runs import Run
+from .sensitivity import DEFAULT_CHUNK, fisher_sums, fisher_sums_loop
+from .training import CentralizedConfig, run_centralized, train_steps
+from .workspace import resolve_device, setup_workspace
 
 SPARSITY = 0.9  # fraction of entries frozen in the SparseSGDM measurement
 
@@ -235,6 +248,106 @@ def measurements(name, device, precision, quick: bool, eval_batch_size: int = 25
         yield check, float(passed), "1 = holds", "on this device"
 
 
+def fedsgd_identity_holds(device) -> bool:
+    """C = 1, J = 1, full-shard batches, no momentum: one FedAvg round is one full-batch gradient step."""
+    model = random_model("tiny_vit", device)
+    params = list(model.parameters())
+    start = read_flat(params)
+    shards = [(torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 100, (n,), device=device))
+              for n in (6, 10)]
+    delta_sum = torch.zeros_like(start)
+    for batch in shards:
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        delta, count, _ = client_update(model, params, start, [batch], optimizer, "fp32")
+        delta_sum.add_(delta, alpha=count)
+    fedavg = start.clone()
+    server_update(fedavg, delta_sum, 16, None, 1.0, 0.0)
+    load_flat(params, start)
+    model.train()
+    inputs, labels = torch.cat([x for x, _ in shards]), torch.cat([y for _, y in shards])
+    gradients = torch.autograd.grad(F.cross_entropy(model(inputs), labels), params)
+    step = start - 0.1 * torch.cat([g.reshape(-1) for g in gradients])
+    return torch.allclose(fedavg, step, rtol=1e-4, atol=1e-6)
+
+
+class Interrupted(Exception):
+    """Stands for a kill right after a checkpoint (the process's state is thrown away)."""
+
+
+def run_interrupted(interrupt: bool, runner, *args, **kwargs):
+    """runner(...); with `interrupt`, stopped just after its first checkpoint, then run again to resume."""
+    if not interrupt:
+        return runner(*args, **kwargs)
+    original = Run.save_checkpoint
+
+    def save_then_stop(run, checkpoint):
+        original(run, checkpoint)
+        raise Interrupted
+
+    Run.save_checkpoint = save_then_stop
+    try:
+        runner(*args, **kwargs)
+    except Interrupted:
+        pass
+    finally:
+        Run.save_checkpoint = original
+    return runner(*args, **kwargs)
+
+
+def rehearsal(name, device, quick: bool):
+    """(kind, resumed metrics equal an uninterrupted run's, largest difference, seconds) per code path."""
+    torch.use_deterministic_algorithms(True, warn_only=True)  # bit-identical where the kernels allow it
+    images = 600 if quick else 5000
+    common = dict(dataset="synthetic", model=name, seed=0, precision="auto", lr=0.01)
+    fed = dict(common, num_clients=10, participation=0.3 if quick else 1.0, local_steps=2 if quick else 4,
+               rounds=3, eval_every=1)
+    sparse = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=2,
+                          calibration_samples=100 if quick else 320)
+    plans = [("centralized", run_centralized, CentralizedConfig(**common, epochs=2, batch_size=128)),
+             ("fedavg", run_fedavg, FedAvgConfig(**fed)),
+             ("sparse_fedavg", run_fedavg, FedAvgConfig(**fed, finetune=sparse))]
+    for kind, runner, config in plans:
+        started, metrics = time.perf_counter(), []
+        for interrupt in (False, True):
+            with tempfile.TemporaryDirectory() as folder:
+                ws = setup_workspace("smoke", folder, device=str(device), download=False)
+                ws.pretrained = False  # random weights: the same FLOPs, no download
+                data = ws.load_data("synthetic", 0.1, 0, images, 200)
+                result = run_interrupted(interrupt, runner, ws, data, config, experiment="rehearsal",
+                                         progress=False)
+                metrics.append(result.metrics)
+        columns = [c for c in metrics[0].columns if not c.endswith("_s")]  # wall times differ by nature
+        a, b = (m[columns].select_dtypes("number").to_numpy(float) for m in metrics)
+        yield kind, metrics[0][columns].equals(metrics[1][columns]), float(abs(a - b).max()), \
+            time.perf_counter() - started
+
+
+def gpu_check(name, device, quick: bool):
+    """The rows only --gpu-check measures (see the module docstring)."""
+    steps, repeats = (2, 2) if quick else (10, 3)
+    for precision in ("bf16", "fp16") if device.type == "cuda" else ("fp32",):
+        for batch in (32,) if quick else (32, 128):
+            seconds = train_step_seconds(name, device, precision, batch, steps, repeats)
+            yield f"train_step_b{batch}_{precision}", batch / seconds, "images/s", \
+                f"batch {batch}{peak_memory(device)}"
+    started = time.perf_counter()
+    precision = models.resolve_precision("auto", device)
+    seconds = train_step_seconds(name, device, precision, 32, steps, repeats, compile_model=True)
+    yield "train_step_b32_compiled", 32 / seconds, "images/s", \
+        f"torch.compile, {precision}; warm-up with compilation {time.perf_counter() - started:.0f} s"
+    chunk_gb = DEFAULT_CHUNK * sum(p.numel() for p in random_model(name, device).parameters()) * 4 / 2**30
+    seconds, memory = fisher_seconds(name, device, DEFAULT_CHUNK, reference=False)
+    yield "fisher_vmap_default_chunk", 1 / seconds, "samples/s", \
+        f"chunk {DEFAULT_CHUNK}: bound {chunk_gb:.2f} GB of gradients + activations{memory}"
+    yield "check_fedsgd_identity", float(fedsgd_identity_holds(device)), "1 = holds", "on this device"
+    for kind, equal, difference, seconds in rehearsal(name, device, quick):
+        yield f"rehearsal_{kind}_resumed_equal", float(equal), "1 = equal", \
+            f"rehearsal, largest difference {difference:.2e}, {seconds:.0f} s"
+    unit, _ = unit_seconds(name, "auto", 256, str(device))
+    for kind, value in unit.items():
+        yield f"dryrun_seconds_per_{kind}", value, "s", "the dry-run's calibration on this device"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedta_utils.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=models.PRECISIONS, default="auto")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
     parser.add_argument("--quick", action="store_true", help="the shortest form: few steps, few clients")
+    parser.add_argument("--gpu-check", action="store_true", help="add the GPU-only checks and the rehearsal")
     parser.add_argument("--csv", type=Path, help="default: results/bench/<device>-<model>.csv")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -253,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     header = describe(name, device, precision)
     print(header, flush=True)
     started, rows = time.perf_counter(), []
-    for row in measurements(name, device, precision, args.quick, args.eval_batch_size):
+    extra = gpu_check(name, device, args.quick) if args.gpu_check else ()
+    rows_measured = measurements(name, device, precision, args.quick, args.eval_batch_size)
+    for row in itertools.chain(rows_measured, extra):
         rows.append(row)
-        print(f"{row[0]:>28} {row[1]:12.3f} {row[2]:<18} {row[3]}", flush=True)
+        print(f"{row[0]:>38} {row[1]:12.4g} {row[2]:<18} {row[3]}", flush=True)
         frame = pd.DataFrame(rows, columns=["metric", "value", "unit", "note"])
         frame.assign(device=str(device), model=name, precision=precision, torch=torch.__version__,
                      setup=header).to_csv(path, index=False)

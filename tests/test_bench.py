@@ -79,3 +79,25 @@ def test_unknown_option_values_are_rejected():
         bench.main(["--precision", "fp8"])
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         bench.main(["--model", "resnet"])
+
+
+@pytest.fixture(scope="module")
+def gpu_check_on_cpu(tmp_path_factory):
+    """--gpu-check on the CPU (tiny_vit, short steps): the table a lent GPU would produce."""
+    path = tmp_path_factory.mktemp("gpu_check") / "gpu_check.csv"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(["--quick", "--gpu-check", "--device", "cpu", "--csv", str(path)]) == 0
+    return pd.read_csv(path).set_index("metric")
+
+
+def test_gpu_check_rehearses_every_code_path_and_resumes_equal(gpu_check_on_cpu):
+    for kind in ("centralized", "fedavg", "sparse_fedavg"):
+        row = gpu_check_on_cpu.loc[f"rehearsal_{kind}_resumed_equal"]
+        assert row["value"] == 1 and "rehearsal" in row["note"]
+
+
+def test_gpu_check_holds_the_fedsgd_identity_and_reports_compile_and_calibration(gpu_check_on_cpu):
+    assert gpu_check_on_cpu.loc["check_fedsgd_identity", "value"] == 1
+    assert "compilation" in gpu_check_on_cpu.loc["train_step_b32_compiled", "note"]
+    for kind in ("train", "eval", "fisher"):
+        assert gpu_check_on_cpu.loc[f"dryrun_seconds_per_{kind}", "value"] > 0
