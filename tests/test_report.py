@@ -421,3 +421,22 @@ def test_smoke_pipeline_fills_every_number_and_table(smoke_results):
 @pytest.mark.slow
 def test_smoke_results_draw_every_figure_without_warnings(smoke_results, tmp_path):
     assert report.write_report(smoke_results["results_dir"] / "smoke", tmp_path, "smoke") == []
+
+
+def test_archives_hold_an_overleaf_project_and_the_runs_without_checkpoints(tmp_path):
+    import zipfile
+
+    report_dir, root = tmp_path / "report", tmp_path / "results" / "smoke"
+    for path in (report_dir / "main.tex", report_dir / "refs.bib", report_dir / "figures" / "drift.pdf",
+                 report_dir / "tables" / "fedavg.tex", report_dir / "generated" / "numbers.tex",
+                 report_dir / "main.aux", root / "hparams.json", root / "02_fedavg_iid" / "iid-s0-ab" / "config.json",
+                 root / "02_fedavg_iid" / "iid-s0-ab" / "metrics.csv", root / "02_fedavg_iid" / "iid-s0-ab" / "summary.json",
+                 root / "02_fedavg_iid" / "iid-s1-cd" / "checkpoint-000003.pt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    report_zip, results_zip = report.archive(report_dir, root)
+    assert sorted(zipfile.ZipFile(report_zip).namelist()) == [
+        "figures/drift.pdf", "generated/numbers.tex", "main.tex", "refs.bib", "tables/fedavg.tex"]
+    assert sorted(zipfile.ZipFile(results_zip).namelist()) == [
+        "02_fedavg_iid/iid-s0-ab/config.json", "02_fedavg_iid/iid-s0-ab/metrics.csv",
+        "02_fedavg_iid/iid-s0-ab/summary.json", "hparams.json"]
