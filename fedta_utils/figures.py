@@ -25,9 +25,9 @@ Figures: one seaborn theme (paper context, colour-blind palette), sized for the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -38,7 +38,7 @@ import torch
 
 from .experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROGENEITY, LR_SEARCH, MASK_RULES,
                           SPARSE_CENTRAL, SPARSE_FL)
-from .sensitivity import RULES, jaccard, unpack_masks
+from .sensitivity import RULES, jaccard, mask_density_by_parameter, unpack_masks
 
 DATA = "00_data"  # notebook 00 saves split_sizes.csv and shard_stats.csv here
 COLUMN, FULL = 3.3, 6.9  # inches: one column of the report, both columns
@@ -117,10 +117,9 @@ def mean_std(runs: pd.DataFrame, keys: list[str], extra=()) -> pd.DataFrame:
     """Per configuration (`keys`): test accuracy mean, std, n; `val`, the mean final validation
     accuracy that selection uses; and the mean of each `extra` column."""
     runs = runs.assign(final_test_acc=pd.to_numeric(runs.get("final_test_acc", np.nan)))
-    table = runs.groupby(keys, sort=False, dropna=False).agg(
+    return runs.groupby(keys, sort=False, dropna=False).agg(
         mean=("final_test_acc", "mean"), std=("final_test_acc", "std"), n=("run_dir", "count"),
-        val=("final_val_acc", "mean"), **{c: (c, "mean") for c in extra}).reset_index()
-    return table.assign(std=table["std"].fillna(0.0))
+        val=("final_val_acc", "mean"), **{c: (c, "mean") for c in extra}).reset_index().fillna({"std": 0.0})
 
 
 def choose(table: pd.DataFrame, within=(), among=None) -> pd.DataFrame:
@@ -141,8 +140,7 @@ def split_table(root) -> pd.DataFrame:
 
 def shard_table(root) -> pd.DataFrame:
     """Notebook 00, per sharding scheme: clients, samples and classes per client, mean largest-class share."""
-    stats = read_csv(root, "shard_stats.csv")
-    return stats.groupby("scheme", sort=False).agg(
+    return read_csv(root, "shard_stats.csv").groupby("scheme", sort=False).agg(
         clients=("client", "count"), samples_min=("samples", "min"), samples_max=("samples", "max"),
         classes_min=("classes", "min"), classes_max=("classes", "max"),
         largest_class_share=("largest_class_share", "mean")).reset_index()
@@ -167,15 +165,13 @@ def centralized_table(root) -> pd.DataFrame:
     and epochs_to_99, the first epoch whose seed-mean test accuracy reaches 99 % of its final value."""
     runs = _central_runs(root)
     mean = _curves(runs, ["scheduler"]).groupby(["scheduler", "epoch"])["test_acc"].mean().dropna()
-    table = choose(mean_std(runs, ["scheduler"]))
-    table["epochs_to_99"] = [mean[s].index[mean[s] >= 0.99 * mean[s].iloc[-1]][0] for s in table["scheduler"]]
-    return table
+    return choose(mean_std(runs, ["scheduler"])).assign(
+        epochs_to_99=lambda t: [mean[s].index[mean[s] >= 0.99 * mean[s].iloc[-1]][0] for s in t["scheduler"]])
 
 
 def _reference(root) -> pd.DataFrame:
     """Notebook 02's reference: the centralized cosine runs at the chosen lr and weight decay."""
-    runs = _central_runs(root)
-    return runs[runs["scheduler"] == "cosine"].assign(method="centralized (cosine)")
+    return _central_runs(root).query("scheduler == 'cosine'").assign(method="centralized (cosine)")
 
 
 def sample_curves(root) -> pd.DataFrame:
@@ -188,12 +184,10 @@ def sample_curves(root) -> pd.DataFrame:
     clients = np.maximum(1, np.round(fed["participation"] * fed["num_clients"]))
     fed["samples"] = fed["round"] * clients * fed["local_steps"] * fed["batch_size"]
     fed["method"] = "FedAvg (iid)"
-    try:
+    with contextlib.suppress(NoResults, ValueError):  # no centralized run, no cosine run (nothing to concat)
         central = _curves(_reference(root), ["seed", "method"])
         central["samples"] = central["epoch"] * split_table(root).set_index("split").loc["train", "images"]
         fed = pd.concat([central, fed], ignore_index=True)
-    except (NoResults, ValueError):  # no centralized run, no cosine run (nothing to concatenate)
-        pass
     return fed.dropna(subset=["test_acc"])
 
 
@@ -203,10 +197,9 @@ def fedavg_table(root) -> pd.DataFrame:
     curves = sample_curves(root)
     mean = curves.groupby(["method", "samples"])["test_acc"].mean()
     budget = curves.groupby("method")["samples"].max().min()
-    runs = [_runs(root, FEDAVG_IID).assign(method="FedAvg (iid)")]
-    if curves["method"].nunique() > 1:
-        runs.insert(0, _reference(root))
-    table = mean_std(pd.concat(runs, ignore_index=True), ["method"]).assign(budget=budget)
+    reference = [_reference(root)] if curves["method"].nunique() > 1 else []  # FedAvg alone without one
+    runs = pd.concat([*reference, _runs(root, FEDAVG_IID).assign(method="FedAvg (iid)")], ignore_index=True)
+    table = mean_std(runs, ["method"]).assign(budget=budget)
     return table.assign(acc_at_budget=[np.interp(budget, mean[m].index, mean[m]) for m in table["method"]])
 
 
@@ -236,8 +229,7 @@ def sparse_table(root) -> pd.DataFrame:
     runs = pd.concat([_runs(root, SPARSE_FL), load_runs(root, HEAD_ONLY)], ignore_index=True)
     thresholds = runs.get("thresholds", runs["seed"])  # a list per sparse run: one threshold per round
     runs["threshold"] = [t[-1] if isinstance(t, list) and t else np.nan for t in thresholds]
-    keys = ["sharding_label", "method", "sparsity", "calibration_rounds"]
-    table = mean_std(runs, keys, extra=["threshold"])
+    table = mean_std(runs, ["sharding_label", "method", "sparsity", "calibration_rounds"], ["threshold"])
     return choose(table, ["sharding_label"], among=table["method"] == "sparse")
 
 
@@ -261,8 +253,7 @@ def interference_table(root) -> pd.DataFrame:
 
 def _rule_masks(root) -> dict:
     """rule -> {parameter name: bool mask} of notebook 05's iid runs at its smallest sparsity and seed."""
-    runs = _runs(root, MASK_RULES)
-    runs = runs[runs["sharding_label"] == "iid"]
+    runs = _runs(root, MASK_RULES).query("sharding_label == 'iid'")
     runs = runs[(runs["sparsity"] == runs["sparsity"].min()) & (runs["seed"] == runs["seed"].min())]
     return {run.rule: unpack_masks(torch.load(Path(run.run_dir, "prepared.pt"), weights_only=True)["masks"])
             for run in runs.itertuples()}
@@ -272,17 +263,14 @@ def mask_overlap_table(root) -> pd.DataFrame:
     """Jaccard overlap |A & B| / |A | B| of the rules' trainable sets (1 when both are empty), per
     pair of rules, for notebook 05's iid runs at its smallest sparsity and seed."""
     masks = _rule_masks(root)
-    return pd.DataFrame([[jaccard(masks[a], masks[b]) for b in masks] for a in masks], index=list(masks),
-                        columns=list(masks))
+    return pd.DataFrame([[jaccard(masks[a], masks[b]) for b in masks] for a in masks], [*masks], [*masks])
 
 
 def block_density_table(root) -> pd.DataFrame:
     """Per rule and transformer block (-1: parameters outside the blocks), entries and the trainable
     fraction, for notebook 05's iid runs at its smallest sparsity and seed."""
-    rows = [(rule, int(found.group(1)) if (found := re.match(r"blocks\.(\d+)\.", name)) else -1, mask.numel(),
-             int(mask.sum())) for rule, masks in _rule_masks(root).items() for name, mask in masks.items()]
-    table = pd.DataFrame(rows, columns=["rule", "block", "entries", "trainable"])
-    table = table.groupby(["rule", "block"], sort=False)[["entries", "trainable"]].sum().reset_index()
+    rows = pd.concat([mask_density_by_parameter(m).assign(rule=r) for r, m in _rule_masks(root).items()])
+    table = rows.groupby(["rule", "block"], sort=False)[["entries", "trainable"]].sum().reset_index()
     return table.assign(density=table["trainable"] / table["entries"])
 
 
@@ -362,8 +350,7 @@ def _loss_and_accuracy(curves: pd.DataFrame) -> list:
 @_figure(FULL, 0.32, "Client shards")
 def shard_figure(root, profile: str):
     """Notebook 00: samples and distinct classes per client, per sharding scheme (the shards of one seed)."""
-    stats = read_csv(root, "shard_stats.csv")
-    stats["scheme"] = stats["scheme"].map(_pretty)
+    stats = read_csv(root, "shard_stats.csv").assign(scheme=lambda s: s["scheme"].map(_pretty))
     fig, axes = _axes(2)
     for ax, column in zip(axes, ("samples", "classes")):
         sns.boxplot(data=stats, x="scheme", y=column, ax=ax, fliersize=1, linewidth=0.7)

@@ -26,8 +26,6 @@ from torch.optim.sgd import sgd
 
 from .checks import check_choice, check_int
 
-__all__ = ["SparseSGDM", "SCHEDULERS", "STEP_MILESTONES", "STEP_GAMMA", "lr_multiplier", "make_scheduler"]
-
 
 def _checked_masks(masks, params: list[Tensor]) -> list[Tensor | None]:
     """`masks` as bool copies on each parameter's device; every check runs before anything is converted."""
@@ -110,17 +108,15 @@ class SparseSGDM(torch.optim.SGD):
             if not params:
                 continue
             masks = [self.state.get(p, {}).get("mask") for p in params]
-            for p, m in zip(params, masks):
-                if m is not None and p.grad.is_sparse:
-                    raise RuntimeError(f"SparseSGDM: a masked parameter (shape {tuple(p.shape)}) has a "
-                                       "sparse gradient; masks need dense gradients")
+            if sparse := [p for p, m in zip(params, masks) if m is not None and p.grad.is_sparse]:
+                raise RuntimeError(f"SparseSGDM: a masked parameter (shape {tuple(sparse[0].shape)}) has a "
+                                   "sparse gradient; masks need dense gradients")
             directions = [d if m is None else torch.where(m, d, 0)  # overwrite: inf * 0 would be nan
                           for d, m in zip(_directions(group, params), masks)]
-            momentum = group["momentum"]
-            bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+            bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
             # Sign and weight decay are in the directions already; foreach=None leaves torch its default.
             sgd(params, directions, bufs, has_sparse_grad=any(p.grad.is_sparse for p in params),
-                foreach=group["foreach"], weight_decay=0.0, momentum=momentum, lr=group["lr"],
+                foreach=group["foreach"], weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=False)
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
@@ -146,8 +142,7 @@ def lr_multiplier(scheduler: str, step: int, total_steps: int, warmup_steps: int
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if scheduler == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    drops = sum(progress >= milestone for milestone in STEP_MILESTONES)
-    return STEP_GAMMA ** drops
+    return STEP_GAMMA ** sum(progress >= milestone for milestone in STEP_MILESTONES)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, scheduler: str, total_steps: int,

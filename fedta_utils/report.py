@@ -121,10 +121,9 @@ def provenance(profile: str, table) -> str:
 
 def booktabs(frame: pd.DataFrame) -> str:
     """A booktabs tabular of a frame of LaTeX cells (escape text first): first column left, the rest right."""
-    rows = [" & ".join(map(str, row)) + r" \\" for row in frame.itertuples(index=False)]
-    lines = [f"\\begin{{tabular}}{{l{'r' * (frame.shape[1] - 1)}}}", "\\toprule",
-             " & ".join(frame.columns) + r" \\", "\\midrule", *rows]
-    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}", ""])
+    rows = [" & ".join(map(str, row)) + r" \\" for row in [frame.columns, *frame.itertuples(index=False)]]
+    return "\n".join([f"\\begin{{tabular}}{{l{'r' * (frame.shape[1] - 1)}}}", "\\toprule", rows[0],
+                      "\\midrule", *rows[1:], "\\bottomrule", "\\end{tabular}", ""])
 
 
 def _row(table: pd.DataFrame, **match):
@@ -149,11 +148,10 @@ def _setting(row) -> str:
 
 def _shards_tex(root) -> str:
     t = figures.shard_table(root)
-    return booktabs(pd.DataFrame({
-        "sharding": t["scheme"].map(sharding_tex),
-        "samples": list(map(_span, t["samples_min"], t["samples_max"])),
-        "classes": list(map(_span, t["classes_min"], t["classes_max"])),
-        "largest class": t["largest_class_share"].map("{:.2f}".format)}))
+    return booktabs(pd.DataFrame({"sharding": t["scheme"].map(sharding_tex),
+                                  "samples": list(map(_span, t["samples_min"], t["samples_max"])),
+                                  "classes": list(map(_span, t["classes_min"], t["classes_max"])),
+                                  "largest class": t["largest_class_share"].map("{:.2f}".format)}))
 
 
 def _centralized_tex(root) -> str:
@@ -263,17 +261,15 @@ def _sparse(root, profile: str) -> dict:
     table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
     values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds, "
                                f"iid and $N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards, "
-                               "sparsity "
-                               f"$s \\in \\{{{listing(runs['sparsity'])}\\}}$, "
+                               f"sparsity $s \\in \\{{{listing(runs['sparsity'])}\\}}$, "
                                f"$R \\in \\{{{listing(runs['calibration_rounds'])}\\}}$, "
                                f"{listing(runs['finetune.calibration_samples'])} Fisher samples per round, "
                                f"ridge $\\lambda{{=}}{listing(runs['finetune.ridge_lambda'])}$",
               "SparseProvenance": provenance(profile, table)}
     for _, best in table[table["chosen"]].iterrows():
         key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
-        dense = _row(table, sharding_label=best["sharding_label"], method="FedAvg")
         values[f"Sparse{key}BestAcc"] = percent(best)
-        if dense is not None:
+        if (dense := _row(table, sharding_label=best["sharding_label"], method="FedAvg")) is not None:
             values[f"Sparse{key}BestGap"] = f"${(best['mean'] - dense['mean']) * 100:+.1f}$"
     return values
 
@@ -306,8 +302,7 @@ FIGURES = {"lr_search": figures.lr_search_heatmap, "centralized_curves": figures
            "mask_overlap": figures.mask_overlap_heatmap, "layer_density": figures.block_density_figure}
 TABLES = {"shards": _shards_tex, "centralized": _centralized_tex, "fedavg": _fedavg_tex,
           "sparse": _sparse_tex, "mask_rules": _rules_tex, "rule_interference": _interference_tex}
-SECTIONS = (_overview, _data, _search, _centralized, _fedavg, _heterogeneity, _sparse,
-            _sparse_central, _rules)
+SECTIONS = _overview, _data, _search, _centralized, _fedavg, _heterogeneity, _sparse, _sparse_central, _rules
 
 
 def _attempt(make, name: str, root, warnings: list, *args):
@@ -409,11 +404,9 @@ def archive(report_dir, root) -> list[Path]:
     results.zip holds every run's config, metrics and summary under <experiment>/<run id>/ (the
     folders the tables' numbers come from), and no checkpoint.
     """
-    written = []
     for name, patterns in ARCHIVED.items():
         base = Path(report_dir) if name == "report.zip" else Path(root)
         with zipfile.ZipFile(Path(root) / name, "w", zipfile.ZIP_DEFLATED) as bundle:
             for file in sorted({f for pattern in patterns for f in base.glob(pattern)}):
                 bundle.write(file, file.relative_to(base))
-        written.append(Path(root) / name)
-    return written
+    return [Path(root) / name for name in ARCHIVED]

@@ -154,10 +154,11 @@ class Run:
     experiment: a folder per experiment (e.g. 'fedavg_heterogeneity').
     name: a human-readable prefix; the config hash makes the folder unique.
     config: the run's identity; a different config is a different run.
+    code_version: recorded in config.json (git commit or package version), not part of the identity.
     """
 
-    def __init__(self, root: str | Path, experiment: str, name: str, config: dict):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, experiment: str, name: str, config: dict, code_version=None):
+        self.root, self.code_version = Path(root), code_version
         self.config = json.loads(json.dumps(config))  # plain JSON types, detached from the caller
         self.dir = self.root / experiment / f"{name}-{config_id(self.config)}"
         self._lock: RunLock | None = None
@@ -175,9 +176,9 @@ class Run:
     def __enter__(self) -> "Run":
         # config.json needs no lock: written once, atomically, its bytes follow from the folder's name
         stored = self.dir / "config.json"
-        if not stored.is_file():
-            atomic_write_json(stored, self.config)
-        elif json.loads(stored.read_text()) != self.config:
+        if not stored.is_file():  # the code version is recorded beside the identity, not part of it
+            atomic_write_json(stored, {**self.config, "code_version": self.code_version})
+        elif {k: v for k, v in json.loads(stored.read_text()).items() if k != "code_version"} != self.config:
             raise RuntimeError(f"{stored} holds another config than this run's; refusing to mix them")
         clear_staging(self.root)  # safe beside other writers: it keeps files younger than a minute
         lock = RunLock(self.dir / "lock.json")
@@ -196,10 +197,8 @@ class Run:
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Write a checkpoint and the metrics it covers, then keep only the last two."""
         self._require_lock()
-        payload = {"format": CHECKPOINT_FORMAT, "step": checkpoint.step, "state": checkpoint.state,
-                   "rows": checkpoint.rows, "timing": checkpoint.timing,
-                   # every draw of the package comes from seeded generators; the global one is insurance
-                   "rng": {"torch": torch.get_rng_state()}}
+        # every draw of the package comes from seeded generators; the global one is insurance
+        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint), "rng": {"torch": torch.get_rng_state()}}
         atomic_torch_save(payload, self.dir / f"checkpoint-{checkpoint.step:06d}.pt")
         self._write_metrics(checkpoint.rows, checkpoint.timing)
         for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
@@ -224,17 +223,14 @@ class Run:
             except Exception as error:  # truncated, garbage, or written by something else
                 warnings.warn(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
                               "falling back to the previous one", RuntimeWarning, stacklevel=2)
-        self._sync_metrics(checkpoint)
-        return checkpoint
-
-    def _sync_metrics(self, checkpoint: Checkpoint | None) -> None:
         if self._lock is None:  # read-only use: never write without the lock
-            return
-        if checkpoint is not None:
+            return checkpoint
+        if checkpoint is None:
+            (self.dir / "metrics.csv").unlink(missing_ok=True)
+            (self.dir / "timing.csv").unlink(missing_ok=True)
+        else:
             self._write_metrics(checkpoint.rows, checkpoint.timing)
-            return
-        (self.dir / "metrics.csv").unlink(missing_ok=True)
-        (self.dir / "timing.csv").unlink(missing_ok=True)
+        return checkpoint
 
     def _checkpoints(self) -> list[Path]:
         return sorted(self.dir.glob("checkpoint-*.pt"))
@@ -332,14 +328,10 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
     def _create(self) -> bool:
-        """Exclusive create (O_CREAT | O_EXCL); a kill mid-write leaves an empty file (see _is_stale)."""
-        try:
-            with open(self.path, "x") as file:
-                json.dump({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, file)
-        except FileExistsError:
-            return False
-        return True
+        """Exclusive create of lock.json; a kill mid-write leaves an empty file (see _is_stale)."""
+        return _create_new(self.path, json.dumps({"token": self.token, "host": socket.gethostname(),
+                                                  "pid": os.getpid(),
+                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
     def _claim(self, stale: str) -> bool:
         """Exclusively create a marker named after one stale lock (token and mtime): one process wins it.
@@ -349,16 +341,22 @@ class RunLock:
         (cleared after a minute), so a late one cannot delete the new lock.
         """
         name = hashlib.sha1(f"{self.path.resolve()}:{stale}".encode("utf-8")).hexdigest()[:16]
-        try:
-            open(_staging_dir(self.path) / f".{self.path.name}.{name}.takeover.tmp", "x").close()
-        except FileExistsError:
-            return False
-        return True
+        return _create_new(_staging_dir(self.path) / f".{self.path.name}.{name}.takeover.tmp")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             with contextlib.suppress(OSError):  # taken over meanwhile (we were judged dead)
                 os.utime(self.path)
+
+
+def _create_new(path: Path, text: str = "") -> bool:
+    """Create `path` holding `text` unless it exists (mode "x": O_CREAT | O_EXCL); whether this call did."""
+    try:
+        with open(path, "x") as file:
+            file.write(text)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _is_stale(holder: dict, age: float) -> bool:

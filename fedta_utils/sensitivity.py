@@ -83,14 +83,14 @@ DEFAULT_LABEL_SEED = 0  # label sampling is deterministic even without a generat
 BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")  # timm ViT: 'blocks.3.attn.qkv.weight'
 
 Tensors = dict[str, torch.Tensor]  # parameter name -> scores, sums or masks
+Sums = tuple[Tensors, int]  # Fisher sums per parameter, and the number of samples summed
 ScoreFn = Callable[[nn.Module], Tensors]
 
 
 # ============================================================== Fisher scores
 def fisher_sums(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
                 param_names: list[str] | None = None, generator: torch.Generator | None = None,
-                chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None,
-                ) -> tuple[Tensors, int]:
+                chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None) -> Sums:
     """Per-parameter sums over samples of squared per-sample gradients of log p(y|x), and the count.
 
     Sums (not means) so that federated clients can send theirs and the server
@@ -114,8 +114,7 @@ def fisher_sums(model: nn.Module, batches: Iterable, label_mode: str = "sampled"
 
 def fisher_sums_loop(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
                      param_names: list[str] | None = None, generator: torch.Generator | None = None,
-                     chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None,
-                     ) -> tuple[Tensors, int]:
+                     chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None) -> Sums:
     """`fisher_sums` by one forward and backward per sample: the slow, plain reference."""
     return _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype,
                         _add_squares_loop)
@@ -135,16 +134,14 @@ def _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size,
     check_choice("label_mode", label_mode, LABEL_MODES)
     check_int("chunk_size", chunk_size, minimum=1)
     names = _resolve_names(model, param_names, default=[n for n, _ in model.named_parameters()])
-    if generator is None:
-        generator = torch_generator(DEFAULT_LABEL_SEED, "fisher-labels")
+    generator = torch_generator(DEFAULT_LABEL_SEED, "fisher-labels") if generator is None else generator
     params = dict(model.named_parameters())
     # float32 at least (bf16/fp16 models), float64 for float64 models
     sums = {n: torch.zeros_like(params[n], dtype=torch.promote_types(params[n].dtype, torch.float32))
             for n in names}
-    device = params[names[0]].device
     num_samples = 0
     with _scoring_state(model, names):
-        for inputs, labels in _chunks(batches, chunk_size, device):
+        for inputs, labels in _chunks(batches, chunk_size, params[names[0]].device):
             targets = _targets(model, inputs, labels, label_mode, generator, autocast_dtype)
             add_squares(model, names, inputs, targets, sums, autocast_dtype)
             num_samples += len(inputs)
@@ -158,8 +155,7 @@ def _resolve_names(model: nn.Module, param_names: list[str] | None, default: lis
         raise ConfigError(f"param_names must be a list of parameter names, got the string {param_names!r}")
     names = list(dict.fromkeys(param_names))  # drop duplicates, keep order
     known = {n for n, _ in model.named_parameters()}
-    unknown = [n for n in names if n not in known]
-    if unknown:
+    if unknown := [n for n in names if n not in known]:
         raise ConfigError(f"param_names has names that are not parameters of the model: {unknown}")
     if not names:
         raise ConfigError("param_names is empty; give at least one parameter name")
@@ -174,12 +170,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def _scoring_state(model: nn.Module, names: list[str]):
     """Eval mode, grad only for the scored parameters, unfused attention; then all restored."""
     modes = {module: module.training for module in model.modules()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     # timm's fused attention kernel has no vmap batching rule; the loop uses the same math.
     fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
     # torch.func.functional_call can leave plain tensors in place of the
-    # Parameters of a module that is called at two paths; put the originals back.
-    registered = [(m, key, p) for m in model.modules() for key, p in m.named_parameters(recurse=False)]
+    # Parameters of a module that is called at two paths; put the originals back, with their flags.
+    registered = [(m, key, p, p.requires_grad) for m in model.modules()
+                  for key, p in m.named_parameters(recurse=False)]
     try:
         model.eval()
         for name, param in model.named_parameters():
@@ -188,13 +184,12 @@ def _scoring_state(model: nn.Module, names: list[str]):
             module.fused_attn = False
         yield
     finally:
-        for module, key, param in registered:
+        for module, key, param, requires_grad in registered:
             if getattr(module, key) is not param:
                 module.register_parameter(key, param)
+            param.requires_grad_(requires_grad)
         for module, training in modes.items():
             module.training = training
-        for name, param in model.named_parameters():
-            param.requires_grad_(flags[name])
         for module, was_fused in fused.items():
             module.fused_attn = was_fused
 
@@ -244,11 +239,10 @@ def _add_squares_vmap(model, names, inputs, targets, sums, autocast_dtype) -> No
 
 def _add_squares_loop(model, names, inputs, targets, sums, autocast_dtype) -> None:
     params = dict(model.named_parameters())
-    scored = [params[n] for n in names]
     for sample, target in zip(inputs, targets):
         with _autocast(inputs.device, autocast_dtype):
             log_prob = _log_probs(model(sample.unsqueeze(0)), target.view(1)).sum()
-        grads = torch.autograd.grad(log_prob, scored, allow_unused=True)
+        grads = torch.autograd.grad(log_prob, [params[n] for n in names], allow_unused=True)
         for name, gradient in zip(names, grads):
             if gradient is not None:  # None: the parameter does not affect the output
                 sums[name] += gradient.to(sums[name].dtype).square()
@@ -319,9 +313,8 @@ def calibrate(model: nn.Module, score_fn: ScoreFn, rule: str, sparsity: float, r
                                for n, k in _unflatten(kept, params).items()})
     finally:
         _load(params, originals)
-    masks = _unflatten(kept, params)
     achieved = 1.0 - int(kept.sum()) / total
-    return Calibration(masks, rule, sparsity, achieved, rounds, thresholds, densities)
+    return Calibration(_unflatten(kept, params), rule, sparsity, achieved, rounds, thresholds, densities)
 
 
 def calibrate_masks(model: nn.Module, batches: Iterable, rule: str, sparsity: float, rounds: int = 1,
@@ -350,12 +343,10 @@ def calibrate_masks(model: nn.Module, batches: Iterable, rule: str, sparsity: fl
 
 
 def _rank_scores(rule, model, score_fn, originals, seed, round_index, device) -> torch.Tensor:
-    """Flat rank scores over the eligible entries, lower = keep trainable."""
-    names = list(originals)
+    """Flat rank scores over the eligible entries (in the order of `originals`), lower = keep trainable."""
     if rule in SENSITIVITY_RULES:
         scores = score_fn(model)
-        wrong = [n for n, w in originals.items() if n not in scores or scores[n].shape != w.shape]
-        if wrong:
+        if wrong := [n for n, w in originals.items() if n not in scores or scores[n].shape != w.shape]:
             raise ValueError(f"score_fn returned no scores or misshapen scores for {wrong}")
     elif rule == "random":  # one stream per round and parameter name, so dict order does not matter
         round_seed = derive_seed(seed, "calibration-round", round_index)
@@ -363,10 +354,10 @@ def _rank_scores(rule, model, score_fn, originals, seed, round_index, device) ->
                   for n, w in originals.items()}
     else:
         scores = {n: weight.abs() for n, weight in originals.items()}  # the original weights, never Fisher
-    dtype = reduce(torch.promote_types, [scores[n].dtype for n in names], torch.float32)
-    flat = torch.cat([scores[n].detach().reshape(-1).to(device, dtype) for n in names])
+    dtype = reduce(torch.promote_types, [scores[n].dtype for n in originals], torch.float32)
+    flat = torch.cat([scores[n].detach().reshape(-1).to(device, dtype) for n in originals])
     if rule in SENSITIVITY_RULES and not torch.isfinite(flat).all():
-        bad = [n for n in names if not torch.isfinite(scores[n]).all()]
+        bad = [n for n in originals if not torch.isfinite(scores[n]).all()]
         raise ValueError(f"score_fn returned non-finite Fisher scores for {bad}")
     return flat.neg_() if rule in KEEP_HIGHEST_RULES else flat
 
@@ -416,14 +407,10 @@ def mask_density_by_parameter(masks: Tensors) -> pd.DataFrame:
 def jaccard(masks_a: Tensors, masks_b: Tensors) -> float:
     """|A ∩ B| / |A ∪ B| of the trainable entries; 1.0 when both have none."""
     wrong = sorted(set(masks_a) ^ set(masks_b))  # parameters in only one of them, else misshapen ones
-    wrong = wrong or [n for n, mask in masks_a.items() if mask.shape != masks_b[n].shape]
-    if wrong:
+    if wrong := wrong or [n for n, mask in masks_a.items() if mask.shape != masks_b[n].shape]:
         raise ValueError(f"the masks differ in which parameters they cover or in shape: {wrong}")
-    intersection = union = 0
-    for name, mask_a in masks_a.items():
-        mask_b = masks_b[name].to(mask_a.device)
-        intersection += int((mask_a & mask_b).sum())
-        union += int((mask_a | mask_b).sum())
+    intersection = sum(int((a & masks_b[n].to(a.device)).sum()) for n, a in masks_a.items())
+    union = sum(int((a | masks_b[n].to(a.device)).sum()) for n, a in masks_a.items())
     return 1.0 if union == 0 else intersection / union
 
 
@@ -432,13 +419,10 @@ def pack_masks(masks: Tensors) -> dict[str, dict]:
 
     Only tensors, lists, ints and strings, so torch.load(weights_only=True) reads it back.
     """
-    packed = {}
-    for name, mask in masks.items():
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask {name!r} has dtype {mask.dtype}; masks are bool tensors")
-        bits = np.packbits(mask.detach().cpu().numpy().reshape(-1))
-        packed[name] = {"shape": [int(size) for size in mask.shape], "bits": torch.from_numpy(bits)}
-    return packed
+    if wrong := [name for name, mask in masks.items() if mask.dtype != torch.bool]:
+        raise ValueError(f"mask {wrong[0]!r} has dtype {masks[wrong[0]].dtype}; masks are bool tensors")
+    return {name: {"shape": list(mask.shape), "bits": torch.from_numpy(np.packbits(mask.cpu().numpy()))}
+            for name, mask in masks.items()}
 
 
 def unpack_masks(packed: dict[str, dict], device: torch.device | str = "cpu") -> Tensors:

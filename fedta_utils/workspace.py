@@ -13,8 +13,10 @@ the same way. A profile changes values, never code paths.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import __version__
 from .checks import ConfigError, check_bool, check_choice, check_float, check_int, check_path
 from .data import DATASETS, DataBundle, prepare_data
 from .models import build_model
@@ -29,10 +32,23 @@ from .runs import STAGING_DIR, Run, atomic_write_bytes, atomic_write_json
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 PROFILES = ("smoke", "full")
+# Part of every run's identity: raised whenever results change without a config changing, so runs of
+# older code are never read back as complete (2: random non-iid class sets, new seed streams).
+RESULTS_FORMAT = 2
 COLAB_DRIVE_MOUNT = "/content/drive"
 # What each profile must load, so results are never labelled with the wrong profile.
 PROFILE_INPUTS = {"smoke": {"dataset": "synthetic", "model": "tiny_vit"},
                   "full": {"dataset": "cifar100", "model": "dino_vits16"}}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of the checkout the package runs from, else the package version."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=NOTEBOOK_DIR.parent, text=True,
+                              capture_output=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"fedta_utils {__version__}"
 
 
 def discover_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, Path]:
@@ -72,7 +88,7 @@ class Workspace:
         return self.results_dir / self.profile
 
     def run(self, experiment: str, name: str, config: dict) -> Run:
-        return Run(self.root, experiment, name, config)
+        return Run(self.root, experiment, name, {**config, "results_format": RESULTS_FORMAT}, code_version())
 
     def build_model(self, name: str, num_classes: int, head_seed: int):
         """The run's model: pretrained backbone (local file, timm or torch.hub), head from `head_seed`."""

@@ -171,3 +171,11 @@ def test_the_readme_papermill_command_runs_notebook_00_offline(tmp_path):
     executable = shutil.which("papermill", path=str(Path(sys.executable).parent)) or "papermill"
     subprocess.run([executable, *command[1:]], cwd=repo, check=True, capture_output=True, timeout=600)
     assert (tmp_path / "results" / "smoke" / "00_data" / "shard_stats.csv").is_file()
+
+
+def test_every_run_identity_carries_the_results_format_and_config_json_the_code_version(workspace):
+    from fedta_utils.workspace import RESULTS_FORMAT, code_version
+
+    run = workspace.run("exp", "a", {"lr": 0.1})
+    assert run.config == {"lr": 0.1, "results_format": RESULTS_FORMAT}
+    assert run.code_version == code_version() and code_version()

@@ -254,7 +254,7 @@ def test_config_mismatch_in_an_existing_folder_is_refused_and_the_lock_released(
     run = make_run(tmp_path)
     with run:
         pass
-    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "seed": 0}
+    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "seed": 0, "code_version": None}
     (run.dir / "config.json").write_text(json.dumps({"lr": 99}))
     with pytest.raises(RuntimeError, match="another config"):
         with make_run(tmp_path):
@@ -408,3 +408,11 @@ def test_threads_racing_to_take_over_a_stale_lock_end_with_one_holder(tmp_path):
             held[0].release()
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_the_code_version_is_recorded_beside_the_identity_and_does_not_split_runs(tmp_path):
+    with Run(tmp_path, "exp", "a", {"lr": 0.1}, code_version="abc1234") as run:
+        pass
+    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "code_version": "abc1234"}
+    with Run(tmp_path, "exp", "a", {"lr": 0.1}, code_version="def5678") as again:  # same run, newer code
+        assert again.dir == run.dir
