@@ -82,12 +82,11 @@ def _tiny_vit(num_classes: int) -> nn.Module:
 
 
 def _dino_vits16(num_classes: int, pretrained: bool, weights_path) -> nn.Module:
-    if weights_path is not None:
+    if weights_path is not None or not pretrained:  # a local file, or random weights of the same shape
         model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes)
-        load_backbone_state(model, read_state_dict(weights_path))
+        if weights_path is not None:
+            load_backbone_state(model, read_state_dict(weights_path))
         return model
-    if not pretrained:
-        return timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes)
     try:
         return timm.create_model(TIMM_DINO, pretrained=True, num_classes=num_classes)
     except Exception as timm_error:  # offline, hub outage, missing huggingface_hub, ...

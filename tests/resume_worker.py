@@ -36,7 +36,6 @@ import torch  # noqa: E402
 from fedta_utils import fedavg, runs, training  # noqa: E402
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg  # noqa: E402
 from fedta_utils.finetune import FineTuneSpec  # noqa: E402
-from fedta_utils.runs import config_id  # noqa: E402
 from fedta_utils.training import CentralizedConfig, run_centralized  # noqa: E402
 from fedta_utils.workspace import setup_workspace  # noqa: E402
 
@@ -178,8 +177,8 @@ def run(spec: dict) -> None:
 def run_dir(results_dir: str | Path, experiment: str) -> Path:
     """The folder the experiment's run writes to."""
     _, config, _, _ = EXPERIMENTS[experiment]
-    root = Path(results_dir) / "smoke" / "kill_test"
-    return root / f"{config.run_name()}-{config_id(config.to_dict())}"
+    ws = setup_workspace(profile="smoke", results_dir=results_dir, device="cpu", download=False)
+    return ws.run("kill_test", config.run_name(), config.to_dict()).dir
 
 
 # --------------------------------------------------------------------------- zygote
