@@ -1,24 +1,28 @@
 """fedta_utils: federated learning under the lens of task arithmetic.
 
-One small package that the numbered notebooks import. Modules by concept:
+One small package that the numbered notebooks import. Modules by concept, in import order:
 
-    data          CIFAR-100 / synthetic images as device tensors, splits, batches
-    sharding      iid, non-iid (exactly Nc classes) and Dirichlet client shards
-    models        DINO ViT-S/16 (timm, torch.hub or a local file) and tiny_vit
-    optim         SparseSGDM: SGD with momentum that never moves frozen entries
-    sensitivity   diagonal Fisher scores and multi-round mask calibration (TaLoS)
-    heads         closed-form ridge head (federated exactly) and linear probe
-    training      centralized fine-tuning and evaluation
-    federated     FedAvg / FedAvgM, sequentially simulated, with drift diagnostics
-    runs          run directories: config, atomic checkpoints, metrics, locks
+    checks        ConfigError and the checks that name a bad parameter and what is allowed
+    runs          run folders: atomic writes, config, checkpoints, metrics, the run lock
+    data          CIFAR-100 / synthetic images as device tensors, the split, batches, seed streams
+    sharding      iid, non-iid (random sets of exactly Nc classes) and Dirichlet client shards
+    models        DINO ViT-S/16 (local file, timm or torch.hub) and tiny_vit; mixed precision
+    optim         SparseSGDM (SGD that never moves frozen entries) and learning-rate schedules
+    sensitivity   diagonal Fisher (vmap and a per-sample reference), TaLoS calibration, masks
+    heads         the closed-form ridge head, federated exactly
+    finetune      steps 0 and 1 of sparse fine-tuning: a frozen head and a federated mask
+    training      training and evaluation steps, the centralized run
+    fedavg        FedAvg / FedAvgM: client update, server update, rounds, drift statistics
+    workspace     profiles, results folder, device, data, tuned values; setup_notebook
     experiments   the grids each notebook runs
-    plots, report figures, booktabs tables and LaTeX number macros
-    pipeline      runs the notebooks through papermill (smoke | full profile)
-    bench         throughput benchmark of the training, FL, data and Fisher paths
+    figures       one loader per experiment, one function per table and figure
+    report        the LaTeX report's numbers, tables, PDF and archives
+    pipeline      the notebooks through papermill, and the dry-run's cost
+    bench         throughput and correctness benchmark, --gpu-check
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-# Where the notebooks' bootstrap cell clones the project from when the package
-# is missing (Colab). Change it in one place if you work from a fork.
+# Where the notebooks' first cell clones the project from when the package is missing (Colab);
+# every notebook holds a copy (it runs before the package can be imported), checked by a test.
 REPO_URL = "https://github.com/fedta/fedta"
