@@ -34,7 +34,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedta_utils.runs import Checkpoint, Run, rows_to_csv
+from fedta_utils.runs import rows_to_csv
 
 pytestmark = pytest.mark.slow
 
@@ -447,38 +447,3 @@ def test_the_stale_lock_of_a_killed_process_is_taken_over(zygote, references, tm
     resumed = runner.run_to_end()
     assert f"taking over a stale lock on {runner.run_dir} (pid {killed.pid}" in resumed.log()
     assert_same_final_results(runner.run_dir, reference_dir)
-
-
-# --------------------------------------------------------------------------- in-process units
-
-def make_run(tmp_path) -> Run:
-    (tmp_path / ".staging").mkdir(exist_ok=True)
-    return Run(tmp_path, "experiment", "name", {"seed": 0})
-
-
-def test_resume_drops_metrics_rows_beyond_the_checkpoint_it_resumes_from(tmp_path):
-    run = make_run(tmp_path)
-    rows = [{"round": r, "loss": 1.0 / r} for r in (1, 2, 3)]
-    with run:
-        for step in (1, 2, 3):
-            run.save_checkpoint(Checkpoint(step, {}, rows[:step], rows[:step]))
-    newest = run.dir / "checkpoint-000003.pt"
-    newest.write_bytes(newest.read_bytes()[:64])
-    with make_run(tmp_path) as resumed:
-        with pytest.warns(RuntimeWarning, match="unreadable"):
-            checkpoint = resumed.load_checkpoint()
-    assert checkpoint.step == 2
-    assert (run.dir / "metrics.csv").read_bytes() == rows_to_csv(rows[:2])
-    assert (run.dir / "timing.csv").read_bytes() == rows_to_csv(rows[:2])
-
-
-def test_resume_without_a_readable_checkpoint_removes_the_metrics(tmp_path):
-    run = make_run(tmp_path)
-    with run:
-        run.save_checkpoint(Checkpoint(1, {}, [{"round": 1}], [{"round": 1}]))
-    (run.dir / "checkpoint-000001.pt").write_bytes(b"garbage")
-    with make_run(tmp_path) as resumed:
-        with pytest.warns(RuntimeWarning, match="unreadable"):
-            assert resumed.load_checkpoint() is None
-    assert not (run.dir / "metrics.csv").exists() and not (run.dir / "timing.csv").exists()
-
