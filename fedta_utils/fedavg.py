@@ -33,8 +33,8 @@ from .finetune import FineTuneSpec, head_cache_path, prepare
 from .optim import lr_multiplier
 from .runs import Checkpoint
 from .sharding import SHARDINGS, make_shards
-from .training import (RunResult, evaluate_splits, make_optimizer, read_complete, summarize, train_steps,
-                       training_batches)
+from .training import (RunResult, checked_run, evaluate_splits, make_optimizer, read_complete, summarize,
+                       train_steps, training_batches)
 
 CLIENT_LR_SCHEDULES = ("constant", "cosine")
 BYTES_PER_ENTRY = 4  # float32 on the wire
@@ -238,11 +238,8 @@ def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, *, experiment: str = 
                eval_batch_size: int = 256, checkpoint_every: int = 1, save_weights: bool = False,
                progress: bool = True) -> RunResult:
     """Run (or resume, or just read back) a FedAvg experiment; returns its summary and metrics."""
-    check_int("eval_batch_size", eval_batch_size, minimum=1)
-    check_int("checkpoint_every", checkpoint_every, minimum=1)
-    data.check_is(config.dataset)
-    shards = config.shards(data)
-    run = ws.run(experiment, config.run_name(), config.to_dict())
+    run = checked_run(ws, data, config, experiment, eval_batch_size, checkpoint_every)
+    shards = config.shards(data)  # impossible requests fail here, before the run folder exists
     if run.is_complete:
         return read_complete(run)
     with run:

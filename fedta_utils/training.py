@@ -159,14 +159,20 @@ def make_optimizer(params: list[torch.nn.Parameter], names: list[str], masks: di
 
 # --------------------------------------------------------------------------- centralized run
 
+def checked_run(ws, data: DataBundle, config, experiment: str, eval_batch_size: int,
+                checkpoint_every: int) -> Run:
+    """The run of `config`, after the checks every runner makes before any compute (no folder yet)."""
+    check_int("eval_batch_size", eval_batch_size, minimum=1)
+    check_int("checkpoint_every", checkpoint_every, minimum=1)
+    data.check_is(config.dataset)
+    return ws.run(experiment, config.run_name(), config.to_dict())
+
+
 def run_centralized(ws, data: DataBundle, config: CentralizedConfig, *, experiment: str = "centralized",
                     eval_batch_size: int = 256, checkpoint_every: int = 1, save_weights: bool = False,
                     progress: bool = True) -> RunResult:
     """Fine-tune centrally for `config.epochs`, resuming from a checkpoint; a complete run is read back."""
-    check_int("eval_batch_size", eval_batch_size, minimum=1)
-    check_int("checkpoint_every", checkpoint_every, minimum=1)
-    data.check_is(config.dataset)
-    run = ws.run(experiment, config.run_name(), config.to_dict())
+    run = checked_run(ws, data, config, experiment, eval_batch_size, checkpoint_every)
     if run.is_complete:
         return read_complete(run)
     with run:
