@@ -81,8 +81,8 @@ def peak_memory(device: torch.device) -> str:
     return f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else ""
 
 
-def random_model(name: str, device) -> torch.nn.Module:
-    return models.build_model(name, 100, pretrained=False).to(device)
+def random_model(name: str, device, img_size: int | None = None) -> torch.nn.Module:
+    return models.build_model(name, 100, pretrained=False, img_size=img_size).to(device)
 
 
 def synthetic_bundle(device, train: int, test: int) -> DataBundle:
@@ -90,12 +90,13 @@ def synthetic_bundle(device, train: int, test: int) -> DataBundle:
     return DataBundle("synthetic", train_set.to(device), test_set.to(device), test_set.to(device), 100)
 
 
-def train_step_seconds(name, device, precision, batch_size, steps, repeats, compile_model=False) -> float:
-    """Seconds per bare training step on a batch already at the model's input size."""
+def train_step_seconds(name, device, precision, batch_size, steps, repeats, compile_model=False,
+                       img_size=None) -> float:
+    """Seconds per bare training step on a batch already at the input size (None: the model's native)."""
     reset_peak(device)
-    model = random_model(name, device)
+    size = models.input_size(name, img_size)
+    model = random_model(name, device, size)
     forward = torch.compile(model) if compile_model else model
-    size = models.input_size(name)
     batches = [(torch.randn(batch_size, 3, size, size, device=device),
                 torch.randint(0, 100, (batch_size,), device=device))] * steps
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -125,10 +126,12 @@ def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_si
     return best_time(one_round, device, repeats)
 
 
-def evaluation_seconds(name, device, precision, images: int, batch_size: int, repeats: int) -> float:
+def evaluation_seconds(name, device, precision, images: int, batch_size: int, repeats: int,
+                       img_size=None) -> float:
     """Seconds per evaluated image (inference under autocast, no augmentation)."""
     reset_peak(device)
-    model, size = random_model(name, device).eval(), models.input_size(name)
+    size = models.input_size(name, img_size)
+    model = random_model(name, device, size).eval()
     inputs = torch.randn(images, 3, size, size, device=device)
 
     @torch.inference_mode()
@@ -147,9 +150,10 @@ def data_path_seconds(name, device, batch_size, steps, repeats) -> float:
                               for _ in range(steps)], device, repeats) / steps
 
 
-def fisher_seconds(name, device, samples, reference: bool) -> tuple[float, float]:
+def fisher_seconds(name, device, samples, reference: bool, img_size=None) -> tuple[float, str]:
     """(seconds per sample, peak GPU memory note) of the vectorised Fisher or its per-sample loop."""
-    model, size = random_model(name, device), models.input_size(name)
+    size = models.input_size(name, img_size)
+    model = random_model(name, device, size)
     batches = [(torch.randn(samples, 3, size, size, device=device), None)]
     function = fisher_sums_loop if reference else fisher_sums
     reset_peak(device)
@@ -202,22 +206,27 @@ def correctness_checks(device) -> dict[str, bool]:
 
 
 def unit_seconds(name: str, precision: str = "auto", eval_batch_size: int = 256,
-                 device: str = "auto") -> tuple[dict, str]:
-    """Seconds per trained image, evaluated image and Fisher sample here (the dry-run's calibration)."""
+                 device: str = "auto", img_size: int | None = None) -> tuple[dict, str]:
+    """Seconds per trained image, evaluated image and Fisher sample here at `img_size` (None: native).
+
+    The dry-run's calibration; the text returned says where and at what size it was measured.
+    """
+    size = models.input_size(name, img_size)
     device = resolve_device(device)
     precision = models.resolve_precision(precision, device)
-    slow = device.type == "cpu" and models.input_size(name) >= 224  # ViT-S/16 on a CPU: seconds per step
+    slow = device.type == "cpu" and size >= 160  # ViT-S/16 (or a big grid) on a CPU: seconds per step
     steps, batch = (1, 32) if slow else (5, 32)
-    train = train_step_seconds(name, device, precision, batch, steps, 1 if slow else 2) / batch
-    evaluation = evaluation_seconds(name, device, precision, 64 if slow else 512, eval_batch_size, 1)
-    fisher, _ = fisher_seconds(name, device, 8 if slow else 32, reference=False)
-    return {"train": train, "eval": evaluation, "fisher": fisher}, describe(name, device, precision)
+    train = train_step_seconds(name, device, precision, batch, steps, 1 if slow else 2, img_size=size) / batch
+    evaluation = evaluation_seconds(name, device, precision, 64 if slow else 512, eval_batch_size, 1, size)
+    fisher, _ = fisher_seconds(name, device, 8 if slow else 32, reference=False, img_size=size)
+    return {"train": train, "eval": evaluation, "fisher": fisher}, describe(name, device, precision, size)
 
 
-def describe(name, device, precision) -> str:
+def describe(name, device, precision, img_size: int | None = None) -> str:
+    """One line: device, CPU threads and load, model and input size, precision, torch version."""
     processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     return (f"device: {device} ({processor}, {torch.get_num_threads()} CPU threads, "
-            f"load {os.getloadavg()[0]:.2f}) | model: {name} at {models.input_size(name)} px "
+            f"load {os.getloadavg()[0]:.2f}) | model: {name} at {models.input_size(name, img_size)} px "
             f"| precision: {precision} | torch {torch.__version__}")
 
 
@@ -300,7 +309,7 @@ def rehearsal(name, device, quick: bool):
     images = 600 if quick else 5000
     common = dict(dataset="synthetic", model=name, seed=0, precision="auto", lr=0.01)
     fed = dict(common, num_clients=10, participation=0.3 if quick else 1.0, local_steps=2 if quick else 4,
-               rounds=3, eval_every=1)
+               rounds=3, eval_points=3)
     sparse = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=2,
                           calibration_samples=100 if quick else 320)
     plans = [("centralized", run_centralized, CentralizedConfig(**common, epochs=2, batch_size=128)),

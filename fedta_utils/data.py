@@ -75,6 +75,19 @@ class DataBundle:
     def train_labels_numpy(self) -> np.ndarray:
         return self.train.labels.cpu().numpy()
 
+    def eval_subset(self, split: str, size: int) -> ImageSet:
+        """A fixed class-stratified subset of `split` ('val' or 'test'): size // classes images of every
+        class (at least one), the same for every run and call; the whole split when size >= its length.
+        Evaluations before a run's last one use it, so curves cost less; final numbers use the full split."""
+        image_set = getattr(self, split)
+        if size >= len(image_set):
+            return image_set
+        labels = image_set.labels.cpu().numpy()
+        order = numpy_rng(0, "eval-subset", split).permutation(len(labels))
+        per_class = max(1, size // self.num_classes)
+        keep = np.concatenate([order[labels[order] == c][:per_class] for c in range(self.num_classes)])
+        return image_set.subset(np.sort(keep))
+
     def check_is(self, dataset: str) -> None:
         """Refuse to run a config made for another dataset than the one loaded."""
         if self.name != dataset:

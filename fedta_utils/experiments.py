@@ -25,6 +25,7 @@ from .training import CentralizedConfig, RunResult, evaluate_splits, read_comple
 # Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
 LR_SEARCH = "01_lr_search"
 CENTRALIZED = "01_centralized"
+FEDAVG_LR_SEARCH = "02_lr_search"
 FEDAVG_IID = "02_fedavg_iid"
 HETEROGENEITY = "03_heterogeneity"
 SPARSE_FL = "04_sparse_fl"
@@ -74,37 +75,59 @@ def search_configs(dataset, model, search_lrs, search_weight_decays, search_epoc
     return [CentralizedConfig(dataset=dataset, model=model, seed=search_seed, epochs=search_epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=wd,
                               scheduler="cosine", warmup_epochs=min(warmup_epochs, search_epochs),
-                              precision=precision, evaluate_test=False)
+                              precision=precision, evaluate_test=False, **evaluation(**later))
             for lr in search_lrs for wd in search_weight_decays]
 
 
+def evaluation(eval_points=10, eval_subset=1000, img_size=None, **_) -> dict:
+    """The evaluation and input-size fields every config of a notebook shares."""
+    return {"eval_points": eval_points, "eval_subset": eval_subset, "img_size": img_size}
+
+
 def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_decay, momentum, schedulers,
-                      warmup_epochs, precision, **_) -> list[CentralizedConfig]:
+                      warmup_epochs, precision, **params) -> list[CentralizedConfig]:
     """Every scheduler at the chosen lr / weight decay, for every seed."""
     seeds = check_int_list("seeds", seeds, minimum=0)
     schedulers = check_choice_list("schedulers", schedulers, SCHEDULERS)
     return [CentralizedConfig(dataset=dataset, model=model, seed=seed, epochs=epochs, batch_size=batch_size,
                               lr=lr, momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-                              warmup_epochs=warmup_epochs, precision=precision)
+                              warmup_epochs=warmup_epochs, precision=precision, **evaluation(**params))
             for scheduler in schedulers for seed in seeds]
 
 
-def best_search_result(results: list[RunResult]) -> dict:
-    """The search run with the highest final validation accuracy (ties: the lower lr)."""
+def best_search_result(results: list[RunResult], regime: str) -> dict:
+    """{regime}_lr, _weight_decay, _search_val_acc of the search run with the highest final (full)
+    validation accuracy (ties: the lower lr); regime 'central' (notebook 01) or 'fedavg' (02)."""
     best = max(results, key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]))
-    return {"lr": best.run.config["lr"], "weight_decay": best.run.config["weight_decay"],
-            "search_val_acc": best.summary["final_val_acc"]}
+    return {f"{regime}_lr": best.run.config["lr"], f"{regime}_weight_decay": best.run.config["weight_decay"],
+            f"{regime}_search_val_acc": best.summary["final_val_acc"]}
+
+
+def with_choice(params: dict, best: dict, regime: str) -> dict:
+    """`params` where lr / weight_decay are None replaced by the search's choice (explicit values stay)."""
+    return {**params, **{k: best[f"{regime}_{k}"] for k in ("lr", "weight_decay") if params.get(k) is None}}
 
 
 # --------------------------------------------------------------------------- notebooks 02 and 03
 
 def fedavg_base(dataset, model, num_clients, participation, batch_size, lr, weight_decay, momentum,
-                lr_schedule, server_lr, server_momentum, eval_every, precision, **_) -> FedAvgConfig:
+                lr_schedule, server_lr, server_momentum, precision, **params) -> FedAvgConfig:
     """The settings every FedAvg run of notebooks 02-05 shares."""
     return FedAvgConfig(dataset=dataset, model=model, num_clients=num_clients, participation=participation,
                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum,
                         lr_schedule=lr_schedule, server_lr=server_lr, server_momentum=server_momentum,
-                        eval_every=eval_every, precision=precision)
+                        precision=precision, **evaluation(**params))
+
+
+def fedavg_search_configs(fedavg_search_lrs, fedavg_search_weight_decays, fedavg_search_rounds, local_steps,
+                          search_seed: int = 0, **params) -> list[FedAvgConfig]:
+    """Notebook 02: the client lr x weight-decay grid (iid, J, fewer rounds, one seed), judged on val."""
+    lrs = check_float_list("fedavg_search_lrs", fedavg_search_lrs, 0.0, None, low_open=True)
+    wds = check_float_list("fedavg_search_weight_decays", fedavg_search_weight_decays, 0.0, None)
+    rounds = check_int("fedavg_search_rounds", fedavg_search_rounds, minimum=1)
+    base = fedavg_base(**{**params, "lr": 1.0, "weight_decay": 0.0})
+    return [replace(base, seed=check_int("search_seed", search_seed, minimum=0), local_steps=local_steps,
+                    rounds=rounds, lr=lr, weight_decay=wd, evaluate_test=False) for lr in lrs for wd in wds]
 
 
 def fedavg_iid_configs(seeds, local_steps, rounds, **params) -> list[FedAvgConfig]:
@@ -112,6 +135,14 @@ def fedavg_iid_configs(seeds, local_steps, rounds, **params) -> list[FedAvgConfi
     base = fedavg_base(**params)
     return [replace(base, seed=s, local_steps=local_steps, rounds=rounds, sharding="iid")
             for s in check_int_list("seeds", seeds, minimum=0)]
+
+
+def heterogeneity_home(local_steps_grid, **_):
+    """config -> folder for notebook 03: its iid runs at the first J are notebook 02's very runs (the same
+    config with the defaults of both), so they share 02's folder: whichever notebook gets there first
+    trains them, the other reads them back. Other runs live in 03's folder."""
+    first = check_int_list("local_steps_grid", local_steps_grid, minimum=1)[0]
+    return lambda c: FEDAVG_IID if c.sharding == "iid" and c.local_steps == first else HETEROGENEITY
 
 
 def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> int:
@@ -150,25 +181,34 @@ def _fl_shardings(sparse_classes_per_client) -> list[dict]:
     return [{"sharding": "iid"}, {"sharding": "non_iid", "classes_per_client": nc}]
 
 
-def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparse_classes_per_client, local_steps,
-                      rounds,                      **params) -> list[FedAvgConfig]:
-    """Notebook 04: sparsity x calibration rounds (least-sensitive rule), iid and one non-iid Nc.
-
-    Each sharding also gets the dense baselines with the same rounds: the
-    frozen step-0 head with a dense backbone, and plain FedAvg (trained head).
-    """
-    seeds = check_int_list("seeds", seeds, minimum=0)
+def sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds) -> list[tuple]:
+    """(sparsity, R) of notebook 04's two one-dimensional sweeps around the default (sparsity, R):
+    every sparsity at the default R, then every other R at the default sparsity."""
     sparsities = check_float_list("sparsities", sparsities, 0.0, 1.0, high_open=True)
     grid_r = check_int_list("calibration_rounds_grid", calibration_rounds_grid, minimum=1)
+    check_float("sparsity", sparsity, 0.0, 1.0, high_open=True)
+    check_int("calibration_rounds", calibration_rounds, minimum=1)
+    settings = [(sp, calibration_rounds) for sp in sparsities] + [(sparsity, r) for r in grid_r]
+    return list(dict.fromkeys(settings))
+
+
+def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, calibration_rounds,
+                      sparse_classes_per_client, local_steps, rounds, **params) -> list[FedAvgConfig]:
+    """Notebook 04: the sparsity and R sweeps (least-sensitive rule) on iid shards; the default setting
+    on one non-iid Nc. Each sharding also gets the dense baselines with the same rounds: the frozen
+    step-0 head with a dense backbone, and plain FedAvg (trained head)."""
+    seeds = check_int_list("seeds", seeds, minimum=0)
+    sweeps = sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds)
     base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
     configs = []
     for sharding in _fl_shardings(sparse_classes_per_client):
+        settings = sweeps if sharding["sharding"] == "iid" else [(sparsity, calibration_rounds)]
         for s in seeds:
             configs.append(replace(base, seed=s, finetune=FineTuneSpec(), **sharding))
             configs.append(replace(base, seed=s, finetune=finetune_spec(params), **sharding))
             configs += [replace(base, seed=s, **sharding, finetune=finetune_spec(
                 params, mask_rule="least_sensitive", sparsity=sp, calibration_rounds=r))
-                for sp in sparsities for r in grid_r]
+                for sp, r in settings]
     return configs
 
 
@@ -180,20 +220,19 @@ def head_only_configs(seeds, sparse_classes_per_client, **params) -> list[FedAvg
             for s in check_int_list("seeds", seeds, minimum=0)]
 
 
-def sparse_central_configs(dataset, model, seeds, sparse_central_epochs, central_batch_size, lr, weight_decay,
-                           momentum, precision, central_sparsity, central_calibration_rounds,
+def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central_batch_size, central_lr,
+                           central_weight_decay, momentum, precision, sparsity, calibration_rounds,
                            **params) -> list[CentralizedConfig]:
-    """Notebook 04: the centralized task-arithmetic baseline (one sparsity and R, cosine schedule)."""
-    check_int("sparse_central_epochs", sparse_central_epochs, minimum=1)
+    """Notebook 04: the centralized task-arithmetic baseline at the default sparsity and R, with notebook
+    01's dense schedule (same epochs, warm-up, cosine, lr and weight decay), so only the mask differs."""
     check_int("central_batch_size", central_batch_size, minimum=1)
-    check_float("central_sparsity", central_sparsity, 0.0, 1.0, high_open=True)
-    check_int("central_calibration_rounds", central_calibration_rounds, minimum=1)
-    spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=central_sparsity,
-                         calibration_rounds=central_calibration_rounds)
-    return [CentralizedConfig(dataset=dataset, model=model, seed=s, epochs=sparse_central_epochs,
-                              batch_size=central_batch_size, lr=lr, momentum=momentum,
-                              weight_decay=weight_decay,
-                              scheduler="cosine", precision=precision, finetune=spec)
+    spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=sparsity,
+                         calibration_rounds=calibration_rounds)
+    return [CentralizedConfig(dataset=dataset, model=model, seed=s, epochs=epochs,
+                              batch_size=central_batch_size,
+                              lr=central_lr, momentum=momentum, weight_decay=central_weight_decay,
+                              scheduler="cosine", warmup_epochs=warmup_epochs, precision=precision,
+                              finetune=spec, **evaluation(**params))
             for s in check_int_list("seeds", seeds, minimum=0)]
 
 
@@ -226,14 +265,16 @@ def check_against_data(configs: list, data) -> None:
             checked.add(key)
 
 
-def run_grid(runner, ws, data, experiment: str, configs: list, params: dict) -> list[RunResult]:
+def run_grid(runner, ws, data, experiment, configs: list, params: dict) -> list[RunResult]:
     """Check every config against the data first, then run (or resume, or read back) each in order.
 
+    `experiment` is the folder name, or a function config -> folder name (heterogeneity_home).
     `params` are the notebook's parameters: eval_batch_size and checkpoint_every come from them.
     """
     check_against_data(configs, data)
     options = {k: params[k] for k in ("eval_batch_size", "checkpoint_every") if k in params}
-    return [runner(ws, data, config, experiment=experiment, **options) for config in configs]
+    home = experiment if callable(experiment) else lambda config: experiment
+    return [runner(ws, data, config, experiment=home(config), **options) for config in configs]
 
 
 def run_head_only(ws, data, config: FedAvgConfig, *, experiment: str = HEAD_ONLY, eval_batch_size: int = 256,

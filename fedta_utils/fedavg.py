@@ -7,7 +7,10 @@ The server then sets (`server_update`)
 
     w_{t+1} = w_t + eta_s * v_{t+1},   v_{t+1} = beta * v_t + sum_k (n_k / n) (w_k - w_t)
 
-with beta = 0 for plain FedAvg and eta_s = 1 by default. J counts optimizer steps, never epochs.
+with beta = 0 for plain FedAvg and eta_s = 1 by default. J counts optimizer steps, never epochs; a
+step the fp16 loss scaler skips still uses its batch (logged per round as `skipped_steps`). Under
+fp16 every client starts from the run's loss-scaler state, which then takes the smallest scale
+its clients ended with (`merge_scaler_states`).
 
 Sequential simulation computes exactly what parallel clients would: one model lives on the
 device, w_t is loaded into it for each client, and each delta is folded into a running sum as
@@ -33,8 +36,8 @@ from .finetune import FineTuneSpec, head_cache_path, prepare
 from .optim import lr_multiplier
 from .runs import Checkpoint
 from .sharding import SHARDINGS, make_shards
-from .training import (RunResult, checked_run, evaluate_splits, make_optimizer, read_complete, summarize,
-                       train_steps, training_batches)
+from .training import (RunResult, checked_run, eval_steps, evaluate_splits, make_optimizer, read_complete,
+                       summarize, train_steps, training_batches)
 
 CLIENT_LR_SCHEDULES = ("constant", "cosine")
 BYTES_PER_ENTRY = 4  # float32 on the wire
@@ -46,6 +49,7 @@ class FedAvgConfig:
 
     dataset: str = "cifar100"
     model: str = "dino_vits16"
+    img_size: int | None = None      # input pixels, a multiple of the patch size; None = the model's native
     seed: int = 0
     num_clients: int = 100           # K
     participation: float = 0.1       # C: max(1, round(C*K)) clients per round
@@ -63,14 +67,17 @@ class FedAvgConfig:
     dirichlet_alpha: float | None = None    # alpha for sharding='dirichlet'
     augment: bool = True             # random crop + flip on client batches
     precision: str = "auto"
-    eval_every: int = 10             # rounds between evaluations (and always the last round)
+    eval_points: int = 10            # evaluations, evenly spaced over the rounds (the last round always)
+    eval_subset: int = 1000          # images per split evaluated before the last round (training.eval_steps)
     evaluate_test: bool = True
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("model", self.model, models.MODELS)
-        for name in ("seed", "num_clients", "local_steps", "rounds", "batch_size", "eval_every"):
+        models.input_size(self.model, self.img_size)
+        for name in ("seed", "num_clients", "local_steps", "rounds", "batch_size", "eval_points",
+                     "eval_subset"):
             check_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
         check_float("participation", self.participation, 0.0, 1.0, low_open=True)
         check_float("lr", self.lr, 0.0, None, low_open=True)
@@ -95,7 +102,9 @@ class FedAvgConfig:
         return clients_per_round(self.num_clients, self.participation)
 
     def to_dict(self) -> dict:
-        values = {**asdict(self), "finetune": self.finetune.identity()}
+        """The identity: the resolved img_size, so None and the native size name the same run."""
+        values = {**asdict(self), "img_size": models.input_size(self.model, self.img_size),
+                  "finetune": self.finetune.identity()}
         if self.sharding != "non_iid":
             values.pop("classes_per_client")
         if self.sharding != "dirichlet":
@@ -119,7 +128,8 @@ class FedAvgConfig:
         """Where this config's step-0 head is shared with every run that has the same shards."""
         return head_cache_path(ws.root, self.finetune, model=self.model, weights=ws.weights_path,
                                dataset=self.dataset, sharding=self.sharding_name(),
-                               num_clients=self.num_clients, seed=self.seed)
+                               num_clients=self.num_clients, seed=self.seed,
+                               img_size=models.input_size(self.model, self.img_size))
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:
@@ -163,16 +173,33 @@ def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
-def client_update(model, params, global_weights, batches, optimizer, precision) -> tuple:
-    """One client's local training from w_t: (delta w_k - w_t, samples seen, summed loss).
+def client_update(model, params, global_weights, batches, optimizer, precision, scaler_state) -> tuple:
+    """One client's local training from w_t and the round's loss-scaler state.
 
+    Returns (delta w_k - w_t, samples seen, summed loss, skipped steps, the scaler's end state).
     `params` are the model's trainable parameters (the flat layout of `global_weights`),
     `batches` the client's J lazily built (inputs, labels) pairs, `optimizer` a fresh one.
     """
     load_flat(params, global_weights)
     scaler = models.grad_scaler(global_weights.device, precision)
-    loss_sum, count = train_steps(model, optimizer, scaler, batches, precision)
-    return read_flat(params).sub_(global_weights), count, loss_sum.item()
+    scaler.load_state_dict(scaler_state)  # a no-op for a disabled scaler (bf16, fp32)
+    loss_sum, count, skipped = train_steps(model, optimizer, scaler, batches, precision)
+    return read_flat(params).sub_(global_weights), count, loss_sum.item(), skipped, scaler.state_dict()
+
+
+def merge_scaler_states(states: list[dict]) -> dict:
+    """The run's fp16 loss-scaler state after a round, from its clients' end states.
+
+    Every client of a round starts from the run's state, so clients stay independent (sequential
+    simulation equals parallel clients), yet the scale carries over between rounds instead of
+    restarting at 2^16 for every client. The run keeps the smallest end scale (the most cautious:
+    it backed off for the worst client) and the smallest growth tracker (clean steps since the last
+    overflow), so the scale still doubles after growth_interval clean steps on every client.
+    """
+    if not states[0]:
+        return {}  # disabled scalers (bf16, fp32) have no state
+    return {**states[0], "scale": min(s["scale"] for s in states),
+            "_growth_tracker": min(s["_growth_tracker"] for s in states)}
 
 
 @torch.no_grad()
@@ -254,14 +281,16 @@ class FedAvgRun:
         self.data, self.config, self.run, self.shards = data, config, run, shards
         self.eval_batch_size, self.device = eval_batch_size, data.device
         self.precision = models.resolve_precision(config.precision, self.device)
-        self.img_size = models.input_size(config.model)
-        self.model = ws.build_model(config.model, data.num_classes, head_seed=config.seed).to(self.device)
+        self.img_size = models.input_size(config.model, config.img_size)
+        self.model = ws.build_model(config.model, data.num_classes, config.seed, self.img_size)
+        self.model.to(self.device)
         self.prepared = prepare(run, self.model, data, config.finetune, config.seed, self.img_size,
                                 self.precision, shards, config.head_cache(ws))
         named = dict(self.model.named_parameters())
         self.params = [named[n] for n in self.prepared.trainable_names]
         self.global_weights = read_flat(self.params)
         self.velocity = torch.zeros_like(self.global_weights) if config.server_momentum > 0 else None
+        self.scaler_state = models.grad_scaler(self.device, self.precision).state_dict()
         masks = self.prepared.masks or {}
         # With a global mask only its trainable entries travel: the server knows the mask.
         self.entries_sent = sum(int(masks[n].sum()) if n in masks else p.numel()
@@ -274,6 +303,8 @@ class FedAvgRun:
             self.global_weights = checkpoint.state["global_weights"].to(self.device)
             velocity = checkpoint.state["server_velocity"]
             self.velocity = None if velocity is None else velocity.to(self.device)
+            # {} from a run that started without fp16 (or before the scaler was saved) keeps the fresh state
+            self.scaler_state = checkpoint.state.get("grad_scaler") or self.scaler_state
             rows, timing, start = checkpoint.rows, checkpoint.timing, checkpoint.step
         elapsed = timing[-1]["wall_s"] if timing else 0.0
         bar = tqdm(range(start, config.rounds), desc=f"FedAvg {self.run.dir.name}", initial=start,
@@ -285,7 +316,8 @@ class FedAvgRun:
             timing.append({"round": round_index + 1, **times, "wall_s": elapsed})
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_acc") if k in row})
             if (round_index + 1) % checkpoint_every == 0 or round_index + 1 == config.rounds:
-                state = {"global_weights": self.global_weights, "server_velocity": self.velocity}
+                state = {"global_weights": self.global_weights, "server_velocity": self.velocity,
+                         "grad_scaler": self.scaler_state}
                 self.run.save_checkpoint(Checkpoint(round_index + 1, state, rows, timing))
         summary = {**summarize(rows, timing, self.precision, self.device), **self.prepared.info,
                    "trainable_entries": self.entries_sent}
@@ -304,27 +336,31 @@ class FedAvgRun:
         clients = sample_clients(config.seed, round_index, config.num_clients, config.participation)
         stats = DeltaStats(len(self.global_weights), self.device)
         delta_sum, weight_sum, loss_sum, samples = torch.zeros_like(self.global_weights), 0, 0.0, 0
+        skipped, end_states = 0, []
         for client in clients:
-            delta, count, loss = client_update(self.model, self.params, self.global_weights,
-                                               self.client_batches(round_index, int(client)),
-                                               self.client_optimizer(lr), self.precision)
+            delta, count, loss, skips, end_state = client_update(
+                self.model, self.params, self.global_weights, self.client_batches(round_index, int(client)),
+                self.client_optimizer(lr), self.precision, self.scaler_state)
             n_k = len(self.shards[client])  # FedAvg weighs by the client's data size
             delta_sum.add_(delta, alpha=n_k)
             weight_sum += n_k
             stats.add(delta)
             loss_sum, samples = loss_sum + loss, samples + count
+            skipped, end_states = skipped + skips, end_states + [end_state]
+        self.scaler_state = merge_scaler_states(end_states)
         server_update(self.global_weights, delta_sum, weight_sum, self.velocity, config.server_lr,
                       config.server_momentum)
         row = {"round": round_index + 1, "clients": " ".join(str(int(c)) for c in clients), "lr": lr,
                "train_loss": loss_sum / samples, **stats.summary(delta_sum / weight_sum),
-               "bytes_down": len(clients) * BYTES_PER_ENTRY * self.entries_sent,
+               "skipped_steps": skipped, "bytes_down": len(clients) * BYTES_PER_ENTRY * self.entries_sent,
                "bytes_up": len(clients) * BYTES_PER_ENTRY * self.entries_sent}
         times = {"train_s": time.perf_counter() - started, "eval_s": 0.0}
-        if (round_index + 1) % config.eval_every == 0 or round_index + 1 == config.rounds:
+        if round_index + 1 in eval_steps(config.rounds, config.eval_points):
             started = time.perf_counter()
             load_flat(self.params, self.global_weights)
             row.update(evaluate_splits(self.model, self.data, self.img_size, self.eval_batch_size,
-                                       self.precision, config.evaluate_test))
+                                       self.precision, config.evaluate_test,
+                                       None if round_index + 1 == config.rounds else config.eval_subset))
             times["eval_s"] = time.perf_counter() - started
         return row, times
 

@@ -42,6 +42,8 @@ from .sensitivity import RULES, jaccard, mask_density_by_parameter, unpack_masks
 
 DATA = "00_data"  # notebook 00 saves split_sizes.csv and shard_stats.csv here
 COLUMN, FULL = 3.3, 6.9  # inches: one column of the report, both columns
+# Notebook 03's grid: its iid runs at the first J live in notebook 02's folder (heterogeneity_home).
+HETEROGENEITY_RUNS = (HETEROGENEITY, FEDAVG_IID)
 DRIFT = ["mean_client_delta_norm", "avg_delta_norm", "mean_pairwise_cosine", "sign_conflict_fraction",
          "sign_agreement"]  # logged per FedAvg round (fedavg.py)
 
@@ -72,23 +74,24 @@ def _labelled(run: dict, experiment: str) -> dict:
             **{k: run.get(f"finetune.{k}") if rule else np.nan for k in ("sparsity", "calibration_rounds")}}
 
 
-def load_runs(root, experiment: str) -> pd.DataFrame:
+def load_runs(root, experiment: str | tuple[str, ...]) -> pd.DataFrame:
     """One row per complete run (summary.json written): flattened config, summary, run_dir, labels.
 
     Labels: sharding_label ('iid', 'Nc=5', 'Dir(0.1)'; rows iid first, then by Nc, then by mask rule in the
     order of sensitivity.RULES), method
     ('FedAvg', 'dense + ridge head', 'sparse', 'head only'), rule, sparsity and calibration_rounds.
-    Empty (no columns) when the experiment has no complete run.
+    Empty (no columns) when the experiment has no complete run. A tuple of experiments: all their runs.
     """
+    folders = (experiment,) if isinstance(experiment, str) else experiment
     rows = [_labelled({**flatten(json.loads((path.parent / "config.json").read_text())),
-                       **json.loads(path.read_text()), "run_dir": str(path.parent)}, experiment)
-            for path in sorted(Path(root, experiment).glob("*/summary.json"))]
+                       **json.loads(path.read_text()), "run_dir": str(path.parent)}, folder)
+            for folder in folders for path in sorted(Path(root, folder).glob("*/summary.json"))]
     rows.sort(key=lambda r: ({"iid": -1, "non_iid": 0}.get(r.get("sharding"), 1),  # iid, then by Nc,
                              r.get("classes_per_client") or 0, RULES.index(r["rule"]) if r["rule"] else -1))
     return pd.DataFrame(rows)
 
 
-def _runs(root, experiment: str) -> pd.DataFrame:
+def _runs(root, experiment) -> pd.DataFrame:
     if (runs := load_runs(root, experiment)).empty:
         raise NoResults(f"no complete run of {experiment} under {root}")
     return runs
@@ -99,7 +102,7 @@ def _curves(runs: pd.DataFrame, columns) -> pd.DataFrame:
         **{c: run.get(c) for c in ("run_dir", *columns)}) for _, run in runs.iterrows()], ignore_index=True)
 
 
-def load_curves(root, experiment: str, columns=("seed",)) -> pd.DataFrame:
+def load_curves(root, experiment, columns=("seed",)) -> pd.DataFrame:
     """metrics.csv of every complete run (a row per epoch or round), with the chosen columns of load_runs."""
     return _curves(_runs(root, experiment), columns)
 
@@ -155,8 +158,9 @@ def lr_search_table(root) -> pd.DataFrame:
 def _central_runs(root) -> pd.DataFrame:
     """Notebook 01's scheduler runs at the lr and weight decay it chose (hparams.json; all without it)."""
     runs, path = _runs(root, CENTRALIZED), Path(root, "hparams.json")
-    chosen = json.loads(path.read_text()) if path.is_file() else {"lr": np.nan, "weight_decay": np.nan}
-    keep = np.isclose(runs["lr"], chosen["lr"]) & np.isclose(runs["weight_decay"], chosen["weight_decay"])
+    chosen = json.loads(path.read_text()) if path.is_file() else {}
+    keep = np.isclose(runs["lr"], chosen.get("central_lr", np.nan)) & \
+        np.isclose(runs["weight_decay"], chosen.get("central_weight_decay", np.nan))
     return runs[keep] if keep.any() else runs
 
 
@@ -203,12 +207,25 @@ def fedavg_table(root) -> pd.DataFrame:
     return table.assign(acc_at_budget=[np.interp(budget, mean[m].index, mean[m]) for m in table["method"]])
 
 
+def late_gain(root) -> str:
+    """Notebook 02: how much the seed-mean validation accuracy of FedAvg (iid) rose over the last 20 % of
+    rounds (from the last evaluation at or before 80 % of the rounds to the end), as a sentence."""
+    mean = load_curves(root, FEDAVG_IID).dropna(subset=["val_acc"]).groupby("round")["val_acc"].mean()
+    start = mean[mean.index <= 0.8 * mean.index[-1]]
+    if start.empty:
+        return "FedAvg (iid): too few evaluations to measure the late gain"
+    gain = (mean.iloc[-1] - start.iloc[-1]) * 100
+    return (f"FedAvg (iid): validation accuracy {gain:+.2f} points from round "
+            f"{start.index[-1]} to {mean.index[-1]} (seed mean; the last point is the full split, earlier "
+            "ones the evaluation subset)")
+
+
 def heterogeneity_table(root) -> pd.DataFrame:
     """Notebook 03: test accuracy over seeds per sharding and local steps J."""
-    return mean_std(_runs(root, HETEROGENEITY), ["sharding_label", "local_steps"])
+    return mean_std(_runs(root, HETEROGENEITY_RUNS), ["sharding_label", "local_steps"])
 
 
-def drift_table(root, experiment: str = HETEROGENEITY) -> pd.DataFrame:
+def drift_table(root, experiment=HETEROGENEITY_RUNS) -> pd.DataFrame:
     """Per run: the drift and interference diagnostics averaged over rounds, with the run's labels.
 
     update_efficiency = ||average delta|| / mean ||client delta||: 1 when the clients agree, about
@@ -402,7 +419,7 @@ def heterogeneity_heatmap(root, profile: str):
 @_figure(FULL, 0.3, "FedAvg under heterogeneity")
 def heterogeneity_curves(root, profile: str):
     """Notebook 03: test accuracy per round, a panel per J, a line per sharding."""
-    curves = load_curves(root, HETEROGENEITY, ["seed", "local_steps", "sharding_label"])
+    curves = load_curves(root, HETEROGENEITY_RUNS, ["seed", "local_steps", "sharding_label"])
     curves["sharding"] = curves["sharding_label"].map(_pretty)
     return _lines([(f"J = {j}", curves[curves["local_steps"] == j], "test_acc", "test accuracy (%)")
                    for j in sorted(curves["local_steps"].unique())], "round", "round", "sharding")
@@ -425,22 +442,35 @@ def drift_figure(root, profile: str):
     return fig, drift["seed"].nunique()
 
 
-@_figure(FULL, 0.32, "Sparse FedAvg")
+def sweeps(table: pd.DataFrame) -> dict:
+    """Notebook 04's two sweeps in sparse_table's rows of one sharding: {'sparsity': rows at the default R,
+    'calibration_rounds': rows at the default sparsity}; the default is the value the other sweep holds."""
+    sparse = table[table["method"] == "sparse"]
+    default_r = sparse.groupby("calibration_rounds")["sparsity"].nunique().idxmax()
+    default_sparsity = sparse.groupby("sparsity")["calibration_rounds"].nunique().idxmax()
+    return {"sparsity": sparse[sparse["calibration_rounds"] == default_r],
+            "calibration_rounds": sparse[sparse["sparsity"] == default_sparsity]}
+
+
+@_figure(FULL, 0.32, "Sparse FedAvg, iid")
 def sparsity_figure(root, profile: str):
-    """Notebook 04: final test accuracy against sparsity (least-sensitive masks), a line per calibration
-    rounds R, the dense references as horizontal lines; a panel per sharding; bars: std over seeds."""
+    """Notebook 04, iid shards: final test accuracy against sparsity (at the default R) and against the
+    calibration rounds R (at the default sparsity), least-sensitive masks; the dense references of the same
+    rounds as horizontal lines; bars: std over seeds."""
     table = sparse_table(root)
-    fig, axes = _axes(table["sharding_label"].nunique(), sharey=True)
-    for ax, (label, rows) in zip(axes, table.groupby("sharding_label", sort=False)):
-        for rounds, group in rows[rows["method"] == "sparse"].groupby("calibration_rounds"):
-            ax.errorbar(group["sparsity"], group["mean"] * 100, yerr=group["std"] * 100, marker="o",
-                        markersize=3, capsize=2, label=f"R = {int(rounds)}")
+    rows = table[table["sharding_label"] == "iid"]
+    fig, axes = _axes(2, sharey=True)
+    for ax, (column, group) in zip(axes, sweeps(rows).items()):
+        group = group.sort_values(column)
+        ax.errorbar(group[column], group["mean"] * 100, yerr=group["std"] * 100, marker="o", markersize=3,
+                    capsize=2, label="sparse (least sensitive)")
         for (_, ref), style in zip(rows[rows["method"] != "sparse"].iterrows(), (":", "-.", "--", "-")):
             ax.axhline(ref["mean"] * 100, color="0.4", linewidth=0.8, linestyle=style, label=ref["method"])
-        ax.set(xscale="logit", xlabel="sparsity (fraction frozen)", ylabel="test accuracy (%)",
-               title=_pretty(label))  # logit: 0.9, 0.99, 0.999 evenly spaced
-        ax.set_xticks(levels := sorted(rows["sparsity"].dropna().unique()), [f"{v:g}" for v in levels])
+        ax.set_xscale("logit" if column == "sparsity" else "log")  # logit: 0.9, 0.99 evenly spaced
+        ax.set_xticks(levels := sorted(group[column].unique()), [f"{v:g}" for v in levels])
         ax.minorticks_off()
+        ax.set(xlabel="sparsity (fraction frozen)" if column == "sparsity" else "calibration rounds R",
+               ylabel="test accuracy (%)")
     axes[-1].legend()
     return fig, table["n"].max()
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_choice, check_float, check_int
 from .data import DataBundle, make_batch, numpy_rng, torch_generator
-from .heads import client_features, federated_ridge_head
+from .heads import LAMBDA_TOLERANCE, RIDGE_LAMBDAS, client_features, federated_ridge_head
 from .models import backbone_parameter_names, head_parameter_names
 from .runs import atomic_torch_save, config_id
 from .sensitivity import LABEL_MODES, RULES, calibrate, fisher_sums, pack_masks, unpack_masks
@@ -42,7 +42,8 @@ class FineTuneSpec:
     """How a run prepares its model: the step-0 head and the sparse masks."""
 
     head: str = "train"              # 'train' | 'ridge' (frozen after step 0)
-    ridge_lambda: float = 1.0        # ridge penalty, relative to mean(diag(Phi^T Phi)) (heads.solve_ridge)
+    ridge_lambda: float | None = None  # None = chosen on validation (heads.choose_ridge_lambda); else fixed,
+    #                                    relative to mean(diag(Phi^T Phi)) (heads.solve_ridge)
     mask_rule: str | None = None     # None = dense; else one of sensitivity.RULES
     sparsity: float = 0.9            # fraction of eligible entries frozen
     calibration_rounds: int = 4      # R in TaLoS: density d^(r/R) in round r
@@ -52,7 +53,8 @@ class FineTuneSpec:
 
     def __post_init__(self):
         check_choice("head", self.head, HEAD_MODES)
-        check_float("ridge_lambda", self.ridge_lambda, 0.0, None, low_open=True)
+        if self.ridge_lambda is not None:
+            check_float("ridge_lambda", self.ridge_lambda, 0.0, None, low_open=True)
         check_choice("mask_rule", self.mask_rule, (None, *RULES))
         check_float("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         check_int("calibration_rounds", self.calibration_rounds, minimum=1)
@@ -137,15 +139,21 @@ def install_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> 
 def head_cache_path(root: str | Path, spec: FineTuneSpec, **context) -> Path | None:
     """Where a ridge head is shared by every run that would fit the very same head (None: no head).
 
-    `context` names what the head depends on besides lambda: model, weights, dataset, shards.
+    `context` names what the head depends on besides lambda: model, weights, dataset, shards. A
+    head chosen on validation is keyed by the grid and tolerance it was chosen with.
     """
     if spec.head == "train":
         return None
-    return Path(root) / "cache" / f"head-{config_id({**context, 'ridge_lambda': spec.ridge_lambda})}.pt"
+    ridge = spec.ridge_lambda if spec.ridge_lambda is not None else \
+        {"validation": list(RIDGE_LAMBDAS), "tolerance": LAMBDA_TOLERANCE}
+    return Path(root) / "cache" / f"head-{config_id({**context, 'ridge_lambda': ridge})}.pt"
 
 
 def fit_ridge_head(model, data, spec, img_size, precision, shards, cache: Path | None):
-    """(weight, bias, info) of the federated ridge head, read from `cache` when another run fitted it."""
+    """(weight, bias, info) of the federated ridge head, read from `cache` when another run fitted it.
+
+    A penalty chosen on validation costs one more feature pass, over the server's validation split.
+    """
     if cache is not None and cache.is_file():
         try:
             stored = torch.load(cache, map_location="cpu", weights_only=True)
@@ -155,7 +163,10 @@ def fit_ridge_head(model, data, spec, img_size, precision, shards, cache: Path |
     feats = [client_features(model, data.train, idx, img_size, precision)
              for idx in tqdm(shards, desc="step 0: client features", leave=False)]
     labels = [data.train.labels[torch.as_tensor(idx, device=data.device)] for idx in shards]
-    weight, bias, info = federated_ridge_head(feats, labels, data.num_classes, spec.ridge_lambda)
+    val_feats = None if spec.ridge_lambda is not None else \
+        client_features(model, data.val, np.arange(len(data.val)), img_size, precision)
+    weight, bias, info = federated_ridge_head(feats, labels, data.num_classes, spec.ridge_lambda,
+                                              val_feats=val_feats, val_labels=data.val.labels)
     if cache is not None:
         atomic_torch_save({"weight": weight.cpu(), "bias": bias.cpu(), "info": info}, cache)
     return weight, bias, info

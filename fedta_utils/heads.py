@@ -10,6 +10,9 @@ A ridge head regresses one-hot targets, so its logits live in [0, 1] and a softm
 nearly flat. The logit scale s is chosen the same federated way: each client sends its summed
 cross-entropy for every s on a grid, the server keeps the s with the lowest total. The scale
 matters for the sampled-label Fisher, whose labels come from this softmax.
+
+The penalty is either fixed or chosen on the server's validation split from RIDGE_LAMBDAS
+(choose_ridge_lambda): A and b are summed once, and solving for each penalty is cheap.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from .data import ImageSet, make_batch, sequential_batches
 from .models import autocast
 
 LOGIT_SCALES = tuple(float(s) for s in np.logspace(0, 3, 13))  # 1 ... 1000
+RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative penalties a validation choice picks from
+LAMBDA_TOLERANCE = 0.01  # validation accuracy given up for a larger, steadier penalty
 
 
 @torch.inference_mode()
@@ -60,18 +65,40 @@ def solve_ridge(a_sum: torch.Tensor, b_sum: torch.Tensor,
     return solution[:-1].T.contiguous(), solution[-1].contiguous()
 
 
+def choose_ridge_lambda(lambdas, val_accuracies, tolerance: float = LAMBDA_TOLERANCE) -> float:
+    """The largest penalty whose validation accuracy is within `tolerance` of the best one.
+
+    A larger penalty keeps the head's weights on low-variance directions small, so fine-tuning
+    under the frozen head stays stable (solve_ridge); a smaller one is taken only for a
+    validation gain above `tolerance`, and ties go to the larger penalty.
+    """
+    best = max(val_accuracies)
+    return max(lam for lam, acc in zip(lambdas, val_accuracies) if acc >= best - tolerance)
+
+
 def federated_ridge_head(client_feats: list[torch.Tensor], client_labels: list[torch.Tensor],
-                         num_classes: int, ridge_lambda: float,
-                         scales: tuple[float, ...] = LOGIT_SCALES) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                         num_classes: int, ridge_lambda: float | None,
+                         scales: tuple[float, ...] = LOGIT_SCALES, val_feats: torch.Tensor | None = None,
+                         val_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(weight, bias, info) of the ridge head from per-client statistics, scale chosen federatedly.
 
-    Nothing but A_k, b_k and a vector of loss sums leaves client k.
+    ridge_lambda=None chooses it from RIDGE_LAMBDAS by accuracy on (val_feats, val_labels), which
+    the server holds; info then has the accuracy per penalty. Nothing but A_k, b_k and a vector
+    of loss sums leaves client k.
     """
     stats = [ridge_statistics(f, y, num_classes) for f, y in zip(client_feats, client_labels)]
-    weight, bias = solve_ridge(sum(a for a, _ in stats), sum(b for _, b in stats), ridge_lambda)
+    a_sum, b_sum = sum(a for a, _ in stats), sum(b for _, b in stats)
+    chosen = {}
+    if ridge_lambda is None:
+        heads = [solve_ridge(a_sum, b_sum, lam) for lam in RIDGE_LAMBDAS]
+        accuracies = [float(((val_feats.double() @ w.T + c).argmax(1) == val_labels).double().mean())
+                      for w, c in heads]
+        ridge_lambda = choose_ridge_lambda(RIDGE_LAMBDAS, accuracies)
+        chosen = {"val_accuracy_per_lambda": {f"{lam:g}": acc for lam, acc in zip(RIDGE_LAMBDAS, accuracies)}}
+    weight, bias = solve_ridge(a_sum, b_sum, ridge_lambda)
     losses = sum(torch.stack([F.cross_entropy(s * (f.double() @ weight.T + bias), y, reduction="sum")
                               for s in scales]) for f, y in zip(client_feats, client_labels))
     best = int(torch.argmin(losses))
     info = {"ridge_lambda": ridge_lambda, "logit_scale": scales[best],
-            "train_loss_at_scale": float(losses[best]) / sum(len(y) for y in client_labels)}
+            "train_loss_at_scale": float(losses[best]) / sum(len(y) for y in client_labels), **chosen}
     return (scales[best] * weight).float(), (scales[best] * bias).float(), info

@@ -6,6 +6,11 @@ Face hub), then torch.hub `facebookresearch/dino:main` `dino_vits16`. All three
 give the same backbone (timm's ViT uses DINO's parameter names). A new linear
 head of `num_classes` outputs is drawn from the run's seed.
 
+Either model is built at `img_size` pixels (a multiple of its patch size; default its native
+size). DINO at 160 px sees 101 instead of 197 tokens, about half the compute per image; its
+pretrained position embeddings are resampled to the new patch grid (bicubic, as timm does when
+it loads them itself), so the three sources still give the same backbone.
+
 tiny_vit is a 4-block, 64-wide timm ViT on 32x32 inputs with 4x4 patches:
 random, CPU-friendly, the same code paths. Its backbone is drawn from a fixed
 seed, so, like the DINO weights, every run starts from the same backbone.
@@ -19,10 +24,12 @@ also answers True for emulated bf16, which is slow on a T4.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -37,12 +44,19 @@ TINY_BACKBONE_SEED = 0
 HEAD_INIT_STD = 0.01  # as in DINO's linear evaluation
 HEAD_PREFIX = "head."
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# (native input size, patch size) in pixels
+SIZES = {"dino_vits16": (224, 16), "tiny_vit": (TINY_VIT["img_size"], TINY_VIT["patch_size"])}
 
 
-def input_size(name: str) -> int:
-    """The square input resolution the model expects (pixels)."""
+def input_size(name: str, img_size: int | None = None) -> int:
+    """The square input resolution (pixels): `img_size`, a multiple of the patch size, or None = native."""
     check_choice("model", name, MODELS)
-    return 224 if name == "dino_vits16" else TINY_VIT["img_size"]
+    native, patch = SIZES[name]
+    if img_size is None:
+        return native
+    if check_int("img_size", img_size, minimum=patch) % patch:
+        raise ConfigError(f"img_size={img_size} is not allowed for {name}: use a multiple of {patch} px")
+    return img_size
 
 
 def build_model(
@@ -51,6 +65,7 @@ def build_model(
     pretrained: bool = True,
     weights_path: str | Path | None = None,
     head_seed: int = 0,
+    img_size: int | None = None,
 ) -> nn.Module:
     """A ViT classifier with a new `num_classes`-way linear head.
 
@@ -60,35 +75,38 @@ def build_model(
     weights_path: a local DINO checkpoint (.pth / .pt / .safetensors) used
         instead of any download.
     head_seed: seed of the head's N(0, 0.01^2) initialisation.
+    img_size: input pixels, a multiple of the patch size (16 DINO, 4 tiny_vit); None = native.
     """
     check_choice("model", name, MODELS)
     check_int("num_classes", num_classes, minimum=2)
     check_int("head_seed", head_seed, minimum=0)
     check_bool("pretrained", pretrained)
+    img_size = input_size(name, img_size)
     if weights_path is not None and not Path(weights_path).is_file():
         raise ConfigError(f"weights_path={str(weights_path)!r} is not a file")
     if name == "tiny_vit":
-        model = _tiny_vit(num_classes)
+        model = _tiny_vit(num_classes, img_size)
     else:
-        model = _dino_vits16(num_classes, pretrained, weights_path)
+        model = _dino_vits16(num_classes, pretrained, weights_path, img_size)
     reset_head(model, head_seed)
     return model
 
 
-def _tiny_vit(num_classes: int) -> nn.Module:
+def _tiny_vit(num_classes: int, img_size: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_BACKBONE_SEED)
-        return VisionTransformer(num_classes=num_classes, **TINY_VIT)
+        return VisionTransformer(num_classes=num_classes, **{**TINY_VIT, "img_size": img_size})
 
 
-def _dino_vits16(num_classes: int, pretrained: bool, weights_path) -> nn.Module:
+def _dino_vits16(num_classes: int, pretrained: bool, weights_path, img_size: int) -> nn.Module:
     if weights_path is not None or not pretrained:  # a local file, or random weights of the same shape
-        model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes, img_size=img_size)
         if weights_path is not None:
             load_backbone_state(model, read_state_dict(weights_path))
         return model
     try:
-        return timm.create_model(TIMM_DINO, pretrained=True, num_classes=num_classes)
+        # timm resamples the pretrained position embeddings to img_size's grid as it loads them
+        return timm.create_model(TIMM_DINO, pretrained=True, num_classes=num_classes, img_size=img_size)
     except Exception as timm_error:  # offline, hub outage, missing huggingface_hub, ...
         first_failure = f"timm '{TIMM_DINO}': {type(timm_error).__name__}: {timm_error}"
     try:
@@ -101,7 +119,7 @@ def _dino_vits16(num_classes: int, pretrained: bool, weights_path) -> nn.Module:
             "Download dino_deitsmall16_pretrain.pth (https://dl.fbaipublicfiles.com/dino/"
             "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth) and pass weights_path=..."
         ) from hub_error
-    model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes)
+    model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes, img_size=img_size)
     load_backbone_state(model, hub_model.state_dict())
     return model
 
@@ -124,8 +142,10 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     """Copy a DINO/timm ViT-S/16 backbone into `model`; the head stays as it is.
 
     Prefixes written by DINO's training ('module.', 'backbone.') are stripped.
-    Every backbone parameter must be present with the right shape, so a wrong
-    file fails loudly instead of training from a half-random model.
+    Position embeddings on another square patch grid (a model built at another
+    img_size) are resampled to the model's grid. Every other backbone parameter
+    must be present with the right shape, so a wrong file fails loudly instead
+    of training from a half-random model.
     """
     cleaned = {}
     for key, value in state.items():
@@ -134,6 +154,12 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         if not key.startswith(HEAD_PREFIX):
             cleaned[key] = value
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    old, new = cleaned.get("pos_embed"), expected.get("pos_embed")
+    if old is not None and new is not None and old.dim() == 3 and old.shape[::2] == new.shape[::2]:
+        grid = math.isqrt(old.shape[1] - 1)  # after the class token, a square grid of patches
+        if grid * grid == old.shape[1] - 1:
+            cleaned["pos_embed"] = resample_abs_pos_embed(
+                old, list(model.patch_embed.grid_size), [grid, grid], num_prefix_tokens=1)
     missing = sorted(set(expected) - set(cleaned))
     wrong = sorted(k for k in expected if k in cleaned and cleaned[k].shape != expected[k].shape)
     if missing or wrong:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import sys
 import time
@@ -32,6 +33,7 @@ import pandas as pd
 from . import experiments
 from .checks import ConfigError, check_choice
 from .fedavg import FedAvgConfig
+from .training import eval_steps
 from .workspace import NOTEBOOK_DIR, PROFILES, declared_parameters, discover_notebooks, profile_values
 
 KERNEL = "python3"
@@ -39,17 +41,23 @@ KERNEL = "python3"
 # this machine's loopback interface, so nothing leaves the machine (README, "Running from a terminal").
 QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
-# Notebook -> (group label, experiments.<function>) in the order the notebook runs them.
+# Notebook -> (group label, experiments.<function>, its run folder) in the order the notebook runs them.
+# A folder given as a function name is experiments.<name>(**params): config -> folder.
 NOTEBOOK_GRIDS = {
-    "01": [("lr search", "search_configs"), ("schedulers", "scheduler_configs")],
-    "02": [("FedAvg iid", "fedavg_iid_configs")],
-    "03": [("heterogeneity grid", "heterogeneity_configs")],
-    "04": [("head only", "head_only_configs"), ("sparse FedAvg grid", "sparse_fl_configs"),
-           ("centralized sparse", "sparse_central_configs")],
-    "05": [("mask rules", "mask_rule_configs")],
+    "01": [("lr search", "search_configs", experiments.LR_SEARCH),
+           ("schedulers", "scheduler_configs", experiments.CENTRALIZED)],
+    "02": [("lr search", "fedavg_search_configs", experiments.FEDAVG_LR_SEARCH),
+           ("FedAvg iid", "fedavg_iid_configs", experiments.FEDAVG_IID)],
+    "03": [("heterogeneity grid", "heterogeneity_configs", "heterogeneity_home")],
+    "04": [("head only", "head_only_configs", experiments.HEAD_ONLY),
+           ("sparse FedAvg grid", "sparse_fl_configs", experiments.SPARSE_FL),
+           ("centralized sparse", "sparse_central_configs", experiments.SPARSE_CENTRAL)],
+    "05": [("mask rules", "mask_rule_configs", experiments.MASK_RULES)],
 }
-PLACEHOLDER_HPARAMS = {"lr": 0.01, "weight_decay": 0.0}  # notebook 01's choice is unknown before it runs
-CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+# The searches' choices are unknown before they run (any value costs the same).
+PLACEHOLDER_HPARAMS = {"lr": 0.01, "weight_decay": 0.0, "central_lr": 0.01, "central_weight_decay": 0.0}
+CIFAR_TRAIN, CIFAR_TEST, CLASSES = 50_000, 10_000, 100
+SMALL_IMG_SIZE = 160  # the cheaper input size the dry-run also prices
 
 
 def parse_value(text: str):
@@ -152,25 +160,34 @@ def grids(profile: str, only: list[str] | None = None, overrides: dict | None = 
     check_overrides(overrides, selected)
     groups = []
     for key, path in selected.items():
-        params = notebook_values(path, profile, overrides)
-        for group, function in NOTEBOOK_GRIDS.get(key, []):
+        params = {**PLACEHOLDER_HPARAMS, **notebook_values(path, profile, overrides)}
+        for group, function, folder in NOTEBOOK_GRIDS.get(key, []):
+            home = (getattr(experiments, folder)(**params) if folder.endswith("_home")
+                    else lambda config, fixed=folder: fixed)
             groups.append({"notebook": path.stem, "group": group, "function": function, "params": params,
-                           "configs": getattr(experiments, function)(**{**PLACEHOLDER_HPARAMS, **params})})
+                           "configs": getattr(experiments, function)(**params), "home": home})
     return groups
 
 
-def split_sizes(config, params: dict) -> tuple[int, int]:
-    """(train images, images evaluated per evaluation) implied by the config and the data parameters."""
+def split_sizes(config, params: dict) -> tuple[int, int, int, int]:
+    """(train, validation, test (0 when the run never tests), subset evaluation) images of a config."""
     synthetic = config.dataset != "cifar100"
     full = params.get("synthetic_train_size", CIFAR_TRAIN) if synthetic else CIFAR_TRAIN
     test = params.get("synthetic_test_size", CIFAR_TEST) if synthetic else CIFAR_TEST
-    val = round(full * params.get("val_fraction", 0.1))
-    return full - val, val + (test if config.evaluate_test else 0)
+    val, test = round(full * params.get("val_fraction", 0.1)), test if config.evaluate_test else 0
+    subset = max(1, config.eval_subset // CLASSES) * CLASSES  # DataBundle.eval_subset
+    return full - val, val, test, min(val, subset) + min(test, subset)
+
+
+def evaluated_images(config, steps: int, full: int, subset: int) -> int:
+    """Images a run evaluates over `steps` steps or rounds: subsets, then the full splits at the end."""
+    return (len(eval_steps(steps, config.eval_points)) - 1) * subset + full
 
 
 def run_work(config, params: dict, head_only: bool = False) -> dict:
     """Images one run trains on and evaluates, and the per-sample Fisher gradients it computes."""
-    train, evaluated = split_sizes(config, params)
+    train, val, test, subset = split_sizes(config, params)
+    evaluated = val + test
     spec, fisher = config.finetune, 0
     if spec.is_sparse and spec.mask_rule in ("least_sensitive", "most_sensitive"):
         clients = config.num_clients if isinstance(config, FedAvgConfig) else 1
@@ -180,8 +197,10 @@ def run_work(config, params: dict, head_only: bool = False) -> dict:
     if isinstance(config, FedAvgConfig):
         batch = min(config.batch_size, train // config.num_clients)
         return {"train": config.rounds * config.clients_per_round * config.local_steps * batch,
-                "eval": -(-config.rounds // config.eval_every) * evaluated, "fisher": fisher}
-    return {"train": config.epochs * train, "eval": config.epochs * evaluated, "fisher": fisher}
+                "eval": evaluated_images(config, config.rounds, evaluated, subset), "fisher": fisher}
+    steps = config.epochs * -(-train // config.batch_size)
+    return {"train": config.epochs * train, "eval": evaluated_images(config, steps, evaluated, subset),
+            "fisher": fisher}
 
 
 def head_key(config) -> tuple | None:
@@ -197,19 +216,27 @@ def head_key(config) -> tuple | None:
 def work_table(groups: list[dict]) -> pd.DataFrame:
     """One row per group: runs, trained / evaluated images, Fisher samples.
 
-    A step-0 head costs one backbone pass over the train split (counted as evaluated images),
-    once per distinct head: runs that share it read it from the head cache.
+    A run that an earlier group already holds (the same folder and config, e.g. notebook 03's iid runs
+    at J=4 in notebook 02's folder) is counted once. A step-0 head costs one backbone pass over the
+    train split (counted as evaluated images) and another over validation to choose its penalty, once
+    per distinct head: runs that share it read it from the head cache.
     """
-    rows, heads = [], set()
+    rows, heads, seen = [], set(), set()
     for group in groups:
-        row = {"notebook": group["notebook"], "group": group["group"], "runs": len(group["configs"]),
-               "train": 0, "eval": 0, "fisher": 0}
+        row = {"notebook": group["notebook"], "group": group["group"], "runs": 0, "train": 0, "eval": 0,
+               "fisher": 0}
         for config in group["configs"]:
+            key = (group["home"](config), config.run_name(), json.dumps(config.to_dict(), sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+            row["runs"] += 1
             work = run_work(config, group["params"], head_only=group["function"] == "head_only_configs")
             key = head_key(config)
             if key is not None and key not in heads:
                 heads.add(key)
-                work["eval"] += split_sizes(config, group["params"])[0]
+                train, val, _, _ = split_sizes(config, group["params"])
+                work["eval"] += train + val
             for kind in ("train", "eval", "fisher"):
                 row[kind] += work[kind]
         rows.append(row)
@@ -231,22 +258,28 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
         raise ConfigError(f"the selected notebooks use the models {models_used}; estimate one at a time")
     started = time.perf_counter()
     eval_batch = groups[0]["params"].get("eval_batch_size", 256)
-    seconds, setup = unit_seconds(models_used[0], configs[0].precision, eval_batch)
-    table["hours"] = sum(table[kind] * seconds[kind] for kind in ("train", "eval", "fisher")) / 3600
+    size = configs[0].img_size
+    cheaper = [SMALL_IMG_SIZE] if models_used == ["dino_vits16"] and size in (None, 224) else []
+    for column, price_at in [("hours", size), *((f"hours at {c} px", c) for c in cheaper)]:
+        measured, described = unit_seconds(models_used[0], configs[0].precision, eval_batch, img_size=price_at)
+        table[column] = sum(table[kind] * measured[kind] for kind in ("train", "eval", "fisher")) / 3600
+        seconds, setup = (measured, described) if column == "hours" else (seconds, setup)
     kind = "GPU" if "cuda" in setup else "CPU"
     print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
     print(f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image "
           f"{seconds['train']:.2e}, "
           f"per evaluated image {seconds['eval']:.2e}, per Fisher sample {seconds['fisher']:.2e}")
-    totals = table.groupby("notebook", sort=False)[["runs", "train", "eval", "fisher", "hours"]].sum()
+    hours = [c for c in table.columns if c.startswith("hours")]
+    totals = table.groupby("notebook", sort=False)[["runs", "train", "eval", "fisher", *hours]].sum()
     totals.loc["total"] = totals.sum()
     shown = totals.assign(train=totals["train"] / 1e6, eval=totals["eval"] / 1e6,
                           fisher=totals["fisher"] / 1e3)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
     print(shown.rename(columns={"train": "trained images (M)", "eval": "evaluated images (M)",
                                 "fisher": "Fisher samples (k)"}).to_string(float_format="{:,.2f}".format))
-    runs, hours = int(totals["runs"].iloc[-1]), totals["hours"].iloc[-1]
-    print(f"total: {runs} runs, {hours:,.2f} {kind}-hours on this machine")
+    runs, total = int(totals["runs"].iloc[-1]), totals["hours"].iloc[-1]
+    print(f"total: {runs} runs, {total:,.2f} {kind}-hours on this machine", *(
+        f"({totals[c].iloc[-1]:,.2f} {c})" for c in hours if c != "hours"))
     return table
 
 

@@ -259,10 +259,14 @@ def _heterogeneity(root, profile: str) -> dict:
 
 def _sparse(root, profile: str) -> dict:
     table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
-    values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds, "
-                               f"iid and $N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards, "
-                               f"sparsity $s \\in \\{{{listing(runs['sparsity'])}\\}}$, "
-                               f"$R \\in \\{{{listing(runs['calibration_rounds'])}\\}}$, "
+    sweep = figures.sweeps(table[table["sharding_label"] == "iid"])
+    at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
+    values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
+                               f"on iid shards sparsity $s \\in \\{{{listing(at_r['sparsity'])}\\}}$ at "
+                               f"$R{{=}}{listing(at_r['calibration_rounds'])}$ and $R \\in "
+                               f"\\{{{listing(at_s['calibration_rounds'])}\\}}$ at "
+                               f"$s{{=}}{listing(at_s['sparsity'])}$; "
+                               f"$N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards at that default, "
                                f"{listing(runs['finetune.calibration_samples'])} Fisher samples per round, "
                                f"ridge $\\lambda{{=}}{listing(runs['finetune.ridge_lambda'])}$",
               "SparseProvenance": provenance(profile, table)}

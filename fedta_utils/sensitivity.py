@@ -39,7 +39,9 @@ offers, and fp16 autocast halves the activations' share.
 
 Calibration (TaLoS Sec. 4.2, vision/prune_finetune.py of the reference code)
 runs R rounds towards the final density d: round r keeps the round(d^(r/R) N)
-lowest-ranked eligible entries globally (one threshold across all tensors);
+lowest-ranked eligible entries globally (one threshold across all tensors, for
+every rule: the reference code thresholds its magnitude and random rules per
+tensor, which would make the scope vary with the rule);
 entries frozen earlier rank +inf so they never come back; while later rounds
 are scored, frozen entries are attenuated to 0.1x in the forward pass, so
 the next scores are those of the partially masked network. Afterwards the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import Iterable
 
 import numpy as np
@@ -34,6 +35,7 @@ class CentralizedConfig:
 
     dataset: str = "cifar100"
     model: str = "dino_vits16"
+    img_size: int | None = None      # input pixels, a multiple of the patch size; None = the model's native
     seed: int = 0
     epochs: int = 10                 # passes over the 45,000-image train split
     batch_size: int = 128            # images per optimizer step
@@ -44,14 +46,19 @@ class CentralizedConfig:
     warmup_epochs: float = 0.0       # linear warm-up length, in epochs
     precision: str = "auto"          # 'auto' picks bf16 / fp16 / fp32 from the device
     evaluate_test: bool = True       # False for hyperparameter search: the test set only reports
+    eval_points: int = 10            # evaluations, evenly spaced over the steps (the last step always)
+    eval_subset: int = 1000          # images per split evaluated before the last step (eval_steps)
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # step-0 head + sparse masks
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("model", self.model, models.MODELS)
+        models.input_size(self.model, self.img_size)
         check_int("seed", self.seed, minimum=0)
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
+        check_int("eval_points", self.eval_points, minimum=1)
+        check_int("eval_subset", self.eval_subset, minimum=1)
         check_float("lr", self.lr, 0.0, None, low_open=True)
         check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_float("weight_decay", self.weight_decay, 0.0, None)
@@ -63,7 +70,9 @@ class CentralizedConfig:
             raise ConfigError(f"finetune must be a FineTuneSpec, got {type(self.finetune).__name__}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "finetune": self.finetune.identity()}
+        """The identity: the resolved img_size, so None and the native size name the same run."""
+        return {**asdict(self), "img_size": models.input_size(self.model, self.img_size),
+                "finetune": self.finetune.identity()}
 
     def run_name(self) -> str:
         name = f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}"
@@ -89,11 +98,16 @@ def read_complete(run: Run) -> RunResult:
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str,
-                scheduler=None) -> tuple[torch.Tensor, int]:
-    """One optimizer step per batch; returns (sum of per-sample losses on the device, samples)."""
+                scheduler=None) -> tuple[torch.Tensor, int, int]:
+    """One optimizer step per batch; returns (summed per-sample losses on the device, samples, skipped steps).
+
+    A step the fp16 GradScaler skips (inf/NaN gradients) still uses its batch. Skips are counted from
+    the steps the optimizer took (a step hook, no host sync), so a disabled scaler always counts 0.
+    """
     model.train()
-    loss_sum, count = torch.zeros(()), 0
-    for inputs, labels in batches:
+    loss_sum, count, steps, taken = torch.zeros(()), 0, 0, []
+    hook = optimizer.register_step_post_hook(lambda *_: taken.append(1))
+    for steps, (inputs, labels) in enumerate(batches, 1):
         with models.autocast(inputs.device, precision):
             loss = F.cross_entropy(model(inputs), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -104,7 +118,8 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
             scheduler.step()
         loss_sum = loss_sum.to(loss.device) + loss.detach().float() * labels.shape[0]
         count += labels.shape[0]
-    return loss_sum, count
+    hook.remove()
+    return loss_sum, count, steps - len(taken)
 
 
 @torch.inference_mode()
@@ -125,13 +140,23 @@ def evaluate(model: nn.Module, image_set: ImageSet, img_size: int, batch_size: i
     return {"loss": loss_sum.item() / len(image_set), "acc": correct.item() / len(image_set)}
 
 
-def evaluate_splits(model, data: DataBundle, img_size, batch_size, precision, evaluate_test) -> dict:
-    """{'val_loss', 'val_acc'[, 'test_loss', 'test_acc']} of the model as it is."""
+def evaluate_splits(model, data: DataBundle, img_size, batch_size, precision, evaluate_test,
+                    subset: int | None = None) -> dict:
+    """{'val_loss', 'val_acc'[, 'test_loss', 'test_acc']} of the model as it is, on the full splits or,
+    with `subset`, on their fixed stratified subsets of about that many images (DataBundle.eval_subset)."""
     row = {}
     for split in ("val", "test") if evaluate_test else ("val",):
-        result = evaluate(model, getattr(data, split), img_size, batch_size, precision)
+        image_set = getattr(data, split) if subset is None else data.eval_subset(split, subset)
+        result = evaluate(model, image_set, img_size, batch_size, precision)
         row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["acc"]
     return row
+
+
+def eval_steps(total: int, points: int) -> list[int]:
+    """The steps (or rounds), counted from 1, after which a run evaluates: `points` evenly spaced, the last
+    always. Earlier ones use the evaluation subsets; the last one the full splits, for every reported or
+    selecting number."""
+    return sorted({-(-k * total // points) for k in range(1, min(points, total) + 1)})
 
 
 def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> dict:
@@ -181,11 +206,11 @@ def run_centralized(ws, data: DataBundle, config: CentralizedConfig, *, experime
 
 
 def train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, save_weights, progress):
-    device, img_size = data.device, models.input_size(config.model)
+    device, img_size = data.device, models.input_size(config.model, config.img_size)
     precision = models.resolve_precision(config.precision, device)
-    model = ws.build_model(config.model, data.num_classes, head_seed=config.seed).to(device)
+    model = ws.build_model(config.model, data.num_classes, config.seed, img_size).to(device)
     cache = head_cache_path(ws.root, config.finetune, model=config.model, weights=ws.weights_path,
-                            dataset=config.dataset, seed=config.seed, centralized=True)
+                            dataset=config.dataset, seed=config.seed, centralized=True, img_size=img_size)
     prepared: Prepared = prepare(run, model, data, config.finetune, config.seed, img_size, precision,
                                  [np.arange(len(data.train))], cache)
     params = dict(model.named_parameters())
@@ -196,34 +221,48 @@ def train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, 
                                round(config.warmup_epochs * steps_per_epoch))
     scaler = models.grad_scaler(device, precision)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    rows, timing, start = [], [], 0
+    # Carried from row to row (and through checkpoints): the train loss sum, samples and train seconds since
+    # the last evaluation row, and the run's wall seconds so far.
+    rows, timing, start, carry = [], [], 0, {"loss": 0.0, "samples": 0, "train_s": 0.0, "wall_s": 0.0}
     checkpoint = run.load_checkpoint(map_location=device)
     if checkpoint is not None:
         for key, part in parts.items():
             part.load_state_dict(checkpoint.state[key])
         rows, timing, start = checkpoint.rows, checkpoint.timing, checkpoint.step
-    elapsed = timing[-1]["wall_s"] if timing else 0.0
+        carry = checkpoint.state["carry"]
+    total = config.epochs * steps_per_epoch
+    points = eval_steps(total, config.eval_points)
     bar = tqdm(range(start, config.epochs), desc=f"centralized {run.dir.name}", initial=start,
                total=config.epochs, disable=not progress)
     for epoch in bar:
-        started = time.perf_counter()
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
-        batches = epoch_batches(len(data.train), config.batch_size, config.seed, "epoch", epoch,
-                                device=device)
-        generator = augmentation_generator(config.seed, "epoch", epoch, device=device)
-        loss_sum, count = train_steps(model, optimizer, scaler,
-                                      training_batches(data.train, img_size, batches, generator),
-                                      precision, scheduler)
-        row["train_loss"] = loss_sum.item() / count
-        trained = time.perf_counter()
-        row.update(evaluate_splits(model, data, img_size, eval_batch_size, precision, config.evaluate_test))
-        elapsed += time.perf_counter() - started
-        rows.append(row)
-        timing.append({"epoch": epoch + 1, "train_s": trained - started,
-                       "eval_s": time.perf_counter() - trained, "wall_s": elapsed})
-        bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
+        clock, first, done = time.perf_counter(), epoch * steps_per_epoch, 0
+        batches = training_batches(data.train, img_size, epoch_batches(
+            len(data.train), config.batch_size, config.seed, "epoch", epoch, device=device),
+            augmentation_generator(config.seed, "epoch", epoch, device=device))
+        cuts = [p - first for p in points if first < p <= first + steps_per_epoch]  # this epoch's evaluations
+        for cut in cuts + ([steps_per_epoch] if cuts[-1:] != [steps_per_epoch] else []):
+            loss_sum, count, _ = train_steps(model, optimizer, scaler, islice(batches, cut - done), precision,
+                                             scheduler)
+            carry["loss"], carry["samples"] = carry["loss"] + loss_sum.item(), carry["samples"] + count
+            done = cut
+            trained = time.perf_counter()
+            carry["train_s"] += trained - clock
+            if cut in cuts:
+                row = {"epoch": (first + cut) / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+                       "train_loss": carry["loss"] / carry["samples"], **evaluate_splits(
+                           model, data, img_size, eval_batch_size, precision, config.evaluate_test,
+                           None if first + cut == total else config.eval_subset)}
+                rows.append(row)
+                carry["wall_s"] += time.perf_counter() - clock
+                timing.append({"epoch": row["epoch"], "train_s": carry["train_s"],
+                               "eval_s": time.perf_counter() - trained, "wall_s": carry["wall_s"]})
+                carry.update(loss=0.0, samples=0, train_s=0.0)
+                bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
+            else:
+                carry["wall_s"] += trained - clock
+            clock = time.perf_counter()
         if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == config.epochs:
-            state = {key: part.state_dict() for key, part in parts.items()}
+            state = {**{key: part.state_dict() for key, part in parts.items()}, "carry": carry}
             run.save_checkpoint(Checkpoint(epoch + 1, state, rows, timing))
     summary = {**summarize(rows, timing, precision, device), **prepared.info}
     if save_weights:

@@ -39,6 +39,10 @@ COLAB_DRIVE_MOUNT = "/content/drive"
 # What each profile must load, so results are never labelled with the wrong profile.
 PROFILE_INPUTS = {"smoke": {"dataset": "synthetic", "model": "tiny_vit"},
                   "full": {"dataset": "cifar100", "model": "dino_vits16"}}
+# A parameter left None takes the value an earlier notebook chose on validation: name -> (hparams.json
+# key, the notebook whose search stores it). FedAvg's client lr is tuned for FedAvg, not reused from 01.
+CHOSEN = {"lr": ("fedavg_lr", "02"), "weight_decay": ("fedavg_weight_decay", "02"),
+          "central_lr": ("central_lr", "01"), "central_weight_decay": ("central_weight_decay", "01")}
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,10 +94,10 @@ class Workspace:
     def run(self, experiment: str, name: str, config: dict) -> Run:
         return Run(self.root, experiment, name, {**config, "results_format": RESULTS_FORMAT}, code_version())
 
-    def build_model(self, name: str, num_classes: int, head_seed: int):
-        """The run's model: pretrained backbone (local file, timm or torch.hub), head from `head_seed`."""
+    def build_model(self, name: str, num_classes: int, head_seed: int, img_size: int | None = None):
+        """The run's model at `img_size` (None: native): pretrained backbone, head from `head_seed`."""
         return build_model(name, num_classes, pretrained=self.pretrained, weights_path=self.weights_path,
-                           head_seed=head_seed)
+                           head_seed=head_seed, img_size=img_size)
 
     def load_data(self, dataset: str = "cifar100", val_fraction: float = 0.1, split_seed: int = 0,
                   synthetic_train_size: int = 50_000, synthetic_test_size: int = 10_000) -> DataBundle:
@@ -128,9 +132,18 @@ class Workspace:
             return json.loads(self.hparams_path.read_text())
         if default is not None:
             return dict(default)
-        raise FileNotFoundError(
-            f"{self.hparams_path} does not exist yet: run notebook 01 (its learning-rate search) first "
-            "with the same results_dir and profile, or set the values explicitly in the parameters cell")
+        raise FileNotFoundError(f"{self.hparams_path} does not exist yet: run notebooks 01 and 02 (their "
+                                "searches) first with the same results_dir and profile")
+
+    def chosen(self, name: str) -> float:
+        """The value of parameter `name` (a key of CHOSEN) that an earlier notebook chose on validation."""
+        stored, source = CHOSEN[name]
+        values = self.load_hparams(default={})
+        if stored not in values:
+            raise ConfigError(f"{name}=None takes {stored} from {self.hparams_path}, which notebook {source} "
+                              f"stores after its search: run notebook {source} first with the same "
+                              f"results_dir and profile, or set {name} in the parameters cell")
+        return values[stored]
 
 
 def setup_workspace(profile: str = "full", results_dir: str | Path = "results", drive_dir=None,
@@ -154,7 +167,7 @@ def setup_workspace(profile: str = "full", results_dir: str | Path = "results", 
 def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     """(workspace, data or None, parameters) for notebook `key`, from the names its parameters cell declares.
 
-    Values of `lr` / `weight_decay` left None are the ones notebook 01 chose on validation. A
+    Parameters of CHOSEN left None take the value an earlier notebook chose on validation. A
     profile that disagrees with what the notebook would load (smoke with CIFAR-100 or DINO, full
     with synthetic data or tiny_vit) is refused before anything is loaded.
     """
@@ -167,9 +180,9 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
                               f"{name}={expected!r}; change one of them so results are labelled correctly")
     ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
                          params.get("data_dir", "data"), device, params.get("weights_path") or None)
-    for name in ("lr", "weight_decay"):
-        if name in params and params[name] is None:
-            params[name] = ws.load_hparams()[name]
+    for name, (_, source) in CHOSEN.items():
+        if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
+            params[name] = ws.chosen(name)
     data = None
     if "dataset" in params:
         data = ws.load_data(params["dataset"], params["val_fraction"], params["split_seed"],

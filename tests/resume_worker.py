@@ -42,12 +42,13 @@ from fedta_utils.workspace import setup_workspace  # noqa: E402
 TRAIN_SIZE, TEST_SIZE = 1000, 200  # synthetic images: 900 train / 100 val / 200 test, 100 classes
 
 FEDAVG = dict(dataset="synthetic", model="tiny_vit", num_clients=10, participation=0.3, local_steps=2,
-              rounds=10, batch_size=16, lr=0.05, eval_every=2, precision="fp32")
+              rounds=10, batch_size=16, lr=0.05, eval_points=5, precision="fp32")
 SPARSE = dict(FEDAVG, rounds=8, sharding="non_iid", classes_per_client=10,
               finetune=FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9,
                                     calibration_rounds=2, calibration_samples=200))
 CENTRALIZED = dict(dataset="synthetic", model="tiny_vit", epochs=4, batch_size=64, lr=0.05,
-                   scheduler="cosine", warmup_epochs=0.5, precision="fp32")
+                   scheduler="cosine", warmup_epochs=0.5, precision="fp32",
+                   eval_points=4)  # one evaluation at the end of each epoch
 
 EXPERIMENTS = {
     # name: (runner, config, checkpoint_every, number of rounds or epochs)

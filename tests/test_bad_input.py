@@ -258,7 +258,8 @@ FEDAVG_CASES = [
     ({"sharding": "dirichlet"}, "dirichlet_alpha must be a number in (0, inf), got None (NoneType)"),
     ({"sharding": "dirichlet", "dirichlet_alpha": 0.0}, "dirichlet_alpha=0 is out of range; it must be in (0, inf)"),
     ({"augment": 1}, "augment must be True or False, got 1 (int)"),
-    ({"eval_every": 0}, "eval_every=0 is too small; it must be >= 1"),
+    ({"eval_points": 0}, "eval_points=0 is too small; it must be >= 1"),
+    ({"eval_subset": 0}, "eval_subset=0 is too small; it must be >= 1"),
     ({"precision": "fp64"}, "precision='fp64' is not allowed; choose one of ['auto', 'fp32', 'bf16', 'fp16']"),
     ({"finetune": "ridge"}, "finetune must be a FineTuneSpec, got str"),
 ]
@@ -341,7 +342,7 @@ def test_a_config_for_other_data_is_refused_before_a_run_folder_exists(workspace
 
 FEDAVG_SETTINGS = dict(dataset="synthetic", model="tiny_vit", num_clients=100, participation=0.1, batch_size=32,
                        lr=0.05, weight_decay=0.0, momentum=0.9, lr_schedule="constant", server_lr=1.0,
-                       server_momentum=0.0, eval_every=2, precision="auto")
+                       server_momentum=0.0, eval_points=2, precision="auto")
 SPARSE_GRID = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, sparse_classes_per_client=5)
 CENTRAL_SETTINGS = dict(dataset="synthetic", model="tiny_vit", seeds=[0], epochs=2, batch_size=64, momentum=0.9,
                         search_lrs=[0.03], search_weight_decays=[0.0], search_epochs=1,
@@ -389,12 +390,12 @@ GRID_CASES = [
     (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
      {"head": "frozen"}, "head='frozen' is not allowed; choose one of ['train', 'ridge']"),
     (experiments.sparse_central_configs,
-     dict(SPARSE_GRID, sparse_central_epochs=1, central_batch_size=64, central_sparsity=0.9,
-          central_calibration_rounds=2), {"central_sparsity": 1.5},
-     "central_sparsity=1.5 is out of range; it must be in [0, 1)"),
+     dict(SPARSE_GRID, epochs=1, warmup_epochs=0.0, central_batch_size=64, central_lr=0.05,
+          central_weight_decay=0.0, sparsity=0.9, calibration_rounds=2), {"sparsity": 1.5},
+     "sparsity=1.5 is out of range; it must be in [0, 1)"),
     (experiments.sparse_central_configs,
-     dict(SPARSE_GRID, sparse_central_epochs=1, central_batch_size=64, central_sparsity=0.9,
-          central_calibration_rounds=2), {"central_batch_size": 0},
+     dict(SPARSE_GRID, epochs=1, warmup_epochs=0.0, central_batch_size=64, central_lr=0.05,
+          central_weight_decay=0.0, sparsity=0.9, calibration_rounds=2), {"central_batch_size": 0},
      "central_batch_size=0 is too small; it must be >= 1"),
     (experiments.mask_rule_configs,
      dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2), {"rules": ["fisher"]},
@@ -479,7 +480,7 @@ NOTEBOOK_CASES = [
                          ids=[f"{n}-{o}" for n, o, _, _ in NOTEBOOK_CASES])
 def test_bad_notebook_parameter_fails_in_the_notebook_before_any_training(notebook, overrides, message,
                                                                            experiment, tmp_path):
-    tuned = {"lr": 0.05, "weight_decay": 0.0} if notebook in ("02", "03") else {}
+    tuned = {"lr": 0.05, "weight_decay": 0.0} if notebook == "03" else {}
     with raises(message, NotebookFailed):
         run_pipeline("smoke", [notebook], tmp_path / "results", {**tuned, **overrides})
     root = tmp_path / "results" / "smoke"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from fedta_utils import bench
+from fedta_utils.checks import ConfigError
 
 METRIC_UNITS = {
     "train_step_b32": "images/s",
@@ -101,3 +102,24 @@ def test_gpu_check_holds_the_fedsgd_identity_and_reports_compile_and_calibration
     assert "compilation" in gpu_check_on_cpu.loc["train_step_b32_compiled", "note"]
     for kind in ("train", "eval", "fisher"):
         assert gpu_check_on_cpu.loc[f"dryrun_seconds_per_{kind}", "value"] > 0
+
+
+def test_unit_seconds_measures_at_the_size_asked_and_says_so(monkeypatch):
+    sizes, real = [], bench.random_model
+
+    def recorded(name, device, img_size=None):
+        sizes.append(img_size)
+        return real(name, device, img_size)
+
+    monkeypatch.setattr(bench, "random_model", recorded)
+    monkeypatch.setattr(bench, "best_time", lambda function, device, repeats: [function(), 1.0][1])  # once
+    unit, header = bench.unit_seconds("tiny_vit", "fp32", 64, "cpu", img_size=16)
+    assert sizes == [16, 16, 16]  # training step, evaluation, Fisher; timm refuses inputs of another size
+    assert "model: tiny_vit at 16 px" in header
+    assert set(unit) == {"train", "eval", "fisher"} and all(v > 0 for v in unit.values())
+
+
+def test_unit_seconds_refuses_a_bad_size_before_building_anything(monkeypatch):
+    monkeypatch.setattr(bench, "random_model", lambda *args, **kwargs: pytest.fail("built a model"))
+    with pytest.raises(ConfigError, match="img_size=150"):
+        bench.unit_seconds("dino_vits16", device="cpu", img_size=150)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from fedta_utils import bench, experiments, pipeline
+from fedta_utils import bench, experiments, pipeline, training
 from fedta_utils.workspace import discover_notebooks, profile_values
 
 
@@ -25,15 +25,15 @@ def notebook_params(key: str, profile: str) -> dict:
 def test_the_budget_builds_each_grid_with_the_functions_its_notebook_calls():
     for key in discover_notebooks():
         called = set(re.findall(r"experiments\.(\w+_configs)\(", notebook_code(key)))
-        counted = {function for _, function in pipeline.NOTEBOOK_GRIDS.get(key, [])}
+        counted = {function for _, function, _ in pipeline.NOTEBOOK_GRIDS.get(key, [])}
         assert counted == called, f"notebook {key}"
 
 
 def test_notebooks_pass_their_whole_parameter_dict_to_each_grid():
     for key, groups in pipeline.NOTEBOOK_GRIDS.items():
-        for _, function in groups:
-            assert re.search(rf"experiments\.{function}\(\*\*(params|\{{\*\*params, \*\*best\}})\)",
-                             notebook_code(key)), (key, function)
+        for _, function, _ in groups:
+            assert re.search(rf"experiments\.{function}\(\*\*(params|experiments\.with_choice\(params, best, "
+                             r'"\w+"\))\)', notebook_code(key)), (key, function)
 
 
 @pytest.mark.parametrize("profile", ["smoke", "full"])
@@ -45,8 +45,8 @@ def test_the_configs_are_the_ones_the_notebooks_build(profile):
 
 def test_overrides_change_the_counts_like_they_change_the_notebooks():
     one_seed = pipeline.grids("smoke", ["02"], {"seeds": [0]})
-    assert [len(group["configs"]) for group in one_seed] == [1]
-    assert pipeline.work_table(one_seed)["runs"].tolist() == [1]
+    assert [len(group["configs"]) for group in one_seed] == [2, 1]  # the lr search has no seeds
+    assert pipeline.work_table(one_seed)["runs"].tolist() == [2, 1]
 
 
 def test_a_shared_step0_head_is_counted_once_where_it_is_first_fitted():
@@ -54,30 +54,62 @@ def test_a_shared_step0_head_is_counted_once_where_it_is_first_fitted():
     table = pipeline.work_table(groups).set_index("group")
     params = groups[0]["params"]
     full = params["synthetic_train_size"]
-    train, evaluated = full - round(full * params["val_fraction"]), round(full * params["val_fraction"]) + \
-        params["synthetic_test_size"]
+    val = round(full * params["val_fraction"])
+    train, evaluated = full - val, val + params["synthetic_test_size"]
     seeds = len(profile_values("smoke")["seeds"])
     head_runs = 2 * seeds  # iid and one non-iid sharding
-    assert table.loc["head only", "eval"] == head_runs * (evaluated + train)  # each fits its own head once
+    # each fits its own head once (train features, then validation features to choose the penalty)
+    assert table.loc["head only", "eval"] == head_runs * (evaluated + train + val)
     sparse = [c for g in groups if g["group"] == "sparse FedAvg grid" for c in g["configs"]]
     sparse_eval = sum(pipeline.run_work(c, params)["eval"] for c in sparse)
     assert table.loc["sparse FedAvg grid", "eval"] == sparse_eval  # the heads come from the cache
     central = [c for g in groups if g["group"] == "centralized sparse" for c in g["configs"]]
     assert table.loc["centralized sparse", "eval"] == sum(pipeline.run_work(c, params)["eval"] for c in central) \
-        + seeds * train  # a different (pooled) head per seed
+        + seeds * (train + val)  # a different (pooled) head per seed
+
+
+def test_the_full_study_fits_its_budget_of_trained_and_evaluated_images():
+    table = pipeline.work_table(pipeline.grids("full"))
+    per_notebook = table.groupby("notebook")[["train", "eval"]].sum()
+    budgets = {"01_centralized": 3.0e6, "02_fedavg_iid": 1.5e6, "03_heterogeneity": 11.5e6,
+               "04_sparse_fl": 6.0e6, "05_mask_rules": 3.0e6}
+    for notebook, budget in budgets.items():
+        assert per_notebook.loc[notebook, "train"] <= budget, notebook
+    assert table["train"].sum() <= 25e6
+    assert table["eval"].sum() <= 0.3 * table["train"].sum()
+
+
+def test_notebook_03_shares_its_iid_runs_at_the_first_j_with_notebook_02():
+    groups = pipeline.grids("full", ["02", "03"])
+    runs = pipeline.work_table(groups).set_index("group")["runs"]
+    grid = next(g for g in groups if g["function"] == "heterogeneity_configs")
+    shared = [c for c in grid["configs"] if grid["home"](c) == experiments.FEDAVG_IID]
+    assert len(shared) == 3 and {c.local_steps for c in shared} == {4} and {c.sharding for c in shared} == {"iid"}
+    assert shared == next(g for g in groups if g["function"] == "fedavg_iid_configs")["configs"]
+    assert runs["heterogeneity grid"] == len(grid["configs"]) - 3  # counted once, in notebook 02
+    alone = pipeline.work_table(pipeline.grids("full", ["03"])).set_index("group")["runs"]
+    assert alone["heterogeneity grid"] == len(grid["configs"])  # without 02 selected, 03 trains them
+
+
+def test_every_full_run_evaluates_at_least_ten_times():
+    for group in pipeline.grids("full"):
+        for config in group["configs"] if group["function"] != "head_only_configs" else []:  # no curve
+            steps = getattr(config, "rounds", None) or config.epochs * -(-45_000 // config.batch_size)
+            assert len(training.eval_steps(steps, config.eval_points)) >= 10, (group["group"], config)
 
 
 def test_fedavg_work_counts_rounds_clients_steps_and_batches():
-    config = pipeline.grids("full", ["02"])[0]["configs"][0]
+    config = pipeline.grids("full", ["02"])[1]["configs"][0]  # [0] is the lr search
     work = pipeline.run_work(config, {})
     assert work["train"] == config.rounds * 10 * config.local_steps * config.batch_size
-    assert work["eval"] == -(-config.rounds // config.eval_every) * (5_000 + 10_000)
+    assert config.eval_points == 10 and config.eval_subset == 1000
+    assert work["eval"] == 9 * (1_000 + 1_000) + (5_000 + 10_000)  # subsets, then the full splits at the end
 
 
 def test_smoke_dry_run_measures_this_machine_and_prints_per_notebook_and_total_hours(capsys):
     assert pipeline.main(["--profile", "smoke", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    expected_runs = sum(len(group["configs"]) for group in pipeline.grids("smoke"))
+    expected_runs = pipeline.work_table(pipeline.grids("smoke"))["runs"].sum()
     total = re.search(r"total: (\d+) runs, ([\d,.]+) CPU-hours on this machine", out)
     assert total, out
     assert int(total.group(1)) == expected_runs

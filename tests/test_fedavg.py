@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedta_utils import fedavg
+from fedta_utils import fedavg, models
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import normalize_resize
 from fedta_utils.fedavg import (DeltaStats, FedAvgConfig, client_batch_indices, clients_per_round, run_fedavg,
@@ -70,9 +70,9 @@ def test_the_server_averages_client_deltas_weighted_by_their_shard_sizes(workspa
     generator = torch.Generator().manual_seed(0)
     deltas = []
 
-    def hand_made_update(model, params, global_weights, batches, optimizer, precision):
+    def hand_made_update(model, params, global_weights, batches, optimizer, precision, scaler_state):
         deltas.append(torch.randn(global_weights.shape, generator=generator))
-        return deltas[-1].clone(), 1, 0.0
+        return deltas[-1].clone(), 1, 0.0, 0, scaler_state
 
     monkeypatch.setattr(fedavg, "client_update", hand_made_update)
     with open_fedavg(workspace, small_data, config, shards) as fed:
@@ -115,9 +115,9 @@ def test_local_steps_count_optimizer_steps_not_epochs(workspace, small_data, mon
     real_update = fedavg.client_update
 
     def counted_update(*args):
-        delta, count, loss = real_update(*args)
-        counts.append(count)
-        return delta, count, loss
+        result = real_update(*args)
+        counts.append(result[1])
+        return result
 
     monkeypatch.setattr(fedavg, "client_update", counted_update)
     with open_fedavg(workspace, small_data, config) as fed:
@@ -142,9 +142,9 @@ def test_every_client_starts_from_the_global_weights_with_a_fresh_optimizer(work
     real_update = fedavg.client_update
 
     def recording(*args):
-        delta, count, loss = real_update(*args)
-        deltas.append(delta.clone())
-        return delta, count, loss
+        result = real_update(*args)
+        deltas.append(result[0].clone())
+        return result
 
     monkeypatch.setattr(fedavg, "client_update", recording)
     with open_fedavg(workspace, small_data, config) as fed:
@@ -163,6 +163,142 @@ def test_every_client_starts_from_the_global_weights_with_a_fresh_optimizer(work
             sgd.step()
     assert len(deltas) == 2
     torch.testing.assert_close(deltas[1], fedavg.read_flat(params) - start, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the fp16 loss scaler
+# CPU runs are fp32, so these tests swap in an enabled CPU GradScaler. A scale near the float32
+# maximum makes scaled gradients overflow, which is what fp16 does at 2^16: the step is skipped and
+# the scale halves. An infinite scale overflows on every step, whatever the gradients.
+
+def enabled_scaler(monkeypatch, init_scale: float, growth_interval: int = 1) -> None:
+    monkeypatch.setattr(models, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        "cpu", init_scale=init_scale, growth_interval=growth_interval))
+
+
+def record_client_updates(monkeypatch) -> list:
+    """(round's scaler state passed in, client's result) for each client update, in call order."""
+    calls, real_update = [], fedavg.client_update
+
+    def recording(*args):
+        result = real_update(*args)
+        calls.append((dict(args[-1]), result))
+        return result
+
+    monkeypatch.setattr(fedavg, "client_update", recording)
+    return calls
+
+
+def run_rounds(ws, data, config) -> tuple[list, torch.Tensor]:
+    """The run's scaler state before and after each round, and the final global weights."""
+    with open_fedavg(ws, data, config) as fed:
+        states = [fed.scaler_state]
+        for round_index in range(config.rounds):
+            fed.round(round_index)
+            states.append(fed.scaler_state)
+        return states, fed.global_weights
+
+
+def test_every_client_starts_from_the_runs_scale_and_the_run_keeps_the_smallest_end_scale(
+        workspace, small_data, monkeypatch):
+    enabled_scaler(monkeypatch, init_scale=1.7e38)
+    config = tiny_config(participation=0.34, local_steps=3, rounds=3, evaluate_test=False)  # 2 clients
+    calls = record_client_updates(monkeypatch)
+    states, _ = run_rounds(workspace, small_data, config)
+    assert states[0]["scale"] == pytest.approx(1.7e38, rel=1e-6)
+    for round_index in range(3):
+        clients = calls[2 * round_index: 2 * round_index + 2]
+        assert all(start == states[round_index] for start, _ in clients)
+        ends = [result[4] for _, result in clients]
+        assert states[round_index + 1] == {**ends[0], "scale": min(e["scale"] for e in ends),
+                                           "_growth_tracker": min(e["_growth_tracker"] for e in ends)}
+    ends = [result[4]["scale"] for _, result in calls]
+    assert any(a != b for a, b in zip(ends[::2], ends[1::2])), "some round's clients end at different scales"
+    assert len({s["scale"] for s in states}) > 2, "the scale carries over between rounds"
+
+
+def test_client_order_does_not_change_a_round_under_loss_scaling(tmp_path, small_data, monkeypatch):
+    """Clients are independent: the reversed order gives bit-identical weights and scaler state."""
+    from fedta_utils.workspace import setup_workspace
+
+    enabled_scaler(monkeypatch, init_scale=1.7e38)
+    config = tiny_config(participation=0.34, local_steps=3, rounds=3, evaluate_test=False)  # 2 clients
+    calls = record_client_updates(monkeypatch)
+    states, weights = run_rounds(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
+                                 small_data, config)
+    real_sample = fedavg.sample_clients
+    monkeypatch.setattr(fedavg, "sample_clients", lambda *args: real_sample(*args)[::-1])
+    reversed_states, reversed_weights = run_rounds(
+        setup_workspace("smoke", tmp_path / "b", device="cpu", download=False), small_data, config)
+    assert states == reversed_states and torch.equal(weights, reversed_weights)
+    calls, reversed_calls = calls[:6], calls[6:]
+    assert len(reversed_calls) == 6
+    for (start, result), (reversed_start, reversed_result) in zip(
+            calls, [c for pair in zip(reversed_calls[1::2], reversed_calls[::2]) for c in pair]):
+        assert start == reversed_start and result[1:] == reversed_result[1:]
+        assert torch.equal(result[0], reversed_result[0])
+
+
+def test_skipped_steps_are_logged_per_round(workspace, small_data, monkeypatch):
+    enabled_scaler(monkeypatch, init_scale=1.7e38)
+    calls = record_client_updates(monkeypatch)
+    config = tiny_config(participation=0.34, local_steps=3, rounds=3, evaluate_test=False)  # 2 clients
+    result = run_fedavg(workspace, small_data, config, progress=False)
+    skips = [r[3] for _, r in calls]
+    assert result.metrics["skipped_steps"].tolist() == [a + b for a, b in zip(skips[::2], skips[1::2])]
+    assert sum(skips) > 0
+
+
+def test_fp32_runs_log_no_skipped_steps(workspace, small_data):
+    result = run_fedavg(workspace, small_data, tiny_config(rounds=2), progress=False)
+    assert result.metrics["skipped_steps"].tolist() == [0, 0]
+
+
+def test_a_skipped_step_still_uses_its_batch_and_counts_toward_j(workspace, small_data, monkeypatch):
+    enabled_scaler(monkeypatch, init_scale=math.inf)  # every step overflows: J skipped steps per client
+    config = tiny_config(num_clients=20, participation=0.1, local_steps=4, batch_size=32)  # 2 clients
+    calls = record_client_updates(monkeypatch)
+    with open_fedavg(workspace, small_data, config) as fed:
+        start = fed.global_weights.clone()
+        row, _ = fed.round(0)
+        assert torch.equal(fed.global_weights, start)
+    assert [(r[1], r[3]) for _, r in calls] == [(4 * 32, 4), (4 * 32, 4)]  # J batches seen, J steps skipped
+    assert all(torch.count_nonzero(r[0]) == 0 for _, r in calls)
+    assert row["skipped_steps"] == 8
+
+
+def test_a_run_interrupted_between_rounds_resumes_with_its_loss_scale(tmp_path, small_data, monkeypatch):
+    from fedta_utils.workspace import setup_workspace
+
+    enabled_scaler(monkeypatch, init_scale=1.7e38)
+    config = tiny_config(participation=0.34, local_steps=3, rounds=3, evaluate_test=False)
+    real_round, states = fedavg.FedAvgRun.round, []
+
+    def recording_round(self, round_index):
+        result = real_round(self, round_index)
+        states.append(dict(self.scaler_state))
+        return result
+
+    monkeypatch.setattr(fedavg.FedAvgRun, "round", recording_round)
+    reference = run_fedavg(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False), small_data,
+                           config, save_weights=True, progress=False)
+    assert states[1]["scale"] != pytest.approx(1.7e38), "the scale after round 2 is not the initial one"
+    reference_states, states[:] = list(states), []
+    ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
+
+    def die_in_round_three(self, round_index):
+        if round_index == 2:
+            raise Killed("during round 3")
+        return recording_round(self, round_index)
+
+    monkeypatch.setattr(fedavg.FedAvgRun, "round", die_in_round_three)
+    with pytest.raises(Killed):
+        run_fedavg(ws, small_data, config, save_weights=True, progress=False)
+    monkeypatch.setattr(fedavg.FedAvgRun, "round", recording_round)
+    resumed = run_fedavg(ws, small_data, config, save_weights=True, progress=False)
+    assert states == reference_states  # rounds 1-2, then round 3 resumed from the saved scale
+    assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
+    weights, expected = load_weights(resumed), load_weights(reference)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
 # ------------------------------------------------------------------ sampling and batches

@@ -1,12 +1,19 @@
 """Models: tiny_vit, DINO ViT-S/16 from a local file, timm, or torch.hub (all offline here); precision."""
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from fedta_utils import models
 from fedta_utils.checks import ConfigError
+from fedta_utils.fedavg import FedAvgConfig
+from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.models import build_model
+from fedta_utils.training import CentralizedConfig
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +107,71 @@ def test_a_wrong_weights_file_is_refused(tmp_path):
     ({"name": "resnet50"}, "model='resnet50'"),
     ({"num_classes": 1}, "num_classes"),
     ({"weights_path": "/nonexistent/dino.pth"}, "weights_path"),
+    ({"name": "dino_vits16", "img_size": 150}, "img_size=150 .*multiple of 16"),
+    ({"name": "dino_vits16", "img_size": 0}, "img_size=0 is too small"),
+    ({"name": "dino_vits16", "img_size": "160"}, "img_size must be an integer"),
+    ({"img_size": 30}, "img_size=30 .*multiple of 4"),
 ])
 def test_build_model_rejects_bad_arguments(kwargs, message):
-    arguments = {"name": "tiny_vit", "num_classes": 10, **kwargs}
+    arguments = {"name": "tiny_vit", "num_classes": 10, "pretrained": False, **kwargs}
     with pytest.raises(ConfigError, match=message):
         build_model(**arguments)
+
+
+# ------------------------------------------------------------------ input size
+
+def test_input_size_is_native_unless_asked():
+    assert models.input_size("dino_vits16") == 224 and models.input_size("tiny_vit") == 32
+    assert models.input_size("dino_vits16", 160) == 160 and models.input_size("tiny_vit", 64) == 64
+
+
+def test_dino_at_160_px_has_a_10x10_grid_and_classifies_160_px_images():
+    model = build_model("dino_vits16", 10, pretrained=False, img_size=160)
+    assert model.pos_embed.shape == (1, 10 * 10 + 1, 384)
+    assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 10)
+
+
+def test_tiny_vit_runs_at_another_multiple_of_its_patch_size():
+    assert build_model("tiny_vit", 10, img_size=64)(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_a_224_backbone_loads_into_a_160_model_with_resampled_position_embeddings(dino_like_state):
+    model = build_model("dino_vits16", 10, pretrained=False, img_size=160)
+    models.load_backbone_state(model, {f"backbone.{k}": v for k, v in dino_like_state.items()})
+    stored = dino_like_state["pos_embed"]
+    timm_loaded = checkpoint_filter_fn(dict(dino_like_state), model)["pos_embed"]  # what pretrained=True gets
+    assert torch.allclose(model.pos_embed, timm_loaded, rtol=0, atol=1e-6)
+    assert torch.allclose(model.pos_embed, resample_abs_pos_embed(stored, [10, 10], num_prefix_tokens=1),
+                          rtol=0, atol=1e-6)
+    assert torch.equal(model.pos_embed[:, 0], stored[:, 0])  # the class token's embedding is kept
+    assert backbone_equals(model, {k: v for k, v in dino_like_state.items() if k != "pos_embed"})
+
+
+@pytest.mark.parametrize("key", ["blocks.0.attn.qkv.weight", "pos_embed"])
+def test_any_other_shape_mismatch_still_fails_at_another_size(dino_like_state, key):
+    model = build_model("dino_vits16", 10, pretrained=False, img_size=160)
+    state = {**dino_like_state, key: dino_like_state[key][..., :100]}  # pos_embed: wrong width, not grid
+    with pytest.raises(ConfigError, match=f"wrong shape \\['{key}'\\]"):
+        models.load_backbone_state(model, state)
+
+
+@pytest.mark.parametrize("config_class", [CentralizedConfig, FedAvgConfig])
+def test_run_identity_holds_the_resolved_size(config_class):
+    native = config_class().to_dict()
+    assert native == config_class(img_size=224).to_dict() and native["img_size"] == 224
+    assert config_class(img_size=160).to_dict() != native
+    assert config_class(model="tiny_vit").to_dict()["img_size"] == 32
+    with pytest.raises(ConfigError, match="img_size=150"):
+        config_class(img_size=150)
+    with pytest.raises(ConfigError, match="img_size=30"):
+        config_class(model="tiny_vit", img_size=30)
+
+
+def test_a_ridge_head_fitted_at_one_size_is_not_shared_with_another(tmp_path):
+    ws, ridge = SimpleNamespace(root=tmp_path, weights_path=None), FineTuneSpec(head="ridge")
+    native = FedAvgConfig(finetune=ridge).head_cache(ws)
+    assert native == FedAvgConfig(finetune=ridge, img_size=224).head_cache(ws)
+    assert native != FedAvgConfig(finetune=ridge, img_size=160).head_cache(ws)
 
 
 # ------------------------------------------------------------------ precision

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from fedta_utils.runs import rows_to_csv
+from fedta_utils.training import eval_steps
 
 pytestmark = pytest.mark.slow
 
@@ -319,14 +320,14 @@ PLANS = {
 def plan_kills(experiment: str, reference_events: list[Event], rng: random.Random) -> list[Kill]:
     """Kill moments drawn from `rng`, each in a different round, in the order they will happen."""
     _, config, checkpoint_every, rounds = resume_worker.EXPERIMENTS[experiment]
-    eval_every = getattr(config, "eval_every", 1)
+    evaluated = set(eval_steps(rounds, config.eval_points))  # rounds, or epochs for CENTRALIZED
     times = {}
     for event in reference_events:
         times.setdefault((event.kind, event.round, event.what), event.t)
     round_start = [times[("round-start", r, "-")] for r in range(rounds)] + [reference_events[-1].t]
     allowed = {
         "random": lambda r: True,
-        "eval": lambda r: (r + 1) % eval_every == 0 or r + 1 == rounds,
+        "eval": lambda r: r + 1 in evaluated,
         "checkpoint": lambda r: (r + 1) % checkpoint_every == 0 or r + 1 == rounds,
         "final": lambda r: r + 1 == rounds,
     }

@@ -10,7 +10,7 @@ from fedta_utils import training
 from fedta_utils.finetune import FineTuneSpec, load_prepared
 from fedta_utils.training import CentralizedConfig, run_centralized
 
-TINY = dict(dataset="synthetic", model="tiny_vit", epochs=2, batch_size=64, lr=0.05)
+TINY = dict(dataset="synthetic", model="tiny_vit", epochs=2, batch_size=64, lr=0.05, eval_points=2)
 
 
 class Killed(Exception):
@@ -118,3 +118,64 @@ def test_fine_tuning_under_a_frozen_ridge_head_does_not_collapse(workspace, smal
     assert head_only.summary["final_test_acc"] > 0.1
     assert tuned.metrics["test_acc"].iloc[-1] > 0.8 * head_only.summary["final_test_acc"]
     assert tuned.metrics["train_loss"].max() < 10
+
+
+def test_eval_steps_are_evenly_spaced_and_end_at_the_last_step():
+    assert training.eval_steps(200, 10) == list(range(20, 201, 20))
+    assert training.eval_steps(50, 10) == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+    assert training.eval_steps(7, 3) == [3, 5, 7]
+    assert training.eval_steps(3, 10) == [1, 2, 3]  # never more points than steps
+
+
+def test_evaluations_fall_mid_epoch_on_the_subsets_and_the_last_on_the_full_splits(workspace, small_data,
+                                                                                   monkeypatch):
+    sizes, real_evaluate = [], training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda model, image_set, *rest: sizes.append(len(image_set))
+                        or real_evaluate(model, image_set, *rest))
+    config = CentralizedConfig(**{**TINY, "eval_points": 5, "eval_subset": 100})
+    metrics = run_centralized(workspace, small_data, config, progress=False).metrics
+    steps = training.eval_steps(2 * 29, 5)  # 1,800 images / 64 = 29 steps per epoch
+    assert metrics["epoch"].tolist() == pytest.approx([s / 29 for s in steps])
+    assert sizes == [100, 100] * 4 + [200, 500]  # val and test subsets (1 per class), then the full splits
+    assert metrics["wall_s"].notna().all() and metrics["wall_s"].is_monotonic_increasing
+
+
+def test_a_run_killed_between_mid_epoch_evaluations_resumes_bit_identical(tmp_path, monkeypatch):
+    from fedta_utils.data import prepare_data
+    from fedta_utils.workspace import setup_workspace
+
+    data = prepare_data("synthetic", synthetic_train_size=1000, synthetic_test_size=100)
+    config = CentralizedConfig(**{**TINY, "eval_points": 3})  # 15 steps per epoch: evaluations at 10, 20, 30
+    reference = run_centralized(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False), data,
+                                config, progress=False)
+    ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
+    real_evaluate, calls = training.evaluate_splits, []
+
+    def evaluate_then_die(*args):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 2's second evaluation: its train loss carries from epoch 1's last steps
+            raise Killed("mid-run")
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(training, "evaluate_splits", evaluate_then_die)
+    with pytest.raises(Killed):
+        run_centralized(ws, data, config, progress=False)
+    monkeypatch.setattr(training, "evaluate_splits", real_evaluate)
+    resumed = run_centralized(ws, data, config, progress=False)
+    assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
+
+
+def test_train_steps_counts_the_steps_the_loss_scaler_skips_and_each_still_uses_its_batch():
+    model = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    batch = (torch.tensor([[1000.0, 0.0]] * 4), torch.zeros(4, dtype=torch.long))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # zero weights: the gradient is [[-500, 0], [500, 0]], so scales of 2^125..2^127 overflow float32
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    loss_sum, count, skipped = training.train_steps(model, optimizer, scaler, [batch] * 3, "fp32")
+    assert (count, skipped) == (12, 3) and scaler.get_scale() == 2.0**124  # halved once per skip
+    assert loss_sum.item() == pytest.approx(12 * math.log(2), abs=1e-5)  # every batch was used
+    assert torch.equal(model.weight, torch.zeros(2, 2))
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    loss_sum, count, skipped = training.train_steps(model, optimizer, disabled, [batch] * 3, "fp32")
+    assert (count, skipped) == (12, 0) and model.weight.abs().sum() > 0
