@@ -36,8 +36,8 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from .experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROGENEITY, LR_SEARCH, MASK_RULES,
-                          SPARSE_CENTRAL, SPARSE_FL)
+from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
+                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL)
 from .sensitivity import RULES, jaccard, mask_density_by_parameter, unpack_masks
 
 DATA = "00_data"  # notebook 00 saves split_sizes.csv and shard_stats.csv here
@@ -149,9 +149,10 @@ def shard_table(root) -> pd.DataFrame:
         largest_class_share=("largest_class_share", "mean")).reset_index()
 
 
-def lr_search_table(root) -> pd.DataFrame:
-    """Notebook 01: `val` of every (lr, weight_decay) of the search; `chosen`: the pair kept."""
-    runs = _runs(root, LR_SEARCH).sort_values(["lr", "weight_decay"], kind="stable")
+def lr_search_table(root, experiment: str = LR_SEARCH) -> pd.DataFrame:
+    """`val` of every (lr, weight_decay) of notebook 01's search (or FEDAVG_LR_SEARCH, notebook 02's);
+    `chosen`: the pair kept."""
+    runs = _runs(root, experiment).sort_values(["lr", "weight_decay"], kind="stable")
     return choose(mean_std(runs, ["lr", "weight_decay"]))
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from . import figures
-from .experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROGENEITY, LR_SEARCH, MASK_RULES,
-                          SPARSE_CENTRAL, SPARSE_FL)
+from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
+                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL)
 from .figures import NoResults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,8 @@ BODY_PAGE_LIMIT = 8  # the course's limit: pages up to \label{LastBodyPage}, ref
 NA = r"\textit{n/a}"  # the value of a macro whose experiment has no results
 INSTALL_TEX = "sudo apt-get install -y latexmk texlive-latex-extra texlive-fonts-recommended " \
               "texlive-bibtex-extra lmodern"  # Debian / Ubuntu
-EXPERIMENTS = (LR_SEARCH, CENTRALIZED, FEDAVG_IID, HETEROGENEITY, HEAD_ONLY, SPARSE_FL, SPARSE_CENTRAL,
-               MASK_RULES)
+EXPERIMENTS = (LR_SEARCH, CENTRALIZED, FEDAVG_LR_SEARCH, FEDAVG_IID, HETEROGENEITY, HEAD_ONLY, SPARSE_FL,
+               SPARSE_CENTRAL, MASK_RULES)
 NOTICE = (r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %s build.} Every number, table and "
           r"figure below comes from the \texttt{%s} profile, which checks that the pipeline runs end to "
           r"end. Only a build from the \texttt{full} profile reports the study.}}")
@@ -52,6 +52,8 @@ MACROS = {  # every macro of numbers.tex -> the comment written beside it; accur
     "SearchProvenance": "caption provenance of the search",
     "CentralizedSetting": "the scheduler runs", "BestScheduler": "scheduler chosen on validation",
     "CentralizedBestAcc": "its accuracy, mean +- std", "CentralizedProvenance": "caption provenance",
+    "FedAvgSearchGrid": "notebook 02's client lr search", "FedAvgChosenLr": "client lr chosen on validation",
+    "FedAvgChosenWeightDecay": "client weight decay chosen on validation",
     "FedAvgSetting": "the FedAvg iid runs", "FedAvgIidAcc": "their accuracy, mean +- std",
     "EqualSamplesBudget": "training images both FedAvg and centralized processed",
     "FedAvgProvenance": "caption provenance of notebook 02",
@@ -227,6 +229,14 @@ def _search(root, profile: str) -> dict:
             "SearchValAcc": f"{best['val'] * 100:.1f}\\,\\%", "SearchProvenance": provenance(profile, table)}
 
 
+def _fedavg_search(root, profile: str) -> dict:
+    table, runs = figures.lr_search_table(root, FEDAVG_LR_SEARCH), figures.load_runs(root, FEDAVG_LR_SEARCH)
+    best = _row(table, chosen=True)
+    return {"FedAvgSearchGrid": f"client learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
+                                f"\\{{{listing(table['weight_decay'])}\\}}, {listing(runs['rounds'])} rounds each",
+            "FedAvgChosenLr": number(best["lr"]), "FedAvgChosenWeightDecay": number(best["weight_decay"])}
+
+
 def _centralized(root, profile: str) -> dict:
     table, runs = figures.centralized_table(root), figures.load_runs(root, CENTRALIZED)
     best = _row(table, chosen=True)
@@ -306,7 +316,8 @@ FIGURES = {"lr_search": figures.lr_search_heatmap, "centralized_curves": figures
            "mask_overlap": figures.mask_overlap_heatmap, "layer_density": figures.block_density_figure}
 TABLES = {"shards": _shards_tex, "centralized": _centralized_tex, "fedavg": _fedavg_tex,
           "sparse": _sparse_tex, "mask_rules": _rules_tex, "rule_interference": _interference_tex}
-SECTIONS = _overview, _data, _search, _centralized, _fedavg, _heterogeneity, _sparse, _sparse_central, _rules
+SECTIONS = (_overview, _data, _search, _centralized, _fedavg_search, _fedavg, _heterogeneity, _sparse,
+            _sparse_central, _rules)
 
 
 def _attempt(make, name: str, root, warnings: list, *args):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fedta_utils import figures, report
-from fedta_utils.experiments import (CENTRALIZED, FEDAVG_IID, HEAD_ONLY, HETEROGENEITY, LR_SEARCH, MASK_RULES,
-                                     SPARSE_CENTRAL, SPARSE_FL)
+from fedta_utils.experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY,
+                                     LR_SEARCH, MASK_RULES, SPARSE_CENTRAL, SPARSE_FL)
 from fedta_utils.runs import rows_to_csv
 
 from conftest import needs_tex
@@ -87,13 +87,18 @@ def write_study(root) -> None:
     for lr, val in ((0.01, 0.30), (0.1, 0.40)):
         write_run(root, LR_SEARCH, f"search-lr{lr}", {"seed": 0, "epochs": 1, "lr": lr, "weight_decay": 0.0},
                   {"final_val_acc": val}, [{"epoch": 1, "val_acc": val}])
-    (Path(root) / "hparams.json").write_text(json.dumps({"lr": 0.1, "weight_decay": 0.0}))
+    for lr, val in ((0.01, 0.45), (0.03, 0.35)):
+        write_run(root, FEDAVG_LR_SEARCH, f"search-lr{lr}", {**FL, "seed": 0, "rounds": 3, "lr": lr,
+                                                            "weight_decay": 0.0}, {"final_val_acc": val},
+                  [{"round": 3, "val_acc": val}])
+    (Path(root) / "hparams.json").write_text(json.dumps({"central_lr": 0.1, "central_weight_decay": 0.0,
+                                                         "fedavg_lr": 0.01, "fedavg_weight_decay": 0.0}))
     write_centralized(root, "cosine", val=[0.60, 0.62, 0.64], test=[0.80, 0.82, 0.84])
     write_centralized(root, "step", val=[0.50, 0.52, 0.54], test=[0.90, 0.92, 0.94])
     write_centralized(root, "cosine", val=[0.99], test=[0.99], lr=0.01)  # not at the chosen lr: ignored
     for seed in (0, 1):
         write_fl(root, FEDAVG_IID, "iid", seed, 0.5, 0.6 + 0.02 * seed)
-        for nc, local_steps, acc in ((None, 2, 0.6), (None, 4, 0.55), (1, 2, 0.2), (5, 2, 0.4)):
+        for nc, local_steps, acc in ((None, 4, 0.55), (1, 2, 0.2), (5, 2, 0.4)):  # iid, J=2: notebook 02's
             write_fl(root, HETEROGENEITY, f"{nc}-J{local_steps}", seed, acc, acc, local_steps=local_steps,
                      nc=nc)
         for nc in (None, 5):
