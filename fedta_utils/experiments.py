@@ -14,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
+from . import team
 from .checks import ConfigError, check_choice_list, check_float, check_float_list, check_int, check_int_list
 from .fedavg import FedAvgConfig, FedAvgRun
 from .optim import SCHEDULERS
@@ -21,6 +22,7 @@ from .sharding import make_shards, shard_stats
 from .sensitivity import RULES
 from .finetune import FineTuneSpec
 from .training import CentralizedConfig, RunResult, evaluate_splits, read_complete, summarize
+from .workspace import code_version
 
 # Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
 LR_SEARCH = "01_lr_search"
@@ -265,16 +267,38 @@ def check_against_data(configs: list, data) -> None:
             checked.add(key)
 
 
-def run_grid(runner, ws, data, experiment, configs: list, params: dict) -> list[RunResult]:
+def run_grid(runner, ws, data, experiment, configs: list, params: dict, wait: bool = True) -> list[RunResult]:
     """Check every config against the data first, then run (or resume, or read back) each in order.
 
     `experiment` is the folder name, or a function config -> folder name (heterogeneity_home).
-    `params` are the notebook's parameters: eval_batch_size and checkpoint_every come from them.
+    `params` are the notebook's parameters: eval_batch_size and checkpoint_every come from them, and
+    `worker` ('I/N'): then only this worker's share runs (team.run_share); `wait` (for a stage whose
+    results a later stage needs) waits for the other shares, else the complete results are returned.
     """
     check_against_data(configs, data)
     options = {k: params[k] for k in ("eval_batch_size", "checkpoint_every") if k in params}
     home = experiment if callable(experiment) else lambda config: experiment
-    return [runner(ws, data, config, experiment=home(config), **options) for config in configs]
+    def run_one(i: int) -> RunResult:
+        return runner(ws, data, configs[i], experiment=home(configs[i]), **options)
+
+    if team.parse_worker(params.get("worker")) is None:
+        return [run_one(i) for i in range(len(configs))]
+    head_only = runner is run_head_only
+    runs = [(head_only_run if head_only else grid_run)(ws, c, home(c)) for c in configs]
+    costs = [sum(team.run_work(c, params, head_only)[k] for k in ("train", "eval")) for c in configs]
+    return team.run_share(run_one, runs, costs, params, wait, code_version())
+
+
+def grid_run(ws, config, experiment: str):
+    """The run folder of a FedAvg or centralized config (as training.checked_run names it)."""
+    return ws.run(experiment, config.run_name(), config.to_dict())
+
+
+def head_only_run(ws, config: FedAvgConfig, experiment: str = HEAD_ONLY):
+    """The run folder of `config`'s step-0 head alone: rounds, J and the lr schedule play no part."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("rounds", "local_steps",
+                                                                        "lr_schedule")}
+    return ws.run(experiment, f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
 
 
 def run_head_only(ws, data, config: FedAvgConfig, *, experiment: str = HEAD_ONLY, eval_batch_size: int = 256,
@@ -290,9 +314,7 @@ def run_head_only(ws, data, config: FedAvgConfig, *, experiment: str = HEAD_ONLY
     check_int("checkpoint_every", checkpoint_every, minimum=1)
     data.check_is(config.dataset)
     shards = config.shards(data)
-    identity = {k: v for k, v in config.to_dict().items()
-                if k not in ("rounds", "local_steps", "lr_schedule")}
-    run = ws.run(experiment, f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
+    run = head_only_run(ws, config, experiment)
     if run.is_complete:
         return read_complete(run)
     with run:

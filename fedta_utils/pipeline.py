@@ -23,20 +23,26 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import re
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from . import experiments
 from .checks import ConfigError, check_choice
 from .fedavg import FedAvgConfig
-from .training import eval_steps
+from .team import parse_worker, run_work, split_sizes
 from .workspace import NOTEBOOK_DIR, PROFILES, declared_parameters, discover_notebooks, profile_values
 
 KERNEL = "python3"
+# --slurm: submitit's options (cluster 'local' runs the jobs as local processes, for tests).
+SLURM_DEFAULTS = {"cluster": "slurm", "timeout_min": 240, "gpus_per_node": 1}
 # The kernel's one start-up warning says it talks over TCP without encryption: papermill reaches it on
 # this machine's loopback interface, so nothing leaves the machine (README, "Running from a terminal").
 QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
@@ -56,7 +62,6 @@ NOTEBOOK_GRIDS = {
 }
 # The searches' choices are unknown before they run (any value costs the same).
 PLACEHOLDER_HPARAMS = {"lr": 0.01, "weight_decay": 0.0, "central_lr": 0.01, "central_weight_decay": 0.0}
-CIFAR_TRAIN, CIFAR_TEST, CLASSES = 50_000, 10_000, 100
 SMALL_IMG_SIZE = 160  # the cheaper input size the dry-run also prices
 
 
@@ -94,8 +99,9 @@ def notebook_parameters(path: Path, profile: str, results_dir: Path, overrides: 
 
 
 def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str | Path = "results",
-                 overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[dict]:
-    """Execute the selected notebooks in order; returns one record per notebook with its wall time."""
+                 overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR, worker: str = ""):
+    """Execute the selected notebooks in order; returns one record per notebook with its wall time.
+    `worker` ('I/N') reaches every notebook that declares it (the grid notebooks)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -105,8 +111,10 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
     if not selected:
         raise ConfigError(f"no numbered notebooks found in {notebook_dir}")
     check_overrides(overrides, selected)
+    overrides = {**overrides, "worker": worker} if parse_worker(worker) else overrides
     results_dir = Path(results_dir).resolve()
     output_dir = results_dir / profile / "notebooks"
+    output_dir = output_dir / f"worker-{worker.replace('/', '-of-')}" if worker else output_dir
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -169,40 +177,6 @@ def grids(profile: str, only: list[str] | None = None, overrides: dict | None = 
     return groups
 
 
-def split_sizes(config, params: dict) -> tuple[int, int, int, int]:
-    """(train, validation, test (0 when the run never tests), subset evaluation) images of a config."""
-    synthetic = config.dataset != "cifar100"
-    full = params.get("synthetic_train_size", CIFAR_TRAIN) if synthetic else CIFAR_TRAIN
-    test = params.get("synthetic_test_size", CIFAR_TEST) if synthetic else CIFAR_TEST
-    val, test = round(full * params.get("val_fraction", 0.1)), test if config.evaluate_test else 0
-    subset = max(1, config.eval_subset // CLASSES) * CLASSES  # DataBundle.eval_subset
-    return full - val, val, test, min(val, subset) + min(test, subset)
-
-
-def evaluated_images(config, steps: int, full: int, subset: int) -> int:
-    """Images a run evaluates over `steps` steps or rounds: subsets, then the full splits at the end."""
-    return (len(eval_steps(steps, config.eval_points)) - 1) * subset + full
-
-
-def run_work(config, params: dict, head_only: bool = False) -> dict:
-    """Images one run trains on and evaluates, and the per-sample Fisher gradients it computes."""
-    train, val, test, subset = split_sizes(config, params)
-    evaluated = val + test
-    spec, fisher = config.finetune, 0
-    if spec.is_sparse and spec.mask_rule in ("least_sensitive", "most_sensitive"):
-        clients = config.num_clients if isinstance(config, FedAvgConfig) else 1
-        fisher = spec.calibration_rounds * clients * -(-spec.calibration_samples // clients)
-    if head_only:
-        return {"train": 0, "eval": evaluated, "fisher": fisher}
-    if isinstance(config, FedAvgConfig):
-        batch = min(config.batch_size, train // config.num_clients)
-        return {"train": config.rounds * config.clients_per_round * config.local_steps * batch,
-                "eval": evaluated_images(config, config.rounds, evaluated, subset), "fisher": fisher}
-    steps = config.epochs * -(-train // config.batch_size)
-    return {"train": config.epochs * train, "eval": evaluated_images(config, steps, evaluated, subset),
-            "fisher": fisher}
-
-
 def head_key(config) -> tuple | None:
     """What a cached step-0 head depends on (the fields of its cache path), or None for a trained head."""
     if config.finetune.head == "train":
@@ -261,7 +235,8 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     size = configs[0].img_size
     cheaper = [SMALL_IMG_SIZE] if models_used == ["dino_vits16"] and size in (None, 224) else []
     for column, price_at in [("hours", size), *((f"hours at {c} px", c) for c in cheaper)]:
-        measured, described = unit_seconds(models_used[0], configs[0].precision, eval_batch, img_size=price_at)
+        measured, described = unit_seconds(models_used[0], configs[0].precision, eval_batch,
+                                           img_size=price_at)
         table[column] = sum(table[kind] * measured[kind] for kind in ("train", "eval", "fisher")) / 3600
         seconds, setup = (measured, described) if column == "hours" else (seconds, setup)
     kind = "GPU" if "cuda" in setup else "CPU"
@@ -293,17 +268,85 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a notebook parameter (a Python literal or a string)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the runs, images and estimated hours per notebook; run nothing")
+    team = parser.add_argument_group("running as a team (README, 'Running as a team')")
+    team.add_argument("--worker", default="", metavar="I/N", help="run worker I's share of N")
+    team.add_argument("--workers", type=int, metavar="N", help="start N workers here (a GPU each), then plot")
+    team.add_argument("--slurm", type=int, metavar="N", help="submit N workers and the final pass to Slurm")
+    team.add_argument("--slurm-option", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                      help=f"a submitit option, e.g. slurm_partition gpu (defaults: {SLURM_DEFAULTS})")
     args = parser.parse_args(argv)
     overrides = {name: parse_value(value) for name, value in args.parameter}
+    only = ["--only", *args.only] if args.only else []
+    common = ["--profile", args.profile, "--results-dir", args.results_dir, *only,
+              *[item for pair in args.parameter for item in ("-p", *pair)]]  # what every worker runs
     try:
+        parse_worker(args.worker)
+        for name in ("workers", "slurm"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ConfigError(f"--{name} {getattr(args, name)}: the number of workers must be >= 1")
         if args.dry_run:
             print_budget(args.profile, args.only, overrides)
             return 0
-        records = run_pipeline(args.profile, args.only, args.results_dir, overrides)
-    except (ConfigError, NotebookFailed) as error:
+        if args.slurm:
+            return submit_slurm(args, common)
+        if args.workers:
+            run_workers(args.workers, common, Path(args.results_dir) / args.profile / "workers")
+        records = run_pipeline(args.profile, args.only, args.results_dir, overrides, worker=args.worker)
+    except (ConfigError, NotebookFailed, WorkersFailed) as error:
         print(f"[pipeline] error: {error}", file=sys.stderr)
         return 1
     print(f"[pipeline] {len(records)} notebooks in {sum(r['seconds'] for r in records):.1f} s")
+    return 0
+
+
+class WorkersFailed(RuntimeError):
+    """A worker of --workers or --slurm exited with an error; the message names it and its log."""
+
+
+def run_workers(count: int, argv: list[str], log_dir: Path) -> None:
+    """--workers N: N worker processes of this command (each on its own GPU when there are N), their
+    output shown line by line, prefixed with the worker, and kept in <log_dir>/worker-I-of-N.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    workers = []
+    for i in range(1, count + 1):
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i - 1)} if gpus >= count else {})}
+        command = [sys.executable, "-m", "fedta_utils.pipeline", *argv, "--worker", f"{i}/{count}"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env=env)
+        workers.append((f"worker {i}/{count}", process, log_dir / f"worker-{i}-of-{count}.log"))
+    threads = [threading.Thread(target=tee, args=worker) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = [f"{name} exited {code} (log: {log})" for name, process, log in workers
+              if (code := process.wait())]
+    if failed:
+        raise WorkersFailed("; ".join(failed))
+
+
+def tee(name: str, process, log: Path) -> None:
+    with open(log, "w") as handle:
+        for line in process.stdout:
+            handle.write(line)
+            handle.flush()
+            print(f"[{name}] {line}", end="", flush=True)
+
+
+def submit_slurm(args, argv: list[str]) -> int:
+    """--slurm N: the workers and the final pass as jobs (fedta_utils.slurm)."""
+    try:
+        from . import slurm
+    except ImportError:
+        raise ConfigError('--slurm needs submitit, an optional dependency: pip install "fedta_utils[slurm]" '
+                          '(or pip install submitit)') from None
+    options = {**SLURM_DEFAULTS, **{name: parse_value(value) for name, value in args.slurm_option}}
+    try:
+        folder = Path(args.results_dir) / args.profile / "slurm"
+        slurm.submit(argv, args.slurm, folder, options.pop("cluster"), options)
+    except RuntimeError as error:
+        raise WorkersFailed(str(error)) from None
     return 0
 
 

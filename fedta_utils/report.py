@@ -233,7 +233,8 @@ def _fedavg_search(root, profile: str) -> dict:
     table, runs = figures.lr_search_table(root, FEDAVG_LR_SEARCH), figures.load_runs(root, FEDAVG_LR_SEARCH)
     best = _row(table, chosen=True)
     return {"FedAvgSearchGrid": f"client learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
-                                f"\\{{{listing(table['weight_decay'])}\\}}, {listing(runs['rounds'])} rounds each",
+                                f"\\{{{listing(table['weight_decay'])}\\}}, "
+                                f"{listing(runs['rounds'])} rounds each",
             "FedAvgChosenLr": number(best["lr"]), "FedAvgChosenWeightDecay": number(best["weight_decay"])}
 
 

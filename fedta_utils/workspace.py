@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, team
 from .checks import ConfigError, check_bool, check_choice, check_float, check_int, check_path
 from .data import DATASETS, DataBundle, prepare_data
 from .models import build_model
@@ -180,8 +180,13 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
                               f"{name}={expected!r}; change one of them so results are labelled correctly")
     ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
                          params.get("data_dir", "data"), device, params.get("weights_path") or None)
-    for name, (_, source) in CHOSEN.items():
+    worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything loads
+    for name, (stored, source) in CHOSEN.items():
         if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
+            if worker:  # another worker may still be running that search
+                team.wait_for(lambda: "" if stored in ws.load_hparams(default={}) else
+                              f"{stored} in hparams.json (notebook {source}'s search, all workers)",
+                              params.get("wait_limit", 3600))
             params[name] = ws.chosen(name)
     data = None
     if "dataset" in params:
