@@ -111,7 +111,9 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
     if not selected:
         raise ConfigError(f"no numbered notebooks found in {notebook_dir}")
     check_overrides(overrides, selected)
-    overrides = {**overrides, "worker": worker} if parse_worker(worker) else overrides
+    if parse_worker(worker):  # a worker runs the grid notebooks; the final pass runs the others
+        overrides = {**overrides, "worker": worker}
+        selected = {key: path for key, path in selected.items() if "worker" in declared_parameters(path)}
     results_dir = Path(results_dir).resolve()
     output_dir = results_dir / profile / "notebooks"
     output_dir = output_dir / f"worker-{worker.replace('/', '-of-')}" if worker else output_dir

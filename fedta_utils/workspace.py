@@ -178,9 +178,9 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
         if name in params and params[name] != expected:
             raise ConfigError(f"profile={profile!r} with {name}={params[name]!r}: profile {profile!r} loads "
                               f"{name}={expected!r}; change one of them so results are labelled correctly")
+    worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything is written
     ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
                          params.get("data_dir", "data"), device, params.get("weights_path") or None)
-    worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything loads
     for name, (stored, source) in CHOSEN.items():
         if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
             if worker:  # another worker may still be running that search

@@ -1,0 +1,196 @@
+"""Several workers on one results folder: shares, waiting stages, --workers, --slurm, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedta_utils import pipeline, team
+from fedta_utils.checks import ConfigError
+from fedta_utils.workspace import setup_notebook
+
+REPO = Path(__file__).resolve().parent.parent
+SKIPPED = {"notebooks", "cache", "splits", "workers", "slurm", "00_data", ".staging"}
+
+
+def run_metrics(results_dir: Path) -> dict[str, bytes]:
+    """metrics.csv of every complete run under <results_dir>/smoke, by '<experiment>/<run folder>'."""
+    root = Path(results_dir) / "smoke"
+    return {f"{path.parent.parent.name}/{path.parent.name}": (path.parent / "metrics.csv").read_bytes()
+            for path in sorted(root.glob("*/*/summary.json")) if path.parent.parent.name not in SKIPPED}
+
+
+def attempts(results_dir: Path) -> dict[str, int]:
+    """How many times each run was started or resumed (lines of its attempts.log)."""
+    root = Path(results_dir) / "smoke"
+    return {f"{p.parent.parent.name}/{p.parent.name}": len(p.read_text().splitlines())
+            for p in root.glob("*/*/attempts.log")}
+
+
+def pipeline_process(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedta_utils.pipeline", "--profile", "smoke", *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=1800)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+# --------------------------------------------------------------------------- shares
+
+@pytest.mark.parametrize("worker, expected", [("1/1", (1, 1)), ("2/3", (2, 3)), (" 3/3 ", (3, 3)), ("", None),
+                                              (None, None)])
+def test_a_worker_is_i_of_n_counted_from_one(worker, expected):
+    assert team.parse_worker(worker) == expected
+
+
+@pytest.mark.parametrize("worker", ["3/2", "0/0", "a/b", "0/3", "1/0", "2", "1/2/3", 3])
+def test_a_bad_worker_is_refused_by_name(worker):
+    with pytest.raises(ConfigError, match=r"worker=.* is not allowed; write 'I/N' with 1 <= I <= N"):
+        team.parse_worker(worker)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4, 5])
+def test_shares_cover_every_full_grid_exactly_and_are_balanced_within_the_largest_run(workers):
+    for group in pipeline.grids("full"):
+        head_only = group["function"] == "head_only_configs"
+        costs = [sum(team.run_work(c, group["params"], head_only)[k] for k in ("train", "eval"))
+                 for c in group["configs"]]
+        owners = team.assign(costs, workers)
+        assert len(owners) == len(costs) and set(owners) <= set(range(1, workers + 1))  # one share each
+        loads = [sum(c for c, o in zip(costs, owners) if o == w) for w in range(1, workers + 1)]
+        assert sum(loads) == sum(costs)
+        assert max(loads) - min(loads) <= max(costs), group["group"]
+        assert team.assign(costs, workers) == owners  # from the grid alone
+
+
+def test_assign_puts_the_costliest_runs_on_different_workers_first():
+    assert team.assign([1, 5, 3, 5], 2) == [2, 1, 1, 2]  # 5 -> w1, 5 -> w2, 3 -> w1, 1 -> w2: loads 8 / 6
+
+
+def test_wait_for_stops_with_what_it_waited_for(capsys):
+    with pytest.raises(team.WaitTimeout, match=r"gave up after waiting 0.2 s \(wait_limit\) for run-a"):
+        team.wait_for(lambda: "run-a (worker 2/3)", 0.2, poll=0.05)
+    assert "[worker] waiting for run-a (worker 2/3)" in capsys.readouterr().out
+    team.wait_for(lambda: "", 0.0)  # nothing missing: returns at once
+
+
+def test_a_grid_made_by_another_code_version_is_refused_naming_both(workspace):
+    run = workspace.run("exp", "a", {"x": 1})
+    with run:
+        run.finish({"final_val_acc": 0.5}, [{"round": 1}], [{"round": 1, "wall_s": 0.1}])
+    with pytest.raises(ConfigError, match=rf"was made by code version {run.code_version}, this worker runs "
+                                          r"abc1234: every worker of a team must run the same code"):
+        team.check_versions([run], "abc1234")
+    team.check_versions([run], run.code_version)
+
+
+def test_a_bad_worker_in_a_notebook_is_refused_before_anything_loads(tmp_path):
+    namespace = pipeline.notebook_values(REPO / "notebooks" / "03_heterogeneity.ipynb", "smoke", {})
+    namespace.update(results_dir=str(tmp_path / "results"), worker="3/2")
+    with pytest.raises(ConfigError, match=r"worker='3/2' is not allowed"):
+        setup_notebook("03", namespace)
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--worker", "3/2"], "worker='3/2' is not allowed"),
+    (["--worker", "a/b"], "worker='a/b' is not allowed"),
+    (["--workers", "0"], "--workers 0: the number of workers must be >= 1"),
+    (["--slurm", "0"], "--slurm 0: the number of workers must be >= 1"),
+])
+def test_bad_team_options_are_refused_before_any_compute(argv, message, tmp_path, capsys):
+    assert pipeline.main(["--profile", "smoke", "--results-dir", str(tmp_path / "r"), *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_slurm_without_submitit_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
+    monkeypatch.delitem(sys.modules, "fedta_utils.slurm", raising=False)
+    assert pipeline.main(["--profile", "smoke", "--results-dir", str(tmp_path / "r"), "--slurm", "2"]) == 1
+    assert 'pip install "fedta_utils[slurm]"' in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- workers at once
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> Path:
+    """Notebooks 01-03 of the smoke profile by one process: the reference every team must equal."""
+    results = tmp_path_factory.mktemp("single") / "results"
+    finish(pipeline_process("--only", "01", "02", "03", "--results-dir", str(results)))
+    return results
+
+
+@pytest.mark.slow
+def test_three_workers_train_every_run_once_and_match_a_single_process(single_process, tmp_path):
+    results = tmp_path / "results"
+    workers = [pipeline_process("--only", "01", "02", "03", "--results-dir", str(results),
+                                "--worker", f"{i}/3")
+               for i in (1, 2, 3)]
+    for process in workers:
+        finish(process)
+    assert run_metrics(results) == run_metrics(single_process)  # bit-identical, every run
+    assert set(attempts(results).values()) == {1}  # every run trained exactly once
+    assert attempts(results).keys() == run_metrics(results).keys()
+    root = results / "smoke"  # the stages waited: no scheduler run started before the last search run ended
+    search_done = max(p.stat().st_mtime for p in root.glob("01_lr_search/*/summary.json"))
+    assert min(p.stat().st_mtime for p in root.glob("01_centralized/*/attempts.log")) >= search_done
+    fed_search_done = max(p.stat().st_mtime for p in root.glob("02_lr_search/*/summary.json"))
+    started = [p.stat().st_mtime for e in ("02_fedavg_iid", "03_heterogeneity")
+               for p in root.glob(f"{e}/*/attempts.log")]
+    assert min(started) >= fed_search_done
+
+
+@pytest.mark.slow
+def test_a_killed_worker_started_again_finishes_its_share_bit_identical(single_process, tmp_path):
+    chosen = json.loads((single_process / "smoke" / "hparams.json").read_text())  # 02's choice, as -p values
+    results = tmp_path / "results"
+    args = ("--only", "03", "--results-dir", str(results), "-p", "lr", repr(chosen["fedavg_lr"]),
+            "-p", "weight_decay", repr(chosen["fedavg_weight_decay"]))
+    victim = pipeline_process(*args, "--worker", "1/2", start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (in_flight := [p.parent for p in (results / "smoke").glob("*/*/checkpoint-*.pt")]):
+        assert time.monotonic() < deadline and victim.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the pipeline and its notebook kernel, mid-run
+    victim.wait()
+    killed = f"{in_flight[0].parent.name}/{in_flight[0].name}"
+    processes = [pipeline_process(*args, "--worker", worker) for worker in ("1/2", "2/2")]
+    for process in processes:
+        finish(process)
+    reference = run_metrics(single_process)
+    assert run_metrics(results) == {k: reference[k] for k in run_metrics(results)}
+    assert len(run_metrics(results)) == 4 * 2 * 2  # 03's grid: (iid, Nc=1, 5, 10) x J=2, 4 x 2 seeds
+    assert attempts(results)[killed] == 2  # the killed run resumed
+    assert sorted(attempts(results).values()).count(2) == 1
+
+
+@pytest.mark.slow
+def test_workers_2_and_slurm_local_end_with_the_single_process_results(smoke_results, tmp_path):
+    reference = run_metrics(smoke_results["results_dir"])
+    (tmp_path / "report").mkdir()
+    for name in ("main.tex", "refs.bib"):
+        shutil.copy(REPO / "report" / name, tmp_path / "report" / name)
+    report = ["-p", "report_dir", str(tmp_path / "report")]
+    started = time.perf_counter()
+    out = finish(pipeline_process("--results-dir", str(tmp_path / "workers"), "--workers", "2", *report))
+    print(f"--workers 2 smoke pipeline: {time.perf_counter() - started:.0f} s")
+    assert "[worker 1/2]" in out and "[worker 2/2]" in out
+    assert run_metrics(tmp_path / "workers") == reference
+    pytest.importorskip("submitit")
+    finish(pipeline_process("--only", "00", "01", "02", "--results-dir", str(tmp_path / "slurm"),
+                            "--slurm", "2", "--slurm-option", "cluster", "local",
+                            "--slurm-option", "timeout_min", "30"))
+    assert run_metrics(tmp_path / "slurm") == {k: v for k, v in reference.items() if k[:2] in ("01", "02")}
