@@ -24,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { echo "python3 -m venv is unavailable here;" \
 		"install it with: sudo apt-get install -y python3-venv"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt "pytest>=7.4"
+	$(PY) -m pip install --quiet -r requirements.txt "pytest>=7.4" "submitit>=1.5"
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -194,6 +194,17 @@ def sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_r
     return list(dict.fromkeys(settings))
 
 
+def sweeps(table: pd.DataFrame) -> dict:
+    """Notebook 04's two sweeps in figures.sparse_table's rows of one sharding: {'sparsity': rows at the
+    default R, 'calibration_rounds': rows at the default sparsity}; a default is the value the other
+    sweep holds fixed."""
+    sparse = table[table["method"] == "sparse"]
+    default_r = sparse.groupby("calibration_rounds")["sparsity"].nunique().idxmax()
+    default_sparsity = sparse.groupby("sparsity")["calibration_rounds"].nunique().idxmax()
+    return {"sparsity": sparse[sparse["calibration_rounds"] == default_r],
+            "calibration_rounds": sparse[sparse["sparsity"] == default_sparsity]}
+
+
 def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, calibration_rounds,
                       sparse_classes_per_client, local_steps, rounds, **params) -> list[FedAvgConfig]:
     """Notebook 04: the sparsity and R sweeps (least-sensitive rule) on iid shards; the default setting

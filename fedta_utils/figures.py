@@ -37,7 +37,7 @@ import seaborn as sns
 import torch
 
 from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
-                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL)
+                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, sweeps)
 from .sensitivity import RULES, jaccard, mask_density_by_parameter, unpack_masks
 
 DATA = "00_data"  # notebook 00 saves split_sizes.csv and shard_stats.csv here
@@ -212,13 +212,10 @@ def late_gain(root) -> str:
     """Notebook 02: how much the seed-mean validation accuracy of FedAvg (iid) rose over the last 20 % of
     rounds (from the last evaluation at or before 80 % of the rounds to the end), as a sentence."""
     mean = load_curves(root, FEDAVG_IID).dropna(subset=["val_acc"]).groupby("round")["val_acc"].mean()
-    start = mean[mean.index <= 0.8 * mean.index[-1]]
-    if start.empty:
-        return "FedAvg (iid): too few evaluations to measure the late gain"
-    gain = (mean.iloc[-1] - start.iloc[-1]) * 100
-    return (f"FedAvg (iid): validation accuracy {gain:+.2f} points from round "
-            f"{start.index[-1]} to {mean.index[-1]} (seed mean; the last point is the full split, earlier "
-            "ones the evaluation subset)")
+    start = mean[mean.index <= 0.8 * mean.index[-1]].tail(1)
+    return (f"FedAvg (iid): validation accuracy {(mean.iloc[-1] - start.sum()) * 100:+.2f} points from round "
+            f"{start.index.max()} to {mean.index[-1]} (seed mean; the last point is the full split, earlier "
+            "ones the evaluation subset)") if len(start) else "FedAvg (iid): too few evaluations"
 
 
 def heterogeneity_table(root) -> pd.DataFrame:
@@ -441,16 +438,6 @@ def drift_figure(root, profile: str):
         ax.set(xlabel="", ylabel=label)
         ax.tick_params(axis="x", rotation=45)
     return fig, drift["seed"].nunique()
-
-
-def sweeps(table: pd.DataFrame) -> dict:
-    """Notebook 04's two sweeps in sparse_table's rows of one sharding: {'sparsity': rows at the default R,
-    'calibration_rounds': rows at the default sparsity}; the default is the value the other sweep holds."""
-    sparse = table[table["method"] == "sparse"]
-    default_r = sparse.groupby("calibration_rounds")["sparsity"].nunique().idxmax()
-    default_sparsity = sparse.groupby("sparsity")["calibration_rounds"].nunique().idxmax()
-    return {"sparsity": sparse[sparse["calibration_rounds"] == default_r],
-            "calibration_rounds": sparse[sparse["sparsity"] == default_sparsity]}
 
 
 @_figure(FULL, 0.32, "Sparse FedAvg, iid")

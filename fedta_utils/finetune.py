@@ -42,8 +42,7 @@ class FineTuneSpec:
     """How a run prepares its model: the step-0 head and the sparse masks."""
 
     head: str = "train"              # 'train' | 'ridge' (frozen after step 0)
-    ridge_lambda: float | None = None  # None = chosen on validation (heads.choose_ridge_lambda); else fixed,
-    #                                    relative to mean(diag(Phi^T Phi)) (heads.solve_ridge)
+    ridge_lambda: float | None = 1.0  # relative ridge penalty (heads.solve_ridge); None: chosen on validation
     mask_rule: str | None = None     # None = dense; else one of sensitivity.RULES
     sparsity: float = 0.9            # fraction of eligible entries frozen
     calibration_rounds: int = 4      # R in TaLoS: density d^(r/R) in round r
@@ -163,10 +162,10 @@ def fit_ridge_head(model, data, spec, img_size, precision, shards, cache: Path |
     feats = [client_features(model, data.train, idx, img_size, precision)
              for idx in tqdm(shards, desc="step 0: client features", leave=False)]
     labels = [data.train.labels[torch.as_tensor(idx, device=data.device)] for idx in shards]
-    val_feats = None if spec.ridge_lambda is not None else \
-        client_features(model, data.val, np.arange(len(data.val)), img_size, precision)
-    weight, bias, info = federated_ridge_head(feats, labels, data.num_classes, spec.ridge_lambda,
-                                              val_feats=val_feats, val_labels=data.val.labels)
+    val = {} if spec.ridge_lambda is not None else {
+        "val_feats": client_features(model, data.val, np.arange(len(data.val)), img_size, precision),
+        "val_labels": data.val.labels}
+    weight, bias, info = federated_ridge_head(feats, labels, data.num_classes, spec.ridge_lambda, **val)
     if cache is not None:
         atomic_torch_save({"weight": weight.cpu(), "bias": bias.cpu(), "info": info}, cache)
     return weight, bias, info

@@ -68,9 +68,10 @@ def solve_ridge(a_sum: torch.Tensor, b_sum: torch.Tensor,
 def choose_ridge_lambda(lambdas, val_accuracies, tolerance: float = LAMBDA_TOLERANCE) -> float:
     """The largest penalty whose validation accuracy is within `tolerance` of the best one.
 
-    A larger penalty keeps the head's weights on low-variance directions small, so fine-tuning
-    under the frozen head stays stable (solve_ridge); a smaller one is taken only for a
-    validation gain above `tolerance`, and ties go to the larger penalty.
+    Ties and near-ties go to the larger penalty, whose head has smaller weights on low-variance
+    directions and so is less prone to make fine-tuning diverge (solve_ridge). That is a
+    preference, not a guarantee: validation accuracy of the head alone cannot see how stable
+    fine-tuning under it will be, and a clearly more accurate small penalty is still chosen.
     """
     best = max(val_accuracies)
     return max(lam for lam, acc in zip(lambdas, val_accuracies) if acc >= best - tolerance)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from . import figures
 from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
-                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL)
+                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, sweeps)
 from .figures import NoResults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -270,7 +270,7 @@ def _heterogeneity(root, profile: str) -> dict:
 
 def _sparse(root, profile: str) -> dict:
     table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
-    sweep = figures.sweeps(table[table["sharding_label"] == "iid"])
+    sweep = sweeps(table[table["sharding_label"] == "iid"])
     at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
     values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
                                f"on iid shards sparsity $s \\in \\{{{listing(at_r['sparsity'])}\\}}$ at "

@@ -1,5 +1,9 @@
 """Fine-tuning set-up: spec validation, federated Fisher and head, the head cache, reuse on resume."""
 
+import dataclasses
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +12,7 @@ from fedta_utils import finetune
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import make_batch
 from fedta_utils.finetune import FineTuneSpec, head_cache_path, install_head, load_prepared, prepare
+from fedta_utils.heads import RIDGE_LAMBDAS, choose_ridge_lambda
 from fedta_utils.models import backbone_parameter_names, build_model
 from fedta_utils.sensitivity import fisher_scores, mask_sparsity
 from fedta_utils.sharding import non_iid_shards
@@ -60,6 +65,25 @@ def test_spec_identity_keeps_only_the_fields_that_matter():
 def test_spec_rejects_bad_values_naming_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
         FineTuneSpec(**{field: value})
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "ridge_lambda=0 is out of range"),
+    (-1.0, "ridge_lambda=-1 is out of range"),
+    (math.inf, "ridge_lambda=inf must be a finite number"),
+    (math.nan, "ridge_lambda=nan must be a finite number"),
+    ("1.0", "ridge_lambda must be a number"),
+    (True, "ridge_lambda must be a number"),
+])
+def test_spec_refuses_bad_ridge_lambdas_by_name(value, message):
+    with pytest.raises(ConfigError, match=message):
+        FineTuneSpec(head="ridge", ridge_lambda=value)
+
+
+def test_a_penalty_chosen_on_validation_is_part_of_the_identity():
+    assert FineTuneSpec(head="ridge", ridge_lambda=None).identity()["ridge_lambda"] is None
+    assert FineTuneSpec(head="ridge", ridge_lambda=0.1).identity()["ridge_lambda"] == 0.1
+    assert "ridge_lambda" not in FineTuneSpec(head="train", ridge_lambda=None).identity()
 
 
 def test_eligible_sets_narrow_the_backbone_to_blocks_and_their_matrices():
@@ -193,6 +217,42 @@ def test_fedavg_runs_that_differ_only_in_training_share_one_cached_head(workspac
     assert shared == config(local_steps=8, rounds=5, lr=0.1).head_cache(workspace)
     assert shared != config(seed=1).head_cache(workspace)  # other shards
     assert shared != config(sharding="non_iid", classes_per_client=5).head_cache(workspace)
+
+
+def test_a_head_chosen_on_validation_has_its_own_cache_entry():
+    chosen = head_cache_path("/r", FineTuneSpec(head="ridge", ridge_lambda=None), model="tiny_vit")
+    fixed = {head_cache_path("/r", FineTuneSpec(head="ridge", ridge_lambda=lam), model="tiny_vit")
+             for lam in RIDGE_LAMBDAS}
+    assert chosen not in fixed and len(fixed) == len(RIDGE_LAMBDAS)
+    assert chosen == head_cache_path("/r", FineTuneSpec(head="ridge", ridge_lambda=None, mask_rule="random"),
+                                     model="tiny_vit")
+
+
+def test_prepare_chooses_the_penalty_on_validation_never_on_test(workspace, small_data, open_run):
+    no_test = dataclasses.replace(small_data, test=None)  # the test split must never be read
+    chosen_model, fixed_model = build_model("tiny_vit", 100), build_model("tiny_vit", 100)
+    spec = FineTuneSpec(head="ridge", ridge_lambda=None)
+    chosen = prepare(open_run(workspace, "chosen"), chosen_model, no_test, spec, 0, 32, "fp32",
+                     client_shards(small_data), None)
+    accuracies = chosen.info["val_accuracy_per_lambda"]
+    assert list(accuracies) == [f"{lam:g}" for lam in RIDGE_LAMBDAS]
+    assert chosen.info["ridge_lambda"] == choose_ridge_lambda(RIDGE_LAMBDAS, list(accuracies.values()))
+    assert json.loads(json.dumps(chosen.info)) == chosen.info
+    fixed = prepare(open_run(workspace, "fixed"), fixed_model, no_test,
+                    FineTuneSpec(head="ridge", ridge_lambda=chosen.info["ridge_lambda"]), 0, 32, "fp32",
+                    client_shards(small_data), None)
+    assert fixed.info["logit_scale"] == chosen.info["logit_scale"]
+    assert "val_accuracy_per_lambda" not in fixed.info
+    torch.testing.assert_close(chosen_model.head.weight, fixed_model.head.weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chosen_model.head.bias, fixed_model.head.bias, atol=1e-6, rtol=1e-6)
+
+
+def test_a_fixed_penalty_never_reads_the_validation_split(workspace, small_data, open_run):
+    no_val = dataclasses.replace(small_data, val=None, test=None)
+    prepared = prepare(open_run(workspace), build_model("tiny_vit", 100), no_val,
+                       FineTuneSpec(head="ridge", ridge_lambda=0.1), 0, 32, "fp32",
+                       whole_train_split(small_data), None)
+    assert prepared.info["ridge_lambda"] == 0.1
 
 
 def test_installed_head_is_the_given_one():

@@ -95,7 +95,8 @@ def test_a_penalty_chosen_on_validation_is_small_on_anisotropic_features_and_bea
                                               val_labels=val_labels)
     fixed = federated_ridge_head([feats], [labels], 10, 1.0)
     assert info["ridge_lambda"] in RIDGE_LAMBDAS and info["ridge_lambda"] <= 1e-2
-    assert accuracy(weight, bias, held_feats, held_labels) > accuracy(*fixed[:2], held_feats, held_labels) + 0.5
+    chosen_accuracy = accuracy(weight, bias, held_feats, held_labels)
+    assert chosen_accuracy > accuracy(*fixed[:2], held_feats, held_labels) + 0.5
 
 
 def test_validation_accuracies_are_recorded_per_penalty_and_survive_json(features_and_labels):
@@ -105,7 +106,7 @@ def test_validation_accuracies_are_recorded_per_penalty_and_survive_json(feature
     a, b = ridge_statistics(feats, labels, 10)
     expected = {f"{lam:g}": accuracy(*solve_ridge(a, b, lam), val_feats.double(), val_labels)
                 for lam in RIDGE_LAMBDAS}
-    assert info["val_accuracy_per_lambda"] == pytest.approx(expected, abs=1e-12)
+    assert info["val_accuracy_per_lambda"] == pytest.approx(expected, abs=1e-6)
     assert json.loads(json.dumps(info)) == info
     assert info["ridge_lambda"] == choose_ridge_lambda(RIDGE_LAMBDAS, list(expected.values()))
 
@@ -142,7 +143,7 @@ def test_the_head_with_a_chosen_penalty_equals_the_centralized_one_for_any_clien
     ([0.900, 0.905, 0.898, 0.70, 0.50], LAMBDA_TOLERANCE, 1e-2),  # within the tolerance: the largest
     ([0.900, 0.905, 0.898, 0.70, 0.50], 0.0, 1e-3),             # no tolerance: the best one
     ([0.30, 0.50, 0.50, 0.40, 0.20], 0.0, 1e-2),                # ... and ties still go to the larger
-    ([0.30, 0.50, 0.50, 0.40, 0.20], 0.2, 1.0),
+    ([0.30, 0.50, 0.50, 0.40, 0.35], 0.2, 1.0),                 # a wide tolerance reaches the largest
 ])
 def test_the_choice_is_the_largest_penalty_within_the_tolerance_of_the_best(accuracies, tolerance, chosen):
     assert choose_ridge_lambda(RIDGE_LAMBDAS, accuracies, tolerance) == chosen

@@ -35,9 +35,13 @@ def attempts(results_dir: Path) -> dict[str, int]:
             for p in root.glob("*/*/attempts.log")}
 
 
-def pipeline_process(*args: str, **kwargs) -> subprocess.Popen:
+def pipeline_process(*args: str, threads: str | None = "1", **kwargs) -> subprocess.Popen:
+    """The smoke pipeline in a process of its own; `threads` per process (None: torch's default), the same
+    for every process compared, so their results can be bit-identical."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})}
     return subprocess.Popen([sys.executable, "-m", "fedta_utils.pipeline", "--profile", "smoke", *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            **kwargs)
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -185,12 +189,13 @@ def test_workers_2_and_slurm_local_end_with_the_single_process_results(smoke_res
         shutil.copy(REPO / "report" / name, tmp_path / "report" / name)
     report = ["-p", "report_dir", str(tmp_path / "report")]
     started = time.perf_counter()
-    out = finish(pipeline_process("--results-dir", str(tmp_path / "workers"), "--workers", "2", *report))
+    out = finish(pipeline_process("--results-dir", str(tmp_path / "workers"), "--workers", "2", *report,
+                                  threads=None))  # as smoke_results ran
     print(f"--workers 2 smoke pipeline: {time.perf_counter() - started:.0f} s")
     assert "[worker 1/2]" in out and "[worker 2/2]" in out
     assert run_metrics(tmp_path / "workers") == reference
     pytest.importorskip("submitit")
     finish(pipeline_process("--only", "00", "01", "02", "--results-dir", str(tmp_path / "slurm"),
                             "--slurm", "2", "--slurm-option", "cluster", "local",
-                            "--slurm-option", "timeout_min", "30"))
+                            "--slurm-option", "timeout_min", "30", threads=None))
     assert run_metrics(tmp_path / "slurm") == {k: v for k, v in reference.items() if k[:2] in ("01", "02")}
