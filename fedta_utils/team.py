@@ -22,7 +22,7 @@ import pandas as pd
 
 from .checks import ConfigError
 from .fedavg import FedAvgConfig
-from .runs import read_metrics
+from .runs import RunLockedError, read_metrics
 from .training import eval_steps
 
 WAIT_POLL = 5.0  # seconds between two looks at the shared folder
@@ -126,11 +126,14 @@ def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool,
     me, workers = parse_worker(params["worker"])
     owners = assign(costs, workers)
     check_versions(runs, current_version)
+    limit = params.get("wait_limit", 3600)
     for index, (run, owner) in enumerate(zip(runs, owners)):
         if owner == me:
             print(f"[worker {me}/{workers}] {run.dir.parent.name}/{run.dir.name}", flush=True)
-            run_one(index)
-    limit = params.get("wait_limit", 3600)
+            try:
+                run_one(index)
+            except RunLockedError:  # a run two grids share (heterogeneity_home) that another worker trains
+                wait_for(lambda: "" if run.is_complete else f"{run.dir.name} (another worker's)", limit)
     if wait:
         wait_for(lambda: ", ".join(f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners)
                                    if not r.is_complete), limit)
