@@ -119,7 +119,7 @@ def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_si
             generator = augmentation_generator(0, client, device=device)
             batches = (make_batch(data.train, i, size, generator) for i in index.view(local_steps, -1))
             optimizer = SparseSGDM(params, lr=1e-3, momentum=0.9)
-            delta, count, _ = client_update(model, params, global_weights, batches, optimizer, precision)
+            delta, count, *_ = client_update(model, params, global_weights, batches, optimizer, precision)
             delta_sum.add_(delta, alpha=count)
         server_update(global_weights, delta_sum, clients * local_steps * batch_size, None, 1.0, 0.0)
 
@@ -267,7 +267,7 @@ def fedsgd_identity_holds(device) -> bool:
     delta_sum = torch.zeros_like(start)
     for batch in shards:
         optimizer = torch.optim.SGD(params, lr=0.1)
-        delta, count, _ = client_update(model, params, start, [batch], optimizer, "fp32")
+        delta, count, *_ = client_update(model, params, start, [batch], optimizer, "fp32")
         delta_sum.add_(delta, alpha=count)
     fedavg = start.clone()
     server_update(fedavg, delta_sum, 16, None, 1.0, 0.0)

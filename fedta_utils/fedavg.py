@@ -173,8 +173,8 @@ def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
-def client_update(model, params, global_weights, batches, optimizer, precision, scaler_state) -> tuple:
-    """One client's local training from w_t and the round's loss-scaler state.
+def client_update(model, params, global_weights, batches, optimizer, precision, scaler_state=None) -> tuple:
+    """One client's local training from w_t and the round's loss-scaler state (None: a fresh scaler).
 
     Returns (delta w_k - w_t, samples seen, summed loss, skipped steps, the scaler's end state).
     `params` are the model's trainable parameters (the flat layout of `global_weights`),
@@ -182,7 +182,8 @@ def client_update(model, params, global_weights, batches, optimizer, precision, 
     """
     load_flat(params, global_weights)
     scaler = models.grad_scaler(global_weights.device, precision)
-    scaler.load_state_dict(scaler_state)  # a no-op for a disabled scaler (bf16, fp32)
+    if scaler_state:  # a disabled scaler (bf16, fp32) has the empty state and ignores any
+        scaler.load_state_dict(scaler_state)
     loss_sum, count, skipped = train_steps(model, optimizer, scaler, batches, precision)
     return read_flat(params).sub_(global_weights), count, loss_sum.item(), skipped, scaler.state_dict()
 

@@ -343,7 +343,8 @@ def test_a_config_for_other_data_is_refused_before_a_run_folder_exists(workspace
 FEDAVG_SETTINGS = dict(dataset="synthetic", model="tiny_vit", num_clients=100, participation=0.1, batch_size=32,
                        lr=0.05, weight_decay=0.0, momentum=0.9, lr_schedule="constant", server_lr=1.0,
                        server_momentum=0.0, eval_points=2, precision="auto")
-SPARSE_GRID = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, sparse_classes_per_client=5)
+SPARSE_GRID = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, sparse_classes_per_client=5, sparsity=0.9,
+                   calibration_rounds=2)
 CENTRAL_SETTINGS = dict(dataset="synthetic", model="tiny_vit", seeds=[0], epochs=2, batch_size=64, momentum=0.9,
                         search_lrs=[0.03], search_weight_decays=[0.0], search_epochs=1,
                         schedulers=["cosine"], warmup_epochs=0.5, precision="auto")

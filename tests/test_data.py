@@ -182,3 +182,12 @@ def test_torch_generators_draw_from_the_derived_seed():
 def test_negative_seed_tags_are_refused():
     with pytest.raises(ValueError, match="non-negative"):
         derive_seed(0, "round", -1)
+
+
+def test_the_evaluation_subset_is_fixed_and_stratified(small_data):
+    subset = small_data.eval_subset("test", 200)  # 500 test images, 100 classes: 2 per class
+    assert torch.equal(torch.bincount(subset.labels, minlength=100), torch.full((100,), 2))
+    again = small_data.eval_subset("test", 200)
+    assert torch.equal(subset.images, again.images) and torch.equal(subset.labels, again.labels)
+    assert small_data.eval_subset("val", 10_000) is small_data.val  # larger than the split: all of it
+    assert len(small_data.eval_subset("val", 50)) == 100  # at least one image per class
