@@ -156,7 +156,8 @@ def eval_steps(total: int, points: int) -> list[int]:
     """The steps (or rounds), counted from 1, after which a run evaluates: `points` evenly spaced, the last
     always. Earlier ones use the evaluation subsets; the last one the full splits, for every reported or
     selecting number."""
-    return sorted({-(-k * total // points) for k in range(1, min(points, total) + 1)})
+    points = min(points, total)
+    return [-(-k * total // points) for k in range(1, points + 1)]
 
 
 def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> dict:

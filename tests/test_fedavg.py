@@ -21,7 +21,7 @@ TINY = dict(dataset="synthetic", model="tiny_vit")
 
 def tiny_config(**overrides) -> FedAvgConfig:
     values = dict(TINY, num_clients=6, participation=0.5, local_steps=2, rounds=3, batch_size=16, lr=0.05,
-                  eval_every=2)
+                  eval_points=2)
     values.update(overrides)
     return FedAvgConfig(**values)
 
@@ -411,16 +411,24 @@ def test_norms_of_client_deltas_and_of_the_average_delta():
 
 # ------------------------------------------------------------------ metrics, evaluation, accounting
 
-def test_evaluation_happens_every_eval_every_rounds_and_at_the_last(workspace, small_data):
-    result = run_fedavg(workspace, small_data, tiny_config(rounds=5, eval_every=2), progress=False)
+def test_evaluations_are_evenly_spaced_on_the_subsets_and_the_last_on_the_full_splits(workspace, small_data,
+                                                                                      monkeypatch):
+    from fedta_utils import training
+
+    sizes, real_evaluate = [], training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda model, image_set, *rest: sizes.append(len(image_set))
+                        or real_evaluate(model, image_set, *rest))
+    config = tiny_config(rounds=5, eval_points=3, eval_subset=100)
+    result = run_fedavg(workspace, small_data, config, progress=False)
     evaluated = result.metrics.dropna(subset=["val_acc"])["round"].tolist()
     assert evaluated == [2, 4, 5]
+    assert sizes == [100, 100, 100, 100, 200, 500]  # val and test subsets (1 per class), then the full splits
     assert {"test_acc", "test_loss", "val_loss", "mean_pairwise_cosine", "sign_agreement",
             "sign_conflict_fraction", "mean_client_delta_norm", "avg_delta_norm"} <= set(result.metrics)
 
 
 def test_timing_has_train_eval_and_wall_seconds_per_round(workspace, small_data):
-    result = run_fedavg(workspace, small_data, tiny_config(rounds=2, eval_every=2), progress=False)
+    result = run_fedavg(workspace, small_data, tiny_config(rounds=2, eval_points=1), progress=False)
     timing = pd.read_csv(result.run.dir / "timing.csv")
     assert timing.columns.tolist() == ["round", "train_s", "eval_s", "wall_s"]
     assert timing["eval_s"].iloc[0] == 0.0 and timing["eval_s"].iloc[1] > 0.0
