@@ -5,6 +5,7 @@ shares one run. The report is built in a temporary copy of report/ (main.tex
 and refs.bib only), so the repository's report folder is left untouched.
 """
 
+import os
 import shutil
 from pathlib import Path
 
@@ -24,5 +25,15 @@ def smoke_results(tmp_path_factory) -> dict:
     report_dir.mkdir()
     for name in REPORT_SOURCES:
         shutil.copy(REPO / "report" / name, report_dir / name)
-    run_pipeline("smoke", results_dir=base / "results", overrides={"report_dir": str(report_dir)})
+    # One thread per notebook kernel (they inherit the environment): the results are then comparable bit
+    # for bit with the team tests' workers, which share the 2 cores of CI one thread each.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        run_pipeline("smoke", results_dir=base / "results", overrides={"report_dir": str(report_dir)})
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
     return {"results_dir": base / "results", "report_dir": report_dir}

@@ -212,6 +212,8 @@ def assert_every_file_complete(root: Path) -> None:
         elif path.suffix == ".npz":
             with np.load(path) as stored:
                 [stored[key] for key in stored.files]
+        elif path.name == "attempts.log":  # appended once per start or resume: a line per attempt
+            assert all(" pid " in line for line in path.read_text().splitlines()), path
         else:
             raise AssertionError(f"unexpected file {path}")
     for run_dir in root.glob("*/*"):

@@ -189,13 +189,12 @@ def test_workers_2_and_slurm_local_end_with_the_single_process_results(smoke_res
         shutil.copy(REPO / "report" / name, tmp_path / "report" / name)
     report = ["-p", "report_dir", str(tmp_path / "report")]
     started = time.perf_counter()
-    out = finish(pipeline_process("--results-dir", str(tmp_path / "workers"), "--workers", "2", *report,
-                                  threads=None))  # as smoke_results ran
+    out = finish(pipeline_process("--results-dir", str(tmp_path / "workers"), "--workers", "2", *report))
     print(f"--workers 2 smoke pipeline: {time.perf_counter() - started:.0f} s")
     assert "[worker 1/2]" in out and "[worker 2/2]" in out
     assert run_metrics(tmp_path / "workers") == reference
     pytest.importorskip("submitit")
     finish(pipeline_process("--only", "00", "01", "02", "--results-dir", str(tmp_path / "slurm"),
                             "--slurm", "2", "--slurm-option", "cluster", "local",
-                            "--slurm-option", "timeout_min", "30", threads=None))
+                            "--slurm-option", "timeout_min", "30"))
     assert run_metrics(tmp_path / "slurm") == {k: v for k, v in reference.items() if k[:2] in ("01", "02")}
