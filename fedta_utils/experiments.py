@@ -21,7 +21,7 @@ from .optim import SCHEDULERS
 from .sharding import make_shards, shard_stats
 from .sensitivity import RULES
 from .finetune import FineTuneSpec
-from .training import CentralizedConfig, RunResult, evaluate_splits, read_complete, summarize
+from .training import CentralizedConfig, RunResult, evaluate_splits, read_complete, run_folder, summarize
 from .workspace import code_version
 
 # Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
@@ -211,11 +211,11 @@ def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, cali
     on one non-iid Nc. Each sharding also gets the dense baselines with the same rounds: the frozen
     step-0 head with a dense backbone, and plain FedAvg (trained head)."""
     seeds = check_int_list("seeds", seeds, minimum=0)
-    sweeps = sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds)
+    iid_settings = sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds)
     base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
     configs = []
     for sharding in _fl_shardings(sparse_classes_per_client):
-        settings = sweeps if sharding["sharding"] == "iid" else [(sparsity, calibration_rounds)]
+        settings = iid_settings if sharding["sharding"] == "iid" else [(sparsity, calibration_rounds)]
         for s in seeds:
             configs.append(replace(base, seed=s, finetune=FineTuneSpec(), **sharding))
             configs.append(replace(base, seed=s, finetune=finetune_spec(params), **sharding))
@@ -289,20 +289,16 @@ def run_grid(runner, ws, data, experiment, configs: list, params: dict, wait: bo
     check_against_data(configs, data)
     options = {k: params[k] for k in ("eval_batch_size", "checkpoint_every") if k in params}
     home = experiment if callable(experiment) else lambda config: experiment
+
     def run_one(i: int) -> RunResult:
         return runner(ws, data, configs[i], experiment=home(configs[i]), **options)
 
     if team.parse_worker(params.get("worker")) is None:
         return [run_one(i) for i in range(len(configs))]
     head_only = runner is run_head_only
-    runs = [(head_only_run if head_only else grid_run)(ws, c, home(c)) for c in configs]
+    runs = [(head_only_run if head_only else run_folder)(ws, c, home(c)) for c in configs]
     costs = [sum(team.run_work(c, params, head_only)[k] for k in ("train", "eval")) for c in configs]
     return team.run_share(run_one, runs, costs, params, wait, code_version())
-
-
-def grid_run(ws, config, experiment: str):
-    """The run folder of a FedAvg or centralized config (as training.checked_run names it)."""
-    return ws.run(experiment, config.run_name(), config.to_dict())
 
 
 def head_only_run(ws, config: FedAvgConfig, experiment: str = HEAD_ONLY):

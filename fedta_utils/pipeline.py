@@ -336,17 +336,46 @@ def tee(name: str, process, log: Path) -> None:
             print(f"[{name}] {line}", end="", flush=True)
 
 
+class PipelineJob:
+    """`python -m fedta_utils.pipeline ARGV` as a submitit job. When the job reaches its time limit,
+    submitit calls checkpoint() and requeues what it returns: the same command, which reads complete
+    runs back and resumes the run in progress from its last checkpoint."""
+
+    def __call__(self, argv: list[str]) -> None:
+        subprocess.run([sys.executable, "-m", "fedta_utils.pipeline", *argv], check=True)
+
+    def checkpoint(self, argv: list[str]):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, argv)
+
+
 def submit_slurm(args, argv: list[str]) -> int:
-    """--slurm N: the workers and the final pass as jobs (fedta_utils.slurm)."""
+    """--slurm N: N worker jobs through submitit (an optional dependency), then the final pass as a job
+    that starts once every worker has succeeded (afterok); on the local cluster (tests), which has no
+    dependencies, once they have finished."""
     try:
-        from . import slurm
+        import submitit
     except ImportError:
         raise ConfigError('--slurm needs submitit, an optional dependency: pip install "fedta_utils[slurm]" '
                           '(or pip install submitit)') from None
     options = {**SLURM_DEFAULTS, **{name: parse_value(value) for name, value in args.slurm_option}}
-    try:
-        folder = Path(args.results_dir) / args.profile / "slurm"
-        slurm.submit(argv, args.slurm, folder, options.pop("cluster"), options)
+    cluster, count = options.pop("cluster"), args.slurm
+    executor = submitit.AutoExecutor(folder=Path(args.results_dir) / args.profile / "slurm", cluster=cluster)
+    executor.update_parameters(name="fedta", **options)
+    workers = [executor.submit(PipelineJob(), [*argv, "--worker", f"{i}/{count}"])
+               for i in range(1, count + 1)]
+    for i, job in enumerate(workers, 1):
+        print(f"[pipeline] worker {i}/{count}: job {job.job_id}, log {job.paths.stdout}", flush=True)
+    try:  # submitit's errors name the failed job and its log files
+        if cluster == "local":
+            [job.result() for job in workers]
+        else:
+            executor.update_parameters(slurm_dependency="afterok:" + ":".join(job.job_id for job in workers))
+        final = executor.submit(PipelineJob(), argv)
+        print(f"[pipeline] final pass: job {final.job_id}, log {final.paths.stdout}", flush=True)
+        if cluster == "local":
+            final.result()
     except RuntimeError as error:
         raise WorkersFailed(str(error)) from None
     return 0

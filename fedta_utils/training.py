@@ -191,6 +191,11 @@ def checked_run(ws, data: DataBundle, config, experiment: str, eval_batch_size: 
     check_int("eval_batch_size", eval_batch_size, minimum=1)
     check_int("checkpoint_every", checkpoint_every, minimum=1)
     data.check_is(config.dataset)
+    return run_folder(ws, config, experiment)
+
+
+def run_folder(ws, config, experiment: str) -> Run:
+    """The run of a centralized or FedAvg config under `experiment`, named by the config."""
     return ws.run(experiment, config.run_name(), config.to_dict())
 
 

@@ -30,6 +30,18 @@ class Killed(Exception):
     """Stands for a process killed mid-run."""
 
 
+def kill_in_round_three(monkeypatch, ws, data, config, round_fn) -> None:
+    """Run `config` in `ws` with FedAvgRun.round = round_fn until a kill during round 3 (a run to resume)."""
+    def die_in_round_three(self, round_index):
+        if round_index == 2:
+            raise Killed("during round 3")
+        return round_fn(self, round_index)
+
+    monkeypatch.setattr(fedavg.FedAvgRun, "round", die_in_round_three)
+    with pytest.raises(Killed):
+        run_fedavg(ws, data, config, save_weights=True, progress=False)
+
+
 def load_weights(result) -> dict:
     return torch.load(result.run.dir / "model.pt", weights_only=True)
 
@@ -288,15 +300,7 @@ def test_a_run_interrupted_between_rounds_resumes_with_its_loss_scale(tmp_path, 
     assert states[1]["scale"] != pytest.approx(1.7e38), "the scale after round 2 is not the initial one"
     reference_states, states[:] = list(states), []
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
-
-    def die_in_round_three(self, round_index):
-        if round_index == 2:
-            raise Killed("during round 3")
-        return recording_round(self, round_index)
-
-    monkeypatch.setattr(fedavg.FedAvgRun, "round", die_in_round_three)
-    with pytest.raises(Killed):
-        run_fedavg(ws, small_data, config, save_weights=True, progress=False)
+    kill_in_round_three(monkeypatch, ws, small_data, config, recording_round)
     monkeypatch.setattr(fedavg.FedAvgRun, "round", recording_round)
     resumed = run_fedavg(ws, small_data, config, save_weights=True, progress=False)
     assert states == reference_states  # rounds 1-2, then round 3 resumed from the saved scale
@@ -490,15 +494,7 @@ def test_a_run_interrupted_between_rounds_resumes_to_bit_identical_results(tmp_p
                            config, save_weights=True, progress=False)
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
     real_round = fedavg.FedAvgRun.round
-
-    def die_in_round_three(self, round_index):
-        if round_index == 2:
-            raise Killed("during round 3")
-        return real_round(self, round_index)
-
-    monkeypatch.setattr(fedavg.FedAvgRun, "round", die_in_round_three)
-    with pytest.raises(Killed):
-        run_fedavg(ws, small_data, config, save_weights=True, progress=False)
+    kill_in_round_three(monkeypatch, ws, small_data, config, real_round)
     rounds_run = []
     monkeypatch.setattr(fedavg.FedAvgRun, "round",
                         lambda self, r: rounds_run.append(r) or real_round(self, r))

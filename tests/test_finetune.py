@@ -12,7 +12,7 @@ from fedta_utils import finetune
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import make_batch
 from fedta_utils.finetune import FineTuneSpec, head_cache_path, install_head, load_prepared, prepare
-from fedta_utils.heads import RIDGE_LAMBDAS, choose_ridge_lambda
+from fedta_utils.finetune import RIDGE_LAMBDAS, choose_ridge_lambda
 from fedta_utils.models import backbone_parameter_names, build_model
 from fedta_utils.sensitivity import fisher_scores, mask_sparsity
 from fedta_utils.sharding import non_iid_shards

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedta_utils.heads import (LAMBDA_TOLERANCE, LOGIT_SCALES, RIDGE_LAMBDAS, choose_ridge_lambda,
+from fedta_utils.finetune import (LAMBDA_TOLERANCE, LOGIT_SCALES, RIDGE_LAMBDAS, choose_ridge_lambda,
                                client_features, federated_ridge_head, ridge_statistics, solve_ridge)
 from fedta_utils.sharding import iid_shards, non_iid_shards
 
