@@ -30,6 +30,7 @@ CENTRALIZED = "01_centralized"
 FEDAVG_LR_SEARCH = "02_lr_search"
 FEDAVG_IID = "02_fedavg_iid"
 HETEROGENEITY = "03_heterogeneity"
+SPARSE_LR_SEARCH = "04_lr_search"
 SPARSE_FL = "04_sparse_fl"
 SPARSE_CENTRAL = "04_sparse_centralized"
 HEAD_ONLY = "04_head_only"
@@ -99,15 +100,18 @@ def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_deca
 
 def best_search_result(results: list[RunResult], regime: str) -> dict:
     """{regime}_lr, _weight_decay, _search_val_acc of the search run with the highest final (full)
-    validation accuracy (ties: the lower lr); regime 'central' (notebook 01) or 'fedavg' (02)."""
+    validation accuracy (ties: the lower lr); regime 'central' (notebook 01), 'fedavg' (02), 'sparse' (04)."""
     best = max(results, key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]))
     return {f"{regime}_lr": best.run.config["lr"], f"{regime}_weight_decay": best.run.config["weight_decay"],
             f"{regime}_search_val_acc": best.summary["final_val_acc"]}
 
 
 def with_choice(params: dict, best: dict, regime: str) -> dict:
-    """`params` where lr / weight_decay are None replaced by the search's choice (explicit values stay)."""
-    return {**params, **{k: best[f"{regime}_{k}"] for k in ("lr", "weight_decay") if params.get(k) is None}}
+    """`params` where what the search chose (lr and weight_decay; sparse_lr for regime 'sparse') is None
+    replaced by its choice (explicit values stay)."""
+    names = ["sparse_lr"] if regime == "sparse" else ["lr", "weight_decay"]
+    return {**params, **{k: best[k if k.startswith(regime) else f"{regime}_{k}"] for k in names
+                         if params.get(k) is None}}
 
 
 # --------------------------------------------------------------------------- notebooks 02 and 03
@@ -205,21 +209,36 @@ def sweeps(table: pd.DataFrame) -> dict:
             "calibration_rounds": sparse[sparse["sparsity"] == default_sparsity]}
 
 
+def sparse_search_configs(sparse_search_lrs, sparse_search_rounds, sparsity, calibration_rounds,
+                          weight_decay, **params) -> list[FedAvgConfig]:
+    """Notebook 04: the client lr of fine-tuning under the frozen step-0 head, at the default sparse
+    setting (iid, J, fewer rounds, one seed, FedAvg's weight decay), judged on validation."""
+    lrs = check_float_list("sparse_search_lrs", sparse_search_lrs, 0.0, None, low_open=True)
+    rounds = check_int("sparse_search_rounds", sparse_search_rounds, minimum=1)
+    spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=sparsity,
+                         calibration_rounds=calibration_rounds)
+    return [replace(config, finetune=spec)
+            for config in fedavg_search_configs(lrs, [weight_decay], rounds, **params)]
+
+
 def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, calibration_rounds,
-                      sparse_classes_per_client, local_steps, rounds, **params) -> list[FedAvgConfig]:
+                      sparse_classes_per_client, local_steps, rounds, sparse_lr,
+                      **params) -> list[FedAvgConfig]:
     """Notebook 04: the sparsity and R sweeps (least-sensitive rule) on iid shards; the default setting
     on one non-iid Nc. Each sharding also gets the dense baselines with the same rounds: the frozen
-    step-0 head with a dense backbone, and plain FedAvg (trained head)."""
+    step-0 head with a dense backbone, and plain FedAvg (trained head, FedAvg's lr). Every run under the
+    frozen head trains at `sparse_lr`."""
     seeds = check_int_list("seeds", seeds, minimum=0)
     iid_settings = sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds)
     base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
+    under_head = replace(base, lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True))
     configs = []
     for sharding in _fl_shardings(sparse_classes_per_client):
         settings = iid_settings if sharding["sharding"] == "iid" else [(sparsity, calibration_rounds)]
         for s in seeds:
             configs.append(replace(base, seed=s, finetune=FineTuneSpec(), **sharding))
-            configs.append(replace(base, seed=s, finetune=finetune_spec(params), **sharding))
-            configs += [replace(base, seed=s, **sharding, finetune=finetune_spec(
+            configs.append(replace(under_head, seed=s, finetune=finetune_spec(params), **sharding))
+            configs += [replace(under_head, seed=s, **sharding, finetune=finetune_spec(
                 params, mask_rule="least_sensitive", sparsity=sp, calibration_rounds=r))
                 for sp, r in settings]
     return configs
@@ -250,13 +269,14 @@ def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central
 
 
 def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sparse_classes_per_client,
-                      local_steps, rounds, **params) -> list[FedAvgConfig]:
-    """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed."""
+                      local_steps, rounds, sparse_lr, **params) -> list[FedAvgConfig]:
+    """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed, at 04's sparse_lr."""
     seeds = check_int_list("seeds", seeds, minimum=0)
     rules = check_choice_list("rules", rules, RULES)
     sparsities = check_float_list("rule_sparsities", rule_sparsities, 0.0, 1.0, high_open=True)
     check_int("rule_calibration_rounds", rule_calibration_rounds, minimum=1)
-    base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
+    base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds,
+                   lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True))
     return [replace(base, seed=s, **sharding, finetune=finetune_spec(
                 params, mask_rule=rule, sparsity=sp, calibration_rounds=rule_calibration_rounds))
             for sharding in _fl_shardings(sparse_classes_per_client)

@@ -150,7 +150,7 @@ def shard_table(root) -> pd.DataFrame:
 
 
 def lr_search_table(root, experiment: str = LR_SEARCH) -> pd.DataFrame:
-    """`val` of every (lr, weight_decay) of notebook 01's search (or FEDAVG_LR_SEARCH, notebook 02's);
+    """`val` of every (lr, weight_decay) of notebook 01's search (or 02's, 04's: FEDAVG_, SPARSE_LR_SEARCH);
     `chosen`: the pair kept."""
     runs = _runs(root, experiment).sort_values(["lr", "weight_decay"], kind="stable")
     return choose(mean_std(runs, ["lr", "weight_decay"]))

@@ -25,6 +25,7 @@ import ast
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -56,12 +57,14 @@ NOTEBOOK_GRIDS = {
            ("FedAvg iid", "fedavg_iid_configs", experiments.FEDAVG_IID)],
     "03": [("heterogeneity grid", "heterogeneity_configs", "heterogeneity_home")],
     "04": [("head only", "head_only_configs", experiments.HEAD_ONLY),
+           ("lr search", "sparse_search_configs", experiments.SPARSE_LR_SEARCH),
            ("sparse FedAvg grid", "sparse_fl_configs", experiments.SPARSE_FL),
            ("centralized sparse", "sparse_central_configs", experiments.SPARSE_CENTRAL)],
     "05": [("mask rules", "mask_rule_configs", experiments.MASK_RULES)],
 }
 # The searches' choices are unknown before they run (any value costs the same).
-PLACEHOLDER_HPARAMS = {"lr": 0.01, "weight_decay": 0.0, "central_lr": 0.01, "central_weight_decay": 0.0}
+PLACEHOLDER_HPARAMS = {"lr": 0.01, "weight_decay": 0.0, "central_lr": 0.01, "central_weight_decay": 0.0,
+                       "sparse_lr": 0.01}
 SMALL_IMG_SIZE = 160  # the cheaper input size the dry-run also prices
 
 
@@ -342,7 +345,13 @@ class PipelineJob:
     runs back and resumes the run in progress from its last checkpoint."""
 
     def __call__(self, argv: list[str]) -> None:
-        subprocess.run([sys.executable, "-m", "fedta_utils.pipeline", *argv], check=True)
+        process = subprocess.Popen([sys.executable, "-m", "fedta_utils.pipeline", *argv], start_new_session=True)
+        try:
+            if process.wait():
+                raise subprocess.CalledProcessError(process.returncode, argv)
+        finally:  # submitit's time-limit handler exits through here: stop the notebook kernel too
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
 
     def checkpoint(self, argv: list[str]):
         from submitit.helpers import DelayedSubmission

@@ -28,7 +28,7 @@ import pandas as pd
 
 from . import figures
 from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
-                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, sweeps)
+                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, SPARSE_LR_SEARCH, sweeps)
 from .figures import NoResults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,8 @@ BODY_PAGE_LIMIT = 8  # the course's limit: pages up to \label{LastBodyPage}, ref
 NA = r"\textit{n/a}"  # the value of a macro whose experiment has no results
 INSTALL_TEX = "sudo apt-get install -y latexmk texlive-latex-extra texlive-fonts-recommended " \
               "texlive-bibtex-extra lmodern"  # Debian / Ubuntu
-EXPERIMENTS = (LR_SEARCH, CENTRALIZED, FEDAVG_LR_SEARCH, FEDAVG_IID, HETEROGENEITY, HEAD_ONLY, SPARSE_FL,
-               SPARSE_CENTRAL, MASK_RULES)
+EXPERIMENTS = (LR_SEARCH, CENTRALIZED, FEDAVG_LR_SEARCH, FEDAVG_IID, HETEROGENEITY, HEAD_ONLY,
+               SPARSE_LR_SEARCH, SPARSE_FL, SPARSE_CENTRAL, MASK_RULES)
 NOTICE = (r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %s build.} Every number, table and "
           r"figure below comes from the \texttt{%s} profile, which checks that the pipeline runs end to "
           r"end. Only a build from the \texttt{full} profile reports the study.}}")
@@ -54,6 +54,7 @@ MACROS = {  # every macro of numbers.tex -> the comment written beside it; accur
     "CentralizedBestAcc": "its accuracy, mean +- std", "CentralizedProvenance": "caption provenance",
     "FedAvgSearchGrid": "notebook 02's client lr search", "FedAvgChosenLr": "client lr chosen on validation",
     "FedAvgChosenWeightDecay": "client weight decay chosen on validation",
+    "SparseSearchGrid": "notebook 04's lr search under the frozen head", "SparseChosenLr": "its chosen lr",
     "FedAvgSetting": "the FedAvg iid runs", "FedAvgIidAcc": "their accuracy, mean +- std",
     "EqualSamplesBudget": "training images both FedAvg and centralized processed",
     "FedAvgProvenance": "caption provenance of notebook 02",
@@ -229,13 +230,18 @@ def _search(root, profile: str) -> dict:
             "SearchValAcc": f"{best['val'] * 100:.1f}\\,\\%", "SearchProvenance": provenance(profile, table)}
 
 
-def _fedavg_search(root, profile: str) -> dict:
-    table, runs = figures.lr_search_table(root, FEDAVG_LR_SEARCH), figures.load_runs(root, FEDAVG_LR_SEARCH)
-    best = _row(table, chosen=True)
-    return {"FedAvgSearchGrid": f"client learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
-                                f"\\{{{listing(table['weight_decay'])}\\}}, "
-                                f"{listing(runs['rounds'])} rounds each",
-            "FedAvgChosenLr": number(best["lr"]), "FedAvgChosenWeightDecay": number(best["weight_decay"])}
+def _client_searches(root, profile: str) -> dict:
+    """Notebook 02's client lr x weight decay search and notebook 04's lr search under the frozen head."""
+    values = {}
+    for prefix, experiment in (("FedAvg", FEDAVG_LR_SEARCH), ("Sparse", SPARSE_LR_SEARCH)):
+        if not (runs := figures.load_runs(root, experiment)).empty:
+            best = _row(figures.lr_search_table(root, experiment), chosen=True)
+            values.update({f"{prefix}SearchGrid": f"client learning rates \\{{{listing(runs['lr'])}\\}} and "
+                           f"weight decays \\{{{listing(runs['weight_decay'])}\\}}, "
+                           f"{listing(runs['rounds'])} rounds each",
+                           f"{prefix}ChosenLr": number(best["lr"]),
+                           f"{prefix}ChosenWeightDecay": number(best["weight_decay"])})
+    return values
 
 
 def _centralized(root, profile: str) -> dict:
@@ -272,6 +278,7 @@ def _sparse(root, profile: str) -> dict:
     table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
     sweep = sweeps(table[table["sharding_label"] == "iid"])
     at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
+    ridge = "fixed" if runs["finetune.ridge_lambda"].notna().all() else "chosen on validation"
     values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
                                f"on iid shards sparsity $s \\in \\{{{listing(at_r['sparsity'])}\\}}$ at "
                                f"$R{{=}}{listing(at_r['calibration_rounds'])}$ and $R \\in "
@@ -279,7 +286,7 @@ def _sparse(root, profile: str) -> dict:
                                f"$s{{=}}{listing(at_s['sparsity'])}$; "
                                f"$N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards at that default, "
                                f"{listing(runs['finetune.calibration_samples'])} Fisher samples per round, "
-                               f"ridge $\\lambda{{=}}{listing(runs['finetune.ridge_lambda'])}$",
+                               f"ridge penalty {listing(runs.get('ridge_lambda', runs['finetune.ridge_lambda']))} ({ridge})",
               "SparseProvenance": provenance(profile, table)}
     for _, best in table[table["chosen"]].iterrows():
         key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
@@ -317,7 +324,7 @@ FIGURES = {"lr_search": figures.lr_search_heatmap, "centralized_curves": figures
            "mask_overlap": figures.mask_overlap_heatmap, "layer_density": figures.block_density_figure}
 TABLES = {"shards": _shards_tex, "centralized": _centralized_tex, "fedavg": _fedavg_tex,
           "sparse": _sparse_tex, "mask_rules": _rules_tex, "rule_interference": _interference_tex}
-SECTIONS = (_overview, _data, _search, _centralized, _fedavg_search, _fedavg, _heterogeneity, _sparse,
+SECTIONS = (_overview, _data, _search, _centralized, _client_searches, _fedavg, _heterogeneity, _sparse,
             _sparse_central, _rules)
 
 

@@ -40,9 +40,11 @@ COLAB_DRIVE_MOUNT = "/content/drive"
 PROFILE_INPUTS = {"smoke": {"dataset": "synthetic", "model": "tiny_vit"},
                   "full": {"dataset": "cifar100", "model": "dino_vits16"}}
 # A parameter left None takes the value an earlier notebook chose on validation: name -> (hparams.json
-# key, the notebook whose search stores it). FedAvg's client lr is tuned for FedAvg, not reused from 01.
+# key, the notebook whose search stores it). FedAvg's client lr is tuned for FedAvg, not reused from 01;
+# fine-tuning under a frozen head gets its own (sparse_lr), since the head sets its gradients' scale.
 CHOSEN = {"lr": ("fedavg_lr", "02"), "weight_decay": ("fedavg_weight_decay", "02"),
-          "central_lr": ("central_lr", "01"), "central_weight_decay": ("central_weight_decay", "01")}
+          "central_lr": ("central_lr", "01"), "central_weight_decay": ("central_weight_decay", "01"),
+          "sparse_lr": ("sparse_lr", "04")}
 
 
 @functools.lru_cache(maxsize=1)

@@ -344,7 +344,7 @@ FEDAVG_SETTINGS = dict(dataset="synthetic", model="tiny_vit", num_clients=100, p
                        lr=0.05, weight_decay=0.0, momentum=0.9, lr_schedule="constant", server_lr=1.0,
                        server_momentum=0.0, eval_points=2, precision="auto")
 SPARSE_GRID = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, sparse_classes_per_client=5, sparsity=0.9,
-                   calibration_rounds=2)
+                   calibration_rounds=2, sparse_lr=0.01)
 CENTRAL_SETTINGS = dict(dataset="synthetic", model="tiny_vit", seeds=[0], epochs=2, batch_size=64, momentum=0.9,
                         search_lrs=[0.03], search_weight_decays=[0.0], search_epochs=1,
                         schedulers=["cosine"], warmup_epochs=0.5, precision="auto")
@@ -398,6 +398,14 @@ GRID_CASES = [
      dict(SPARSE_GRID, epochs=1, warmup_epochs=0.0, central_batch_size=64, central_lr=0.05,
           central_weight_decay=0.0, sparsity=0.9, calibration_rounds=2), {"central_batch_size": 0},
      "central_batch_size=0 is too small; it must be >= 1"),
+    (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
+     {"sparse_lr": None}, "sparse_lr must be a number"),
+    (experiments.sparse_search_configs, dict(SPARSE_GRID, sparse_search_lrs=[0.01], sparse_search_rounds=2),
+     {"sparse_search_lrs": [0.0]}, "sparse_search_lrs[0]=0 is out of range; it must be in (0, inf)"),
+    (experiments.sparse_search_configs, dict(SPARSE_GRID, sparse_search_lrs=[0.01], sparse_search_rounds=2),
+     {"sparse_search_rounds": 0}, "sparse_search_rounds=0 is too small; it must be >= 1"),
+    (experiments.mask_rule_configs, dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
+     {"sparse_lr": -1.0}, "sparse_lr=-1 is out of range; it must be in (0, inf)"),
     (experiments.mask_rule_configs,
      dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2), {"rules": ["fisher"]},
      "rules[0]='fisher' is not allowed; choose one of ['least_sensitive'"),

@@ -108,13 +108,32 @@ def test_smoke_pipeline_completes_every_experiment(smoke_results):
     from fedta_utils import experiments
 
     root = smoke_results["results_dir"] / "smoke"
-    for experiment in (experiments.LR_SEARCH, experiments.CENTRALIZED, experiments.FEDAVG_IID,
-                       experiments.HETEROGENEITY, experiments.HEAD_ONLY, experiments.SPARSE_FL,
-                       experiments.SPARSE_CENTRAL, experiments.MASK_RULES):
+    for experiment in (experiments.LR_SEARCH, experiments.CENTRALIZED, experiments.FEDAVG_LR_SEARCH,
+                       experiments.FEDAVG_IID, experiments.HETEROGENEITY, experiments.HEAD_ONLY,
+                       experiments.SPARSE_LR_SEARCH, experiments.SPARSE_FL, experiments.SPARSE_CENTRAL,
+                       experiments.MASK_RULES):
         runs = list((root / experiment).iterdir())
         assert runs, experiment
         assert all((run / "summary.json").is_file() for run in runs), experiment
         assert not list((root / experiment).glob("*/checkpoint-*.pt")), "complete runs keep no checkpoints"
+
+
+@pytest.mark.slow
+def test_smoke_sparse_fine_tuning_under_the_chosen_head_ends_no_lower_than_the_head_alone(smoke_results):
+    from fedta_utils import experiments, figures
+
+    root = smoke_results["results_dir"] / "smoke"
+    heads = figures.load_runs(root, experiments.HEAD_ONLY).query("sharding == 'iid'")
+    assert heads["finetune.ridge_lambda"].isna().all()  # the penalty was chosen on validation ...
+    assert (heads["ridge_lambda"] < 1.0).all()  # ... and the choice is not the old fixed default
+    hparams = json.loads((root / "hparams.json").read_text())
+    sparse = figures.load_runs(root, experiments.SPARSE_FL).query(
+        "sharding == 'iid' and `finetune.mask_rule` == 'least_sensitive' and `finetune.sparsity` == 0.9 "
+        "and `finetune.calibration_rounds` == 2")
+    assert (sparse["lr"] == hparams["sparse_lr"]).all() and sparse["ridge_lambda"].equals(
+        heads["ridge_lambda"].set_axis(sparse.index))  # under the same head, at the lr 04 chose
+    assert len(sparse) == len(heads) == len(SMOKE["seeds"])
+    assert sparse["final_val_acc"].mean() >= heads["final_val_acc"].mean()
 
 
 def test_smoke_profile_is_one_parameters_file_that_the_pipeline_and_papermill_read(tmp_path):
@@ -179,3 +198,29 @@ def test_every_run_identity_carries_the_results_format_and_config_json_the_code_
     run = workspace.run("exp", "a", {"lr": 0.1})
     assert run.config == {"lr": 0.1, "results_format": RESULTS_FORMAT}
     assert run.code_version == code_version() and code_version()
+
+
+def test_a_parameter_left_none_takes_the_value_the_notebook_that_searched_it_stored(tmp_path):
+    from fedta_utils.workspace import setup_notebook
+
+    namespace = {k: ast.literal_eval(v["default"]) for k, v in declared_parameters(NOTEBOOKS["05"]).items()}
+    namespace.update({k: v for k, v in SMOKE.items() if k in namespace}, results_dir=str(tmp_path / "results"))
+    (tmp_path / "results" / "smoke").mkdir(parents=True)
+    hparams = tmp_path / "results" / "smoke" / "hparams.json"
+    hparams.write_text(json.dumps({"fedavg_lr": 0.1, "fedavg_weight_decay": 1e-4}))
+    with pytest.raises(ConfigError, match="sparse_lr=None takes sparse_lr from .* run notebook 04 first"):
+        setup_notebook("05", dict(namespace))
+    hparams.write_text(json.dumps({"fedavg_lr": 0.1, "fedavg_weight_decay": 1e-4, "sparse_lr": 0.003}))
+    _, _, params = setup_notebook("05", dict(namespace))
+    assert (params["lr"], params["weight_decay"], params["sparse_lr"]) == (0.1, 1e-4, 0.003)
+    _, _, params = setup_notebook("05", dict(namespace, sparse_lr=0.02, lr=0.05))  # a set value wins
+    assert (params["lr"], params["sparse_lr"]) == (0.05, 0.02)
+
+
+def test_a_search_fills_only_what_it_chose_and_what_was_left_none():
+    from fedta_utils.experiments import with_choice
+
+    best = {"sparse_lr": 0.003, "sparse_weight_decay": 0.0, "fedavg_lr": 0.03, "fedavg_weight_decay": 0.0}
+    assert with_choice({"sparse_lr": None, "lr": 0.1}, best, "sparse") == {"sparse_lr": 0.003, "lr": 0.1}
+    assert with_choice({"sparse_lr": 0.02}, best, "sparse") == {"sparse_lr": 0.02}
+    assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {"lr": 0.03, "weight_decay": 1e-4}

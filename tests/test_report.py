@@ -18,7 +18,7 @@ import torch
 
 from fedta_utils import figures, report
 from fedta_utils.experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY,
-                                     LR_SEARCH, MASK_RULES, SPARSE_CENTRAL, SPARSE_FL)
+                                     LR_SEARCH, MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, SPARSE_LR_SEARCH)
 from fedta_utils.runs import rows_to_csv
 
 from conftest import needs_tex
@@ -91,8 +91,13 @@ def write_study(root) -> None:
         write_run(root, FEDAVG_LR_SEARCH, f"search-lr{lr}", {**FL, "seed": 0, "rounds": 3, "lr": lr,
                                                             "weight_decay": 0.0}, {"final_val_acc": val},
                   [{"round": 3, "val_acc": val}])
+    for lr, val in ((0.003, 0.42), (0.01, 0.38)):  # notebook 04's lr search under the frozen head
+        write_run(root, SPARSE_LR_SEARCH, f"search-lr{lr}", {**FL, "seed": 0, "rounds": 3, "lr": lr,
+                                                            "weight_decay": 0.0, "finetune": sparse_spec(0.9)},
+                  {"final_val_acc": val}, [{"round": 3, "val_acc": val}])
     (Path(root) / "hparams.json").write_text(json.dumps({"central_lr": 0.1, "central_weight_decay": 0.0,
-                                                         "fedavg_lr": 0.01, "fedavg_weight_decay": 0.0}))
+                                                         "fedavg_lr": 0.01, "fedavg_weight_decay": 0.0,
+                                                         "sparse_lr": 0.003}))
     write_centralized(root, "cosine", val=[0.60, 0.62, 0.64], test=[0.80, 0.82, 0.84])
     write_centralized(root, "step", val=[0.50, 0.52, 0.54], test=[0.90, 0.92, 0.94])
     write_centralized(root, "cosine", val=[0.99], test=[0.99], lr=0.01)  # not at the chosen lr: ignored
@@ -236,6 +241,12 @@ def test_numbers_tex_defines_every_macro_once_and_parses_back(study):
     names = re.findall(r"\\newcommand\{\\([A-Za-z]+)\}", text)
     assert sorted(names) == sorted(report.MACROS) and len(names) == len(set(names))
     assert set(numbers(study[1])) == set(report.MACROS)
+
+
+def test_the_client_searches_report_their_validation_choices(study):
+    values = numbers(study[1])
+    assert (values["FedAvgChosenLr"], values["SparseChosenLr"]) == ("0.01", "0.003")
+    assert values["SparseSearchGrid"].startswith(r"client learning rates \{0.003, 0.01\}")
 
 
 def test_a_complete_study_fills_every_macro_without_warnings(study):

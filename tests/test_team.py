@@ -197,3 +197,26 @@ def test_workers_2_and_slurm_local_end_with_the_single_process_results(smoke_res
                             "--slurm", "2", "--slurm-option", "cluster", "local",
                             "--slurm-option", "timeout_min", "30"))
     assert run_metrics(tmp_path / "slurm") == {k: v for k, v in reference.items() if k[:2] in ("01", "02")}
+
+
+@pytest.mark.slow
+def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(single_process, tmp_path,
+                                                                              monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it, as the reference did
+    results = tmp_path / "results"
+    executor = submitit.LocalExecutor(folder=tmp_path / "slurm")
+    executor.update_parameters(timeout_min=30)
+    job = executor.submit(pipeline.PipelineJob(), ["--profile", "smoke", "--only", "01",
+                                                   "--results-dir", str(results)])
+    deadline = time.monotonic() + 600
+    while not (in_flight := [p.parent for p in (results / "smoke").glob("*/*/checkpoint-*.pt")]):
+        assert time.monotonic() < deadline and not job.done(), "no checkpoint appeared"
+        time.sleep(0.05)
+    job._interrupt()  # the signal Slurm's time limit sends (submitit's USR2), mid-run
+    job.result()
+    assert "Requeued job" in job.stderr()  # submitit's checkpoint hook requeued the same command
+    killed = f"{in_flight[0].parent.name}/{in_flight[0].name}"
+    reference = run_metrics(single_process)
+    assert run_metrics(results) == {k: v for k, v in reference.items() if k.startswith("01")}
+    assert attempts(results)[killed] == 2  # the interrupted run resumed from its checkpoint
