@@ -98,12 +98,20 @@ def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_deca
             for scheduler in schedulers for seed in seeds]
 
 
-def best_search_result(results: list[RunResult], regime: str) -> dict:
-    """{regime}_lr, _weight_decay, _search_val_acc of the search run with the highest final (full)
-    validation accuracy (ties: the lower lr); regime 'central' (notebook 01), 'fedavg' (02), 'sparse' (04)."""
-    best = max(results, key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]))
-    return {f"{regime}_lr": best.run.config["lr"], f"{regime}_weight_decay": best.run.config["weight_decay"],
-            f"{regime}_search_val_acc": best.summary["final_val_acc"]}
+def run_search(runner, ws, data, experiment: str, configs: list, params: dict, regime: str) -> dict:
+    """A search stage (every worker's share done first) and its choice, stored in hparams.json for the
+    later notebooks; returns `params` with what it chose where they are None (with_choice).
+
+    The choice: the run with the highest final (full) validation accuracy, the lower lr on a tie, stored
+    as {regime}_lr, _weight_decay and _search_val_acc; regime 'central' (notebook 01), 'fedavg' (02)
+    or 'sparse' (04)."""
+    top = max(run_grid(runner, ws, data, experiment, configs, params),
+              key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]))
+    best = {f"{regime}_lr": top.run.config["lr"], f"{regime}_weight_decay": top.run.config["weight_decay"],
+            f"{regime}_search_val_acc": top.summary["final_val_acc"]}
+    ws.save_hparams(best)
+    print("chosen on validation:", best)
+    return with_choice(params, best, regime)
 
 
 def with_choice(params: dict, best: dict, regime: str) -> dict:
@@ -209,16 +217,17 @@ def sweeps(table: pd.DataFrame) -> dict:
             "calibration_rounds": sparse[sparse["sparsity"] == default_sparsity]}
 
 
-def sparse_search_configs(sparse_search_lrs, sparse_search_rounds, sparsity, calibration_rounds,
-                          weight_decay, **params) -> list[FedAvgConfig]:
-    """Notebook 04: the client lr of fine-tuning under the frozen step-0 head, at the default sparse
-    setting (iid, J, fewer rounds, one seed, FedAvg's weight decay), judged on validation."""
+def sparse_search_configs(sparse_search_lrs, sparse_search_rounds, **params) -> list[FedAvgConfig]:
+    """Notebook 04: the client lr of fine-tuning under the frozen step-0 head, judged on validation: the
+    grid's default-setting run (iid, first seed) at each lr, with fewer rounds. Building the grid (at a
+    stand-in lr) also checks its parameters, so that a typo there fails before the search trains."""
     lrs = check_float_list("sparse_search_lrs", sparse_search_lrs, 0.0, None, low_open=True)
     rounds = check_int("sparse_search_rounds", sparse_search_rounds, minimum=1)
-    spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=sparsity,
-                         calibration_rounds=calibration_rounds)
-    return [replace(config, finetune=spec)
-            for config in fedavg_search_configs(lrs, [weight_decay], rounds, **params)]
+    grid = sparse_fl_configs(**{**params, "sparse_lr": 1.0})
+    default = finetune_spec(params, mask_rule="least_sensitive", sparsity=params["sparsity"],
+                            calibration_rounds=params["calibration_rounds"])
+    first = next(c for c in grid if c.sharding == "iid" and c.finetune == default)
+    return [replace(first, lr=lr, rounds=rounds, evaluate_test=False) for lr in lrs]
 
 
 def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, calibration_rounds,
@@ -307,6 +316,7 @@ def run_grid(runner, ws, data, experiment, configs: list, params: dict, wait: bo
     results a later stage needs) waits for the other shares, else the complete results are returned.
     """
     check_against_data(configs, data)
+    print(f"{len(configs)} runs", flush=True)
     options = {k: params[k] for k in ("eval_batch_size", "checkpoint_every") if k in params}
     home = experiment if callable(experiment) else lambda config: experiment
 

@@ -36,6 +36,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
+from . import team
 from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
                           MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, sweeps)
 from .sensitivity import RULES, jaccard, mask_density_by_parameter, unpack_masks
@@ -53,14 +54,6 @@ class NoResults(LookupError):
 
 
 # --------------------------------------------------------------------------- loaders
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{'finetune': {'head': 'ridge'}} -> {'finetune.head': 'ridge'}."""
-    flat = {}
-    for key, value in config.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return flat
-
 
 def _labelled(run: dict, experiment: str) -> dict:
     """The run with its display labels; sparsity and R only where a mask rule makes them matter."""
@@ -83,7 +76,8 @@ def load_runs(root, experiment: str | tuple[str, ...]) -> pd.DataFrame:
     Empty (no columns) when the experiment has no complete run. A tuple of experiments: all their runs.
     """
     folders = (experiment,) if isinstance(experiment, str) else experiment
-    rows = [_labelled({**flatten(json.loads((path.parent / "config.json").read_text())),
+    rows = [_labelled({**pd.json_normalize(json.loads((path.parent / "config.json").read_text()))
+                       .to_dict("records")[0],  # nested keys flattened: finetune.head
                        **json.loads(path.read_text()), "run_dir": str(path.parent)}, folder)
             for folder in folders for path in sorted(Path(root, folder).glob("*/summary.json"))]
     rows.sort(key=lambda r: ({"iid": -1, "non_iid": 0}.get(r.get("sharding"), 1),  # iid, then by Nc,
@@ -326,6 +320,9 @@ def _figure(width: float, aspect: float, title: str):
             try:
                 fig, seeds = draw(root, profile)
                 fig.suptitle(f"{title} (profile {profile}, {seeds} seed{'s' if seeds != 1 else ''})")
+                if pending := [name.rsplit("-", 1)[0] for names in team.PENDING.values() for name in names]:
+                    fig.text(0, 0, f"Not drawn, not complete yet ({len(pending)} runs): {', '.join(pending)}",
+                             fontsize=5, color="crimson", va="top", wrap=True)
             except NoResults as missing:
                 fig = placeholder(f"{title}: no results yet (profile {profile})", str(missing))
             if fig.axes[-1].get_legend() is not None:

@@ -186,10 +186,9 @@ def head_key(config) -> tuple | None:
     """What a cached step-0 head depends on (the fields of its cache path), or None for a trained head."""
     if config.finetune.head == "train":
         return None
-    if isinstance(config, FedAvgConfig):
-        return config.model, config.dataset, config.finetune.ridge_lambda, config.sharding_name(), \
-            config.num_clients, config.seed
-    return config.model, config.dataset, config.finetune.ridge_lambda, "centralized", config.seed
+    fed = isinstance(config, FedAvgConfig)
+    return (config.model, config.dataset, config.finetune.ridge_lambda, config.sharding_name() if fed else
+            "centralized", config.num_clients if fed else 1, config.seed)
 
 
 def work_table(groups: list[dict]) -> pd.DataFrame:
@@ -247,8 +246,8 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     kind = "GPU" if "cuda" in setup else "CPU"
     print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
     print(f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image "
-          f"{seconds['train']:.2e}, "
-          f"per evaluated image {seconds['eval']:.2e}, per Fisher sample {seconds['fisher']:.2e}")
+          f"{seconds['train']:.2e}, per evaluated image {seconds['eval']:.2e}, per Fisher sample "
+          f"{seconds['fisher']:.2e}")
     hours = [c for c in table.columns if c.startswith("hours")]
     totals = table.groupby("notebook", sort=False)[["runs", "train", "eval", "fisher", *hours]].sum()
     totals.loc["total"] = totals.sum()
@@ -345,7 +344,8 @@ class PipelineJob:
     runs back and resumes the run in progress from its last checkpoint."""
 
     def __call__(self, argv: list[str]) -> None:
-        process = subprocess.Popen([sys.executable, "-m", "fedta_utils.pipeline", *argv], start_new_session=True)
+        command = [sys.executable, "-m", "fedta_utils.pipeline", *argv]
+        process = subprocess.Popen(command, start_new_session=True)
         try:
             if process.wait():
                 raise subprocess.CalledProcessError(process.returncode, argv)

@@ -278,7 +278,8 @@ def _sparse(root, profile: str) -> dict:
     table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
     sweep = sweeps(table[table["sharding_label"] == "iid"])
     at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
-    ridge = "fixed" if runs["finetune.ridge_lambda"].notna().all() else "chosen on validation"
+    ridge = f"{listing(runs.get('ridge_lambda', runs['finetune.ridge_lambda']))} (" + \
+        ("fixed)" if runs["finetune.ridge_lambda"].notna().all() else "chosen on validation)")
     values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
                                f"on iid shards sparsity $s \\in \\{{{listing(at_r['sparsity'])}\\}}$ at "
                                f"$R{{=}}{listing(at_r['calibration_rounds'])}$ and $R \\in "
@@ -286,7 +287,7 @@ def _sparse(root, profile: str) -> dict:
                                f"$s{{=}}{listing(at_s['sparsity'])}$; "
                                f"$N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards at that default, "
                                f"{listing(runs['finetune.calibration_samples'])} Fisher samples per round, "
-                               f"ridge penalty {listing(runs.get('ridge_lambda', runs['finetune.ridge_lambda']))} ({ridge})",
+                               f"ridge penalty {ridge}",
               "SparseProvenance": provenance(profile, table)}
     for _, best in table[table["chosen"]].iterrows():
         key = "Iid" if best["sharding_label"] == "iid" else "NonIid"

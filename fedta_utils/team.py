@@ -26,6 +26,8 @@ from .runs import RunLockedError, read_metrics
 from .training import eval_steps
 
 WAIT_POLL = 5.0  # seconds between two looks at the shared folder
+# experiment -> run folders of this process's worker grids not complete when last listed (figures mark them)
+PENDING: dict[str, list[str]] = {}
 CIFAR_TRAIN, CIFAR_TEST, CLASSES = 50_000, 10_000, 100
 
 
@@ -140,4 +142,7 @@ def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool,
     else:
         wait_for(lambda: "" if any(r.is_complete for r in runs) else "a first complete run", limit)
         print(status(runs, owners).to_string(index=False), flush=True)
+        for experiment in {run.dir.parent.name for run in runs}:
+            PENDING[experiment] = [r.dir.name for r in runs if r.dir.parent.name == experiment
+                                   and not r.is_complete]
     return [run_one(index) for index, run in enumerate(runs) if run.is_complete]

@@ -127,21 +127,16 @@ class Workspace:
 
     def save_hparams(self, values: dict) -> None:
         """Record values chosen on the validation split (read by later notebooks)."""
-        atomic_write_json(self.hparams_path, {**self.load_hparams(default={}), **values})
+        atomic_write_json(self.hparams_path, {**self.load_hparams(), **values})
 
-    def load_hparams(self, default: dict | None = None) -> dict:
-        if self.hparams_path.is_file():
-            return json.loads(self.hparams_path.read_text())
-        if default is not None:
-            return dict(default)
-        raise FileNotFoundError(f"{self.hparams_path} does not exist yet: run notebooks 01 and 02 (their "
-                                "searches) first with the same results_dir and profile")
+    def load_hparams(self) -> dict:
+        """Every value stored so far ({} before the first search)."""
+        return json.loads(self.hparams_path.read_text()) if self.hparams_path.is_file() else {}
 
     def chosen(self, name: str) -> float:
         """The value of parameter `name` (a key of CHOSEN) that an earlier notebook chose on validation."""
         stored, source = CHOSEN[name]
-        values = self.load_hparams(default={})
-        if stored not in values:
+        if stored not in (values := self.load_hparams()):
             raise ConfigError(f"{name}=None takes {stored} from {self.hparams_path}, which notebook {source} "
                               f"stores after its search: run notebook {source} first with the same "
                               f"results_dir and profile, or set {name} in the parameters cell")
@@ -186,7 +181,7 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     for name, (stored, source) in CHOSEN.items():
         if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
             if worker:  # another worker may still be running that search
-                team.wait_for(lambda: "" if stored in ws.load_hparams(default={}) else
+                team.wait_for(lambda: "" if stored in ws.load_hparams() else
                               f"{stored} in hparams.json (notebook {source}'s search, all workers)",
                               params.get("wait_limit", 3600))
             params[name] = ws.chosen(name)

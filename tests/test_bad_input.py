@@ -345,6 +345,8 @@ FEDAVG_SETTINGS = dict(dataset="synthetic", model="tiny_vit", num_clients=100, p
                        server_momentum=0.0, eval_points=2, precision="auto")
 SPARSE_GRID = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, sparse_classes_per_client=5, sparsity=0.9,
                    calibration_rounds=2, sparse_lr=0.01)
+SPARSE_SEARCH = dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1], sparse_search_lrs=[0.01],
+                     sparse_search_rounds=2)
 CENTRAL_SETTINGS = dict(dataset="synthetic", model="tiny_vit", seeds=[0], epochs=2, batch_size=64, momentum=0.9,
                         search_lrs=[0.03], search_weight_decays=[0.0], search_epochs=1,
                         schedulers=["cosine"], warmup_epochs=0.5, precision="auto")
@@ -400,10 +402,14 @@ GRID_CASES = [
      "central_batch_size=0 is too small; it must be >= 1"),
     (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
      {"sparse_lr": None}, "sparse_lr must be a number"),
-    (experiments.sparse_search_configs, dict(SPARSE_GRID, sparse_search_lrs=[0.01], sparse_search_rounds=2),
-     {"sparse_search_lrs": [0.0]}, "sparse_search_lrs[0]=0 is out of range; it must be in (0, inf)"),
-    (experiments.sparse_search_configs, dict(SPARSE_GRID, sparse_search_lrs=[0.01], sparse_search_rounds=2),
-     {"sparse_search_rounds": 0}, "sparse_search_rounds=0 is too small; it must be >= 1"),
+    (experiments.sparse_search_configs, SPARSE_SEARCH, {"sparse_search_lrs": [0.0]},
+     "sparse_search_lrs[0]=0 is out of range; it must be in (0, inf)"),
+    (experiments.sparse_search_configs, SPARSE_SEARCH, {"sparse_search_rounds": 0},
+     "sparse_search_rounds=0 is too small; it must be >= 1"),
+    # notebook 04 runs its lr search before the sparse grid: the grid's parameters must fail first
+    (experiments.sparse_search_configs, SPARSE_SEARCH, {"sparsities": [1.0]},
+     "sparsities[0]=1 is out of range; it must be in [0, 1)"),
+    (experiments.sparse_search_configs, SPARSE_SEARCH, {"rounds": 0}, "rounds=0 is too small; it must be >= 1"),
     (experiments.mask_rule_configs, dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
      {"sparse_lr": -1.0}, "sparse_lr=-1 is out of range; it must be in (0, inf)"),
     (experiments.mask_rule_configs,
