@@ -197,13 +197,14 @@ def _fl_shardings(sparse_classes_per_client) -> list[dict]:
 
 def sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds) -> list[tuple]:
     """(sparsity, R) of notebook 04's two one-dimensional sweeps around the default (sparsity, R):
-    every sparsity at the default R, then every other R at the default sparsity."""
+    every sparsity at the default R, then every other R at the default sparsity (the default itself
+    always among them)."""
     sparsities = check_float_list("sparsities", sparsities, 0.0, 1.0, high_open=True)
     grid_r = check_int_list("calibration_rounds_grid", calibration_rounds_grid, minimum=1)
     check_float("sparsity", sparsity, 0.0, 1.0, high_open=True)
     check_int("calibration_rounds", calibration_rounds, minimum=1)
     settings = [(sp, calibration_rounds) for sp in sparsities] + [(sparsity, r) for r in grid_r]
-    return list(dict.fromkeys(settings))
+    return list(dict.fromkeys(settings + [(sparsity, calibration_rounds)]))
 
 
 def sweeps(table: pd.DataFrame) -> dict:
@@ -223,7 +224,8 @@ def sparse_search_configs(sparse_search_lrs, sparse_search_rounds, **params) -> 
     stand-in lr) also checks its parameters, so that a typo there fails before the search trains."""
     lrs = check_float_list("sparse_search_lrs", sparse_search_lrs, 0.0, None, low_open=True)
     rounds = check_int("sparse_search_rounds", sparse_search_rounds, minimum=1)
-    grid = sparse_fl_configs(**{**params, "sparse_lr": 1.0})
+    stand_in = 1.0 if params.get("sparse_lr") is None else params["sparse_lr"]  # a set value is checked too
+    grid = sparse_fl_configs(**{**params, "sparse_lr": stand_in})
     default = finetune_spec(params, mask_rule="least_sensitive", sparsity=params["sparsity"],
                             calibration_rounds=params["calibration_rounds"])
     first = next(c for c in grid if c.sharding == "iid" and c.finetune == default)
@@ -279,13 +281,14 @@ def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central
 
 def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sparse_classes_per_client,
                       local_steps, rounds, sparse_lr, **params) -> list[FedAvgConfig]:
-    """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed, at 04's sparse_lr."""
+    """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed, at 04's sparse_lr
+    (FedAvg's lr is not used here)."""
     seeds = check_int_list("seeds", seeds, minimum=0)
     rules = check_choice_list("rules", rules, RULES)
     sparsities = check_float_list("rule_sparsities", rule_sparsities, 0.0, 1.0, high_open=True)
     check_int("rule_calibration_rounds", rule_calibration_rounds, minimum=1)
-    base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds,
-                   lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True))
+    lr = check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True)
+    base = replace(fedavg_base(**{**params, "lr": lr}), local_steps=local_steps, rounds=rounds)
     return [replace(base, seed=s, **sharding, finetune=finetune_spec(
                 params, mask_rule=rule, sparsity=sp, calibration_rounds=rule_calibration_rounds))
             for sharding in _fl_shardings(sparse_classes_per_client)

@@ -313,7 +313,8 @@ def placeholder(title: str, message: str):
 def _figure(width: float, aspect: float, title: str):
     """Decorates draw(root, profile) -> (figure, seeds): sets the size (width inches, height width *
     aspect, also `function.size`), the legend right of the last panel and a title naming the profile and
-    the seed count; a placeholder of that size when the results are missing."""
+    the seed count; a placeholder of that size when the results are missing. In a worker's notebook, the
+    runs of its grids not complete yet (team.PENDING) are named in red below the plot."""
     def wrap(draw):
         @functools.wraps(draw)
         def figure(root, profile: str):

@@ -25,7 +25,6 @@ import ast
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -186,9 +185,10 @@ def head_key(config) -> tuple | None:
     """What a cached step-0 head depends on (the fields of its cache path), or None for a trained head."""
     if config.finetune.head == "train":
         return None
-    fed = isinstance(config, FedAvgConfig)
-    return (config.model, config.dataset, config.finetune.ridge_lambda, config.sharding_name() if fed else
-            "centralized", config.num_clients if fed else 1, config.seed)
+    if isinstance(config, FedAvgConfig):
+        return config.model, config.dataset, config.finetune.ridge_lambda, config.sharding_name(), \
+            config.num_clients, config.seed
+    return config.model, config.dataset, config.finetune.ridge_lambda, "centralized", config.seed
 
 
 def work_table(groups: list[dict]) -> pd.DataFrame:
@@ -344,14 +344,9 @@ class PipelineJob:
     runs back and resumes the run in progress from its last checkpoint."""
 
     def __call__(self, argv: list[str]) -> None:
-        command = [sys.executable, "-m", "fedta_utils.pipeline", *argv]
-        process = subprocess.Popen(command, start_new_session=True)
-        try:
-            if process.wait():
-                raise subprocess.CalledProcessError(process.returncode, argv)
-        finally:  # submitit's time-limit handler exits through here: stop the notebook kernel too
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+        # At the time limit submitit's handler exits this process; subprocess.run then kills the pipeline,
+        # and its notebook kernel exits with it (ipykernel watches its parent).
+        subprocess.run([sys.executable, "-m", "fedta_utils.pipeline", *argv], check=True)
 
     def checkpoint(self, argv: list[str]):
         from submitit.helpers import DelayedSubmission

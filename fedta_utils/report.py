@@ -236,8 +236,9 @@ def _client_searches(root, profile: str) -> dict:
     for prefix, experiment in (("FedAvg", FEDAVG_LR_SEARCH), ("Sparse", SPARSE_LR_SEARCH)):
         if not (runs := figures.load_runs(root, experiment)).empty:
             best = _row(figures.lr_search_table(root, experiment), chosen=True)
-            values.update({f"{prefix}SearchGrid": f"client learning rates \\{{{listing(runs['lr'])}\\}} and "
-                           f"weight decays \\{{{listing(runs['weight_decay'])}\\}}, "
+            decays = "and weight decays" if prefix == "FedAvg" else "at 02's weight decay"
+            values.update({f"{prefix}SearchGrid": f"client learning rates \\{{{listing(runs['lr'])}\\}} "
+                           f"{decays} \\{{{listing(runs['weight_decay'])}\\}}, "
                            f"{listing(runs['rounds'])} rounds each",
                            f"{prefix}ChosenLr": number(best["lr"]),
                            f"{prefix}ChosenWeightDecay": number(best["weight_decay"])})
@@ -278,8 +279,9 @@ def _sparse(root, profile: str) -> dict:
     table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
     sweep = sweeps(table[table["sharding_label"] == "iid"])
     at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
-    ridge = f"{listing(runs.get('ridge_lambda', runs['finetune.ridge_lambda']))} (" + \
-        ("fixed)" if runs["finetune.ridge_lambda"].notna().all() else "chosen on validation)")
+    heads = runs[runs["finetune.head"] == "ridge"]
+    ridge = f"{listing(heads.get('ridge_lambda', heads['finetune.ridge_lambda']))} (" + \
+        ("fixed)" if heads["finetune.ridge_lambda"].notna().all() else "chosen on validation)")
     values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
                                f"on iid shards sparsity $s \\in \\{{{listing(at_r['sparsity'])}\\}}$ at "
                                f"$R{{=}}{listing(at_r['calibration_rounds'])}$ and $R \\in "

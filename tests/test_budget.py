@@ -135,3 +135,28 @@ def no_calibration(monkeypatch):
 def test_bad_input_is_rejected_by_name_before_calibrating(argv, message, no_calibration, capsys):
     assert pipeline.main(["--profile", "smoke", "--dry-run", *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("profile", ["smoke", "full"])
+def test_notebook_04s_lr_search_is_the_grids_default_run_at_each_lr(profile):
+    from dataclasses import replace
+
+    params = {**notebook_params("04", profile), "lr": 0.05, "sparse_lr": 0.002}  # two distinct lrs
+    search = experiments.sparse_search_configs(**params)
+    grid = experiments.sparse_fl_configs(**params)
+    default = [c for c in grid if c.sharding == "iid" and c.seed == params["seeds"][0] and c.finetune.mask_rule
+               and (c.finetune.sparsity, c.finetune.calibration_rounds) == (params["sparsity"],
+                                                                            params["calibration_rounds"])]
+    assert len(default) == 1 and [c.lr for c in search] == params["sparse_search_lrs"]
+    for config in search:
+        assert config == replace(default[0], lr=config.lr, rounds=params["sparse_search_rounds"],
+                                 evaluate_test=False)
+    under_head = [c for c in grid if c.finetune.head == "ridge"]
+    assert under_head and {c.lr for c in under_head} == {params["sparse_lr"]}  # plain FedAvg keeps 02's lr
+    assert {c.lr for c in grid if c.finetune.head == "train"} == {params["lr"]}
+
+
+def test_the_sweeps_always_hold_the_default_setting():
+    settings = experiments.sparse_settings([0.5, 0.7], [1, 2], 0.9, 4)
+    assert settings == [(0.5, 4), (0.7, 4), (0.9, 1), (0.9, 2), (0.9, 4)]
+    assert experiments.sparse_settings([0.5, 0.9], [1, 4], 0.9, 4) == [(0.5, 4), (0.9, 4), (0.9, 1)]

@@ -212,9 +212,9 @@ def test_a_parameter_left_none_takes_the_value_the_notebook_that_searched_it_sto
         setup_notebook("05", dict(namespace))
     hparams.write_text(json.dumps({"fedavg_lr": 0.1, "fedavg_weight_decay": 1e-4, "sparse_lr": 0.003}))
     _, _, params = setup_notebook("05", dict(namespace))
-    assert (params["lr"], params["weight_decay"], params["sparse_lr"]) == (0.1, 1e-4, 0.003)
-    _, _, params = setup_notebook("05", dict(namespace, sparse_lr=0.02, lr=0.05))  # a set value wins
-    assert (params["lr"], params["sparse_lr"]) == (0.05, 0.02)
+    assert (params["weight_decay"], params["sparse_lr"]) == (1e-4, 0.003) and "lr" not in params  # 05: no lr
+    _, _, params = setup_notebook("05", dict(namespace, sparse_lr=0.02, weight_decay=0.0))  # a set value wins
+    assert (params["weight_decay"], params["sparse_lr"]) == (0.0, 0.02)
 
 
 def test_a_search_fills_only_what_it_chose_and_what_was_left_none():

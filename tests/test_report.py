@@ -246,7 +246,8 @@ def test_numbers_tex_defines_every_macro_once_and_parses_back(study):
 def test_the_client_searches_report_their_validation_choices(study):
     values = numbers(study[1])
     assert (values["FedAvgChosenLr"], values["SparseChosenLr"]) == ("0.01", "0.003")
-    assert values["SparseSearchGrid"].startswith(r"client learning rates \{0.003, 0.01\}")
+    assert values["SparseSearchGrid"].startswith(r"client learning rates \{0.003, 0.01\} at 02's weight decay")
+    assert "ridge penalty 1 (fixed)" in values["SparseSetting"]  # the study's heads fix the penalty at 1.0
 
 
 def test_a_complete_study_fills_every_macro_without_warnings(study):

@@ -219,13 +219,15 @@ def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(sin
     assert max(attempts(results).values()) >= 2  # a run interrupted mid-way resumed from its checkpoint
 
 
-def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(workspace, small_data, capsys):
+def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(workspace, small_data, capsys,
+                                                                            monkeypatch):
     from fedta_utils import experiments, figures
     from fedta_utils.fedavg import FedAvgConfig, run_fedavg
 
     base = FedAvgConfig(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, rounds=1,
                         local_steps=1, eval_points=1, eval_subset=100, precision="fp32")
     configs = [replace(base, seed=0), replace(base, seed=1)]
+    monkeypatch.setattr(team, "PENDING", {})  # this process's record, restored after the test
     params = {"worker": "1/2", "wait_limit": 0.1, "eval_batch_size": 128}
     done = experiments.run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, configs, params,
                                 wait=False)
@@ -234,7 +236,7 @@ def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(work
     assert "complete" in table and "not started" in table and "worker" in table
     other = team.PENDING[experiments.FEDAVG_IID]
     assert len(other) == 1 and "-s1-" in other[0]  # the other share's run
-    fig = figures.heterogeneity_heatmap(workspace.root, "smoke")  # the complete run, and the missing one named
+    fig = figures.heterogeneity_heatmap(workspace.root, "smoke")  # the complete run; the missing one named
     assert any(other[0].rsplit("-", 1)[0] in text.get_text() for text in fig.texts)
     team.PENDING.clear()
     texts = figures.heterogeneity_heatmap(workspace.root, "smoke").texts
