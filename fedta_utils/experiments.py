@@ -117,9 +117,9 @@ def run_search(runner, ws, data, experiment: str, configs: list, params: dict, r
 def with_choice(params: dict, best: dict, regime: str) -> dict:
     """`params` where what the search chose (lr and weight_decay; sparse_lr for regime 'sparse') is None
     replaced by its choice (explicit values stay)."""
-    names = ["sparse_lr"] if regime == "sparse" else ["lr", "weight_decay"]
-    return {**params, **{k: best[k if k.startswith(regime) else f"{regime}_{k}"] for k in names
-                         if params.get(k) is None}}
+    keys = {"sparse_lr": "sparse_lr"} if regime == "sparse" else {"lr": f"{regime}_lr",
+                                                                  "weight_decay": f"{regime}_weight_decay"}
+    return {**params, **{name: best[key] for name, key in keys.items() if params.get(name) is None}}
 
 
 # --------------------------------------------------------------------------- notebooks 02 and 03
