@@ -180,7 +180,7 @@ def heterogeneity_configs(seeds, classes_per_client_grid, local_steps_grid, base
 
 # --------------------------------------------------------------------------- notebooks 04 and 05
 
-SPEC_PARAMETERS = ("head", "ridge_lambda", "calibration_samples", "label_mode", "eligible")
+SPEC_PARAMETERS = ("head", "ridge_lambda", "calibration_samples", "label_mode", "eligible", "max_grad_norm")
 
 
 def finetune_spec(params: dict, **overrides) -> FineTuneSpec:

@@ -30,14 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models
-from .checks import ConfigError, check_bool, check_choice, check_float, check_int
-from .data import DATASETS, DataBundle, augmentation_generator, numpy_rng
+from .checks import check_bool, check_choice, check_float, check_int
+from .data import DataBundle, augmentation_generator, numpy_rng
 from .finetune import FineTuneSpec, head_cache_path, prepare
 from .optim import lr_multiplier
 from .runs import Checkpoint
 from .sharding import SHARDINGS, make_shards
-from .training import (RunResult, checked_run, eval_steps, evaluate_splits, make_optimizer, read_complete,
-                       summarize, train_steps, training_batches)
+from .training import (RunResult, check_run_fields, checked_run, eval_steps, evaluate_splits, make_optimizer,
+                       read_complete, summarize, train_steps, training_batches)
 
 CLIENT_LR_SCHEDULES = ("constant", "cosine")
 BYTES_PER_ENTRY = 4  # float32 on the wire
@@ -73,16 +73,8 @@ class FedAvgConfig:
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)
 
     def __post_init__(self):
-        check_choice("dataset", self.dataset, DATASETS)
-        check_choice("model", self.model, models.MODELS)
-        models.input_size(self.model, self.img_size)
-        for name in ("seed", "num_clients", "local_steps", "rounds", "batch_size", "eval_points",
-                     "eval_subset"):
-            check_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
+        check_run_fields(self, ("num_clients", "local_steps", "rounds"))
         check_float("participation", self.participation, 0.0, 1.0, low_open=True)
-        check_float("lr", self.lr, 0.0, None, low_open=True)
-        check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        check_float("weight_decay", self.weight_decay, 0.0, None)
         check_choice("lr_schedule", self.lr_schedule, CLIENT_LR_SCHEDULES)
         check_float("server_lr", self.server_lr, 0.0, None, low_open=True)
         check_float("server_momentum", self.server_momentum, 0.0, 1.0, high_open=True)
@@ -92,10 +84,6 @@ class FedAvgConfig:
         if self.sharding == "dirichlet":
             check_float("dirichlet_alpha", self.dirichlet_alpha, 0.0, None, low_open=True)
         check_bool("augment", self.augment)
-        check_choice("precision", self.precision, models.PRECISIONS)
-        check_bool("evaluate_test", self.evaluate_test)
-        if not isinstance(self.finetune, FineTuneSpec):
-            raise ConfigError(f"finetune must be a FineTuneSpec, got {type(self.finetune).__name__}")
 
     @property
     def clients_per_round(self) -> int:
@@ -378,4 +366,4 @@ class FedAvgRun:
     def client_optimizer(self, lr: float):
         config = self.config
         return make_optimizer(self.params, self.prepared.trainable_names, self.prepared.masks, lr,
-                              config.momentum, config.weight_decay)
+                              config.momentum, config.weight_decay, config.finetune.max_grad_norm)

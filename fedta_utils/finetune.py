@@ -148,6 +148,7 @@ class FineTuneSpec:
     calibration_samples: int = 1600  # samples scored per round in total (split evenly over clients)
     label_mode: str = "sampled"      # Fisher labels drawn from the model ('sampled') or the true ones
     eligible: str = "backbone"       # 'backbone' (all but the head) | 'blocks' | 'matrices' (2-D, blocks)
+    max_grad_norm: float | None = None  # clip the trainable gradient's global norm each step; None: never
 
     def __post_init__(self):
         check_choice("head", self.head, HEAD_MODES)
@@ -159,14 +160,19 @@ class FineTuneSpec:
         check_int("calibration_samples", self.calibration_samples, minimum=1)
         check_choice("label_mode", self.label_mode, LABEL_MODES)
         check_choice("eligible", self.eligible, ELIGIBLE_SETS)
+        if self.max_grad_norm is not None:
+            check_float("max_grad_norm", self.max_grad_norm, 0.0, None, low_open=True)
 
     @property
     def is_sparse(self) -> bool:
         return self.mask_rule is not None
 
     def identity(self) -> dict:
-        """The fields that change results: calibration fields for sparse runs, lambda for ridge heads."""
+        """The fields that change results: calibration fields for sparse runs, lambda for ridge heads,
+        max_grad_norm when set (so runs that do not clip keep their identity)."""
         values = asdict(self)
+        if self.max_grad_norm is None:
+            values.pop("max_grad_norm")
         if not self.is_sparse:
             for key in ("sparsity", "calibration_rounds", "calibration_samples", "label_mode", "eligible"):
                 values.pop(key)

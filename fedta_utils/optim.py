@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from .checks import check_choice, check_int
+from .checks import check_choice, check_float, check_int
 
 
 def _checked_masks(masks, params: list[Tensor]) -> list[Tensor | None]:
@@ -72,12 +72,19 @@ class SparseSGDM(torch.optim.SGD):
     momentum buffer stays 0. Bit-identical to SGD with all-ones masks for foreach True/False, and for
     foreach=None on a CPU (on a GPU None runs the direction per tensor and the recurrence with foreach).
     Parameters added later with add_param_group are dense.
+
+    max_grad_norm: before each step, the frozen entries' gradients are set to 0 and
+    torch.nn.utils.clip_grad_norm_ scales the gradients so that their global L2 norm (that of the
+    trainable entries) is at most this; None: no clipping, and the gradients are left untouched.
+    Under GradScaler, step() sees the unscaled gradients.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, masks=None, fused=None):
+                 maximize=False, foreach=None, masks=None, fused=None, max_grad_norm=None):
         if fused:
             raise ValueError("SparseSGDM does not support fused=True; use foreach=True or None instead")
+        self.max_grad_norm = None if max_grad_norm is None else \
+            check_float("max_grad_norm", max_grad_norm, 0.0, None, low_open=True)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach)
         flat = [p for group in self.param_groups for p in group["params"]]
@@ -103,6 +110,8 @@ class SparseSGDM(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.max_grad_norm is not None:
+            self._clip_trainable_gradients()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -121,6 +130,13 @@ class SparseSGDM(torch.optim.SGD):
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
         return loss
+
+    def _clip_trainable_gradients(self) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p in params:  # a frozen entry never moves: its gradient is zeroed, so the norm leaves it out
+            if (mask := self.state.get(p, {}).get("mask")) is not None:
+                p.grad.masked_fill_(~mask, 0)
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
 
 # --------------------------------------------------------------------------- learning-rate schedules

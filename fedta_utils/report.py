@@ -118,8 +118,8 @@ def sharding_tex(label) -> str:
 
 
 def provenance(profile: str, table) -> str:
-    seeds = int(table["n"].max())
-    return f"profile {escape(profile)}, {seeds} seed{'s' if seeds != 1 else ''}"
+    """'profile full, 3 seeds': the profile and the most runs any row of `table` averages."""
+    return f"profile {escape(profile)}, {(seeds := int(table['n'].max()))} seed{'s' if seeds != 1 else ''}"
 
 
 def booktabs(frame: pd.DataFrame) -> str:
@@ -133,10 +133,6 @@ def _row(table: pd.DataFrame, **match):
     """The first row whose columns equal `match`, or None."""
     hit = table[np.logical_and.reduce([table[k] == v for k, v in match.items()])]
     return hit.iloc[0] if len(hit) else None
-
-
-def _cells(table: pd.DataFrame) -> list[str]:
-    return [cell(row) for _, row in table.iterrows()]
 
 
 def _span(low, high) -> str:
@@ -160,14 +156,14 @@ def _shards_tex(root) -> str:
 def _centralized_tex(root) -> str:
     t = figures.centralized_table(root)
     return booktabs(pd.DataFrame({"scheduler": t["scheduler"].map(escape), "val.\\ (\\%)": t["val"].map(
-        "{:.1%}".format).str.rstrip("%"), "test (\\%)": _cells(t), "$n$": t["n"],
+        "{:.1%}".format).str.rstrip("%"), "test (\\%)": t.apply(cell, axis=1), "$n$": t["n"],
         "epochs to 99\\,\\%": t["epochs_to_99"].map(number)}))
 
 
 def _fedavg_tex(root) -> str:
     t = figures.fedavg_table(root)
-    return booktabs(pd.DataFrame({"method": t["method"].map(escape), "test (\\%)": _cells(t), "$n$": t["n"],
-                                  f"at {integer(t['budget'].iloc[0])} images (\\%)":
+    return booktabs(pd.DataFrame({"method": t["method"].map(escape), "test (\\%)": t.apply(cell, axis=1),
+                                  "$n$": t["n"], f"at {integer(t['budget'].iloc[0])} images (\\%)":
                                       t["acc_at_budget"].map("{:.1%}".format).str.rstrip("%")}))
 
 
@@ -357,9 +353,8 @@ def write_report(root, report_dir, profile: str) -> list[str]:
         figures.save(fig, report_dir / "figures" / name)
         plt.close(fig)
     for name, make in TABLES.items():
-        missing = pd.DataFrame({"placeholder": [f"\\textit{{No results yet for {escape(name)} "
-                                                f"(profile {escape(profile)})}}"]})
-        text = _attempt(make, f"table {name}", root, warnings) or booktabs(missing)
+        text = _attempt(make, f"table {name}", root, warnings) or booktabs(pd.DataFrame(
+            {"placeholder": [f"\\textit{{No results yet for {escape(name)} (profile {escape(profile)})}}"]}))
         _write(report_dir / "tables" / f"{name}.tex", text)
     values = {}
     for section in SECTIONS:

@@ -51,23 +51,9 @@ class CentralizedConfig:
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # step-0 head + sparse masks
 
     def __post_init__(self):
-        check_choice("dataset", self.dataset, DATASETS)
-        check_choice("model", self.model, models.MODELS)
-        models.input_size(self.model, self.img_size)
-        check_int("seed", self.seed, minimum=0)
-        check_int("epochs", self.epochs, minimum=1)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_int("eval_points", self.eval_points, minimum=1)
-        check_int("eval_subset", self.eval_subset, minimum=1)
-        check_float("lr", self.lr, 0.0, None, low_open=True)
-        check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        check_float("weight_decay", self.weight_decay, 0.0, None)
+        check_run_fields(self, ("epochs",))
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_float("warmup_epochs", self.warmup_epochs, 0.0, self.epochs)
-        check_choice("precision", self.precision, models.PRECISIONS)
-        check_bool("evaluate_test", self.evaluate_test)
-        if not isinstance(self.finetune, FineTuneSpec):
-            raise ConfigError(f"finetune must be a FineTuneSpec, got {type(self.finetune).__name__}")
 
     def to_dict(self) -> dict:
         """The identity: the resolved img_size, so None and the native size name the same run."""
@@ -77,6 +63,23 @@ class CentralizedConfig:
     def run_name(self) -> str:
         name = f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}"
         return f"{name}{self.finetune.short_name()}-s{self.seed}"
+
+
+def check_run_fields(config, counts: tuple[str, ...]) -> None:
+    """The checks every run config makes (CentralizedConfig, FedAvgConfig); `counts`: its own fields
+    that must be integers >= 1."""
+    check_choice("dataset", config.dataset, DATASETS)
+    check_choice("model", config.model, models.MODELS)
+    models.input_size(config.model, config.img_size)
+    for name in ("seed", "batch_size", "eval_points", "eval_subset", *counts):
+        check_int(name, getattr(config, name), minimum=0 if name == "seed" else 1)
+    check_float("lr", config.lr, 0.0, None, low_open=True)
+    check_float("momentum", config.momentum, 0.0, 1.0, high_open=True)
+    check_float("weight_decay", config.weight_decay, 0.0, None)
+    check_choice("precision", config.precision, models.PRECISIONS)
+    check_bool("evaluate_test", config.evaluate_test)
+    if not isinstance(config.finetune, FineTuneSpec):
+        raise ConfigError(f"finetune must be a FineTuneSpec, got {type(config.finetune).__name__}")
 
 
 @dataclass
@@ -177,10 +180,11 @@ def training_batches(image_set: ImageSet, img_size: int, batch_indices, generato
 
 
 def make_optimizer(params: list[torch.nn.Parameter], names: list[str], masks: dict | None, lr: float,
-                   momentum: float, weight_decay: float) -> SparseSGDM:
+                   momentum: float, weight_decay: float, max_grad_norm: float | None = None) -> SparseSGDM:
     """SGD with momentum over `params` (named `names`); masked entries never move."""
     aligned = [masks.get(n) for n in names] if masks else None
-    return SparseSGDM(params, lr=lr, momentum=momentum, weight_decay=weight_decay, masks=aligned)
+    return SparseSGDM(params, lr=lr, momentum=momentum, weight_decay=weight_decay, masks=aligned,
+                      max_grad_norm=max_grad_norm)
 
 
 # --------------------------------------------------------------------------- centralized run
@@ -221,7 +225,8 @@ def train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, 
                                  [np.arange(len(data.train))], cache)
     params = dict(model.named_parameters())
     optimizer = make_optimizer([params[n] for n in prepared.trainable_names], prepared.trainable_names,
-                               prepared.masks, config.lr, config.momentum, config.weight_decay)
+                               prepared.masks, config.lr, config.momentum, config.weight_decay,
+                               config.finetune.max_grad_norm)
     steps_per_epoch = -(-len(data.train) // config.batch_size)
     scheduler = make_scheduler(optimizer, config.scheduler, config.epochs * steps_per_epoch,
                                round(config.warmup_epochs * steps_per_epoch))

@@ -474,6 +474,22 @@ def test_frozen_entries_and_a_frozen_head_never_move_during_fedavg(workspace, sm
     assert moved > 0.5 * sum(int(m.sum()) for m in masks.values())
 
 
+def test_max_grad_norm_bounds_every_clients_update_under_the_frozen_head(workspace, small_data):
+    """J=2 SGDM steps (momentum 0.9, no decay) with gradients clipped to c move a client by at most
+    lr * (1 + 1.9) * c, so their weighted average does too; without the bound the round moves far more."""
+    def round_change(max_grad_norm):
+        spec = FineTuneSpec(head="ridge", max_grad_norm=max_grad_norm)
+        config = tiny_config(rounds=1, weight_decay=0.0, finetune=spec, evaluate_test=False)
+        final = load_weights(run_fedavg(workspace, small_data, config, save_weights=True, progress=False))
+        initial = workspace.build_model("tiny_vit", 100, head_seed=0).state_dict()
+        return float(torch.linalg.vector_norm(torch.cat([(final[n].double() - initial[n].double()).flatten()
+                                                         for n in initial if not n.startswith("head.")])))
+
+    bound = 0.05 * 2.9 * 1e-3
+    assert round_change(1e-3) <= bound * (1 + 1e-3)
+    assert round_change(None) > 10 * bound
+
+
 def test_a_complete_run_is_read_back_not_recomputed(workspace, small_data, monkeypatch):
     first = run_fedavg(workspace, small_data, tiny_config(rounds=1), progress=False)
 

@@ -61,6 +61,8 @@ def test_spec_identity_keeps_only_the_fields_that_matter():
     ("sparsity", 1.0, "sparsity"),
     ("calibration_rounds", 0, "calibration_rounds"),
     ("eligible", "attention", "eligible='attention'"),
+    ("max_grad_norm", 0.0, "max_grad_norm=0 is out of range"),
+    ("max_grad_norm", -1.0, "max_grad_norm=-1 is out of range"),
 ])
 def test_spec_rejects_bad_values_naming_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -84,6 +86,12 @@ def test_a_penalty_chosen_on_validation_is_part_of_the_identity():
     assert FineTuneSpec(head="ridge", ridge_lambda=None).identity()["ridge_lambda"] is None
     assert FineTuneSpec(head="ridge", ridge_lambda=0.1).identity()["ridge_lambda"] == 0.1
     assert "ridge_lambda" not in FineTuneSpec(head="train", ridge_lambda=None).identity()
+
+
+def test_a_gradient_norm_bound_is_part_of_the_identity_only_when_set():
+    """Runs that never clip keep the identity they had before the field existed."""
+    assert "max_grad_norm" not in FineTuneSpec(head="ridge").identity()
+    assert FineTuneSpec(head="ridge", max_grad_norm=1.0).identity()["max_grad_norm"] == 1.0
 
 
 def test_eligible_sets_narrow_the_backbone_to_blocks_and_their_matrices():

@@ -619,3 +619,102 @@ def test_make_scheduler_rejects_an_unknown_schedule_and_a_warm_up_longer_than_tr
         make_scheduler(optimizer, "linear", 10)
     with pytest.raises(ConfigError, match="warmup_steps=11"):
         make_scheduler(optimizer, "cosine", 10, warmup_steps=11)
+
+
+# --------------------------------------------------------------------------- gradient clipping
+def raw_grad_norm(model: nn.Module) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_clipping_without_masks_equals_clip_grad_norm_then_sgd(foreach):
+    model_ref, model = make_model(), make_model()
+    cfg = dict(lr=LR, momentum=0.9, weight_decay=0.01, nesterov=True, foreach=foreach)
+    ref = torch.optim.SGD(model_ref.parameters(), **cfg)
+    opt = SparseSGDM(model.parameters(), max_grad_norm=0.05, **cfg)
+    clipped = 0
+    for t, batch in enumerate(make_batches(12)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        clipped += raw_grad_norm(model_ref) > 0.05
+        torch.nn.utils.clip_grad_norm_(model_ref.parameters(), 0.05)
+        ref.step()
+        opt.step()
+        for p, q in zip(model.parameters(), model_ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert clipped >= 6  # the norm bound was active, not a no-op
+
+
+def test_clipping_with_masks_bounds_the_norm_of_the_trainable_entries_only():
+    """Reference: zero the frozen entries' gradients, clip_grad_norm_, then the unclipped optimizer."""
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model)
+    cfg = dict(lr=LR, momentum=0.9, weight_decay=0.01, masks=masks)
+    ref = SparseSGDM(model_ref.parameters(), **cfg)
+    opt = SparseSGDM(model.parameters(), max_grad_norm=0.05, **cfg)
+    for t, batch in enumerate(make_batches(12)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        with torch.no_grad():
+            for p, m in zip(model_ref.parameters(), masks):
+                p.grad.masked_fill_(~m, 0)
+        torch.nn.utils.clip_grad_norm_(model_ref.parameters(), 0.05)
+        ref.step()
+        opt.step()
+        for p, q in zip(model.parameters(), model_ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_first_clipped_step_moves_the_trainable_entries_by_at_most_lr_times_the_norm():
+    model = make_model().double()  # float64, so that the step is measured without cancellation
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, masks=random_masks(model), max_grad_norm=1e-3)
+    x, y = make_batches(1)[0]
+    backward(model, opt, (x.double(), y.double()), 0)
+    assert raw_grad_norm(model) > 0.1  # far above the bound
+    opt.step()
+    with torch.no_grad():
+        step = torch.linalg.vector_norm(torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before)]))
+    assert LR * 1e-3 * (1 - 1e-4) <= float(step) <= LR * 1e-3 * (1 + 1e-9)
+
+
+def test_a_bound_above_the_gradient_norm_is_bit_identical_to_no_clipping():
+    model_ref, model = make_model(), make_model()
+    masks = random_masks(model)
+    ref = SparseSGDM(model_ref.parameters(), lr=LR, momentum=0.9, masks=masks)
+    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, masks=masks, max_grad_norm=1e6)
+    for t, batch in enumerate(make_batches(5)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+
+
+def test_under_gradscaler_the_unscaled_gradient_is_clipped():
+    model_ref, model = make_model(), make_model()
+    cfg = dict(lr=LR, momentum=0.9, masks=random_masks(model), max_grad_norm=0.05)
+    ref, opt = SparseSGDM(model_ref.parameters(), **cfg), SparseSGDM(model.parameters(), **cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for t, batch in enumerate(make_batches(6)):
+        backward(model_ref, ref, batch, t)
+        ref.step()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss_fn(model, *batch, t)).backward()
+        scaler.step(opt)
+        scaler.update()
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_a_bad_max_grad_norm_is_rejected_naming_it(bad):
+    with pytest.raises((ConfigError, TypeError, ValueError), match="max_grad_norm"):
+        SparseSGDM(make_model().parameters(), lr=LR, max_grad_norm=bad)
+
+
+def test_a_clipping_step_without_any_gradient_moves_nothing():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    SparseSGDM(model.parameters(), lr=LR, max_grad_norm=1.0).step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -120,6 +120,25 @@ def test_fine_tuning_under_a_frozen_ridge_head_does_not_collapse(workspace, smal
     assert tuned.metrics["train_loss"].max() < 10
 
 
+def test_centralized_training_clips_to_the_specs_max_grad_norm(workspace, small_data):
+    """T SGDM steps (momentum 0.9, rate multiplier <= 1, no decay) with gradients clipped to c move the
+    backbone by at most lr * 10 * T * c; without the bound it moves far more."""
+    steps = math.ceil(1800 / 64)  # one epoch
+
+    def change(max_grad_norm):
+        config = CentralizedConfig(**{**TINY, "epochs": 1}, weight_decay=0.0, evaluate_test=False,
+                                   finetune=FineTuneSpec(head="ridge", max_grad_norm=max_grad_norm))
+        final = torch.load(run_centralized(workspace, small_data, config, save_weights=True,
+                                           progress=False).run.dir / "model.pt", weights_only=True)
+        initial = workspace.build_model("tiny_vit", 100, head_seed=0).state_dict()
+        return float(torch.linalg.vector_norm(torch.cat([(final[n].double() - initial[n].double()).flatten()
+                                                         for n in initial if not n.startswith("head.")])))
+
+    bound = 0.05 * 10 * steps * 1e-5
+    assert change(1e-5) <= bound
+    assert change(None) > 10 * bound
+
+
 def test_eval_steps_are_evenly_spaced_and_end_at_the_last_step():
     assert training.eval_steps(200, 10) == list(range(20, 201, 20))
     assert training.eval_steps(50, 10) == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
