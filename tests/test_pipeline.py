@@ -136,6 +136,22 @@ def test_smoke_sparse_fine_tuning_under_the_chosen_head_ends_no_lower_than_the_h
     assert sparse["final_val_acc"].mean() >= heads["final_val_acc"].mean()
 
 
+def test_smoke_no_fine_tuning_under_the_chosen_head_diverges(smoke_results):
+    """Unclipped, the dense backbone and sparsity 0.5 under the chosen head (penalty 1e-4) reached
+    train losses of 80-250 and chance accuracy (0-1 %); every run of 04 and 05 under it clips."""
+    from fedta_utils import experiments, figures
+
+    root = smoke_results["results_dir"] / "smoke"
+    folders = (experiments.SPARSE_LR_SEARCH, experiments.SPARSE_FL, experiments.MASK_RULES)
+    runs = figures.load_runs(root, folders)
+    under_head = runs[runs["finetune.head"] == "ridge"]
+    assert len(under_head) > 20 and (under_head["finetune.max_grad_norm"] == 1.0).all()
+    assert (under_head["method"] == "dense + ridge head").any() and (under_head["sparsity"] == 0.5).any()
+    losses = figures.load_curves(root, folders, ["finetune.head"])
+    assert losses.loc[losses["finetune.head"] == "ridge", "train_loss"].max() < 20  # ln(100) = 4.6
+    assert (under_head["final_val_acc"] >= 0.1).all()  # ten times chance
+
+
 def test_smoke_profile_is_one_parameters_file_that_the_pipeline_and_papermill_read(tmp_path):
     import yaml
 
