@@ -87,7 +87,8 @@ def solve_ridge(a_sum: torch.Tensor, b_sum: torch.Tensor,
     The penalty is relative to the mean eigenvalue of A (trace / dimension), so one value suits
     any feature scale and sample count. A nearly unregularised head puts large weights on
     low-variance feature directions; scaled to a useful logit range, it turns small feature
-    changes into large logit changes, which makes fine-tuning under the frozen head diverge.
+    changes into large logit changes and large gradients, which make unclipped fine-tuning under the
+    frozen head diverge (hence FineTuneSpec.max_grad_norm).
     """
     eye = torch.eye(a_sum.shape[0], dtype=a_sum.dtype, device=a_sum.device)
     solution = torch.linalg.solve(a_sum + ridge_lambda * torch.diagonal(a_sum).mean() * eye, b_sum)
@@ -100,7 +101,8 @@ def choose_ridge_lambda(lambdas, val_accuracies, tolerance: float = LAMBDA_TOLER
     Ties and near-ties go to the larger penalty, whose head has smaller weights on low-variance
     directions and so is less prone to make fine-tuning diverge (solve_ridge). That is a
     preference, not a guarantee: validation accuracy of the head alone cannot see how stable
-    fine-tuning under it will be, and a clearly more accurate small penalty is still chosen.
+    fine-tuning under it will be, and a clearly more accurate small penalty is still chosen; the
+    gradient clipping of the runs under the head (max_grad_norm) is what keeps them from diverging.
     """
     best = max(val_accuracies)
     return max(lam for lam, acc in zip(lambdas, val_accuracies) if acc >= best - tolerance)
@@ -138,7 +140,12 @@ def federated_ridge_head(client_feats: list[torch.Tensor], client_labels: list[t
 
 @dataclass(frozen=True)
 class FineTuneSpec:
-    """How a run prepares its model: the step-0 head and the sparse masks."""
+    """How a run prepares its model (the step-0 head and the sparse masks) and how it clips gradients.
+
+    max_grad_norm clips the global norm of the trainable gradient at every step (optim.SparseSGDM).
+    Notebooks 04 and 05 set it to 1.0 for every run under the frozen head, as the TaLoS reference code
+    clips its fine-tuning under a frozen head; None (plain fine-tuning, notebooks 01-03) never clips.
+    """
 
     head: str = "train"              # 'train' | 'ridge' (frozen after step 0)
     ridge_lambda: float | None = 1.0  # relative ridge penalty (solve_ridge); None: chosen on validation
