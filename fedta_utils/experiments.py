@@ -256,9 +256,9 @@ def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, cali
 
 
 def head_only_configs(seeds, sparse_classes_per_client, **params) -> list[FedAvgConfig]:
-    """Notebook 04: the step-0 head alone (no fine-tuning), per sharding and seed."""
+    """Notebook 04: the step-0 head alone (no fine-tuning, so no clipping), per sharding and seed."""
     base = replace(fedavg_base(**params), rounds=1, local_steps=1)
-    return [replace(base, seed=s, finetune=finetune_spec(params), **sharding)
+    return [replace(base, seed=s, finetune=finetune_spec(params, max_grad_norm=None), **sharding)
             for sharding in _fl_shardings(sparse_classes_per_client)
             for s in check_int_list("seeds", seeds, minimum=0)]
 
@@ -267,7 +267,8 @@ def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central
                            central_weight_decay, momentum, precision, sparsity, calibration_rounds,
                            **params) -> list[CentralizedConfig]:
     """Notebook 04: the centralized task-arithmetic baseline at the default sparsity and R, with notebook
-    01's dense schedule (same epochs, warm-up, cosine, lr and weight decay), so only the mask differs."""
+    01's dense schedule (same epochs, warm-up, cosine, lr and weight decay); it differs from 01's runs in
+    what fine-tuning under the frozen head brings: the step-0 head, the mask and the gradient clipping."""
     check_int("central_batch_size", central_batch_size, minimum=1)
     spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=sparsity,
                          calibration_rounds=calibration_rounds)

@@ -180,6 +180,8 @@ class FineTuneSpec:
         values = asdict(self)
         if self.max_grad_norm is None:
             values.pop("max_grad_norm")
+        else:  # 1 and 1.0 name the same run
+            values["max_grad_norm"] = float(self.max_grad_norm)
         if not self.is_sparse:
             for key in ("sparsity", "calibration_rounds", "calibration_samples", "label_mode", "eligible"):
                 values.pop(key)

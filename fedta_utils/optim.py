@@ -76,7 +76,9 @@ class SparseSGDM(torch.optim.SGD):
     max_grad_norm: before each step, the frozen entries' gradients are set to 0 and
     torch.nn.utils.clip_grad_norm_ scales the gradients so that their global L2 norm (that of the
     trainable entries) is at most this; None: no clipping, and the gradients are left untouched.
-    Under GradScaler, step() sees the unscaled gradients.
+    Under GradScaler, step() sees the unscaled gradients (and none with inf/NaN: the scaler skips the
+    step); without it, as with clip_grad_norm_, one non-finite trainable gradient makes every update
+    non-finite. Clipping needs dense gradients.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,

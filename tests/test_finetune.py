@@ -92,6 +92,7 @@ def test_a_gradient_norm_bound_is_part_of_the_identity_only_when_set():
     """Runs that never clip keep the identity they had before the field existed."""
     assert "max_grad_norm" not in FineTuneSpec(head="ridge").identity()
     assert FineTuneSpec(head="ridge", max_grad_norm=1.0).identity()["max_grad_norm"] == 1.0
+    assert str(FineTuneSpec(max_grad_norm=1).identity()["max_grad_norm"]) == "1.0"  # 1 and 1.0: one id
 
 
 def test_eligible_sets_narrow_the_backbone_to_blocks_and_their_matrices():
