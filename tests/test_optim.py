@@ -62,6 +62,16 @@ def assert_same_trajectory_state(model_a, opt_a, model_b, opt_b, where: str) -> 
             assert torch.equal(ba, bb), f"{where}: momentum buffer {i} differs"
 
 
+def assert_steps_in_lockstep(model_ref, ref, model, opt, steps: int) -> None:
+    """Both optimizers step on the same batches; weights and momentum agree bit for bit after each step."""
+    for t, batch in enumerate(make_batches(steps)):
+        backward(model_ref, ref, batch, t)
+        backward(model, opt, batch, t)
+        ref.step()
+        opt.step()
+        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+
+
 def _valid_sgd_configs():
     for momentum, dampening, nesterov in itertools.product([0.0, 0.9], [0.0, 0.5], [False, True]):
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -122,12 +132,7 @@ def test_dense_equivalent_masks_are_bit_identical_to_sgd(cfg, mask_kind):
     model_ref, model = make_model(), make_model()
     ref = torch.optim.SGD(model_ref.parameters(), lr=LR, **cfg)
     opt = SparseSGDM(model.parameters(), lr=LR, masks=dense_equivalent_masks(mask_kind, model), **cfg)
-    for t, batch in enumerate(make_batches(steps)):
-        backward(model_ref, ref, batch, t)
-        backward(model, opt, batch, t)
-        ref.step()
-        opt.step()
-        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+    assert_steps_in_lockstep(model_ref, ref, model, opt, steps)
     moved = any(not torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters()))
     assert moved
 
@@ -160,12 +165,7 @@ def test_params_without_grad_are_skipped_like_sgd():
     cfg = dict(lr=LR, momentum=0.9, weight_decay=0.1)
     ref = torch.optim.SGD([*model_ref.parameters(), unused_ref], **cfg)
     opt = SparseSGDM([*model.parameters(), unused], masks=[None] * 4 + [torch.ones(4)], **cfg)
-    for t, batch in enumerate(make_batches(5)):
-        backward(model_ref, ref, batch, t)
-        backward(model, opt, batch, t)
-        ref.step()
-        opt.step()
-        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+    assert_steps_in_lockstep(model_ref, ref, model, opt, 5)
     assert torch.equal(unused, torch.ones(4))
     assert momentum_buffer(opt, unused) is None
 
@@ -683,12 +683,7 @@ def test_a_bound_above_the_gradient_norm_is_bit_identical_to_no_clipping():
     masks = random_masks(model)
     ref = SparseSGDM(model_ref.parameters(), lr=LR, momentum=0.9, masks=masks)
     opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, masks=masks, max_grad_norm=1e6)
-    for t, batch in enumerate(make_batches(5)):
-        backward(model_ref, ref, batch, t)
-        backward(model, opt, batch, t)
-        ref.step()
-        opt.step()
-        assert_same_trajectory_state(model_ref, ref, model, opt, f"step {t}")
+    assert_steps_in_lockstep(model_ref, ref, model, opt, 5)
 
 
 def test_under_gradscaler_the_unscaled_gradient_is_clipped():
