@@ -3,6 +3,8 @@
 #   make smoke   set up once, then run every notebook on the offline smoke profile (ends with report/main.pdf)
 #   make test    set up once, then run the whole test suite
 #
+# While working: make test-quick (the unit and equivalence tests, no notebook kernels, no subprocess kills).
+#
 # Set-up: .venv/ with the requirements, and TeX Live from the distribution's packages for the report PDF
 # (installed once where this user may: root, or sudo without a password; otherwise the PDF tests are skipped
 # and the command that installs TeX is printed).
@@ -18,7 +20,7 @@ TEX_PACKAGES := latexmk texlive-latex-base texlive-latex-recommended texlive-lat
 	texlive-fonts-recommended texlive-bibtex-extra lmodern
 INSTALL_TEX := sudo apt-get install -y --no-install-recommends $(TEX_PACKAGES)
 
-.PHONY: setup tex smoke test report dry-run bench
+.PHONY: setup tex smoke test test-quick report dry-run bench
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { echo "python3 -m venv is unavailable here;" \
@@ -49,6 +51,9 @@ smoke: setup
 
 test: setup
 	$(PY) -m pytest
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 report:
 	cd report && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex

@@ -46,6 +46,8 @@ SLURM_DEFAULTS = {"cluster": "slurm", "timeout_min": 240, "gpus_per_node": 1}
 # The kernel's one start-up warning says it talks over TCP without encryption: papermill reaches it on
 # this machine's loopback interface, so nothing leaves the machine (README, "Running from a terminal").
 QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
+KERNEL_DIED = "Kernel died before replying to kernel_info"  # jupyter_client's words for a failed start
+KERNEL_START_TRIES = 3
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
 # Notebook -> (group label, experiments.<function>, its run folder) in the order the notebook runs them.
 # A folder given as a function name is experiments.<name>(**params): config -> folder.
@@ -104,7 +106,6 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
                  overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR, worker: str = ""):
     """Execute the selected notebooks in order; returns one record per notebook with its wall time.
     `worker` ('I/N') reaches every notebook that declares it (the grid notebooks)."""
-    import papermill
     from papermill.exceptions import PapermillExecutionError
 
     check_choice("profile", profile, PROFILES)
@@ -130,14 +131,34 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
         print(f"[pipeline] {path.name} ({profile}) with {parameters}", flush=True)
         started = time.perf_counter()
         try:
-            papermill.execute_notebook(str(path), str(output_dir / path.name), parameters=parameters,
-                                       kernel_name=KERNEL, cwd=str(path.parent.parent), progress_bar=False,
-                                       extra_arguments=QUIET_KERNEL)
+            execute_notebook(path, output_dir / path.name, parameters)
         except PapermillExecutionError as error:
             raise NotebookFailed(path.name, error) from None
         records.append({"notebook": path.name, "seconds": time.perf_counter() - started})
         print(f"[pipeline] {path.name} done in {records[-1]['seconds']:.1f} s", flush=True)
     return records
+
+
+def execute_notebook(path: Path, output: Path, parameters: dict) -> None:
+    """One notebook through papermill, its kernel started again if it died before it ran anything.
+
+    jupyter_client picks a kernel's ports in the parent process and the kernel binds them a moment
+    later, so two workers on one machine that start kernels at the same moment can be handed the same
+    port; the second kernel then dies at start-up ("Address already in use"), before any cell ran.
+    """
+    import papermill
+
+    for attempt in range(1, KERNEL_START_TRIES + 1):
+        try:
+            papermill.execute_notebook(str(path), str(output), parameters=parameters, kernel_name=KERNEL,
+                                       cwd=str(path.parent.parent), progress_bar=False,
+                                       extra_arguments=QUIET_KERNEL)
+            return
+        except RuntimeError as error:
+            if KERNEL_DIED not in str(error) or attempt == KERNEL_START_TRIES:
+                raise
+            print(f"[pipeline] {path.name}: the kernel died at start-up ({error}); starting it again",
+                  flush=True)
 
 
 class NotebookFailed(RuntimeError):

@@ -91,12 +91,14 @@ def gpu_check_on_cpu(tmp_path_factory):
     return pd.read_csv(path).set_index("metric")
 
 
+@pytest.mark.slow
 def test_gpu_check_rehearses_every_code_path_and_resumes_equal(gpu_check_on_cpu):
     for kind in ("centralized", "fedavg", "sparse_fedavg"):
         row = gpu_check_on_cpu.loc[f"rehearsal_{kind}_resumed_equal"]
         assert row["value"] == 1 and "rehearsal" in row["note"]
 
 
+@pytest.mark.slow
 def test_gpu_check_holds_the_fedsgd_identity_and_reports_compile_and_calibration(gpu_check_on_cpu):
     assert gpu_check_on_cpu.loc["check_fedsgd_identity", "value"] == 1
     assert "compilation" in gpu_check_on_cpu.loc["train_step_b32_compiled", "note"]

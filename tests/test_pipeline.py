@@ -77,6 +77,7 @@ def test_cli_reports_errors_with_a_non_zero_exit(tmp_path, capsys):
     assert "-p nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failing_notebook_stops_the_pipeline_showing_its_cell_and_error(tmp_path):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -240,3 +241,40 @@ def test_a_search_fills_only_what_it_chose_and_what_was_left_none():
     assert with_choice({"sparse_lr": None, "lr": 0.1}, best, "sparse") == {"sparse_lr": 0.003, "lr": 0.1}
     assert with_choice({"sparse_lr": 0.02}, best, "sparse") == {"sparse_lr": 0.02}
     assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {"lr": 0.03, "weight_decay": 1e-4}
+
+
+def test_a_kernel_that_dies_at_start_up_is_started_again_and_other_errors_are_not_retried(monkeypatch, tmp_path,
+                                                                                          capsys):
+    import papermill
+
+    calls = []
+
+    def dies_once(*args, **kwargs):
+        calls.append(kwargs["parameters"])
+        if len(calls) == 1:  # two kernels handed one port: the second dies before any cell runs
+            raise RuntimeError(pipeline.KERNEL_DIED)
+
+    monkeypatch.setattr(papermill, "execute_notebook", dies_once)
+    pipeline.execute_notebook(NOTEBOOKS["00"], tmp_path / "out.ipynb", {"profile": "smoke"})
+    assert calls == [{"profile": "smoke"}] * 2
+    assert "the kernel died at start-up" in capsys.readouterr().out
+
+    def always_dies(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError(pipeline.KERNEL_DIED)
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", always_dies)
+    with pytest.raises(RuntimeError, match=pipeline.KERNEL_DIED):
+        pipeline.execute_notebook(NOTEBOOKS["00"], tmp_path / "out.ipynb", {})
+    assert len(calls) == pipeline.KERNEL_START_TRIES
+
+    def other_error(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel named python3")
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", other_error)
+    with pytest.raises(RuntimeError, match="no kernel named python3"):
+        pipeline.execute_notebook(NOTEBOOKS["00"], tmp_path / "out.ipynb", {})
+    assert len(calls) == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -128,40 +127,53 @@ def test_slurm_without_submitit_says_how_to_install_it(monkeypatch, tmp_path, ca
 
 
 # --------------------------------------------------------------------------- workers at once
+#
+# Each scenario runs the smallest grid that still exercises it: seed 0 only (every search runs at seed
+# 0, so every choice is the smoke pipeline's), one N_c, one value where a stage needs no choice. Each of
+# its runs is then a run of the test session's smoke pipeline (one process, one thread per kernel) with
+# the same config, and must equal it bit for bit.
 
-@pytest.fixture(scope="module")
-def single_process(tmp_path_factory) -> Path:
-    """Notebooks 01-03 of the smoke profile by one process: the reference every team must equal."""
-    results = tmp_path_factory.mktemp("single") / "results"
-    finish(pipeline_process("--only", "01", "02", "03", "--results-dir", str(results)))
-    return results
+SEED_0 = ("-p", "seeds", "[0]")
+NC_1 = ("-p", "classes_per_client_grid", "[1]")
+
+
+def same_as_smoke(made: dict[str, bytes], smoke_results: dict) -> bool:
+    """Every run in `made` is a run of the smoke pipeline with the very same metrics.csv."""
+    reference = run_metrics(smoke_results["results_dir"])
+    assert made.keys() <= reference.keys(), f"not runs of the smoke pipeline: {sorted(made.keys() - reference.keys())}"
+    return made == {key: reference[key] for key in made}
+
+
+def smoke_choices(smoke_results: dict) -> dict:
+    """What the smoke pipeline's searches chose (hparams.json)."""
+    return json.loads((smoke_results["results_dir"] / "smoke" / "hparams.json").read_text())
 
 
 @pytest.mark.slow
-def test_three_workers_train_every_run_once_and_match_a_single_process(single_process, tmp_path):
+def test_three_workers_train_every_run_once_and_match_a_single_process(smoke_results, tmp_path):
     results = tmp_path / "results"
-    workers = [pipeline_process("--only", "01", "02", "03", "--results-dir", str(results),
-                                "--worker", f"{i}/3")
-               for i in (1, 2, 3)]
+    args = ("--only", "02", "03", "--results-dir", str(results), *SEED_0, *NC_1)
+    workers = [pipeline_process(*args, "--worker", f"{i}/3") for i in (1, 2, 3)]
     for process in workers:
         finish(process)
-    assert run_metrics(results) == run_metrics(single_process)  # bit-identical, every run
+    made = run_metrics(results)
+    # 02: two search runs, then iid at seed 0; 03: iid at J=4, Nc=1 at J=2 and 4 (iid at J=2 is 02's run)
+    assert len(made) == 2 + 1 + 3
+    assert same_as_smoke(made, smoke_results)  # bit-identical, every run
     assert set(attempts(results).values()) == {1}  # every run trained exactly once
-    assert attempts(results).keys() == run_metrics(results).keys()
-    root = results / "smoke"  # the stages waited: no scheduler run started before the last search run ended
-    search_done = max(p.stat().st_mtime for p in root.glob("01_lr_search/*/summary.json"))
-    assert min(p.stat().st_mtime for p in root.glob("01_centralized/*/attempts.log")) >= search_done
-    fed_search_done = max(p.stat().st_mtime for p in root.glob("02_lr_search/*/summary.json"))
+    assert attempts(results).keys() == made.keys()
+    root = results / "smoke"  # the stages waited: no run of the grids started before the last search run ended
+    search_done = max(p.stat().st_mtime for p in root.glob("02_lr_search/*/summary.json"))
     started = [p.stat().st_mtime for e in ("02_fedavg_iid", "03_heterogeneity")
                for p in root.glob(f"{e}/*/attempts.log")]
-    assert min(started) >= fed_search_done
+    assert min(started) >= search_done
 
 
 @pytest.mark.slow
-def test_a_killed_worker_started_again_finishes_its_share_bit_identical(single_process, tmp_path):
-    chosen = json.loads((single_process / "smoke" / "hparams.json").read_text())  # 02's choice, as -p values
+def test_a_killed_worker_started_again_finishes_its_share_bit_identical(smoke_results, tmp_path):
+    chosen = smoke_choices(smoke_results)  # 02's choice, as -p values
     results = tmp_path / "results"
-    args = ("--only", "03", "--results-dir", str(results), "-p", "lr", repr(chosen["fedavg_lr"]),
+    args = ("--only", "03", "--results-dir", str(results), *SEED_0, *NC_1, "-p", "lr", repr(chosen["fedavg_lr"]),
             "-p", "weight_decay", repr(chosen["fedavg_weight_decay"]))
     victim = pipeline_process(*args, "--worker", "1/2", start_new_session=True)
     deadline = time.monotonic() + 600
@@ -174,48 +186,68 @@ def test_a_killed_worker_started_again_finishes_its_share_bit_identical(single_p
     processes = [pipeline_process(*args, "--worker", worker) for worker in ("1/2", "2/2")]
     for process in processes:
         finish(process)
-    reference = run_metrics(single_process)
-    assert run_metrics(results) == {k: reference[k] for k in run_metrics(results)}
-    assert len(run_metrics(results)) == 4 * 2 * 2  # 03's grid: (iid, Nc=1, 5, 10) x J=2, 4 x 2 seeds
+    made = run_metrics(results)
+    assert len(made) == 2 * 2  # 03's grid at seed 0: (iid, Nc=1) x J=2, 4
+    assert same_as_smoke(made, smoke_results)
     assert attempts(results)[killed] == 2  # the killed run resumed
     assert sorted(attempts(results).values()).count(2) == 1
 
 
 @pytest.mark.slow
-def test_workers_2_and_slurm_local_end_with_the_single_process_results(smoke_results, tmp_path):
-    reference = run_metrics(smoke_results["results_dir"])
-    (tmp_path / "report").mkdir()
-    for name in ("main.tex", "refs.bib"):
-        shutil.copy(REPO / "report" / name, tmp_path / "report" / name)
-    report = ["-p", "report_dir", str(tmp_path / "report")]
+def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
+    """--workers 2 over every kind of stage the smoke pipeline has but 02's and 03's (the three-workers
+    test): 01's search and schedulers, 04's step-0 heads, search, grid and centralized baseline, 05's
+    rules; then the final pass, which reads every run back and draws the figures."""
+    chosen = smoke_choices(smoke_results)
+    one_value = {"search_lrs": [chosen["central_lr"]], "search_weight_decays": [chosen["central_weight_decay"]],
+                 "schedulers": ["cosine"], "lr": chosen["fedavg_lr"], "weight_decay": chosen["fedavg_weight_decay"],
+                 "sparse_search_lrs": [chosen["sparse_lr"]], "sparsities": [0.9], "calibration_rounds_grid": [2],
+                 "rules": ["least_sensitive", "random"]}
+    values = [item for name, value in one_value.items() for item in ("-p", name, repr(value))]
+    results = tmp_path / "results"
     started = time.perf_counter()
-    out = finish(pipeline_process("--results-dir", str(tmp_path / "workers"), "--workers", "2", *report))
-    print(f"--workers 2 smoke pipeline: {time.perf_counter() - started:.0f} s")
+    out = finish(pipeline_process("--only", "01", "04", "05", "--results-dir", str(results), "--workers", "2",
+                                  *SEED_0, *values))
+    print(f"--workers 2, notebooks 01, 04, 05 at seed 0: {time.perf_counter() - started:.0f} s")
     assert "[worker 1/2]" in out and "[worker 2/2]" in out
-    assert run_metrics(tmp_path / "workers") == reference
-    pytest.importorskip("submitit")
-    finish(pipeline_process("--only", "00", "01", "02", "--results-dir", str(tmp_path / "slurm"),
-                            "--slurm", "2", "--slurm-option", "cluster", "local",
-                            "--slurm-option", "timeout_min", "30"))
-    assert run_metrics(tmp_path / "slurm") == {k: v for k, v in reference.items() if k[:2] in ("01", "02")}
+    assert (results / "smoke" / "workers" / "worker-2-of-2.log").is_file()
+    finals = sorted(p.name for p in (results / "smoke" / "notebooks").glob("*.ipynb"))
+    assert finals == ["01_centralized.ipynb", "04_sparse_fl.ipynb", "05_mask_rules.ipynb"]  # the final pass
+    made = run_metrics(results)
+    # 01: search, cosine; 04: two heads, search, 3 runs per sharding, centralized; 05: 2 rules x 2 shardings
+    assert len(made) == 2 + (2 + 1 + 6 + 1) + 4
+    assert same_as_smoke(made, smoke_results)
 
 
 @pytest.mark.slow
-def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(single_process, tmp_path,
+def test_slurm_local_workers_end_with_the_single_process_results(smoke_results, tmp_path):
+    pytest.importorskip("submitit")
+    results = tmp_path / "results"
+    out = finish(pipeline_process("--only", "02", "--results-dir", str(results), *SEED_0, "--slurm", "2",
+                                  "--slurm-option", "cluster", "local", "--slurm-option", "timeout_min", "30"))
+    assert "worker 2/2: job" in out and "final pass: job" in out
+    made = run_metrics(results)
+    assert len(made) == 2 + 1  # 02's two search runs, then iid at seed 0
+    assert same_as_smoke(made, smoke_results)
+
+
+@pytest.mark.slow
+def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(smoke_results, tmp_path,
                                                                               monkeypatch):
     submitit = pytest.importorskip("submitit")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it, as the reference did
     results = tmp_path / "results"
-    # The local executor plays Slurm's time limit: 40 s into every attempt it sends the job the signal
+    # The local executor plays Slurm's time limit: 25 s into every attempt it sends the job the signal
     # Slurm sends before the limit (USR2); submitit's hook requeues, and the next attempt resumes.
     executor = submitit.LocalExecutor(folder=tmp_path / "slurm", max_num_timeout=10)
-    executor.update_parameters(timeout_min=1, signal_delay_s=20)
-    job = executor.submit(pipeline.PipelineJob(), ["--profile", "smoke", "--only", "01", "02",
+    executor.update_parameters(timeout_min=0.5, signal_delay_s=5)
+    job = executor.submit(pipeline.PipelineJob(), ["--profile", "smoke", "--only", "02", "03", *SEED_0, *NC_1,
                                                    "--results-dir", str(results)])
     job.result()
-    assert "timed-out" in job.stderr() and "Requeued job" in job.stdout()  # 01 and 02 take over 40 s
-    reference = run_metrics(single_process)
-    assert run_metrics(results) == {k: v for k, v in reference.items() if k[:2] in ("01", "02")}
+    assert "timed-out" in job.stderr() and "Requeued job" in job.stdout()  # 02 and 03 take over 25 s
+    made = run_metrics(results)
+    assert len(made) == 2 + 1 + 3
+    assert same_as_smoke(made, smoke_results)
     assert max(attempts(results).values()) >= 2  # a run interrupted mid-way resumed from its checkpoint
 
 
