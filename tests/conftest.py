@@ -15,24 +15,24 @@ import pytest
 import torch
 
 from fedta_utils.workspace import setup_workspace
-from smoke_fixture import smoke_pipeline, smoke_results, uses_smoke_pipeline  # noqa: F401  (once per session)
+from smoke_fixture import smoke_pipeline, smoke_results, smoke_stage, start_smoke_pipeline  # noqa: F401
 
 torch.set_num_threads(2)
 
 
 def pytest_collection_modifyitems(config, items):
     """Tests that read the smoke pipeline are slow, and run last: the pipeline runs in the background
-    (smoke_fixture.py) while the others run. Slow tests that do not read it run just before them."""
+    (smoke_fixture.py) while the others run. The order: the quick tests, the other slow ones, the tests
+    that compare with the pipeline once their own scenario has run, the tests that read it from the start."""
     for item in items:
-        if uses_smoke_pipeline(item):
+        if smoke_stage(item):
             item.add_marker(pytest.mark.slow)
 
-    def stage(item) -> int:
-        if uses_smoke_pipeline(item):
-            return 2
-        return 1 if item.get_closest_marker("slow") else 0
+    def order(item) -> tuple[int, int]:
+        return smoke_stage(item), int(item.get_closest_marker("slow") is not None)
 
-    items.sort(key=stage)  # stable: the order within a stage is pytest's own
+    items.sort(key=order)  # stable: within a stage, pytest's own order
+
 
 # The report-PDF tests need TeX Live. `make test` installs it where it may; elsewhere they are skipped
 # with the command that installs it, except under FEDTA_REQUIRE_TEX (set by CI), where they fail.

@@ -1,9 +1,12 @@
 """The whole smoke pipeline (notebooks 00-06), run once per test session, in the background.
 
-It is the longest piece of the suite (about 8 minutes on a 2-core machine) and uses one core (one
-thread per notebook kernel), so it starts as soon as the first test of a session that needs it is
-set up, in a process of its own, while the tests that do not need it run on the other core.
-conftest.py orders the tests that need it last; the first of them waits for it to end.
+It is the longest piece of the suite (about 7 minutes on a 2-core machine) and uses one core (one
+thread per notebook kernel), so it starts with the session's first test, in a process of its own,
+while the other tests run on the other core. conftest.py orders the tests that read it last:
+
+- `smoke_pipeline`: the pipeline, possibly still running. A test that only compares its own runs with
+  the pipeline's at the end (a team test) runs its scenario first, then calls `.result()`.
+- `smoke_results`: the pipeline once it has ended; the first test that asks waits for it.
 
 The report is built in a temporary copy of report/ (main.tex and refs.bib only), so the
 repository's report folder is left untouched.
@@ -22,11 +25,16 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT_SOURCES = ("main.tex", "refs.bib")
-SMOKE_TIMEOUT = 1800  # seconds; the pipeline takes about 500 on CI's 2 cores
+SMOKE_TIMEOUT = 1800  # seconds; the pipeline takes about 450 on CI's 2 cores
 
 
-def uses_smoke_pipeline(item) -> bool:
-    return "smoke_results" in getattr(item, "fixturenames", ())
+def smoke_stage(item) -> int:
+    """0: the test does not read the smoke pipeline; 1: it reads it at its end (smoke_pipeline);
+    2: it reads it from its start (smoke_results)."""
+    names = getattr(item, "fixturenames", ())
+    if "smoke_results" in names:
+        return 2
+    return 1 if "smoke_pipeline" in names else 0
 
 
 class SmokePipeline:
@@ -47,10 +55,12 @@ class SmokePipeline:
                    "--results-dir", str(self.results_dir), "-p", "report_dir", str(self.report_dir)]
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        torch.set_num_threads(1)  # the pipeline has the other core: two threads here would wait on each other
 
     def result(self) -> dict:
         """Wait for the pipeline; {"results_dir": Path, "report_dir": Path} once it has succeeded."""
         code = self.process.wait(timeout=SMOKE_TIMEOUT)
+        torch.set_num_threads(self.threads)  # both cores are free again
         assert code == 0, f"the smoke pipeline failed ({self.log}):\n{self.log.read_text()[-4000:]}"
         return {"results_dir": self.results_dir, "report_dir": self.report_dir}
 
@@ -58,24 +68,27 @@ class SmokePipeline:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        torch.set_num_threads(self.threads)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def smoke_pipeline(request, tmp_path_factory):
-    """Starts the smoke pipeline with the session's first test, if any selected test needs it."""
-    if not any(uses_smoke_pipeline(item) for item in request.session.items):
+def start_smoke_pipeline(request, tmp_path_factory):
+    """Starts the smoke pipeline with the session's first test, if any selected test reads it."""
+    if not any(smoke_stage(item) for item in request.session.items):
         yield None
         return
     pipeline = SmokePipeline(tmp_path_factory.mktemp("smoke_pipeline"))
-    torch.set_num_threads(1)  # the pipeline has the other core: two threads here would wait on each other
     yield pipeline
     pipeline.stop()
-    torch.set_num_threads(pipeline.threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(start_smoke_pipeline) -> SmokePipeline:
+    """The smoke pipeline, which may still be running: call .result() to wait for it."""
+    return start_smoke_pipeline
 
 
 @pytest.fixture(scope="session")
 def smoke_results(smoke_pipeline) -> dict:
     """{"results_dir": Path, "report_dir": Path} after every notebook ran on the smoke profile."""
-    results = smoke_pipeline.result()
-    torch.set_num_threads(smoke_pipeline.threads)  # both cores are free again
-    return results
+    return smoke_pipeline.result()
