@@ -88,6 +88,17 @@ def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[i
                       lambda item, v: check_int(item, v, minimum))
 
 
+def check_seeds(values: Any) -> list[int]:
+    """The `seeds` of a grid: distinct integers >= 0, since a repeated seed is the same run again and a
+    table would count it as two independent runs."""
+    seeds = check_int_list("seeds", values, minimum=0)
+    repeated = [seed for index, seed in enumerate(seeds) if seed in seeds[:index]]
+    if repeated:
+        raise ConfigError(f"seeds={values!r} repeats seed {repeated[0]}: each seed is one independent run, "
+                          "so give distinct seeds (e.g. [0, 1, 2])")
+    return seeds
+
+
 def check_float_list(name: str, values: Any, low: float | None = None, high: float | None = None,
                      *, low_open: bool = False, high_open: bool = False) -> list[float]:
     interval = _interval_text(low, high, low_open, high_open)

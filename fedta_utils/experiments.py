@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from . import team
-from .checks import ConfigError, check_choice_list, check_float, check_float_list, check_int, check_int_list
+from .checks import (ConfigError, check_choice_list, check_float, check_float_list, check_int, check_int_list,
+                     check_seeds)
 from .fedavg import FedAvgConfig, FedAvgRun
 from .optim import SCHEDULERS
 from .sharding import make_shards, shard_stats
@@ -90,7 +91,7 @@ def evaluation(eval_points=10, eval_subset=1000, img_size=None, **_) -> dict:
 def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_decay, momentum, schedulers,
                       warmup_epochs, precision, **params) -> list[CentralizedConfig]:
     """Every scheduler at the chosen lr / weight decay, for every seed."""
-    seeds = check_int_list("seeds", seeds, minimum=0)
+    seeds = check_seeds(seeds)
     schedulers = check_choice_list("schedulers", schedulers, SCHEDULERS)
     return [CentralizedConfig(dataset=dataset, model=model, seed=seed, epochs=epochs, batch_size=batch_size,
                               lr=lr, momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
@@ -148,7 +149,7 @@ def fedavg_iid_configs(seeds, local_steps, rounds, **params) -> list[FedAvgConfi
     """Notebook 02: iid shards, the chosen J and rounds, every seed."""
     base = fedavg_base(**params)
     return [replace(base, seed=s, local_steps=local_steps, rounds=rounds, sharding="iid")
-            for s in check_int_list("seeds", seeds, minimum=0)]
+            for s in check_seeds(seeds)]
 
 
 def heterogeneity_home(local_steps_grid, **_):
@@ -167,7 +168,7 @@ def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> 
 def heterogeneity_configs(seeds, classes_per_client_grid, local_steps_grid, base_rounds,
                           include_iid: bool = True, **params) -> list[FedAvgConfig]:
     """Notebook 03: (iid + non-iid Nc) x J, rounds scaled so rounds * J is constant."""
-    seeds = check_int_list("seeds", seeds, minimum=0)
+    seeds = check_seeds(seeds)
     grid_nc = check_int_list("classes_per_client_grid", classes_per_client_grid, minimum=1)
     grid_j = check_int_list("local_steps_grid", local_steps_grid, minimum=1)
     base_rounds = check_int("base_rounds", base_rounds, minimum=1)
@@ -239,7 +240,7 @@ def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, cali
     on one non-iid Nc. Each sharding also gets the dense baselines with the same rounds: the frozen
     step-0 head with a dense backbone, and plain FedAvg (trained head, FedAvg's lr). Every run under the
     frozen head trains at `sparse_lr`."""
-    seeds = check_int_list("seeds", seeds, minimum=0)
+    seeds = check_seeds(seeds)
     iid_settings = sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds)
     base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
     under_head = replace(base, lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True))
@@ -260,7 +261,7 @@ def head_only_configs(seeds, sparse_classes_per_client, **params) -> list[FedAvg
     base = replace(fedavg_base(**params), rounds=1, local_steps=1)
     return [replace(base, seed=s, finetune=finetune_spec(params, max_grad_norm=None), **sharding)
             for sharding in _fl_shardings(sparse_classes_per_client)
-            for s in check_int_list("seeds", seeds, minimum=0)]
+            for s in check_seeds(seeds)]
 
 
 def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central_batch_size, central_lr,
@@ -277,14 +278,14 @@ def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central
                               lr=central_lr, momentum=momentum, weight_decay=central_weight_decay,
                               scheduler="cosine", warmup_epochs=warmup_epochs, precision=precision,
                               finetune=spec, **evaluation(**params))
-            for s in check_int_list("seeds", seeds, minimum=0)]
+            for s in check_seeds(seeds)]
 
 
 def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sparse_classes_per_client,
                       local_steps, rounds, sparse_lr, **params) -> list[FedAvgConfig]:
     """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed, at 04's sparse_lr
     (FedAvg's lr is not used here)."""
-    seeds = check_int_list("seeds", seeds, minimum=0)
+    seeds = check_seeds(seeds)
     rules = check_choice_list("rules", rules, RULES)
     sparsities = check_float_list("rule_sparsities", rule_sparsities, 0.0, 1.0, high_open=True)
     check_int("rule_calibration_rounds", rule_calibration_rounds, minimum=1)
@@ -359,6 +360,8 @@ def run_head_only(ws, data, config: FedAvgConfig, *, experiment: str = HEAD_ONLY
     if run.is_complete:
         return read_complete(run)
     with run:
+        if run.is_complete:  # finished by another process between the check above and taking its lock
+            return read_complete(run)
         started = time.perf_counter()
         fed = FedAvgRun(ws, data, config, run, shards, eval_batch_size)
         row = {"round": 0, **evaluate_splits(fed.model, data, fed.img_size, eval_batch_size, fed.precision,

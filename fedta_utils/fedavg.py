@@ -259,6 +259,8 @@ def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, *, experiment: str = 
     if run.is_complete:
         return read_complete(run)
     with run:
+        if run.is_complete:  # finished by another process between the check above and taking its lock
+            return read_complete(run)
         return FedAvgRun(ws, data, config, run, shards, eval_batch_size).train(checkpoint_every, save_weights,
                                                                                 progress)
 

@@ -184,6 +184,8 @@ class Run:
         lock = RunLock(self.dir / "lock.json")
         lock.acquire()
         self._lock = lock
+        if self.is_complete:  # another process finished it while this one was on its way: it reads it back
+            return self
         with open(self.dir / "attempts.log", "a") as log:  # one line per start or resume: who trained it
             log.write(f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         return self

@@ -211,6 +211,8 @@ def run_centralized(ws, data: DataBundle, config: CentralizedConfig, *, experime
     if run.is_complete:
         return read_complete(run)
     with run:
+        if run.is_complete:  # finished by another process between the check above and taking its lock
+            return read_complete(run)
         return train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, save_weights,
                                  progress)
 

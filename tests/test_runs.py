@@ -416,3 +416,34 @@ def test_the_code_version_is_recorded_beside_the_identity_and_does_not_split_run
     assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "code_version": "abc1234"}
     with Run(tmp_path, "exp", "a", {"lr": 0.1}, code_version="def5678") as again:  # same run, newer code
         assert again.dir == run.dir
+
+
+@pytest.mark.parametrize("kind", ["fedavg", "centralized"])
+def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_back_not_retrained(
+        kind, workspace, small_data, monkeypatch):
+    from fedta_utils.fedavg import FedAvgConfig, run_fedavg
+    from fedta_utils.training import CentralizedConfig, run_centralized
+
+    runner, config = {
+        "fedavg": (run_fedavg, FedAvgConfig(dataset="synthetic", model="tiny_vit", num_clients=10, rounds=2,
+                                            local_steps=1, eval_points=1, eval_subset=100, precision="fp32")),
+        "centralized": (run_centralized, CentralizedConfig(dataset="synthetic", model="tiny_vit", epochs=1,
+                                                           batch_size=256, eval_points=1, eval_subset=100,
+                                                           precision="fp32")),
+    }[kind]
+    first = runner(workspace, small_data, config, experiment="race", eval_batch_size=128)
+    files = ("metrics.csv", "summary.json", "attempts.log")
+    written = {name: (first.run.dir / name).read_bytes() for name in files}
+    # The second process looked before summary.json reached it (Drive syncs late), then took the lock.
+    looks = []
+
+    def late_summary(run):
+        looks.append(run.dir)
+        return len(looks) > 1 and (run.dir / "summary.json").is_file()
+
+    monkeypatch.setattr(Run, "is_complete", property(late_summary))
+    second = runner(workspace, small_data, config, experiment="race", eval_batch_size=128)
+    assert len(looks) >= 2  # it did look again once it held the lock
+    assert {name: (first.run.dir / name).read_bytes() for name in files} == written  # nothing retrained
+    assert second.summary == json.loads(written["summary.json"])  # what the first process wrote
+    assert not (first.run.dir / "lock.json").exists()
