@@ -136,7 +136,12 @@ def fedavg_base(dataset, model, num_clients, participation, batch_size, lr, weig
 
 def fedavg_search_configs(fedavg_search_lrs, fedavg_search_weight_decays, fedavg_search_rounds, local_steps,
                           search_seed: int = 0, **params) -> list[FedAvgConfig]:
-    """Notebook 02: the client lr x weight-decay grid (iid, J, fewer rounds, one seed), judged on val."""
+    """Notebook 02: the client lr x weight-decay grid (iid, J, fewer rounds, one seed), judged on val.
+
+    Given the parameters of the iid runs that follow the search (seeds, rounds), they are checked
+    too, at a stand-in lr: a typo there must fail before the search trains, not after."""
+    if {"seeds", "rounds"} <= params.keys():
+        fedavg_iid_configs(local_steps=local_steps, **{**params, "lr": 1.0, "weight_decay": 0.0})
     lrs = check_float_list("fedavg_search_lrs", fedavg_search_lrs, 0.0, None, low_open=True)
     wds = check_float_list("fedavg_search_weight_decays", fedavg_search_weight_decays, 0.0, None)
     rounds = check_int("fedavg_search_rounds", fedavg_search_rounds, minimum=1)

@@ -259,8 +259,7 @@ class Run:
         self._require_lock()
         self._write_metrics(rows, timing)
         atomic_write_json(self.dir / "summary.json", summary)
-        for path in self._checkpoints():
-            path.unlink(missing_ok=True)
+        self._delete_checkpoints()
 
     def remove_leftover_checkpoints(self) -> None:
         """Delete checkpoints a complete run still holds (a kill between summary.json and their deletion).
@@ -269,9 +268,15 @@ class Run:
         """
         if not self.is_complete or not self._checkpoints():
             return
+        if self._lock is not None:  # this process holds the run already
+            self._delete_checkpoints()
+            return
         with contextlib.suppress(RunLockedError), self:
-            for path in self._checkpoints():
-                path.unlink(missing_ok=True)
+            self._delete_checkpoints()
+
+    def _delete_checkpoints(self) -> None:
+        for path in self._checkpoints():
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- lock

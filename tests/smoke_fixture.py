@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,20 +54,26 @@ class SmokePipeline:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         command = [sys.executable, "-m", "fedta_utils.pipeline", "--profile", "smoke",
                    "--results-dir", str(self.results_dir), "-p", "report_dir", str(self.report_dir)]
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(self.log, "w") as log:  # a session of its own: stop() ends its notebook kernels too
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         torch.set_num_threads(1)  # the pipeline has the other core: two threads here would wait on each other
 
     def result(self) -> dict:
-        """Wait for the pipeline; {"results_dir": Path, "report_dir": Path} once it has succeeded."""
-        code = self.process.wait(timeout=SMOKE_TIMEOUT)
+        """Wait for the pipeline; {"results_dir": Path, "report_dir": Path} once it has succeeded. A
+        pipeline that hangs is stopped after SMOKE_TIMEOUT, and every later call fails at once."""
+        try:
+            code = self.process.wait(timeout=SMOKE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = f"killed after {SMOKE_TIMEOUT} s"
         torch.set_num_threads(self.threads)  # both cores are free again
-        assert code == 0, f"the smoke pipeline failed ({self.log}):\n{self.log.read_text()[-4000:]}"
+        assert code == 0, f"the smoke pipeline failed ({code}; {self.log}):\n{self.log.read_text()[-4000:]}"
         return {"results_dir": self.results_dir, "report_dir": self.report_dir}
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         torch.set_num_threads(self.threads)
 

@@ -347,6 +347,8 @@ SPARSE_GRID = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, sparse_c
                    calibration_rounds=2, sparse_lr=0.01)
 SPARSE_SEARCH = dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1], sparse_search_lrs=[0.01],
                      sparse_search_rounds=2)
+FEDAVG_SEARCH = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, fedavg_search_lrs=[0.03],
+                     fedavg_search_weight_decays=[0.0], fedavg_search_rounds=2)
 CENTRAL_SETTINGS = dict(dataset="synthetic", model="tiny_vit", seeds=[0], epochs=2, batch_size=64, momentum=0.9,
                         search_lrs=[0.03], search_weight_decays=[0.0], search_epochs=1,
                         schedulers=["cosine"], warmup_epochs=0.5, precision="auto")
@@ -371,6 +373,9 @@ GRID_CASES = [
      "schedulers must be a list of names from ['cosine', 'step', 'constant'], got 'cosine'"),
     (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"seeds": []},
      "seeds must not be empty: give a list of integers >= 0"),
+    # notebook 02 runs its lr search before its iid grid: the grid's parameters must fail first
+    (experiments.fedavg_search_configs, FEDAVG_SEARCH, {"rounds": -3}, "rounds=-3 is too small; it must be >= 1"),
+    (experiments.fedavg_search_configs, FEDAVG_SEARCH, {"seeds": [1, 1]}, "seeds=[1, 1] repeats seed 1"),
     # a repeated seed is the same run again: a table would count it as two independent runs
     (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"seeds": [0, 1, 0]},
      "seeds=[0, 1, 0] repeats seed 0: each seed is one independent run, so give distinct seeds"),
@@ -504,6 +509,8 @@ NOTEBOOK_CASES = [
     ("03", {"classes_per_client_grid": [200]}, "classes_per_client=200 is too large; it must be <= 100",
      experiments.HETEROGENEITY),
     ("01", {"schedulers": ["linear"]}, "schedulers[0]='linear' is not allowed", experiments.LR_SEARCH),
+    # notebook 02 runs its lr search before its iid grid: the grid's parameters must fail first
+    ("02", {"seeds": [0, 0]}, "seeds=[0, 0] repeats seed 0", experiments.FEDAVG_LR_SEARCH),
 ]
 
 

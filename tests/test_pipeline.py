@@ -205,7 +205,11 @@ def test_the_readme_papermill_command_runs_notebook_00_offline(tmp_path):
                "-f", "notebooks/smoke.yaml", "-p", "results_dir", str(tmp_path / "results")]
     assert " ".join(command[:2] + ["out.ipynb"] + command[3:5]) in (repo / "README.md").read_text()
     executable = shutil.which("papermill", path=str(Path(sys.executable).parent)) or "papermill"
-    subprocess.run([executable, *command[1:]], cwd=repo, check=True, capture_output=True, timeout=600)
+    for attempt in (1, 2):  # the background smoke pipeline starts kernels too: they may race for a port
+        done = subprocess.run([executable, *command[1:]], cwd=repo, capture_output=True, text=True, timeout=600)
+        if done.returncode == 0 or pipeline.KERNEL_DIED not in done.stderr:
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "results" / "smoke" / "00_data" / "shard_stats.csv").is_file()
 
 

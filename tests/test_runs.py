@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -418,22 +419,28 @@ def test_the_code_version_is_recorded_beside_the_identity_and_does_not_split_run
         assert again.dir == run.dir
 
 
-@pytest.mark.parametrize("kind", ["fedavg", "centralized"])
+@pytest.mark.parametrize("kind", ["fedavg", "centralized", "head_only"])
 def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_back_not_retrained(
         kind, workspace, small_data, monkeypatch):
+    from fedta_utils.experiments import run_head_only
     from fedta_utils.fedavg import FedAvgConfig, run_fedavg
+    from fedta_utils.finetune import FineTuneSpec
     from fedta_utils.training import CentralizedConfig, run_centralized
 
+    fedavg = FedAvgConfig(dataset="synthetic", model="tiny_vit", num_clients=10, rounds=2, local_steps=1,
+                          eval_points=1, eval_subset=100, precision="fp32")
     runner, config = {
-        "fedavg": (run_fedavg, FedAvgConfig(dataset="synthetic", model="tiny_vit", num_clients=10, rounds=2,
-                                            local_steps=1, eval_points=1, eval_subset=100, precision="fp32")),
+        "fedavg": (run_fedavg, fedavg),
         "centralized": (run_centralized, CentralizedConfig(dataset="synthetic", model="tiny_vit", epochs=1,
                                                            batch_size=256, eval_points=1, eval_subset=100,
                                                            precision="fp32")),
+        "head_only": (run_head_only, replace(fedavg, finetune=FineTuneSpec(head="ridge", ridge_lambda=1e-3))),
     }[kind]
     first = runner(workspace, small_data, config, experiment="race", eval_batch_size=128)
     files = ("metrics.csv", "summary.json", "attempts.log")
     written = {name: (first.run.dir / name).read_bytes() for name in files}
+    leftover = first.run.dir / "checkpoint-000001.pt"  # as a kill between summary.json and its deletion leaves
+    leftover.write_bytes(b"a checkpoint")
     # The second process looked before summary.json reached it (Drive syncs late), then took the lock.
     looks = []
 
@@ -446,4 +453,5 @@ def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_bac
     assert len(looks) >= 2  # it did look again once it held the lock
     assert {name: (first.run.dir / name).read_bytes() for name in files} == written  # nothing retrained
     assert second.summary == json.loads(written["summary.json"])  # what the first process wrote
+    assert not leftover.exists()  # removed under the lock it holds
     assert not (first.run.dir / "lock.json").exists()

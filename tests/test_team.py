@@ -152,21 +152,25 @@ def smoke_choices(smoke_results: dict) -> dict:
 @pytest.mark.slow
 def test_three_workers_train_every_run_once_and_match_a_single_process(smoke_pipeline, tmp_path):
     results = tmp_path / "results"
-    args = ("--only", "02", "03", "--results-dir", str(results), *SEED_0, *NC_1)
+    args = ("--only", "01", "02", "03", "--results-dir", str(results), *SEED_0, *NC_1,
+            "-p", "schedulers", "['cosine']")
     workers = [pipeline_process(*args, "--worker", f"{i}/3") for i in (1, 2, 3)]
     for process in workers:
         finish(process)
     made = run_metrics(results)
-    # 02: two search runs, then iid at seed 0; 03: iid at J=4, Nc=1 at J=2 and 4 (iid at J=2 is 02's run)
-    assert len(made) == 2 + 1 + 3
+    # 01: 2 x 2 search runs, then cosine; 02: two search runs, then iid; 03: iid at J=4, Nc=1 at J=2
+    # and 4 (iid at J=2 is 02's run); all at seed 0
+    assert len(made) == (4 + 1) + (2 + 1) + 3
     assert same_as_smoke(made, smoke_pipeline.result())  # bit-identical, every run
     assert set(attempts(results).values()) == {1}  # every run trained exactly once
     assert attempts(results).keys() == made.keys()
-    root = results / "smoke"  # the stages waited: no run of the grids started before the last search run ended
-    search_done = max(p.stat().st_mtime for p in root.glob("02_lr_search/*/summary.json"))
+    root = results / "smoke"  # the stages waited: no run of a grid started before the last search run ended
+    search_done = max(p.stat().st_mtime for p in root.glob("01_lr_search/*/summary.json"))
+    assert min(p.stat().st_mtime for p in root.glob("01_centralized/*/attempts.log")) >= search_done
+    fed_search_done = max(p.stat().st_mtime for p in root.glob("02_lr_search/*/summary.json"))
     started = [p.stat().st_mtime for e in ("02_fedavg_iid", "03_heterogeneity")
                for p in root.glob(f"{e}/*/attempts.log")]
-    assert min(started) >= search_done
+    assert min(started) >= fed_search_done
 
 
 @pytest.mark.slow
@@ -195,27 +199,31 @@ def test_a_killed_worker_started_again_finishes_its_share_bit_identical(smoke_re
 
 @pytest.mark.slow
 def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
-    """--workers 2 on notebook 04, the notebook with every kind of stage the three-workers test lacks:
-    the step-0 heads (head-only runs that later stages wait for), a search under the frozen head, the
-    sparse grid and the centralized baseline; then the final pass, which reads every run back and plots."""
+    """--workers 2 on notebooks 04 and 05, with every kind of stage the three-workers test lacks: the
+    step-0 heads (head-only runs that later stages wait for), a search under the frozen head, the sparse
+    grid, the centralized baseline, the mask rules; then the final pass, which reads every run back and
+    plots (and trains nothing again)."""
     chosen = smoke_choices(smoke_results)  # 01's and 02's choices, as -p values
     one_value = {"lr": chosen["fedavg_lr"], "weight_decay": chosen["fedavg_weight_decay"],
                  "central_lr": chosen["central_lr"], "central_weight_decay": chosen["central_weight_decay"],
-                 "sparse_search_lrs": [chosen["sparse_lr"]], "sparsities": [0.9], "calibration_rounds_grid": [2]}
+                 "sparse_search_lrs": [chosen["sparse_lr"]], "sparsities": [0.9], "calibration_rounds_grid": [2],
+                 "rules": ["least_sensitive", "random"]}
     values = [item for name, value in one_value.items() for item in ("-p", name, repr(value))]
     results = tmp_path / "results"
     started = time.perf_counter()
-    out = finish(pipeline_process("--only", "04", "--results-dir", str(results), "--workers", "2", *SEED_0,
-                                  *values))
-    print(f"--workers 2, notebook 04 at seed 0: {time.perf_counter() - started:.0f} s")
+    out = finish(pipeline_process("--only", "04", "05", "--results-dir", str(results), "--workers", "2",
+                                  *SEED_0, *values))
+    print(f"--workers 2, notebooks 04 and 05 at seed 0: {time.perf_counter() - started:.0f} s")
     assert "[worker 1/2]" in out and "[worker 2/2]" in out
     assert (results / "smoke" / "workers" / "worker-2-of-2.log").is_file()
-    assert (results / "smoke" / "notebooks" / "04_sparse_fl.ipynb").is_file()  # the final pass
+    finals = sorted(p.name for p in (results / "smoke" / "notebooks").glob("*.ipynb"))
+    assert finals == ["04_sparse_fl.ipynb", "05_mask_rules.ipynb"]  # the final pass
     made = run_metrics(results)
-    # two heads (iid, Nc=5), the search, 3 runs per sharding (trained head, dense and sparse under the
-    # frozen head), the centralized baseline
-    assert len(made) == 2 + 1 + 2 * 3 + 1
+    # 04: two heads (iid, Nc=5), the search, 3 runs per sharding (trained head, dense and sparse under
+    # the frozen head), the centralized baseline; 05: 2 rules x 2 shardings
+    assert len(made) == (2 + 1 + 2 * 3 + 1) + 2 * 2
     assert same_as_smoke(made, smoke_results)
+    assert set(attempts(results).values()) == {1}  # trained once each: the final pass read them back
 
 
 @pytest.mark.slow
@@ -238,7 +246,7 @@ def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(smo
     results = tmp_path / "results"
     # The local executor plays Slurm's time limit: 25 s into every attempt it sends the job the signal
     # Slurm sends before the limit (USR2); submitit's hook requeues, and the next attempt resumes.
-    executor = submitit.LocalExecutor(folder=tmp_path / "slurm", max_num_timeout=10)
+    executor = submitit.LocalExecutor(folder=tmp_path / "slurm", max_num_timeout=30)
     executor.update_parameters(timeout_min=0.5, signal_delay_s=5)
     job = executor.submit(pipeline.PipelineJob(), ["--profile", "smoke", "--only", "02", "03", *SEED_0, *NC_1,
                                                    "--results-dir", str(results)])
