@@ -149,6 +149,43 @@ def smoke_choices(smoke_results: dict) -> dict:
     return json.loads((smoke_results["results_dir"] / "smoke" / "hparams.json").read_text())
 
 
+# The three tests below need no choice of the smoke pipeline's: they run their scenario while it may
+# still be running and compare at the end. The single-process ones come first, to share the two cores
+# with the pipeline's last notebooks.
+
+
+@pytest.mark.slow
+def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(smoke_pipeline, tmp_path,
+                                                                              monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it, as the reference did
+    results = tmp_path / "results"
+    # The local executor plays Slurm's time limit: 25 s into every attempt it sends the job the signal
+    # Slurm sends before the limit (USR2); submitit's hook requeues, and the next attempt resumes.
+    executor = submitit.LocalExecutor(folder=tmp_path / "slurm", max_num_timeout=30)
+    executor.update_parameters(timeout_min=0.5, signal_delay_s=5)
+    job = executor.submit(pipeline.PipelineJob(), ["--profile", "smoke", "--only", "02", "03", *SEED_0, *NC_1,
+                                                   "--results-dir", str(results)])
+    job.result()
+    assert "timed-out" in job.stderr() and "Requeued job" in job.stdout()  # 02 and 03 take over 25 s
+    made = run_metrics(results)
+    assert len(made) == 2 + 1 + 3
+    assert same_as_smoke(made, smoke_pipeline.result())
+    assert max(attempts(results).values()) >= 2  # a run interrupted mid-way resumed from its checkpoint
+
+
+@pytest.mark.slow
+def test_slurm_local_workers_end_with_the_single_process_results(smoke_pipeline, tmp_path):
+    pytest.importorskip("submitit")
+    results = tmp_path / "results"
+    out = finish(pipeline_process("--only", "02", "--results-dir", str(results), *SEED_0, "--slurm", "2",
+                                  "--slurm-option", "cluster", "local", "--slurm-option", "timeout_min", "30"))
+    assert "worker 2/2: job" in out and "final pass: job" in out
+    made = run_metrics(results)
+    assert len(made) == 2 + 1  # 02's two search runs, then iid at seed 0
+    assert same_as_smoke(made, smoke_pipeline.result())
+
+
 @pytest.mark.slow
 def test_three_workers_train_every_run_once_and_match_a_single_process(smoke_pipeline, tmp_path):
     results = tmp_path / "results"
@@ -224,38 +261,6 @@ def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
     assert len(made) == (2 + 1 + 2 * 3 + 1) + 2 * 2
     assert same_as_smoke(made, smoke_results)
     assert set(attempts(results).values()) == {1}  # trained once each: the final pass read them back
-
-
-@pytest.mark.slow
-def test_slurm_local_workers_end_with_the_single_process_results(smoke_pipeline, tmp_path):
-    pytest.importorskip("submitit")
-    results = tmp_path / "results"
-    out = finish(pipeline_process("--only", "02", "--results-dir", str(results), *SEED_0, "--slurm", "2",
-                                  "--slurm-option", "cluster", "local", "--slurm-option", "timeout_min", "30"))
-    assert "worker 2/2: job" in out and "final pass: job" in out
-    made = run_metrics(results)
-    assert len(made) == 2 + 1  # 02's two search runs, then iid at seed 0
-    assert same_as_smoke(made, smoke_pipeline.result())
-
-
-@pytest.mark.slow
-def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(smoke_pipeline, tmp_path,
-                                                                              monkeypatch):
-    submitit = pytest.importorskip("submitit")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it, as the reference did
-    results = tmp_path / "results"
-    # The local executor plays Slurm's time limit: 25 s into every attempt it sends the job the signal
-    # Slurm sends before the limit (USR2); submitit's hook requeues, and the next attempt resumes.
-    executor = submitit.LocalExecutor(folder=tmp_path / "slurm", max_num_timeout=30)
-    executor.update_parameters(timeout_min=0.5, signal_delay_s=5)
-    job = executor.submit(pipeline.PipelineJob(), ["--profile", "smoke", "--only", "02", "03", *SEED_0, *NC_1,
-                                                   "--results-dir", str(results)])
-    job.result()
-    assert "timed-out" in job.stderr() and "Requeued job" in job.stdout()  # 02 and 03 take over 25 s
-    made = run_metrics(results)
-    assert len(made) == 2 + 1 + 3
-    assert same_as_smoke(made, smoke_pipeline.result())
-    assert max(attempts(results).values()) >= 2  # a run interrupted mid-way resumed from its checkpoint
 
 
 def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(workspace, small_data, capsys,
