@@ -186,7 +186,8 @@ class Run:
         self._lock = lock
         if self.is_complete:  # another process finished it while this one was on its way: it reads it back
             return self
-        with open(self.dir / "attempts.log", "a") as log:  # one line per start or resume: who trained it, with what
+        # one line per start or resume: who trained it, with which code
+        with open(self.dir / "attempts.log", "a") as log:
             log.write(f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
                       f"code {self.code_version}\n")
         return self
@@ -217,7 +218,8 @@ class Run:
         to hold exactly the rows of the checkpoint returned (removed if None),
         so rows of rounds that will run again never appear twice.
         """
-        checkpoint, made_by = None, None
+        checkpoint = None
+        made_by = None  # the code version that wrote the checkpoint returned
         for path in reversed(self._checkpoints()):
             try:
                 payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -234,7 +236,8 @@ class Run:
             raise CodeVersionError(
                 f"{path} was written by code version {made_by}, this process runs {self.code_version}: a run "
                 "resumed by other code would mix two versions in one result. To continue anyway, check out "
-                f"{made_by} again; to train it with this code, delete {self.dir} (or use a new results folder)")
+                f"{made_by} again; to train it with this code, delete {self.dir} (or use a new results "
+                "folder)")
         if self._lock is None:  # read-only use: never write without the lock
             return checkpoint
         if checkpoint is None:
