@@ -186,10 +186,8 @@ class Run:
         self._lock = lock
         if self.is_complete:  # another process finished it while this one was on its way: it reads it back
             return self
-        # one line per start or resume: who trained it, with which code
-        with open(self.dir / "attempts.log", "a") as log:
-            log.write(f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
-                      f"code {self.code_version}\n")
+        with open(self.dir / "attempts.log", "a") as log:  # one line per start or resume: who trained it
+            log.write(f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -204,8 +202,7 @@ class Run:
         """Write a checkpoint and the metrics it covers, then keep only the last two."""
         self._require_lock()
         # every draw of the package comes from seeded generators; the global one is insurance
-        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint), "rng": {"torch": torch.get_rng_state()},
-                   "code_version": self.code_version}
+        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint), "rng": {"torch": torch.get_rng_state()}}
         atomic_torch_save(payload, self.dir / f"checkpoint-{checkpoint.step:06d}.pt")
         self._write_metrics(checkpoint.rows, checkpoint.timing)
         for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
@@ -219,25 +216,17 @@ class Run:
         so rows of rounds that will run again never appear twice.
         """
         checkpoint = None
-        made_by = None  # the code version that wrote the checkpoint returned
         for path in reversed(self._checkpoints()):
             try:
                 payload = torch.load(path, map_location=map_location, weights_only=True)
                 if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
                     raise ValueError(f"not a fedta checkpoint of format {CHECKPOINT_FORMAT}")
-                made_by = payload.get("code_version")
                 torch.set_rng_state(payload["rng"]["torch"])
                 checkpoint = Checkpoint(payload["step"], payload["state"], payload["rows"], payload["timing"])
                 break
             except Exception as error:  # truncated, garbage, or written by something else
                 warnings.warn(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
                               "falling back to the previous one", RuntimeWarning, stacklevel=2)
-        if checkpoint is not None and made_by != self.code_version:
-            raise CodeVersionError(
-                f"{path} was written by code version {made_by}, this process runs {self.code_version}: a run "
-                "resumed by other code would mix two versions in one result. To continue anyway, check out "
-                f"{made_by} again; to train it with this code, delete {self.dir} (or use a new results "
-                "folder)")
         if self._lock is None:  # read-only use: never write without the lock
             return checkpoint
         if checkpoint is None:
@@ -294,10 +283,6 @@ class Run:
 
 class RunLockedError(RuntimeError):
     """Another live process is working on this run directory."""
-
-
-class CodeVersionError(RuntimeError):
-    """A run's newest checkpoint was written by another code version than the one resuming it."""
 
 
 class RunLock:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedta_utils import runs
-from fedta_utils.runs import (Checkpoint, CodeVersionError, Run, RunLock, RunLockedError, atomic_torch_save, atomic_write_bytes,
+from fedta_utils.runs import (Checkpoint, Run, RunLock, RunLockedError, atomic_torch_save, atomic_write_bytes,
                               atomic_write_json, clear_staging, config_id, read_metrics, rows_to_csv)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,26 +140,6 @@ def test_checkpoint_round_trip_and_keep_last_two(tmp_path):
     loaded = make_run(tmp_path).load_checkpoint()
     assert loaded.step == 4 and torch.equal(loaded.state["w"], torch.full((3,), 4.0))
     assert loaded.rows[-1] == {"epoch": 4, "loss": 0.25}
-
-
-def test_a_checkpoint_of_another_code_version_is_refused_naming_both_and_nothing_is_rewritten(tmp_path):
-    config = {"lr": 0.1, "seed": 0}
-    made = Run(tmp_path, "experiment", "name", config, code_version="abc1234")
-    rows = [{"round": 1, "loss": 1.0}]
-    with made:
-        made.save_checkpoint(Checkpoint(1, {"w": torch.zeros(3)}, rows, rows))
-    metrics = (made.dir / "metrics.csv").read_bytes()
-    resumed = Run(tmp_path, "experiment", "name", config, code_version="def5678")
-    with pytest.raises(CodeVersionError, match=r"written by code version abc1234, this process runs def5678.*"
-                                               r"check out abc1234 again.*delete .*name-"):
-        with resumed:
-            resumed.load_checkpoint()
-    assert (made.dir / "metrics.csv").read_bytes() == metrics  # the refusal wrote nothing
-    assert not (made.dir / "lock.json").exists()
-    with Run(tmp_path, "experiment", "name", config, code_version="abc1234") as same:
-        assert same.load_checkpoint().step == 1  # the version that wrote it resumes it
-    attempts = (made.dir / "attempts.log").read_text().splitlines()
-    assert [line.rsplit(" ", 1)[1] for line in attempts] == ["abc1234", "def5678", "abc1234"]
 
 
 def test_unreadable_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
