@@ -206,7 +206,8 @@ def test_the_readme_papermill_command_runs_notebook_00_offline(tmp_path):
     assert " ".join(command[:2] + ["out.ipynb"] + command[3:5]) in (repo / "README.md").read_text()
     executable = shutil.which("papermill", path=str(Path(sys.executable).parent)) or "papermill"
     for attempt in (1, 2):  # the background smoke pipeline starts kernels too: they may race for a port
-        done = subprocess.run([executable, *command[1:]], cwd=repo, capture_output=True, text=True, timeout=600)
+        done = subprocess.run([executable, *command[1:]], cwd=repo, capture_output=True, text=True,
+                              timeout=600)
         if done.returncode == 0 or pipeline.KERNEL_DIED not in done.stderr:
             break
     assert done.returncode == 0, done.stderr[-3000:]
@@ -247,8 +248,8 @@ def test_a_search_fills_only_what_it_chose_and_what_was_left_none():
     assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {"lr": 0.03, "weight_decay": 1e-4}
 
 
-def test_a_kernel_that_dies_at_start_up_is_started_again_and_other_errors_are_not_retried(monkeypatch, tmp_path,
-                                                                                          capsys):
+def test_a_kernel_that_dies_at_start_up_is_started_again_and_other_errors_are_not_retried(
+        monkeypatch, tmp_path, capsys):
     import papermill
 
     calls = []

@@ -439,7 +439,8 @@ def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_bac
     first = runner(workspace, small_data, config, experiment="race", eval_batch_size=128)
     files = ("metrics.csv", "summary.json", "attempts.log")
     written = {name: (first.run.dir / name).read_bytes() for name in files}
-    leftover = first.run.dir / "checkpoint-000001.pt"  # as a kill between summary.json and its deletion leaves
+    # what a kill between summary.json and the checkpoints' deletion leaves
+    leftover = first.run.dir / "checkpoint-000001.pt"
     leftover.write_bytes(b"a checkpoint")
     # The second process looked before summary.json reached it (Drive syncs late), then took the lock.
     looks = []
