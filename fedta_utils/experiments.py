@@ -22,8 +22,9 @@ from .optim import SCHEDULERS
 from .sharding import make_shards, shard_stats
 from .sensitivity import RULES
 from .finetune import FineTuneSpec
-from .training import CentralizedConfig, RunResult, evaluate_splits, read_complete, run_folder, summarize
-from .workspace import code_version
+from .runs import record_grid
+from .training import (CentralizedConfig, RunResult, check_run_options, evaluate_splits, read_complete, run_folder,
+                       summarize)
 
 # Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
 LR_SEARCH = "01_lr_search"
@@ -36,6 +37,7 @@ SPARSE_FL = "04_sparse_fl"
 SPARSE_CENTRAL = "04_sparse_centralized"
 HEAD_ONLY = "04_head_only"
 MASK_RULES = "05_mask_rules"
+RUN_OPTIONS = ("eval_batch_size", "checkpoint_every", "checkpoint_minutes")  # notebook parameters -> runners
 
 
 # --------------------------------------------------------------------------- notebook 00
@@ -63,15 +65,7 @@ def data_splits(ws, data, params: dict) -> None:
 
 def search_configs(dataset, model, search_lrs, search_weight_decays, search_epochs, batch_size, momentum,
                    warmup_epochs, precision, search_seed: int = 0, **later) -> list[CentralizedConfig]:
-    """The learning-rate x weight-decay grid, cosine schedule, judged on validation only.
-
-    Given the parameters of the scheduler runs that follow the search
-    (seeds, epochs, schedulers), they are checked too: a typo there must
-    fail before the search trains, not after.
-    """
-    if {"seeds", "epochs", "schedulers"} <= later.keys():
-        scheduler_configs(dataset, model, later["seeds"], later["epochs"], batch_size, 1.0, 0.0, momentum,
-                          later["schedulers"], warmup_epochs, precision)
+    """The learning-rate x weight-decay grid, cosine schedule, judged on validation only."""
     search_lrs = check_float_list("search_lrs", search_lrs, 0.0, None, low_open=True)
     search_weight_decays = check_float_list("search_weight_decays", search_weight_decays, 0.0, None)
     check_int("search_epochs", search_epochs, minimum=1)
@@ -99,28 +93,38 @@ def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_deca
             for scheduler in schedulers for seed in seeds]
 
 
-def run_search(runner, ws, data, experiment: str, configs: list, params: dict, regime: str) -> dict:
-    """A search stage (every worker's share done first) and its choice, stored in hparams.json for the
-    later notebooks; returns `params` with what it chose where they are None (with_choice).
+# Per search regime: notebook parameter -> the config field its search varies.
+SEARCHED = {"central": {"lr": "lr", "weight_decay": "weight_decay"},
+            "fedavg": {"lr": "lr", "weight_decay": "weight_decay"},
+            "sparse": {"sparse_lr": "lr"}}
 
-    The choice: the run with the highest final (full) validation accuracy, the lower lr on a tie, stored
-    as {regime}_lr, _weight_decay and _search_val_acc; regime 'central' (notebook 01), 'fedavg' (02)
-    or 'sparse' (04)."""
+
+def run_search(runner, ws, data, experiment: str, configs: list, params: dict, regime: str) -> dict:
+    """A search stage (every worker's share done first); returns `params` with its choice where they
+    are None (with_choice).
+
+    The choice: the run with the highest final (full) validation accuracy, the lower lr on a tie.
+    hparams.json, which the later notebooks read, records both: {regime}_search_lr (and
+    _search_weight_decay, _search_val_acc) what the search chose, {regime}_lr (and _weight_decay) the
+    value this notebook uses, its own where the notebook set one. Regime 'central' (notebook 01),
+    'fedavg' (02) or 'sparse' (04)."""
     top = max(run_grid(runner, ws, data, experiment, configs, params),
               key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]))
-    best = {f"{regime}_lr": top.run.config["lr"], f"{regime}_weight_decay": top.run.config["weight_decay"],
-            f"{regime}_search_val_acc": top.summary["final_val_acc"]}
-    ws.save_hparams(best)
-    print("chosen on validation:", best)
-    return with_choice(params, best, regime)
+    params = with_choice(params, top.run.config, regime)
+    record = {f"{regime}_search_val_acc": top.summary["final_val_acc"]}
+    for name, field in SEARCHED[regime].items():
+        record[f"{regime}_search_{field}"] = top.run.config[field]
+        record[f"{regime}_{field}"] = params[name]
+    ws.save_hparams(record)
+    print("chosen on validation, and used:", record)
+    return params
 
 
-def with_choice(params: dict, best: dict, regime: str) -> dict:
-    """`params` where what the search chose (lr and weight_decay; sparse_lr for regime 'sparse') is None
-    replaced by its choice (explicit values stay)."""
-    keys = {"sparse_lr": "sparse_lr"} if regime == "sparse" else {"lr": f"{regime}_lr",
-                                                                  "weight_decay": f"{regime}_weight_decay"}
-    return {**params, **{name: best[key] for name, key in keys.items() if params.get(name) is None}}
+def with_choice(params: dict, chosen: dict, regime: str) -> dict:
+    """`params` where the searched parameters (SEARCHED[regime]) that are None take the `chosen`
+    config's values (explicit values stay)."""
+    return {**params, **{name: chosen[field] for name, field in SEARCHED[regime].items()
+                         if params.get(name) is None}}
 
 
 # --------------------------------------------------------------------------- notebooks 02 and 03
@@ -136,12 +140,7 @@ def fedavg_base(dataset, model, num_clients, participation, batch_size, lr, weig
 
 def fedavg_search_configs(fedavg_search_lrs, fedavg_search_weight_decays, fedavg_search_rounds, local_steps,
                           search_seed: int = 0, **params) -> list[FedAvgConfig]:
-    """Notebook 02: the client lr x weight-decay grid (iid, J, fewer rounds, one seed), judged on val.
-
-    Given the parameters of the iid runs that follow the search (seeds, rounds), they are checked
-    too, at a stand-in lr: a typo there must fail before the search trains, not after."""
-    if {"seeds", "rounds"} <= params.keys():
-        fedavg_iid_configs(local_steps=local_steps, **{**params, "lr": 1.0, "weight_decay": 0.0})
+    """Notebook 02: the client lr x weight-decay grid (iid, J, fewer rounds, one seed), judged on val."""
     lrs = check_float_list("fedavg_search_lrs", fedavg_search_lrs, 0.0, None, low_open=True)
     wds = check_float_list("fedavg_search_weight_decays", fedavg_search_weight_decays, 0.0, None)
     rounds = check_int("fedavg_search_rounds", fedavg_search_rounds, minimum=1)
@@ -155,14 +154,6 @@ def fedavg_iid_configs(seeds, local_steps, rounds, **params) -> list[FedAvgConfi
     base = fedavg_base(**params)
     return [replace(base, seed=s, local_steps=local_steps, rounds=rounds, sharding="iid")
             for s in check_seeds(seeds)]
-
-
-def heterogeneity_home(local_steps_grid, **_):
-    """config -> folder for notebook 03: its iid runs at the first J are notebook 02's very runs (the same
-    config with the defaults of both), so they share 02's folder: whichever notebook gets there first
-    trains them, the other reads them back. Other runs live in 03's folder."""
-    first = check_int_list("local_steps_grid", local_steps_grid, minimum=1)[0]
-    return lambda c: FEDAVG_IID if c.sharding == "iid" and c.local_steps == first else HETEROGENEITY
 
 
 def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> int:
@@ -226,8 +217,7 @@ def sweeps(table: pd.DataFrame) -> dict:
 
 def sparse_search_configs(sparse_search_lrs, sparse_search_rounds, **params) -> list[FedAvgConfig]:
     """Notebook 04: the client lr of fine-tuning under the frozen step-0 head, judged on validation: the
-    grid's default-setting run (iid, first seed) at each lr, with fewer rounds. Building the grid (at a
-    stand-in lr) also checks its parameters, so that a typo there fails before the search trains."""
+    grid's default-setting run (iid, first seed) at each lr, with fewer rounds."""
     lrs = check_float_list("sparse_search_lrs", sparse_search_lrs, 0.0, None, low_open=True)
     rounds = check_int("sparse_search_rounds", sparse_search_rounds, minimum=1)
     stand_in = 1.0 if params.get("sparse_lr") is None else params["sparse_lr"]  # a set value is checked too
@@ -302,6 +292,46 @@ def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sp
             for sp in sparsities for rule in rules for s in seeds]
 
 
+# --------------------------------------------------------------------------- every grid of a notebook
+
+# Notebook -> (group label, the function that builds the grid, the experiment it records), in the order
+# the notebook runs them (pipeline --dry-run counts the same grids).
+NOTEBOOK_GRIDS = {
+    "01": [("lr search", search_configs, LR_SEARCH), ("schedulers", scheduler_configs, CENTRALIZED)],
+    "02": [("lr search", fedavg_search_configs, FEDAVG_LR_SEARCH),
+           ("FedAvg iid", fedavg_iid_configs, FEDAVG_IID)],
+    "03": [("heterogeneity grid", heterogeneity_configs, HETEROGENEITY)],
+    "04": [("head only", head_only_configs, HEAD_ONLY),
+           ("lr search", sparse_search_configs, SPARSE_LR_SEARCH),
+           ("sparse FedAvg grid", sparse_fl_configs, SPARSE_FL),
+           ("centralized sparse", sparse_central_configs, SPARSE_CENTRAL)],
+    "05": [("mask rules", mask_rule_configs, MASK_RULES)],
+}
+# What a value chosen by a search of the same notebook stands in for until the search has run (any
+# value costs the same and passes the same checks).
+STAND_INS = {"lr": 0.01, "weight_decay": 0.0, "central_lr": 0.01, "central_weight_decay": 0.0, "sparse_lr": 0.01}
+
+
+def with_stand_ins(params: dict) -> dict:
+    """`params` where a value its notebook's searches choose is None (or absent): its stand-in."""
+    return {**params, **{name: value for name, value in STAND_INS.items() if params.get(name) is None}}
+
+
+def notebook_grids(key: str, params: dict) -> list[dict]:
+    """Every grid notebook `key` runs, built from its parameters (stand-ins for what its own searches
+    choose): dicts of group, function, experiment and configs. Building them checks every parameter."""
+    params = with_stand_ins(params)
+    return [{"group": group, "function": function, "experiment": experiment, "configs": function(**params)}
+            for group, function, experiment in NOTEBOOK_GRIDS.get(key, [])]
+
+
+def check_notebook(key: str, params: dict, data) -> None:
+    """Check all of notebook `key`'s parameters, and its runs against `data`, before its first run."""
+    check_run_options(**{name: params[name] for name in RUN_OPTIONS if name in params})
+    for grid in notebook_grids(key, params):
+        check_against_data(grid["configs"], data)
+
+
 # --------------------------------------------------------------------------- running a grid
 
 def check_against_data(configs: list, data) -> None:
@@ -317,51 +347,55 @@ def check_against_data(configs: list, data) -> None:
             checked.add(key)
 
 
-def run_grid(runner, ws, data, experiment, configs: list, params: dict, wait: bool = True) -> list[RunResult]:
-    """Check every config against the data first, then run (or resume, or read back) each in order.
+def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wait: bool = True) -> list[RunResult]:
+    """Check every config against the data first, record the grid as `experiment`, then run (or resume,
+    or read back) each run in order.
 
-    `experiment` is the folder name, or a function config -> folder name (heterogeneity_home).
+    The record (runs.record_grid) is what every table of `experiment` reads: its runs, found in the
+    run store by identity (a run another notebook already made is read back, not trained again).
     `params` are the notebook's parameters: eval_batch_size and checkpoint_every come from them, and
     `worker` ('I/N'): then only this worker's share runs (team.run_share); `wait` (for a stage whose
     results a later stage needs) waits for the other shares, else the complete results are returned.
     """
     check_against_data(configs, data)
+    head_only = runner is run_head_only
+    runs = [(head_only_run if head_only else run_folder)(ws, c) for c in configs]
+    left_out = record_grid(ws.root, experiment, runs, params)
+    if left_out:
+        print(f"{len(left_out)} complete runs of an earlier {experiment} grid are not part of this grid and "
+              "are left out of its tables", flush=True)
     print(f"{len(configs)} runs", flush=True)
-    options = {k: params[k] for k in ("eval_batch_size", "checkpoint_every") if k in params}
-    home = experiment if callable(experiment) else lambda config: experiment
+    options = {k: params[k] for k in RUN_OPTIONS if k in params}
 
     def run_one(i: int) -> RunResult:
-        return runner(ws, data, configs[i], experiment=home(configs[i]), **options)
+        return runner(ws, data, configs[i], **options)
 
     if team.parse_worker(params.get("worker")) is None:
         return [run_one(i) for i in range(len(configs))]
-    head_only = runner is run_head_only
-    runs = [(head_only_run if head_only else run_folder)(ws, c, home(c)) for c in configs]
     costs = [sum(team.run_work(c, params, head_only)[k] for k in ("train", "eval")) for c in configs]
-    return team.run_share(run_one, runs, costs, params, wait, code_version())
+    return team.run_share(run_one, runs, costs, params, wait, experiment)
 
 
-def head_only_run(ws, config: FedAvgConfig, experiment: str = HEAD_ONLY):
-    """The run folder of `config`'s step-0 head alone: rounds, J and the lr schedule play no part."""
+def head_only_run(ws, config: FedAvgConfig):
+    """The run of `config`'s step-0 head alone: rounds, J and the lr schedule play no part."""
     identity = {k: v for k, v in config.to_dict().items() if k not in ("rounds", "local_steps",
                                                                         "lr_schedule")}
-    return ws.run(experiment, f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
+    return ws.run(f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
 
 
-def run_head_only(ws, data, config: FedAvgConfig, *, experiment: str = HEAD_ONLY, eval_batch_size: int = 256,
-                  checkpoint_every: int = 1) -> RunResult:
+def run_head_only(ws, data, config: FedAvgConfig, *, eval_batch_size: int = 256,
+                  checkpoint_every: int | None = None, checkpoint_minutes: float = 15) -> RunResult:
     """Step 0 alone: the federated frozen head of `config`'s shards, evaluated with no fine-tuning.
 
     The same preparation as a FedAvg run of this config (same shards, same cached head), so it is
-    the "round 0" of the sparse runs. It has no rounds, so `checkpoint_every` is only checked.
+    the "round 0" of the sparse runs. It has no rounds, so the checkpoint options are only checked.
     """
     if config.finetune.head == "train":
         raise ConfigError("run_head_only needs a fitted head: finetune.head must be 'ridge'")
-    check_int("eval_batch_size", eval_batch_size, minimum=1)
-    check_int("checkpoint_every", checkpoint_every, minimum=1)
+    check_run_options(eval_batch_size, checkpoint_every, checkpoint_minutes)
     data.check_is(config.dataset)
     shards = config.shards(data)
-    run = head_only_run(ws, config, experiment)
+    run = head_only_run(ws, config)
     if run.is_complete:
         return read_complete(run)
     with run:

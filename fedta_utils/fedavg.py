@@ -34,7 +34,7 @@ from .checks import check_bool, check_choice, check_float, check_int
 from .data import DataBundle, augmentation_generator, numpy_rng
 from .finetune import FineTuneSpec, head_cache_path, prepare
 from .optim import lr_multiplier
-from .runs import Checkpoint
+from .runs import Checkpoint, CheckpointSchedule
 from .sharding import SHARDINGS, make_shards
 from .training import (RunResult, check_run_fields, checked_run, eval_steps, evaluate_splits, make_optimizer,
                        read_complete, summarize, train_steps, training_batches)
@@ -117,7 +117,8 @@ class FedAvgConfig:
         return head_cache_path(ws.root, self.finetune, model=self.model, weights=ws.weights_path,
                                dataset=self.dataset, sharding=self.sharding_name(),
                                num_clients=self.num_clients, seed=self.seed,
-                               img_size=models.input_size(self.model, self.img_size))
+                               img_size=models.input_size(self.model, self.img_size),
+                               precision=models.resolve_precision(self.precision, ws.device))
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:
@@ -153,6 +154,17 @@ def client_batch_indices(shard: np.ndarray, local_steps: int, batch_size: int, s
 
 def read_flat(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def moving_entries(names: list[str], params: list[torch.Tensor], masks: dict | None) -> torch.Tensor | None:
+    """The flat bool vector of the entries training can change (the layout of read_flat); None if all."""
+    if not masks:
+        return None
+    pieces = []
+    for name, param in zip(names, params):
+        every_entry = torch.ones(param.numel(), dtype=torch.bool, device=param.device)
+        pieces.append(masks[name].reshape(-1).bool() if name in masks else every_entry)
+    return torch.cat(pieces)
 
 
 @torch.no_grad()
@@ -250,19 +262,22 @@ class DeltaStats:
 
 # --------------------------------------------------------------------------- the run
 
-def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, *, experiment: str = "fedavg",
-               eval_batch_size: int = 256, checkpoint_every: int = 1, save_weights: bool = False,
+def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, *, eval_batch_size: int = 256,
+               checkpoint_every: int | None = None, checkpoint_minutes: float = 15, save_weights: bool = False,
                progress: bool = True) -> RunResult:
-    """Run (or resume, or just read back) a FedAvg experiment; returns its summary and metrics."""
-    run = checked_run(ws, data, config, experiment, eval_batch_size, checkpoint_every)
+    """Run (or resume, or just read back) a FedAvg experiment; returns its summary and metrics.
+
+    Checkpoints: every `checkpoint_every` rounds, or with None after `checkpoint_minutes` of wall time
+    (runs.CheckpointSchedule)."""
+    run = checked_run(ws, data, config, eval_batch_size, checkpoint_every, checkpoint_minutes)
     shards = config.shards(data)  # impossible requests fail here, before the run folder exists
     if run.is_complete:
         return read_complete(run)
     with run:
         if run.is_complete:  # finished by another process between the check above and taking its lock
             return read_complete(run)
-        return FedAvgRun(ws, data, config, run, shards, eval_batch_size).train(checkpoint_every, save_weights,
-                                                                                progress)
+        schedule = CheckpointSchedule(checkpoint_every, checkpoint_minutes)
+        return FedAvgRun(ws, data, config, run, shards, eval_batch_size).train(schedule, save_weights, progress)
 
 
 class FedAvgRun:
@@ -282,20 +297,31 @@ class FedAvgRun:
         self.global_weights = read_flat(self.params)
         self.velocity = torch.zeros_like(self.global_weights) if config.server_momentum > 0 else None
         self.scaler_state = models.grad_scaler(self.device, self.precision).state_dict()
-        masks = self.prepared.masks or {}
-        # With a global mask only its trainable entries travel: the server knows the mask.
-        self.entries_sent = sum(int(masks[n].sum()) if n in masks else p.numel()
-                                for n, p in zip(self.prepared.trainable_names, self.params))
+        # With a global mask only its trainable entries change and travel (the server knows the mask), and
+        # only they are checkpointed: the others stay at the values every resume starts from.
+        self.moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
+        self.entries_sent = len(self.global_weights) if self.moving is None else int(self.moving.sum())
 
-    def train(self, checkpoint_every: int, save_weights: bool, progress: bool) -> RunResult:
+    def state(self) -> dict:
+        """What a resume needs: w_t and the server velocity (their changing entries), the scaler state."""
+        entries = slice(None) if self.moving is None else self.moving
+        velocity = None if self.velocity is None else self.velocity[entries]
+        return {"global_weights": self.global_weights[entries], "server_velocity": velocity,
+                "grad_scaler": self.scaler_state}
+
+    def restore(self, state: dict) -> None:
+        entries = slice(None) if self.moving is None else self.moving
+        self.global_weights[entries] = state["global_weights"].to(self.device)
+        if self.velocity is not None:
+            self.velocity[entries] = state["server_velocity"].to(self.device)
+        # {} from a run that started without fp16 keeps the fresh state
+        self.scaler_state = state["grad_scaler"] or self.scaler_state
+
+    def train(self, schedule: CheckpointSchedule, save_weights: bool, progress: bool) -> RunResult:
         config, rows, timing, start = self.config, [], [], 0
         checkpoint = self.run.load_checkpoint(map_location=self.device)
         if checkpoint is not None:
-            self.global_weights = checkpoint.state["global_weights"].to(self.device)
-            velocity = checkpoint.state["server_velocity"]
-            self.velocity = None if velocity is None else velocity.to(self.device)
-            # {} from a run that started without fp16 (or before the scaler was saved) keeps the fresh state
-            self.scaler_state = checkpoint.state.get("grad_scaler") or self.scaler_state
+            self.restore(checkpoint.state)
             rows, timing, start = checkpoint.rows, checkpoint.timing, checkpoint.step
         elapsed = timing[-1]["wall_s"] if timing else 0.0
         bar = tqdm(range(start, config.rounds), desc=f"FedAvg {self.run.dir.name}", initial=start,
@@ -306,10 +332,8 @@ class FedAvgRun:
             rows.append(row)
             timing.append({"round": round_index + 1, **times, "wall_s": elapsed})
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_acc") if k in row})
-            if (round_index + 1) % checkpoint_every == 0 or round_index + 1 == config.rounds:
-                state = {"global_weights": self.global_weights, "server_velocity": self.velocity,
-                         "grad_scaler": self.scaler_state}
-                self.run.save_checkpoint(Checkpoint(round_index + 1, state, rows, timing))
+            if round_index + 1 < config.rounds and schedule.due(round_index + 1):
+                self.run.save_checkpoint(Checkpoint(round_index + 1, self.state(), rows, timing))
         summary = {**summarize(rows, timing, self.precision, self.device), **self.prepared.info,
                    "trainable_entries": self.entries_sent}
         load_flat(self.params, self.global_weights)

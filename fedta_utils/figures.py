@@ -39,12 +39,11 @@ import torch
 from . import team
 from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
                           MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, sweeps)
+from .runs import grid_runs
 from .sensitivity import RULES, jaccard, mask_density_by_parameter, unpack_masks
 
 DATA = "00_data"  # notebook 00 saves split_sizes.csv and shard_stats.csv here
 COLUMN, FULL = 3.3, 6.9  # inches: one column of the report, both columns
-# Notebook 03's grid: its iid runs at the first J live in notebook 02's folder (heterogeneity_home).
-HETEROGENEITY_RUNS = (HETEROGENEITY, FEDAVG_IID)
 DRIFT = ["mean_client_delta_norm", "avg_delta_norm", "mean_pairwise_cosine", "sign_conflict_fraction",
          "sign_agreement"]  # logged per FedAvg round (fedavg.py)
 
@@ -67,19 +66,20 @@ def _labelled(run: dict, experiment: str) -> dict:
             **{k: run.get(f"finetune.{k}") if rule else np.nan for k in ("sparsity", "calibration_rounds")}}
 
 
-def load_runs(root, experiment: str | tuple[str, ...]) -> pd.DataFrame:
-    """One row per complete run (summary.json written): flattened config, summary, run_dir, labels.
+def load_runs(root, experiment: str) -> pd.DataFrame:
+    """One row per complete run of the experiment's recorded grid (runs.grid_runs): flattened config,
+    summary, run_dir, labels. A run of another grid in the store is never read.
 
     Labels: sharding_label ('iid', 'Nc=5', 'Dir(0.1)'; rows iid first, then by Nc, then by mask rule in the
     order of sensitivity.RULES), method
     ('FedAvg', 'dense + ridge head', 'sparse', 'head only'), rule, sparsity and calibration_rounds.
-    Empty (no columns) when the experiment has no complete run. A tuple of experiments: all their runs.
+    Empty (no columns) when the experiment has no complete run.
     """
-    folders = (experiment,) if isinstance(experiment, str) else experiment
-    rows = [_labelled({**pd.json_normalize(json.loads((path.parent / "config.json").read_text()))
-                       .to_dict("records")[0],  # nested keys flattened: finetune.head
-                       **json.loads(path.read_text()), "run_dir": str(path.parent)}, folder)
-            for folder in folders for path in sorted(Path(root, folder).glob("*/summary.json"))]
+    rows = []
+    for folder in grid_runs(root, experiment):
+        config = pd.json_normalize(json.loads((folder / "config.json").read_text()))  # nested keys: finetune.head
+        summary = json.loads((folder / "summary.json").read_text())
+        rows.append(_labelled({**config.to_dict("records")[0], **summary, "run_dir": str(folder)}, experiment))
     rows.sort(key=lambda r: ({"iid": -1, "non_iid": 0}.get(r.get("sharding"), 1),  # iid, then by Nc,
                              r.get("classes_per_client") or 0, RULES.index(r["rule"]) if r["rule"] else -1))
     return pd.DataFrame(rows)
@@ -150,19 +150,10 @@ def lr_search_table(root, experiment: str = LR_SEARCH) -> pd.DataFrame:
     return choose(mean_std(runs, ["lr", "weight_decay"]))
 
 
-def _central_runs(root) -> pd.DataFrame:
-    """Notebook 01's scheduler runs at the lr and weight decay it chose (hparams.json; all without it)."""
-    runs, path = _runs(root, CENTRALIZED), Path(root, "hparams.json")
-    chosen = json.loads(path.read_text()) if path.is_file() else {}
-    keep = np.isclose(runs["lr"], chosen.get("central_lr", np.nan)) & \
-        np.isclose(runs["weight_decay"], chosen.get("central_weight_decay", np.nan))
-    return runs[keep] if keep.any() else runs
-
-
 def centralized_table(root) -> pd.DataFrame:
     """Notebook 01, per scheduler at the chosen lr: test accuracy, `val`, `chosen` (the best scheduler)
     and epochs_to_99, the first epoch whose seed-mean test accuracy reaches 99 % of its final value."""
-    runs = _central_runs(root)
+    runs = _runs(root, CENTRALIZED)
     mean = _curves(runs, ["scheduler"]).groupby(["scheduler", "epoch"])["test_acc"].mean().dropna()
     return choose(mean_std(runs, ["scheduler"])).assign(
         epochs_to_99=lambda t: [mean[s].index[mean[s] >= 0.99 * mean[s].iloc[-1]][0] for s in t["scheduler"]])
@@ -170,7 +161,7 @@ def centralized_table(root) -> pd.DataFrame:
 
 def _reference(root) -> pd.DataFrame:
     """Notebook 02's reference: the centralized cosine runs at the chosen lr and weight decay."""
-    return _central_runs(root).query("scheduler == 'cosine'").assign(method="centralized (cosine)")
+    return _runs(root, CENTRALIZED).query("scheduler == 'cosine'").assign(method="centralized (cosine)")
 
 
 def sample_curves(root) -> pd.DataFrame:
@@ -214,10 +205,10 @@ def late_gain(root) -> str:
 
 def heterogeneity_table(root) -> pd.DataFrame:
     """Notebook 03: test accuracy over seeds per sharding and local steps J."""
-    return mean_std(_runs(root, HETEROGENEITY_RUNS), ["sharding_label", "local_steps"])
+    return mean_std(_runs(root, HETEROGENEITY), ["sharding_label", "local_steps"])
 
 
-def drift_table(root, experiment=HETEROGENEITY_RUNS) -> pd.DataFrame:
+def drift_table(root, experiment=HETEROGENEITY) -> pd.DataFrame:
     """Per run: the drift and interference diagnostics averaged over rounds, with the run's labels.
 
     update_efficiency = ||average delta|| / mean ||client delta||: 1 when the clients agree, about
@@ -385,7 +376,7 @@ def lr_search_heatmap(root, profile: str):
 @_figure(FULL, 0.36, "Centralized")
 def centralized_curves(root, profile: str):
     """Notebook 01: test loss and accuracy per epoch, a line per scheduler, at the chosen lr."""
-    curves = _curves(_central_runs(root), ["scheduler", "seed"])
+    curves = _curves(_runs(root, CENTRALIZED), ["scheduler", "seed"])
     return _lines(_loss_and_accuracy(curves), "epoch", "epoch", "scheduler")
 
 
@@ -415,7 +406,7 @@ def heterogeneity_heatmap(root, profile: str):
 @_figure(FULL, 0.3, "FedAvg under heterogeneity")
 def heterogeneity_curves(root, profile: str):
     """Notebook 03: test accuracy per round, a panel per J, a line per sharding."""
-    curves = load_curves(root, HETEROGENEITY_RUNS, ["seed", "local_steps", "sharding_label"])
+    curves = load_curves(root, HETEROGENEITY, ["seed", "local_steps", "sharding_label"])
     curves["sharding"] = curves["sharding_label"].map(_pretty)
     return _lines([(f"J = {j}", curves[curves["local_steps"] == j], "test_acc", "test accuracy (%)")
                    for j in sorted(curves["local_steps"].unique())], "round", "round", "sharding")

@@ -11,7 +11,7 @@ selected notebook declares is an error, as is an unknown notebook in --only. The
 notebook stops the pipeline with its failing cell and error printed.
 
 --dry-run builds every grid with the very functions the notebooks call (experiments.py, listed in
-NOTEBOOK_GRIDS) from the same parameters, counts the images each run trains on, evaluates and
+experiments.NOTEBOOK_GRIDS) from the same parameters, counts the images each run trains on, evaluates and
 scores, measures what one of each costs on this device in a few seconds, and prints the hours.
 Left out, since they cost little next to training: FedAvg's per-round overhead (see the
 benchmark), checkpoint writes, data loading. Step-0 heads shared through the head cache are
@@ -49,23 +49,6 @@ QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 KERNEL_DIED = "Kernel died before replying to kernel_info"  # jupyter_client's words for a failed start
 KERNEL_START_TRIES = 3
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
-# Notebook -> (group label, experiments.<function>, its run folder) in the order the notebook runs them.
-# A folder given as a function name is experiments.<name>(**params): config -> folder.
-NOTEBOOK_GRIDS = {
-    "01": [("lr search", "search_configs", experiments.LR_SEARCH),
-           ("schedulers", "scheduler_configs", experiments.CENTRALIZED)],
-    "02": [("lr search", "fedavg_search_configs", experiments.FEDAVG_LR_SEARCH),
-           ("FedAvg iid", "fedavg_iid_configs", experiments.FEDAVG_IID)],
-    "03": [("heterogeneity grid", "heterogeneity_configs", "heterogeneity_home")],
-    "04": [("head only", "head_only_configs", experiments.HEAD_ONLY),
-           ("lr search", "sparse_search_configs", experiments.SPARSE_LR_SEARCH),
-           ("sparse FedAvg grid", "sparse_fl_configs", experiments.SPARSE_FL),
-           ("centralized sparse", "sparse_central_configs", experiments.SPARSE_CENTRAL)],
-    "05": [("mask rules", "mask_rule_configs", experiments.MASK_RULES)],
-}
-# The searches' choices are unknown before they run (any value costs the same).
-PLACEHOLDER_HPARAMS = {"lr": 0.01, "weight_decay": 0.0, "central_lr": 0.01, "central_weight_decay": 0.0,
-                       "sparse_lr": 0.01}
 SMALL_IMG_SIZE = 160  # the cheaper input size the dry-run also prices
 
 
@@ -182,8 +165,7 @@ def notebook_values(path: Path, profile: str, overrides: dict) -> dict:
         except (ValueError, SyntaxError):
             raise ConfigError(f"{path.name}: the default of {name} is not a literal") from None
     params.update({k: v for k, v in {**profile_values(profile), **overrides}.items() if k in params})
-    return {k: PLACEHOLDER_HPARAMS.get(k) if v is None and k in PLACEHOLDER_HPARAMS else v
-            for k, v in params.items()}
+    return params
 
 
 def grids(profile: str, only: list[str] | None = None, overrides: dict | None = None) -> list[dict]:
@@ -193,12 +175,9 @@ def grids(profile: str, only: list[str] | None = None, overrides: dict | None = 
     check_overrides(overrides, selected)
     groups = []
     for key, path in selected.items():
-        params = {**PLACEHOLDER_HPARAMS, **notebook_values(path, profile, overrides)}
-        for group, function, folder in NOTEBOOK_GRIDS.get(key, []):
-            home = (getattr(experiments, folder)(**params) if folder.endswith("_home")
-                    else lambda config, fixed=folder: fixed)
-            groups.append({"notebook": path.stem, "group": group, "function": function, "params": params,
-                           "configs": getattr(experiments, function)(**params), "home": home})
+        params = experiments.with_stand_ins(notebook_values(path, profile, overrides))
+        for grid in experiments.notebook_grids(key, params):
+            groups.append({"notebook": path.stem, "params": params, **grid})
     return groups
 
 
@@ -215,8 +194,8 @@ def head_key(config) -> tuple | None:
 def work_table(groups: list[dict]) -> pd.DataFrame:
     """One row per group: runs, trained / evaluated images, Fisher samples.
 
-    A run that an earlier group already holds (the same folder and config, e.g. notebook 03's iid runs
-    at J=4 in notebook 02's folder) is counted once. A step-0 head costs one backbone pass over the
+    A run that an earlier group already names (the same identity, e.g. notebook 03's iid runs at J=4,
+    which are notebook 02's runs) is counted once, where it is first named. A step-0 head costs one backbone pass over the
     train split (counted as evaluated images) and another over validation to choose its penalty, once
     per distinct head: runs that share it read it from the head cache.
     """
@@ -225,12 +204,13 @@ def work_table(groups: list[dict]) -> pd.DataFrame:
         row = {"notebook": group["notebook"], "group": group["group"], "runs": 0, "train": 0, "eval": 0,
                "fisher": 0}
         for config in group["configs"]:
-            key = (group["home"](config), config.run_name(), json.dumps(config.to_dict(), sort_keys=True))
+            head_only = group["function"] is experiments.head_only_configs
+            key = (head_only, json.dumps(config.to_dict(), sort_keys=True))
             if key in seen:
                 continue
             seen.add(key)
             row["runs"] += 1
-            work = run_work(config, group["params"], head_only=group["function"] == "head_only_configs")
+            work = run_work(config, group["params"], head_only)
             key = head_key(config)
             if key is not None and key not in heads:
                 heads.add(key)

@@ -415,15 +415,15 @@ def build_pdf(report_dir, timeout: int = 600) -> dict:
 
 
 ARCHIVED = {"report.zip": ("main.tex", "refs.bib", "figures/*.pdf", "tables/*.tex", "generated/*.tex"),
-            "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "*/*/config.json", "*/*/summary.json",
-                            "*/*/metrics.csv")}
+            "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "grids/*.json", "runs/*/config.json",
+                            "runs/*/summary.json", "runs/*/metrics.csv")}
 
 
 def archive(report_dir, root) -> list[Path]:
     """<root>/report.zip, a project Overleaf opens as it is, and <root>/results.zip, the evidence behind it.
 
-    results.zip holds every run's config, metrics and summary under <experiment>/<run id>/ (the
-    folders the tables' numbers come from), and no checkpoint.
+    results.zip holds the recorded grids and every run's config, metrics and summary under runs/<run id>/
+    (the folders the tables' numbers come from), and no checkpoint.
     """
     for name, patterns in ARCHIVED.items():
         base = Path(report_dir) if name == "report.zip" else Path(root)

@@ -1,6 +1,6 @@
-"""Run directories: one folder per (experiment, config), resumable after any kill.
+"""The run store: one folder per configuration, resumable after any kill, and the grids that use them.
 
-    <root>/<experiment>/<name>-<config id>/
+    <root>/runs/<name>-<config id>/
         config.json     the run's identity (everything that changes its numbers)
         lock.json       present while a process works on the run
         checkpoint-NNNNNN.pt   the last two, each complete (atomic writes)
@@ -17,6 +17,13 @@ rows the checkpoint does not, and a resumed run writes exactly the file an
 uninterrupted run writes (wall times live in timing.csv so this holds bit for
 bit). A complete run's checkpoints are deleted: a ViT-S/16 checkpoint with
 optimizer state is ~170 MB and free Drive holds 15 GB.
+
+A run is found by its identity alone, so a configuration that two notebooks ask for is trained
+once and read by both. What an experiment is made of is recorded apart from the runs:
+
+    <root>/grids/<experiment>.json   the runs the last execution's grid named, and its parameters
+
+Tables read exactly those runs (`grid_runs`), never whatever the store holds.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import pandas as pd
 import torch
 
 STAGING_DIR = ".staging"
+RUNS_DIR = "runs"
+GRIDS_DIR = "grids"
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
 HEARTBEAT_SECONDS = 20  # how often a holder touches lock.json (its mtime is the heartbeat)
@@ -137,6 +146,33 @@ def config_id(config: dict) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
 
 
+def wall_clock() -> float:
+    """Seconds on a monotonic clock (a function of its own, so tests can fake the time)."""
+    return time.monotonic()
+
+
+class CheckpointSchedule:
+    """When a run writes a checkpoint after an epoch or round.
+
+    every: a checkpoint every `every` epochs / rounds; None: by wall time, once `minutes` have passed
+    since the start or the last checkpoint, so a kill loses at most that much work. The last epoch or
+    round writes none: the run finishes right after it.
+    """
+
+    def __init__(self, every: int | None, minutes: float):
+        self.every, self.seconds = every, minutes * 60
+        self.last = wall_clock()
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` (counted from 1) ends with a checkpoint; the wall-time clock restarts."""
+        if self.every is not None:
+            return step % self.every == 0
+        if wall_clock() - self.last < self.seconds:
+            return False
+        self.last = wall_clock()
+        return True
+
+
 @dataclass
 class Checkpoint:
     """What a run needs to continue: its progress, training state and logged rows."""
@@ -150,17 +186,19 @@ class Checkpoint:
 class Run:
     """One run directory. Use as a context manager to hold its lock while writing.
 
-    root: the results root of a profile (e.g. results/full).
-    experiment: a folder per experiment (e.g. 'fedavg_heterogeneity').
+    root: the results root of a profile (e.g. results/full); the run lives in <root>/runs/.
     name: a human-readable prefix; the config hash makes the folder unique.
     config: the run's identity; a different config is a different run.
-    code_version: recorded in config.json (git commit or package version), not part of the identity.
+    code_version: the git commit (or package version) of this process, not part of the identity. Every
+        attempt records it in attempts.log and in its checkpoints; resuming work that other code started
+        is refused unless `allow_code_change`.
     """
 
-    def __init__(self, root: str | Path, experiment: str, name: str, config: dict, code_version=None):
-        self.root, self.code_version = Path(root), code_version
+    def __init__(self, root: str | Path, name: str, config: dict, code_version: str = "unknown",
+                 allow_code_change: bool = False):
+        self.root, self.code_version, self.allow_code_change = Path(root), code_version, allow_code_change
         self.config = json.loads(json.dumps(config))  # plain JSON types, detached from the caller
-        self.dir = self.root / experiment / f"{name}-{config_id(self.config)}"
+        self.dir = self.root / RUNS_DIR / f"{name}-{config_id(self.config)}"
         self._lock: RunLock | None = None
 
     @property
@@ -186,9 +224,34 @@ class Run:
         self._lock = lock
         if self.is_complete:  # another process finished it while this one was on its way: it reads it back
             return self
+        try:
+            self._check_code_version()
+        except CodeVersionChanged:
+            self.__exit__()
+            raise
         with open(self.dir / "attempts.log", "a") as log:  # one line per start or resume: who trained it
-            log.write(f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            log.write(f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                      f"code {self.code_version}\n")
         return self
+
+    def _check_code_version(self) -> None:
+        """Refuse to resume a run whose stored work (checkpoints, prepared.pt) other code made."""
+        if not (self._checkpoints() or self.has_artifact("prepared.pt")) or self.allow_code_change:
+            return
+        made = self.last_code_version()
+        if made != self.code_version:
+            raise CodeVersionChanged(
+                f"{self.dir} was started by code {made or 'of an unknown version'} and this is code "
+                f"{self.code_version}: resuming it would mix two versions in one run. Set "
+                "allow_code_change=True to continue it anyway (attempts.log records the change), or "
+                "choose a new results_dir")
+
+    def last_code_version(self) -> str | None:
+        """The code version of the run's last attempt (attempts.log), None if it recorded none."""
+        log = self.dir / "attempts.log"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        _, marker, version = lines[-1].rpartition(" code ") if lines else ("", "", "")
+        return version if marker else None
 
     def __exit__(self, *exc) -> None:
         lock, self._lock = self._lock, None
@@ -202,7 +265,8 @@ class Run:
         """Write a checkpoint and the metrics it covers, then keep only the last two."""
         self._require_lock()
         # every draw of the package comes from seeded generators; the global one is insurance
-        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint), "rng": {"torch": torch.get_rng_state()}}
+        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint), "rng": {"torch": torch.get_rng_state()},
+                   "code_version": self.code_version}
         atomic_torch_save(payload, self.dir / f"checkpoint-{checkpoint.step:06d}.pt")
         self._write_metrics(checkpoint.rows, checkpoint.timing)
         for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
@@ -279,10 +343,46 @@ class Run:
             path.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------------- grids
+
+def grid_path(root: str | Path, experiment: str) -> Path:
+    return Path(root) / GRIDS_DIR / f"{experiment}.json"
+
+
+def read_grid(root: str | Path, experiment: str) -> dict:
+    """The last recorded grid of `experiment` ({} before its first execution)."""
+    path = grid_path(root, experiment)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_grid(root: str | Path, experiment: str, runs: list[Run], params: dict) -> list[str]:
+    """Record that `experiment` is now made of `runs`, with the parameters that built them.
+
+    Returns the complete runs that earlier executions of `experiment` named and this one does not
+    (another lr, other seeds): they stay in the store, and the record keeps them under "earlier",
+    but no table reads them.
+    """
+    names = [run.dir.name for run in runs]
+    before = read_grid(root, experiment)
+    earlier = [n for n in dict.fromkeys(before.get("runs", []) + before.get("earlier", [])) if n not in names]
+    atomic_write_json(grid_path(root, experiment), {"params": params, "runs": names, "earlier": earlier})
+    return [n for n in earlier if (Path(root) / RUNS_DIR / n / "summary.json").is_file()]
+
+
+def grid_runs(root: str | Path, experiment: str) -> list[Path]:
+    """The folders of the complete runs of `experiment`'s recorded grid, in grid order."""
+    folders = [Path(root) / RUNS_DIR / name for name in read_grid(root, experiment).get("runs", [])]
+    return [folder for folder in folders if (folder / "summary.json").is_file()]
+
+
 # ---------------------------------------------------------------------- lock
 
 class RunLockedError(RuntimeError):
     """Another live process is working on this run directory."""
+
+
+class CodeVersionChanged(RuntimeError):
+    """A run's stored work was made by other code than this process runs."""
 
 
 class RunLock:

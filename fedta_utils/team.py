@@ -96,17 +96,18 @@ def status(runs: list, owners: list[int]) -> pd.DataFrame:
         partial = not run.is_complete and (run.dir / "metrics.csv").is_file()
         newest = read_metrics(run.dir).tail(1).to_dict("records") if partial else []
         state = "complete" if run.is_complete else "partial" if partial else "not started"
-        rows.append({"run": f"{run.dir.parent.name}/{run.dir.name}", "worker": owner, "state": state,
+        rows.append({"run": run.dir.name, "worker": owner, "state": state,
                      **(newest[0] if newest else {})})
     return pd.DataFrame(rows)
 
 
-def check_versions(runs: list, current: str) -> None:
-    """Refuse to continue a grid whose finished runs another code version made."""
+def check_versions(runs: list) -> None:
+    """Refuse to continue a grid whose finished runs other code made (the code version of this process is
+    every run's code_version): every worker of a team runs the same code."""
     for run in (r for r in runs if r.is_complete):
         made = json.loads((run.dir / "config.json").read_text()).get("code_version")
-        if made != current:
-            raise ConfigError(f"{run.dir} was made by code version {made}, this worker runs {current}: "
+        if made != run.code_version:
+            raise ConfigError(f"{run.dir} was made by code version {made}, this worker runs {run.code_version}: "
                               "every worker of a team must run the same code (the same git commit)")
 
 
@@ -121,20 +122,20 @@ def wait_for(missing, limit: float, poll: float = WAIT_POLL) -> None:
         time.sleep(poll)
 
 
-def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool, current_version: str):
+def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool, experiment: str):
     """Worker mode of experiments.run_grid: run_one(i) for this worker's share of the grid's `runs`, then,
     with `wait`, wait for every other share and return every result; without, print the grid's status
     (once a first run is complete, so there is something to plot) and return the complete results."""
     me, workers = parse_worker(params["worker"])
     owners = assign(costs, workers)
-    check_versions(runs, current_version)
+    check_versions(runs)
     limit = params.get("wait_limit", 3600)
     for index, (run, owner) in enumerate(zip(runs, owners)):
         if owner == me:
-            print(f"[worker {me}/{workers}] {run.dir.parent.name}/{run.dir.name}", flush=True)
+            print(f"[worker {me}/{workers}] {experiment}: {run.dir.name}", flush=True)
             try:
                 run_one(index)
-            except RunLockedError:  # a run two grids share (heterogeneity_home) that another worker trains
+            except RunLockedError:  # a run two grids share, which another worker trains
                 wait_for(lambda: "" if run.is_complete else f"{run.dir.name} (another worker's)", limit)
     if wait:
         wait_for(lambda: ", ".join(f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners)
@@ -142,7 +143,5 @@ def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool,
     else:
         wait_for(lambda: "" if any(r.is_complete for r in runs) else "a first complete run", limit)
         print(status(runs, owners).to_string(index=False), flush=True)
-        for experiment in {run.dir.parent.name for run in runs}:
-            PENDING[experiment] = [r.dir.name for r in runs if r.dir.parent.name == experiment
-                                   and not r.is_complete]
+        PENDING[experiment] = [r.dir.name for r in runs if not r.is_complete]
     return [run_one(index) for index, run in enumerate(runs) if run.is_complete]

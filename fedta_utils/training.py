@@ -26,7 +26,7 @@ from .data import DATASETS, DataBundle, ImageSet, augmentation_generator, epoch_
 from .data import sequential_batches
 from .finetune import FineTuneSpec, Prepared, head_cache_path, prepare
 from .optim import SCHEDULERS, SparseSGDM, make_scheduler
-from .runs import Checkpoint, Run
+from .runs import Checkpoint, CheckpointSchedule, Run
 
 
 @dataclass(frozen=True)
@@ -189,40 +189,51 @@ def make_optimizer(params: list[torch.nn.Parameter], names: list[str], masks: di
 
 # --------------------------------------------------------------------------- centralized run
 
-def checked_run(ws, data: DataBundle, config, experiment: str, eval_batch_size: int,
-                checkpoint_every: int) -> Run:
+def checked_run(ws, data: DataBundle, config, eval_batch_size: int, checkpoint_every: int | None,
+                checkpoint_minutes: float) -> Run:
     """The run of `config`, after the checks every runner makes before any compute (no folder yet)."""
-    check_int("eval_batch_size", eval_batch_size, minimum=1)
-    check_int("checkpoint_every", checkpoint_every, minimum=1)
+    check_run_options(eval_batch_size, checkpoint_every, checkpoint_minutes)
     data.check_is(config.dataset)
-    return run_folder(ws, config, experiment)
+    return run_folder(ws, config)
 
 
-def run_folder(ws, config, experiment: str) -> Run:
-    """The run of a centralized or FedAvg config under `experiment`, named by the config."""
-    return ws.run(experiment, config.run_name(), config.to_dict())
+def run_folder(ws, config) -> Run:
+    """The run of a centralized or FedAvg config in the run store, named by the config."""
+    return ws.run(config.run_name(), config.to_dict())
 
 
-def run_centralized(ws, data: DataBundle, config: CentralizedConfig, *, experiment: str = "centralized",
-                    eval_batch_size: int = 256, checkpoint_every: int = 1, save_weights: bool = False,
-                    progress: bool = True) -> RunResult:
-    """Fine-tune centrally for `config.epochs`, resuming from a checkpoint; a complete run is read back."""
-    run = checked_run(ws, data, config, experiment, eval_batch_size, checkpoint_every)
+def check_run_options(eval_batch_size=256, checkpoint_every=None, checkpoint_minutes=15) -> None:
+    """The options every runner takes besides the config (notebook parameters of the same names)."""
+    check_int("eval_batch_size", eval_batch_size, minimum=1)
+    if checkpoint_every is not None:
+        check_int("checkpoint_every", checkpoint_every, minimum=1)
+    check_float("checkpoint_minutes", checkpoint_minutes, 0.0, None, low_open=True)
+
+
+def run_centralized(ws, data: DataBundle, config: CentralizedConfig, *, eval_batch_size: int = 256,
+                    checkpoint_every: int | None = None, checkpoint_minutes: float = 15,
+                    save_weights: bool = False, progress: bool = True) -> RunResult:
+    """Fine-tune centrally for `config.epochs`, resuming from a checkpoint; a complete run is read back.
+
+    Checkpoints: every `checkpoint_every` epochs, or with None after `checkpoint_minutes` of wall time
+    (runs.CheckpointSchedule)."""
+    run = checked_run(ws, data, config, eval_batch_size, checkpoint_every, checkpoint_minutes)
     if run.is_complete:
         return read_complete(run)
     with run:
         if run.is_complete:  # finished by another process between the check above and taking its lock
             return read_complete(run)
-        return train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, save_weights,
-                                 progress)
+        schedule = CheckpointSchedule(checkpoint_every, checkpoint_minutes)
+        return train_centralized(ws, data, config, run, eval_batch_size, schedule, save_weights, progress)
 
 
-def train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, save_weights, progress):
+def train_centralized(ws, data, config, run, eval_batch_size, schedule, save_weights, progress):
     device, img_size = data.device, models.input_size(config.model, config.img_size)
     precision = models.resolve_precision(config.precision, device)
     model = ws.build_model(config.model, data.num_classes, config.seed, img_size).to(device)
     cache = head_cache_path(ws.root, config.finetune, model=config.model, weights=ws.weights_path,
-                            dataset=config.dataset, seed=config.seed, centralized=True, img_size=img_size)
+                            dataset=config.dataset, seed=config.seed, centralized=True, img_size=img_size,
+                            precision=precision)
     prepared: Prepared = prepare(run, model, data, config.finetune, config.seed, img_size, precision,
                                  [np.arange(len(data.train))], cache)
     params = dict(model.named_parameters())
@@ -274,7 +285,7 @@ def train_centralized(ws, data, config, run, eval_batch_size, checkpoint_every, 
             else:
                 carry["wall_s"] += trained - clock
             clock = time.perf_counter()
-        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == config.epochs:
+        if epoch + 1 < config.epochs and schedule.due(epoch + 1):
             state = {**{key: part.state_dict() for key, part in parts.items()}, "carry": carry}
             run.save_checkpoint(Checkpoint(epoch + 1, state, rows, timing))
     summary = {**summarize(rows, timing, precision, device), **prepared.info}

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, team
+from . import __version__, experiments, team
 from .checks import ConfigError, check_bool, check_choice, check_float, check_int, check_path
 from .data import DATASETS, DataBundle, prepare_data
-from .models import build_model
+from .models import build_model, resolve_precision
 from .runs import STAGING_DIR, Run, atomic_write_bytes, atomic_write_json
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -51,7 +51,7 @@ CHOSEN = {"lr": ("fedavg_lr", "02"), "weight_decay": ("fedavg_weight_decay", "02
 def code_version() -> str:
     """The git commit of the checkout the package runs from, else the package version."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=NOTEBOOK_DIR.parent, text=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=NOTEBOOK_DIR.parent, text=True,
                               capture_output=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"fedta_utils {__version__}"
@@ -86,6 +86,7 @@ class Workspace:
     download: bool = True
     weights_path: str | None = None
     pretrained: bool = True  # False: random backbone weights (benchmarks offline); never for results
+    allow_code_change: bool = False  # resume runs that other code started (runs.Run)
     _data_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -93,8 +94,13 @@ class Workspace:
         """<results_dir>/<profile>: every run, split and cache of this profile."""
         return self.results_dir / self.profile
 
-    def run(self, experiment: str, name: str, config: dict) -> Run:
-        return Run(self.root, experiment, name, {**config, "results_format": RESULTS_FORMAT}, code_version())
+    def run(self, name: str, config: dict) -> Run:
+        """The run of `config` in the store; its identity holds the precision this device resolves
+        ('auto' never), so runs of other precisions never mix under one identity."""
+        identity = {**config, "results_format": RESULTS_FORMAT}
+        if "precision" in identity:
+            identity["precision"] = resolve_precision(identity["precision"], self.device)
+        return Run(self.root, name, identity, code_version(), self.allow_code_change)
 
     def build_model(self, name: str, num_classes: int, head_seed: int, img_size: int | None = None):
         """The run's model at `img_size` (None: native): pretrained backbone, head from `head_seed`."""
@@ -164,7 +170,8 @@ def setup_workspace(profile: str = "full", results_dir: str | Path = "results", 
 def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     """(workspace, data or None, parameters) for notebook `key`, from the names its parameters cell declares.
 
-    Parameters of CHOSEN left None take the value an earlier notebook chose on validation. A
+    Parameters of CHOSEN left None take the value an earlier notebook chose on validation. Every
+    parameter of every grid the notebook runs is checked here, before its first run. A
     profile that disagrees with what the notebook would load (smoke with CIFAR-100 or DINO, full
     with synthetic data or tiny_vit) is refused before anything is loaded.
     """
@@ -178,6 +185,7 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything is written
     ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
                          params.get("data_dir", "data"), device, params.get("weights_path") or None)
+    ws.allow_code_change = check_bool("allow_code_change", params.get("allow_code_change", False))
     for name, (stored, source) in CHOSEN.items():
         if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
             if worker:  # another worker may still be running that search
@@ -191,6 +199,7 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
                             params["synthetic_train_size"], params["synthetic_test_size"])
         print(f"results: {ws.root} | device: {ws.device} | train/val/test: "
               f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
+        experiments.check_notebook(key, params, data)  # every grid of the notebook, before its first run
     return ws, data, params
 
 

@@ -167,7 +167,7 @@ def run(spec: dict) -> None:
     data = ws.load_data("synthetic", 0.1, 0, TRAIN_SIZE, TEST_SIZE)
     events("ready")
     try:
-        runner(ws, data, config, experiment="kill_test", checkpoint_every=checkpoint_every,
+        runner(ws, data, config, checkpoint_every=checkpoint_every,
                save_weights=True, progress=False)
     except BaseException as error:
         events("error", f"{type(error).__name__}: {error}".replace("\n", " "))
@@ -179,7 +179,7 @@ def run_dir(results_dir: str | Path, experiment: str) -> Path:
     """The folder the experiment's run writes to."""
     _, config, _, _ = EXPERIMENTS[experiment]
     ws = setup_workspace(profile="smoke", results_dir=results_dir, device="cpu", download=False)
-    return ws.run("kill_test", config.run_name(), config.to_dict()).dir
+    return ws.run(config.run_name(), config.to_dict()).dir
 
 
 # --------------------------------------------------------------------------- zygote

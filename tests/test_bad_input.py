@@ -311,7 +311,7 @@ OPTION_CASES = [
 def test_run_options_are_checked_before_a_run_folder_exists(runner, options, message, workspace, small_data):
     run, config = RUNNERS[runner]
     with raises(message):
-        run(workspace, small_data, config, experiment="bad_options", progress=False, **options)
+        run(workspace, small_data, config, progress=False, **options)
     assert not (workspace.root / "bad_options").exists()
 
 
@@ -327,14 +327,14 @@ IMPOSSIBLE_SHARDS = [
 def test_impossible_sharding_stops_run_fedavg_before_a_run_folder_exists(fields, message, workspace, small_data):
     config = FedAvgConfig(**{**SMALL_FEDAVG, **fields})
     with raises(message):
-        run_fedavg(workspace, small_data, config, experiment="impossible", progress=False)
+        run_fedavg(workspace, small_data, config, progress=False)
     assert not (workspace.root / "impossible").exists()
 
 
 def test_a_config_for_other_data_is_refused_before_a_run_folder_exists(workspace, small_data):
     config = FedAvgConfig(**{**SMALL_FEDAVG, "dataset": "cifar100"})
     with raises("config.dataset='cifar100' but the data passed in is 'synthetic'"):
-        run_fedavg(workspace, small_data, config, experiment="other_data", progress=False)
+        run_fedavg(workspace, small_data, config, progress=False)
     assert not (workspace.root / "other_data").exists()
 
 

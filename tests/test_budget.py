@@ -19,27 +19,27 @@ def notebook_code(key: str) -> str:
 
 def notebook_params(key: str, profile: str) -> dict:
     """A notebook's parameters as papermill injects them: defaults, then the profile (lr not yet tuned)."""
-    return {**pipeline.PLACEHOLDER_HPARAMS, **pipeline.notebook_values(discover_notebooks()[key], profile, {})}
+    return experiments.with_stand_ins(pipeline.notebook_values(discover_notebooks()[key], profile, {}))
 
 
 def test_the_budget_builds_each_grid_with_the_functions_its_notebook_calls():
     for key in discover_notebooks():
         called = set(re.findall(r"experiments\.(\w+_configs)\(", notebook_code(key)))
-        counted = {function for _, function, _ in pipeline.NOTEBOOK_GRIDS.get(key, [])}
+        counted = {function.__name__ for _, function, _ in experiments.NOTEBOOK_GRIDS.get(key, [])}
         assert counted == called, f"notebook {key}"
 
 
 def test_notebooks_pass_their_whole_parameter_dict_to_each_grid():
-    for key, groups in pipeline.NOTEBOOK_GRIDS.items():
+    for key, groups in experiments.NOTEBOOK_GRIDS.items():
         for _, function, _ in groups:
-            assert re.search(rf"experiments\.{function}\(\*\*params\)", notebook_code(key)), (key, function)
+            assert re.search(rf"experiments\.{function.__name__}\(\*\*params\)", notebook_code(key)), key
 
 
 @pytest.mark.parametrize("profile", ["smoke", "full"])
 def test_the_configs_are_the_ones_the_notebooks_build(profile):
     for group in pipeline.grids(profile):
         key = group["notebook"][:2]
-        assert group["configs"] == getattr(experiments, group["function"])(**notebook_params(key, profile))
+        assert group["configs"] == group["function"](**notebook_params(key, profile))
 
 
 def test_overrides_change_the_counts_like_they_change_the_notebooks():
@@ -81,18 +81,31 @@ def test_the_full_study_fits_its_budget_of_trained_and_evaluated_images():
 def test_notebook_03_shares_its_iid_runs_at_the_first_j_with_notebook_02():
     groups = pipeline.grids("full", ["02", "03"])
     runs = pipeline.work_table(groups).set_index("group")["runs"]
-    grid = next(g for g in groups if g["function"] == "heterogeneity_configs")
-    shared = [c for c in grid["configs"] if grid["home"](c) == experiments.FEDAVG_IID]
+    grid = next(g for g in groups if g["experiment"] == experiments.HETEROGENEITY)
+    iid = next(g for g in groups if g["experiment"] == experiments.FEDAVG_IID)["configs"]
+    shared = [c for c in grid["configs"] if c in iid]
     assert len(shared) == 3 and {c.local_steps for c in shared} == {4} and {c.sharding for c in shared} == {"iid"}
-    assert shared == next(g for g in groups if g["function"] == "fedavg_iid_configs")["configs"]
     assert runs["heterogeneity grid"] == len(grid["configs"]) - 3  # counted once, in notebook 02
     alone = pipeline.work_table(pipeline.grids("full", ["03"])).set_index("group")["runs"]
     assert alone["heterogeneity grid"] == len(grid["configs"])  # without 02 selected, 03 trains them
 
 
+@pytest.mark.parametrize("profile", ["smoke", "full"])
+def test_notebook_05s_least_sensitive_runs_are_notebook_04s_default_runs_counted_once(profile):
+    groups = pipeline.grids(profile, ["04", "05"])
+    sparse = next(g for g in groups if g["experiment"] == experiments.SPARSE_FL)["configs"]
+    rules = next(g for g in groups if g["experiment"] == experiments.MASK_RULES)["configs"]
+    shared = [c for c in rules if c in sparse]
+    seeds = len(notebook_params("05", profile)["seeds"])
+    assert len(shared) == 2 * seeds  # iid and Nc, every seed
+    assert {c.finetune.mask_rule for c in shared} == {"least_sensitive"}
+    runs = pipeline.work_table(groups).set_index("group")["runs"]
+    assert runs["mask rules"] == len(rules) - len(shared)
+
+
 def test_every_full_run_evaluates_at_least_ten_times():
     for group in pipeline.grids("full"):
-        for config in group["configs"] if group["function"] != "head_only_configs" else []:  # no curve
+        for config in group["configs"] if group["function"] is not experiments.head_only_configs else []:
             steps = getattr(config, "rounds", None) or config.epochs * -(-45_000 // config.batch_size)
             assert len(training.eval_steps(steps, config.eval_points)) >= 10, (group["group"], config)
 
@@ -114,7 +127,7 @@ def test_smoke_dry_run_measures_this_machine_and_prints_per_notebook_and_total_h
     assert int(total.group(1)) == expected_runs
     assert 0 < float(total.group(2).replace(",", "")) < math.inf
     assert "model: tiny_vit at 32 px" in out and "precision: fp32" in out
-    for key in pipeline.NOTEBOOK_GRIDS:
+    for key in experiments.NOTEBOOK_GRIDS:
         assert discover_notebooks()[key].stem in out
 
 

@@ -39,7 +39,7 @@ def kill_in_round_three(monkeypatch, ws, data, config, round_fn) -> None:
 
     monkeypatch.setattr(fedavg.FedAvgRun, "round", die_in_round_three)
     with pytest.raises(Killed):
-        run_fedavg(ws, data, config, save_weights=True, progress=False)
+        run_fedavg(ws, data, config, checkpoint_every=1, save_weights=True, progress=False)
 
 
 def load_weights(result) -> dict:
@@ -49,7 +49,7 @@ def load_weights(result) -> dict:
 @contextlib.contextmanager
 def open_fedavg(ws, data, config, shards=None):
     """A FedAvgRun between rounds, its run folder locked as during training."""
-    run = ws.run("tests", config.run_name(), config.to_dict())
+    run = ws.run(config.run_name(), config.to_dict())
     with run:
         yield fedavg.FedAvgRun(ws, data, config, run, config.shards(data) if shards is None else shards, 256)
 
@@ -302,7 +302,7 @@ def test_a_run_interrupted_between_rounds_resumes_with_its_loss_scale(tmp_path, 
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
     kill_in_round_three(monkeypatch, ws, small_data, config, recording_round)
     monkeypatch.setattr(fedavg.FedAvgRun, "round", recording_round)
-    resumed = run_fedavg(ws, small_data, config, save_weights=True, progress=False)
+    resumed = run_fedavg(ws, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
     assert states == reference_states  # rounds 1-2, then round 3 resumed from the saved scale
     assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
     weights, expected = load_weights(resumed), load_weights(reference)

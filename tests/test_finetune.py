@@ -24,7 +24,7 @@ def open_run():
     opened = []
 
     def opener(workspace, name="prep"):
-        run = workspace.run("tests", name, {"name": name})
+        run = workspace.run(name, {"name": name})
         opened.append(run.__enter__())
         return run
 

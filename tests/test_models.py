@@ -168,7 +168,7 @@ def test_run_identity_holds_the_resolved_size(config_class):
 
 
 def test_a_ridge_head_fitted_at_one_size_is_not_shared_with_another(tmp_path):
-    ws, ridge = SimpleNamespace(root=tmp_path, weights_path=None), FineTuneSpec(head="ridge")
+    ws, ridge = SimpleNamespace(root=tmp_path, weights_path=None, device="cpu"), FineTuneSpec(head="ridge")
     native = FedAvgConfig(finetune=ridge).head_cache(ws)
     assert native == FedAvgConfig(finetune=ridge, img_size=224).head_cache(ws)
     assert native != FedAvgConfig(finetune=ridge, img_size=160).head_cache(ws)

@@ -217,7 +217,7 @@ def test_the_readme_papermill_command_runs_notebook_00_offline(tmp_path):
 def test_every_run_identity_carries_the_results_format_and_config_json_the_code_version(workspace):
     from fedta_utils.workspace import RESULTS_FORMAT, code_version
 
-    run = workspace.run("exp", "a", {"lr": 0.1})
+    run = workspace.run("a", {"lr": 0.1})
     assert run.config == {"lr": 0.1, "results_format": RESULTS_FORMAT}
     assert run.code_version == code_version() and code_version()
 
@@ -242,10 +242,11 @@ def test_a_parameter_left_none_takes_the_value_the_notebook_that_searched_it_sto
 def test_a_search_fills_only_what_it_chose_and_what_was_left_none():
     from fedta_utils.experiments import with_choice
 
-    best = {"sparse_lr": 0.003, "sparse_weight_decay": 0.0, "fedavg_lr": 0.03, "fedavg_weight_decay": 0.0}
+    best = {"lr": 0.003, "weight_decay": 0.0}  # the config the search chose
     assert with_choice({"sparse_lr": None, "lr": 0.1}, best, "sparse") == {"sparse_lr": 0.003, "lr": 0.1}
     assert with_choice({"sparse_lr": 0.02}, best, "sparse") == {"sparse_lr": 0.02}
-    assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {"lr": 0.03, "weight_decay": 1e-4}
+    assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {"lr": 0.003, "weight_decay": 1e-4}
+    assert with_choice({}, best, "central") == {"lr": 0.003, "weight_decay": 0.0}  # notebook 01 sets neither
 
 
 def test_a_kernel_that_dies_at_start_up_is_started_again_and_other_errors_are_not_retried(

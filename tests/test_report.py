@@ -16,7 +16,7 @@ import papermill
 import pytest
 import torch
 
-from fedta_utils import figures, report
+from fedta_utils import figures, report, runs
 from fedta_utils.experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY,
                                      LR_SEARCH, MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, SPARSE_LR_SEARCH)
 from fedta_utils.runs import rows_to_csv
@@ -35,9 +35,19 @@ MASKS = {"least_sensitive": {"blocks.0.attn.qkv.weight": [1, 1, 1, 1],
                     "blocks.1.mlp.fc1.weight": [1, 1, 0, 0], "patch_embed.proj.weight": [1, 1]}}
 
 
-def write_run(root, experiment, name, config, summary, metrics, masks=None) -> None:
-    run_dir = Path(root) / experiment / name
+def add_to_grid(root, experiment, folder, part="runs") -> None:
+    """Name the run <root>/runs/<folder> in the experiment's recorded grid (or among its earlier runs)."""
+    grid = runs.read_grid(root, experiment) or {"params": {}, "runs": [], "earlier": []}
+    grid[part].append(folder)
+    runs.grid_path(root, experiment).parent.mkdir(parents=True, exist_ok=True)
+    runs.grid_path(root, experiment).write_text(json.dumps(grid))
+
+
+def write_run(root, experiment, name, config, summary, metrics, masks=None, part="runs") -> None:
+    """A complete run in the store, named in the experiment's grid (`part` "earlier": left out of it)."""
+    run_dir = Path(root) / runs.RUNS_DIR / f"{experiment}-{name}"
     run_dir.mkdir(parents=True)
+    add_to_grid(root, experiment, run_dir.name, part)
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "metrics.csv").write_bytes(rows_to_csv(metrics))
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -47,7 +57,7 @@ def write_run(root, experiment, name, config, summary, metrics, masks=None) -> N
         torch.save({"masks": packed}, run_dir / "prepared.pt")
 
 
-def write_centralized(root, scheduler, val, test, lr=0.1) -> None:
+def write_centralized(root, scheduler, val, test, lr=0.1, part="runs") -> None:
     for seed, (v, t) in enumerate(zip(val, test)):
         config = {"dataset": "synthetic", "model": "tiny_vit", "seed": seed, "epochs": 2, "batch_size": 64,
                   "lr": lr, "weight_decay": 0.0, "scheduler": scheduler, "warmup_epochs": 0.5,
@@ -55,7 +65,7 @@ def write_centralized(root, scheduler, val, test, lr=0.1) -> None:
         metrics = [{"epoch": 1, "test_loss": 2.0, "test_acc": t / 2, "val_acc": v / 2},
                    {"epoch": 2, "test_loss": 1.0, "test_acc": t, "val_acc": v}]
         write_run(root, CENTRALIZED, f"{scheduler}-lr{lr}-s{seed}", config,
-                  {"final_val_acc": v, "final_test_acc": t}, metrics)
+                  {"final_val_acc": v, "final_test_acc": t}, metrics, part=part)
 
 
 def write_fl(root, experiment, name, seed, val, test, rounds=4, local_steps=2, nc=None, finetune=None,
@@ -100,10 +110,11 @@ def write_study(root) -> None:
                                                          "sparse_lr": 0.003}))
     write_centralized(root, "cosine", val=[0.60, 0.62, 0.64], test=[0.80, 0.82, 0.84])
     write_centralized(root, "step", val=[0.50, 0.52, 0.54], test=[0.90, 0.92, 0.94])
-    write_centralized(root, "cosine", val=[0.99], test=[0.99], lr=0.01)  # not at the chosen lr: ignored
+    write_centralized(root, "cosine", val=[0.99], test=[0.99], lr=0.01, part="earlier")  # an earlier grid's
     for seed in (0, 1):
         write_fl(root, FEDAVG_IID, "iid", seed, 0.5, 0.6 + 0.02 * seed)
-        for nc, local_steps, acc in ((None, 4, 0.55), (1, 2, 0.2), (5, 2, 0.4)):  # iid, J=2: notebook 02's
+        add_to_grid(root, HETEROGENEITY, f"{FEDAVG_IID}-iid-s{seed}")  # iid at J=2: notebook 02's very runs
+        for nc, local_steps, acc in ((None, 4, 0.55), (1, 2, 0.2), (5, 2, 0.4)):
             write_fl(root, HETEROGENEITY, f"{nc}-J{local_steps}", seed, acc, acc, local_steps=local_steps,
                      nc=nc)
         for nc in (None, 5):
@@ -446,14 +457,14 @@ def test_archives_hold_an_overleaf_project_and_the_runs_without_checkpoints(tmp_
     report_dir, root = tmp_path / "report", tmp_path / "results" / "smoke"
     for path in (report_dir / "main.tex", report_dir / "refs.bib", report_dir / "figures" / "drift.pdf",
                  report_dir / "tables" / "fedavg.tex", report_dir / "generated" / "numbers.tex",
-                 report_dir / "main.aux", root / "hparams.json", root / "02_fedavg_iid" / "iid-s0-ab" / "config.json",
-                 root / "02_fedavg_iid" / "iid-s0-ab" / "metrics.csv", root / "02_fedavg_iid" / "iid-s0-ab" / "summary.json",
-                 root / "02_fedavg_iid" / "iid-s1-cd" / "checkpoint-000003.pt"):
+                 report_dir / "main.aux", root / "hparams.json", root / "grids" / "02_fedavg_iid.json",
+                 root / "runs" / "iid-s0-ab" / "config.json", root / "runs" / "iid-s0-ab" / "metrics.csv",
+                 root / "runs" / "iid-s0-ab" / "summary.json", root / "runs" / "iid-s1-cd" / "checkpoint-000003.pt"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     report_zip, results_zip = report.archive(report_dir, root)
     assert sorted(zipfile.ZipFile(report_zip).namelist()) == [
         "figures/drift.pdf", "generated/numbers.tex", "main.tex", "refs.bib", "tables/fedavg.tex"]
     assert sorted(zipfile.ZipFile(results_zip).namelist()) == [
-        "02_fedavg_iid/iid-s0-ab/config.json", "02_fedavg_iid/iid-s0-ab/metrics.csv",
-        "02_fedavg_iid/iid-s0-ab/summary.json", "hparams.json"]
+        "grids/02_fedavg_iid.json", "hparams.json", "runs/iid-s0-ab/config.json", "runs/iid-s0-ab/metrics.csv",
+        "runs/iid-s0-ab/summary.json"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedta_utils import runs
-from fedta_utils.runs import (Checkpoint, Run, RunLock, RunLockedError, atomic_torch_save, atomic_write_bytes,
+from fedta_utils.runs import (Checkpoint, CodeVersionChanged, Run, RunLock, RunLockedError, atomic_torch_save, atomic_write_bytes,
                               atomic_write_json, clear_staging, config_id, read_metrics, rows_to_csv)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_run(tmp_path, config=None):
     (tmp_path / ".staging").mkdir(exist_ok=True)
-    return Run(tmp_path, "experiment", "name", config or {"lr": 0.1, "seed": 0})
+    return Run(tmp_path, "name", config or {"lr": 0.1, "seed": 0})
 
 
 def dead_pid():
@@ -255,7 +255,7 @@ def test_config_mismatch_in_an_existing_folder_is_refused_and_the_lock_released(
     run = make_run(tmp_path)
     with run:
         pass
-    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "seed": 0, "code_version": None}
+    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "seed": 0, "code_version": "unknown"}
     (run.dir / "config.json").write_text(json.dumps({"lr": 99}))
     with pytest.raises(RuntimeError, match="another config"):
         with make_run(tmp_path):
@@ -282,7 +282,7 @@ def test_a_live_process_holds_the_lock_until_it_dies_then_it_is_taken_over(tmp_p
     run = make_run(tmp_path)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from fedta_utils.runs import Run; "
-         f"run = Run({str(tmp_path)!r}, 'experiment', 'name', {{'lr': 0.1, 'seed': 0}}); run.__enter__(); "
+         f"run = Run({str(tmp_path)!r}, 'name', {{'lr': 0.1, 'seed': 0}}); run.__enter__(); "
          "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline() == "ready\n"
@@ -411,12 +411,49 @@ def test_threads_racing_to_take_over_a_stale_lock_end_with_one_holder(tmp_path):
         sys.setswitchinterval(interval)
 
 
-def test_the_code_version_is_recorded_beside_the_identity_and_does_not_split_runs(tmp_path):
-    with Run(tmp_path, "exp", "a", {"lr": 0.1}, code_version="abc1234") as run:
+def test_every_attempt_records_its_code_version_which_does_not_split_runs(tmp_path):
+    with Run(tmp_path, "a", {"lr": 0.1}, code_version="abc1234") as run:
+        run.save_checkpoint(Checkpoint(1, {}, [], []))
+    payload = torch.load(run.dir / "checkpoint-000001.pt", weights_only=True)
+    assert payload["code_version"] == "abc1234"
+    assert run.last_code_version() == "abc1234"
+    assert (run.dir / "attempts.log").read_text().rstrip().endswith(" code abc1234")
+    with Run(tmp_path, "a", {"lr": 0.1}, code_version="def5678", allow_code_change=True) as again:
+        assert again.dir == run.dir  # the same run, resumed by newer code
+    assert again.last_code_version() == "def5678"
+
+
+@pytest.mark.parametrize("work", ["checkpoint-000001.pt", "prepared.pt"])
+def test_resuming_work_other_code_started_is_refused_naming_both_versions(tmp_path, work):
+    with Run(tmp_path, "a", {"lr": 0.1}, code_version="abc1234") as run:
+        run.save_artifact(work, {"step": 1})
+    newer = Run(tmp_path, "a", {"lr": 0.1}, code_version="def5678")
+    with pytest.raises(CodeVersionChanged, match="started by code abc1234 and this is code def5678.*"
+                                                 "allow_code_change=True.*new results_dir"):
+        newer.__enter__()
+    assert not (run.dir / "lock.json").exists()  # released: the refusal leaves the run as it was
+    assert run.last_code_version() == "abc1234"
+    with Run(tmp_path, "a", {"lr": 0.1}, code_version="abc1234"):  # the same code resumes it
         pass
-    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "code_version": "abc1234"}
-    with Run(tmp_path, "exp", "a", {"lr": 0.1}, code_version="def5678") as again:  # same run, newer code
-        assert again.dir == run.dir
+
+
+def test_a_run_whose_attempts_recorded_no_code_version_is_refused_as_unknown(tmp_path):
+    run = Run(tmp_path, "a", {"lr": 0.1}, code_version="abc1234")
+    with run:
+        run.save_checkpoint(Checkpoint(1, {}, [], []))
+    (run.dir / "attempts.log").write_text("host pid 1 2026-01-01T00:00:00\n")  # written before versions
+    with pytest.raises(CodeVersionChanged, match="started by code of an unknown version"):
+        run.__enter__()
+
+
+def test_a_fresh_run_and_a_complete_one_open_under_any_code_version(tmp_path):
+    with Run(tmp_path, "a", {"lr": 0.1}, code_version="abc1234") as run:  # nothing stored yet
+        pass
+    with Run(tmp_path, "a", {"lr": 0.1}, code_version="def5678") as run:
+        run.save_artifact("prepared.pt", {})
+        run.finish({"final_val_acc": 0.5}, [], [])
+    with Run(tmp_path, "a", {"lr": 0.1}, code_version="0000000") as complete:  # read back, never refused
+        assert complete.is_complete
 
 
 @pytest.mark.parametrize("kind", ["fedavg", "centralized", "head_only"])
@@ -436,7 +473,7 @@ def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_bac
                                                            precision="fp32")),
         "head_only": (run_head_only, replace(fedavg, finetune=FineTuneSpec(head="ridge", ridge_lambda=1e-3))),
     }[kind]
-    first = runner(workspace, small_data, config, experiment="race", eval_batch_size=128)
+    first = runner(workspace, small_data, config, eval_batch_size=128)
     files = ("metrics.csv", "summary.json", "attempts.log")
     written = {name: (first.run.dir / name).read_bytes() for name in files}
     # what a kill between summary.json and the checkpoints' deletion leaves
@@ -450,7 +487,7 @@ def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_bac
         return len(looks) > 1 and (run.dir / "summary.json").is_file()
 
     monkeypatch.setattr(Run, "is_complete", property(late_summary))
-    second = runner(workspace, small_data, config, experiment="race", eval_batch_size=128)
+    second = runner(workspace, small_data, config, eval_batch_size=128)
     assert len(looks) >= 2  # it did look again once it held the lock
     assert {name: (first.run.dir / name).read_bytes() for name in files} == written  # nothing retrained
     assert second.summary == json.loads(written["summary.json"])  # what the first process wrote

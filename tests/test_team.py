@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fedta_utils import pipeline, team
+from fedta_utils import experiments, pipeline, team
 from fedta_utils.checks import ConfigError
+from fedta_utils.runs import Run
 from fedta_utils.workspace import setup_notebook
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ def test_a_bad_worker_is_refused_by_name(worker):
 @pytest.mark.parametrize("workers", [1, 2, 3, 4, 5])
 def test_shares_cover_every_full_grid_exactly_and_are_balanced_within_the_largest_run(workers):
     for group in pipeline.grids("full"):
-        head_only = group["function"] == "head_only_configs"
+        head_only = group["function"] is experiments.head_only_configs
         costs = [sum(team.run_work(c, group["params"], head_only)[k] for k in ("train", "eval"))
                  for c in group["configs"]]
         owners = team.assign(costs, workers)
@@ -90,13 +91,13 @@ def test_wait_for_stops_with_what_it_waited_for(capsys):
 
 
 def test_a_grid_made_by_another_code_version_is_refused_naming_both(workspace):
-    run = workspace.run("exp", "a", {"x": 1})
+    run = workspace.run("a", {"x": 1})
     with run:
         run.finish({"final_val_acc": 0.5}, [{"round": 1}], [{"round": 1, "wall_s": 0.1}])
     with pytest.raises(ConfigError, match=rf"was made by code version {run.code_version}, this worker runs "
                                           r"abc1234: every worker of a team must run the same code"):
-        team.check_versions([run], "abc1234")
-    team.check_versions([run], run.code_version)
+        team.check_versions([Run(workspace.root, "a", run.config, "abc1234")])
+    team.check_versions([run])
 
 
 def test_a_bad_worker_in_a_notebook_is_refused_before_anything_loads(tmp_path):
@@ -275,12 +276,12 @@ def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(work
     configs = [replace(base, seed=0), replace(base, seed=1)]
     monkeypatch.setattr(team, "PENDING", {})  # this process's record, restored after the test
     params = {"worker": "1/2", "wait_limit": 0.1, "eval_batch_size": 128}
-    done = experiments.run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, configs, params,
+    done = experiments.run_grid(run_fedavg, workspace, small_data, experiments.HETEROGENEITY, configs, params,
                                 wait=False)
     assert [r.run.config["seed"] for r in done] == [0]  # worker 1 trained its share only
     table = capsys.readouterr().out
     assert "complete" in table and "not started" in table and "worker" in table
-    other = team.PENDING[experiments.FEDAVG_IID]
+    other = team.PENDING[experiments.HETEROGENEITY]
     assert len(other) == 1 and "-s1-" in other[0]  # the other share's run
     fig = figures.heterogeneity_heatmap(workspace.root, "smoke")  # the complete run; the missing one named
     assert any(other[0].rsplit("-", 1)[0] in text.get_text() for text in fig.texts)

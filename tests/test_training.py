@@ -71,10 +71,10 @@ def test_a_run_interrupted_after_an_epoch_resumes_to_bit_identical_results(tmp_p
 
     monkeypatch.setattr(training, "evaluate_splits", evaluate_then_die)
     with pytest.raises(Killed):
-        run_centralized(ws, small_data, config, save_weights=True, progress=False)
+        run_centralized(ws, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
     calls.clear()
     monkeypatch.setattr(training, "evaluate_splits", lambda *args: calls.append(1) or real_evaluate(*args))
-    resumed = run_centralized(ws, small_data, config, save_weights=True, progress=False)
+    resumed = run_centralized(ws, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
     assert len(calls) == 1  # epoch 2 only: epoch 1 comes from its checkpoint
     assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
     weights, expected = (torch.load(r.run.dir / "model.pt", weights_only=True) for r in (resumed, reference))
@@ -111,8 +111,7 @@ def test_fine_tuning_under_a_frozen_ridge_head_does_not_collapse(workspace, smal
 
     head_only = run_head_only(workspace, small_data, FedAvgConfig(
         dataset="synthetic", model="tiny_vit", num_clients=1, participation=1.0,
-        finetune=FineTuneSpec(head="ridge")),
-        experiment="head_only")
+        finetune=FineTuneSpec(head="ridge")))
     config = CentralizedConfig(**{**TINY, "epochs": 3, "lr": 0.1}, finetune=FineTuneSpec(head="ridge"))
     tuned = run_centralized(workspace, small_data, config, progress=False)
     assert head_only.summary["final_test_acc"] > 0.1
