@@ -22,7 +22,8 @@ from .optim import SCHEDULERS
 from .sharding import make_shards, shard_stats
 from .sensitivity import RULES
 from .finetune import FineTuneSpec
-from .runs import record_grid
+from .models import resolve_precision
+from .runs import read_grid, record_grid
 from .training import (CentralizedConfig, RunResult, check_run_options, evaluate_splits, read_complete, run_folder,
                        summarize)
 
@@ -266,6 +267,8 @@ def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central
     01's dense schedule (same epochs, warm-up, cosine, lr and weight decay); it differs from 01's runs in
     what fine-tuning under the frozen head brings: the step-0 head, the mask and the gradient clipping."""
     check_int("central_batch_size", central_batch_size, minimum=1)
+    check_float("central_lr", central_lr, 0.0, None, low_open=True)
+    check_float("central_weight_decay", central_weight_decay, 0.0, None)
     spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=sparsity,
                          calibration_rounds=calibration_rounds)
     return [CentralizedConfig(dataset=dataset, model=model, seed=s, epochs=epochs,
@@ -325,11 +328,10 @@ def notebook_grids(key: str, params: dict) -> list[dict]:
             for group, function, experiment in NOTEBOOK_GRIDS.get(key, [])]
 
 
-def check_notebook(key: str, params: dict, data) -> None:
-    """Check all of notebook `key`'s parameters, and its runs against `data`, before its first run."""
+def check_notebook(key: str, params: dict) -> list[dict]:
+    """Check all of notebook `key`'s parameters before its first run; returns its grids (notebook_grids)."""
     check_run_options(**{name: params[name] for name in RUN_OPTIONS if name in params})
-    for grid in notebook_grids(key, params):
-        check_against_data(grid["configs"], data)
+    return notebook_grids(key, params)
 
 
 # --------------------------------------------------------------------------- running a grid
@@ -358,9 +360,10 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
     results a later stage needs) waits for the other shares, else the complete results are returned.
     """
     check_against_data(configs, data)
+    resolved = check_precision(ws.root, experiment, params, data.device)
     head_only = runner is run_head_only
     runs = [(head_only_run if head_only else run_folder)(ws, c) for c in configs]
-    left_out = record_grid(ws.root, experiment, runs, params)
+    left_out = record_grid(ws.root, experiment, runs, {**params, "resolved_precision": resolved})
     if left_out:
         print(f"{len(left_out)} complete runs of an earlier {experiment} grid are not part of this grid and "
               "are left out of its tables", flush=True)
@@ -374,6 +377,22 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
         return [run_one(i) for i in range(len(configs))]
     costs = [sum(team.run_work(c, params, head_only)[k] for k in ("train", "eval")) for c in configs]
     return team.run_share(run_one, runs, costs, params, wait, experiment)
+
+
+def check_precision(root, experiment: str, params: dict, device) -> str:
+    """The precision this device resolves for `experiment`; refused where its recorded grid asked for the
+    same precision and another device resolved it otherwise (a T4's fp16 against an A100's bf16): its
+    runs would start again under other identities instead of resuming."""
+    requested = params.get("precision", "auto")
+    resolved = resolve_precision(requested, device)
+    before = read_grid(root, experiment).get("params", {})
+    if before.get("precision") == requested and before.get("resolved_precision", resolved) != resolved:
+        raise ConfigError(
+            f"{experiment} was run with precision={requested!r} resolved to {before['resolved_precision']}, "
+            f"and this device resolves it to {resolved}: its runs would start again at another precision. "
+            f"Set precision={before['resolved_precision']!r} to continue them here, "
+            f"precision={resolved!r} to start new ones, or choose a new results_dir")
+    return resolved
 
 
 def head_only_run(ws, config: FedAvgConfig):

@@ -10,18 +10,20 @@ priority: the notebook's parameters cell (the full profile), the profile's param
 selected notebook declares is an error, as is an unknown notebook in --only. The first failing
 notebook stops the pipeline with its failing cell and error printed.
 
---dry-run builds every grid with the very functions the notebooks call (experiments.py, listed in
-experiments.NOTEBOOK_GRIDS) from the same parameters, counts the images each run trains on, evaluates and
-scores, measures what one of each costs on this device in a few seconds, and prints the hours.
-Left out, since they cost little next to training: FedAvg's per-round overhead (see the
-benchmark), checkpoint writes, data loading. Step-0 heads shared through the head cache are
-counted once.
+--dry-run builds every grid with the very functions the notebooks call (experiments.NOTEBOOK_GRIDS)
+from the same parameters, counts the images each run trains on, evaluates and scores, measures what
+one of each costs on this device in a few seconds, and prints the hours, and the gigabytes the runs
+write to the results folder, checkpoints apart (their number follows from the hours when they are
+written by wall time). Left out of the hours, since they cost little next to training: FedAvg's
+per-round overhead (see the benchmark), checkpoint writes, data loading. A run two notebooks name
+is counted once, and so is a step-0 head shared through the head cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import re
@@ -34,9 +36,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import experiments
+from . import experiments, team
 from .checks import ConfigError, check_choice
 from .fedavg import FedAvgConfig
+from .finetune import eligible_names
+from .models import build_model, head_parameter_names
 from .team import parse_worker, run_work, split_sizes
 from .workspace import NOTEBOOK_DIR, PROFILES, declared_parameters, discover_notebooks, profile_values
 
@@ -50,6 +54,7 @@ KERNEL_DIED = "Kernel died before replying to kernel_info"  # jupyter_client's w
 KERNEL_START_TRIES = 3
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
 SMALL_IMG_SIZE = 160  # the cheaper input size the dry-run also prices
+CHECKPOINT_OVERHEAD = 8_000  # bytes of a checkpoint besides its tensors: the RNG state, metrics rows, zip
 
 
 def parse_value(text: str):
@@ -191,41 +196,94 @@ def head_key(config) -> tuple | None:
     return config.model, config.dataset, config.finetune.ridge_lambda, "centralized", config.seed
 
 
-def work_table(groups: list[dict]) -> pd.DataFrame:
-    """One row per group: runs, trained / evaluated images, Fisher samples.
+WORK = ["train", "eval", "fisher"]  # images trained on, images evaluated, per-sample Fisher gradients
+
+
+def run_table(groups: list[dict]) -> pd.DataFrame:
+    """One row per run: notebook, group, work (WORK), steps (rounds or epochs), the bytes of one of its
+    checkpoints (state_bytes) and its checkpoint options (every, minutes).
 
     A run that an earlier group already names (the same identity, e.g. notebook 03's iid runs at J=4,
-    which are notebook 02's runs) is counted once, where it is first named. A step-0 head costs one backbone pass over the
-    train split (counted as evaluated images) and another over validation to choose its penalty, once
-    per distinct head: runs that share it read it from the head cache.
+    which are notebook 02's runs) is counted once, where it is first named. A step-0 head costs one
+    backbone pass over the train split (counted as evaluated images) and another over validation to
+    choose its penalty, once per distinct head: runs that share it read it from the head cache.
     """
     rows, heads, seen = [], set(), set()
     for group in groups:
-        row = {"notebook": group["notebook"], "group": group["group"], "runs": 0, "train": 0, "eval": 0,
-               "fisher": 0}
+        params = group["params"]
+        head_only = group["function"] is experiments.head_only_configs
         for config in group["configs"]:
-            head_only = group["function"] is experiments.head_only_configs
             key = (head_only, json.dumps(config.to_dict(), sort_keys=True))
             if key in seen:
                 continue
             seen.add(key)
-            row["runs"] += 1
-            work = run_work(config, group["params"], head_only)
-            key = head_key(config)
-            if key is not None and key not in heads:
-                heads.add(key)
-                train, val, _, _ = split_sizes(config, group["params"])
+            work = run_work(config, params, head_only)
+            if (head := head_key(config)) is not None and head not in heads:
+                heads.add(head)
+                train, val, _, _ = split_sizes(config, params)
                 work["eval"] += train + val
-            for kind in ("train", "eval", "fisher"):
-                row[kind] += work[kind]
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["notebook", "group", "runs", "train", "eval", "fisher"])
+            steps = 0 if head_only else getattr(config, "rounds", None) or config.epochs
+            rows.append({"notebook": group["notebook"], "group": group["group"], **work, "steps": steps,
+                         "state_bytes": 0 if head_only else checkpoint_bytes(config),
+                         "prepared_bytes": prepared_bytes(config),
+                         "every": params.get("checkpoint_every"), "minutes": params.get("checkpoint_minutes", 15)})
+    return pd.DataFrame(rows, columns=["notebook", "group", *WORK, "steps", "state_bytes", "prepared_bytes",
+                                       "every", "minutes"])
+
+
+def work_table(groups: list[dict]) -> pd.DataFrame:
+    """One row per group: runs, trained / evaluated images, Fisher samples (run_table summed)."""
+    runs, rows = run_table(groups), []
+    for notebook, group in dict.fromkeys((g["notebook"], g["group"]) for g in groups):
+        mine = runs[(runs["notebook"] == notebook) & (runs["group"] == group)]
+        rows.append({"notebook": notebook, "group": group, "runs": len(mine), **mine[WORK].sum().to_dict()})
+    return pd.DataFrame(rows, columns=["notebook", "group", "runs", *WORK])
+
+
+@functools.lru_cache(maxsize=None)
+def entry_counts(model: str, img_size: int | None, eligible: str) -> dict:
+    """Entries of the model's parameters: all of them, the head's, and those a mask may cover."""
+    network = build_model(model, team.CLASSES, pretrained=False, img_size=img_size)
+    sizes = {name: p.numel() for name, p in network.named_parameters()}
+    return {"all": sum(sizes.values()), "head": sum(sizes[n] for n in head_parameter_names(network)),
+            "eligible": sum(sizes[n] for n in eligible_names(network, eligible))}
+
+
+def checkpoint_bytes(config) -> int:
+    """The fp32 bytes of one checkpoint of `config`, plus CHECKPOINT_OVERHEAD: a FedAvg run stores w_t
+    (and the server velocity under FedAvgM), only the entries its mask lets change; a centralized run
+    its model, the optimizer's momentum buffers and its masks (a byte per entry)."""
+    spec = config.finetune
+    counts = entry_counts(config.model, config.img_size, spec.eligible)
+    trainable = counts["all"] - (0 if spec.head == "train" else counts["head"])
+    frozen_by_mask = round(spec.sparsity * counts["eligible"]) if spec.is_sparse else 0
+    if isinstance(config, FedAvgConfig):
+        vectors = 2 if config.server_momentum > 0 else 1
+        return CHECKPOINT_OVERHEAD + 4 * vectors * (trainable - frozen_by_mask)
+    buffers = trainable if config.momentum > 0 else 0
+    mask_bytes = counts["eligible"] if spec.is_sparse else 0
+    return CHECKPOINT_OVERHEAD + 4 * (counts["all"] + buffers) + mask_bytes
+
+
+def prepared_bytes(config) -> int:
+    """prepared.pt, which every run writes: its head in fp32 and, for a sparse run, one bit per mask entry."""
+    counts = entry_counts(config.model, config.img_size, config.finetune.eligible)
+    mask_bits = counts["eligible"] if config.finetune.is_sparse else 0
+    return CHECKPOINT_OVERHEAD + 4 * counts["head"] + mask_bits // 8
+
+
+def checkpoint_count(run, seconds: float) -> int:
+    """How many checkpoints a run writes (runs.CheckpointSchedule): none at its last step."""
+    if run["every"] is not None and not pd.isna(run["every"]):
+        return int(max(0, run["steps"] - 1) // run["every"])
+    return int(min(max(0, run["steps"] - 1), seconds // (run["minutes"] * 60)))
 
 
 def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.DataFrame:
-    """Count the runs, calibrate this device, then print images and estimated hours per group and in total."""
+    """Count the runs, calibrate this device, then print per group and notebook the images, the estimated
+    hours and the gigabytes written to the results folder (checkpoints apart)."""
     groups = grids(profile, only, overrides)  # bad input stops here, before any compute
-    table = work_table(groups)
+    table, runs = work_table(groups), run_table(groups)
     if table.empty or not table["runs"].sum():
         print("The selected notebooks train nothing: 0 runs.")
         return table
@@ -242,24 +300,34 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     for column, price_at in [("hours", size), *((f"hours at {c} px", c) for c in cheaper)]:
         measured, described = unit_seconds(models_used[0], configs[0].precision, eval_batch,
                                            img_size=price_at)
-        table[column] = sum(table[kind] * measured[kind] for kind in ("train", "eval", "fisher")) / 3600
+        table[column] = sum(table[kind] * measured[kind] for kind in WORK) / 3600
         seconds, setup = (measured, described) if column == "hours" else (seconds, setup)
+    run_seconds = sum(runs[kind] * seconds[kind] for kind in WORK)
+    runs["checkpoints"] = [checkpoint_count(run, s) for (_, run), s in zip(runs.iterrows(), run_seconds)]
+    runs["checkpoint GB"] = runs["checkpoints"] * runs["state_bytes"] / 1e9
+    runs["written GB"] = runs["checkpoint GB"] + runs["prepared_bytes"] / 1e9
+    written = runs.groupby(["notebook", "group"], sort=False)[["checkpoints", "checkpoint GB", "written GB"]].sum()
+    table = table.merge(written.reset_index(), how="left").fillna(0)
     kind = "GPU" if "cuda" in setup else "CPU"
     print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
     print(f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image "
           f"{seconds['train']:.2e}, per evaluated image {seconds['eval']:.2e}, per Fisher sample "
           f"{seconds['fisher']:.2e}")
     hours = [c for c in table.columns if c.startswith("hours")]
-    totals = table.groupby("notebook", sort=False)[["runs", "train", "eval", "fisher", *hours]].sum()
+    sums = ["runs", *WORK, *hours, "checkpoints", "checkpoint GB", "written GB"]
+    totals = table.groupby("notebook", sort=False)[sums].sum()
     totals.loc["total"] = totals.sum()
     shown = totals.assign(train=totals["train"] / 1e6, eval=totals["eval"] / 1e6,
                           fisher=totals["fisher"] / 1e3)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
     print(shown.rename(columns={"train": "trained images (M)", "eval": "evaluated images (M)",
                                 "fisher": "Fisher samples (k)"}).to_string(float_format="{:,.2f}".format))
-    runs, total = int(totals["runs"].iloc[-1]), totals["hours"].iloc[-1]
-    print(f"total: {runs} runs, {total:,.2f} {kind}-hours on this machine", *(
-        f"({totals[c].iloc[-1]:,.2f} {c})" for c in hours if c != "hours"))
+    total = totals.loc["total"]
+    print(f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine", *(
+        f"({total[c]:,.2f} {c})" for c in hours if c != "hours"))
+    print(f"written to the results folder: {total['written GB']:,.2f} GB, of which checkpoints "
+          f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} written, each deleted or replaced "
+          "later: on Google Drive they stay in the bin, counted against the quota, for 30 days)")
     return table
 
 

@@ -183,6 +183,7 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
             raise ConfigError(f"profile={profile!r} with {name}={params[name]!r}: profile {profile!r} loads "
                               f"{name}={expected!r}; change one of them so results are labelled correctly")
     worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything is written
+    check_float("wait_limit", params.get("wait_limit", 3600), 0.0, None, low_open=True)
     ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
                          params.get("data_dir", "data"), device, params.get("weights_path") or None)
     ws.allow_code_change = check_bool("allow_code_change", params.get("allow_code_change", False))
@@ -193,13 +194,15 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
                               f"{stored} in hparams.json (notebook {source}'s search, all workers)",
                               params.get("wait_limit", 3600))
             params[name] = ws.chosen(name)
+    grids = experiments.check_notebook(key, params)  # every grid the notebook runs, before anything loads
     data = None
     if "dataset" in params:
         data = ws.load_data(params["dataset"], params["val_fraction"], params["split_seed"],
                             params["synthetic_train_size"], params["synthetic_test_size"])
         print(f"results: {ws.root} | device: {ws.device} | train/val/test: "
               f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
-        experiments.check_notebook(key, params, data)  # every grid of the notebook, before its first run
+    for grid in grids:  # shards the data cannot make (Nc above its classes), before the first run
+        experiments.check_against_data(grid["configs"], data)
     return ws, data, params
 
 

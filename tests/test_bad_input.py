@@ -11,6 +11,7 @@ calibrate_masks have their own cases in test_optim.py and test_sensitivity.py.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedta_utils import experiments, pipeline
+from fedta_utils import experiments, pipeline, runs
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import prepare_data, train_val_split
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
@@ -27,7 +28,7 @@ from fedta_utils.pipeline import NotebookFailed, run_pipeline
 from fedta_utils.sharding import dirichlet_shards, iid_shards, make_shards, non_iid_shards
 from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.training import CentralizedConfig, run_centralized
-from fedta_utils.workspace import setup_workspace
+from fedta_utils.workspace import declared_parameters, discover_notebooks, setup_notebook, setup_workspace
 
 
 def raises(fragment: str, exception=ConfigError):
@@ -523,5 +524,43 @@ def test_bad_notebook_parameter_fails_in_the_notebook_before_any_training(notebo
     with raises(message, NotebookFailed):
         run_pipeline("smoke", [notebook], tmp_path / "results", {**tuned, **overrides})
     root = tmp_path / "results" / "smoke"
-    assert not (root / experiment).exists()
+    assert not runs.grid_path(root, experiment).exists() and not (root / runs.RUNS_DIR).exists()
     assert not [p for p in files_under(root) if p.suffix == ".pt"]  # no checkpoint, no model anywhere
+
+
+# Where any string is a valid value: a folder name.
+PATH_PARAMETERS = {"results_dir", "data_dir", "drive_dir"}
+# What the searches of notebooks 01, 02 and 04 stored, so that 03-05 can start.
+TUNED = {"central_lr": 0.1, "central_weight_decay": 0.0, "fedavg_lr": 0.1, "fedavg_weight_decay": 0.0,
+         "sparse_lr": 0.003}
+
+
+def bad_value(default):
+    """A value of the parameter's own type that no parameter of that type allows."""
+    if isinstance(default, bool):
+        return "yes"
+    if isinstance(default, int):
+        return -3
+    if isinstance(default, list):
+        return ["bad"]
+    if isinstance(default, str):
+        return "bad"
+    return -1.0  # floats, and values left None for a search to choose
+
+
+PARAMETER_CASES = [(key, name) for key in ("01", "02", "03", "04", "05")
+                   for name in declared_parameters(discover_notebooks()[key]) if name not in PATH_PARAMETERS]
+
+
+@pytest.mark.parametrize("key, name", PARAMETER_CASES, ids=[f"{k}-{n}" for k, n in PARAMETER_CASES])
+def test_every_notebook_refuses_a_bad_value_of_each_parameter_before_its_first_run(key, name, tmp_path):
+    namespace = pipeline.notebook_values(discover_notebooks()[key], "smoke", {})
+    namespace.update(results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "data"))
+    namespace[name] = bad_value(namespace[name])
+    root = tmp_path / "results" / "smoke"
+    root.mkdir(parents=True)
+    (root / "hparams.json").write_text(json.dumps(TUNED))
+    with pytest.raises(ConfigError, match=re.escape(name)):
+        setup_notebook(key, namespace, device="cpu")  # the notebook's first cell after its parameters
+    assert not (root / runs.RUNS_DIR).exists() and not (root / runs.GRIDS_DIR).exists()
+    assert not list(tmp_path.rglob("metrics.csv"))

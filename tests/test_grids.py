@@ -1,0 +1,168 @@
+"""Specifications of the run store and the recorded grids: tables read the grid that ran, a configuration
+two grids name is trained once, identities hold the resolved precision, searches record what they chose
+and what was used, checkpoints follow the clock and the dry-run knows their size."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from fedta_utils import experiments, figures, pipeline, runs
+from fedta_utils.checks import ConfigError
+from fedta_utils.experiments import run_grid, run_head_only
+from fedta_utils.fedavg import FedAvgConfig, run_fedavg
+from fedta_utils.finetune import FineTuneSpec
+from fedta_utils.training import CentralizedConfig, run_centralized
+
+FL = dict(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, participation=0.2, local_steps=1,
+          batch_size=16, rounds=2, eval_points=1, eval_subset=100)
+SPARSE = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=1,
+                      calibration_samples=40, max_grad_norm=1.0)
+PARAMS = {"eval_batch_size": 128}
+
+
+def attempts(run_dir) -> int:
+    return len((run_dir / "attempts.log").read_text().splitlines())
+
+
+# --------------------------------------------------------------------------- tables from the grid that ran
+
+def test_two_executions_at_different_lrs_give_tables_of_the_second_grid_only(workspace, small_data, capsys):
+    for lr in (0.05, 0.01):  # notebook 02 run twice into one results folder, with -p lr 0.05, then 0.01
+        params = {**FL, "seeds": [0, 1], "lr": lr, "weight_decay": 0.0, "momentum": 0.9, "lr_schedule": "constant",
+                  "server_lr": 1.0, "server_momentum": 0.0, "precision": "auto", **PARAMS}
+        configs = experiments.fedavg_iid_configs(**params)
+        run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, configs, params, wait=False)
+    assert "2 complete runs of an earlier 02_fedavg_iid grid are not part of this grid" in capsys.readouterr().out
+    assert len(list((workspace.root / runs.RUNS_DIR).iterdir())) == 4  # both grids stay in the store
+    table = figures.fedavg_table(workspace.root)
+    assert table["n"].tolist() == [2]  # n = 4 when a table averaged the folder
+    assert figures.load_runs(workspace.root, experiments.FEDAVG_IID)["lr"].tolist() == [0.01, 0.01]
+    record = runs.read_grid(workspace.root, experiments.FEDAVG_IID)
+    assert record["params"]["lr"] == 0.01 and len(record["earlier"]) == 2
+
+
+def test_a_configuration_two_grids_name_is_trained_once_and_read_by_both(workspace, small_data):
+    shared, other = FedAvgConfig(**FL), FedAvgConfig(**FL, seed=1)
+    first = run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [shared], PARAMS)
+    second = run_grid(run_fedavg, workspace, small_data, experiments.HETEROGENEITY, [shared, other], PARAMS)
+    assert second[0].run.dir == first[0].run.dir and attempts(first[0].run.dir) == 1  # read back
+    assert len(list((workspace.root / runs.RUNS_DIR).iterdir())) == 2
+    assert len(figures.load_runs(workspace.root, experiments.HETEROGENEITY)) == 2
+
+
+def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspace, small_data):
+    search = [FedAvgConfig(**FL, lr=lr, evaluate_test=False) for lr in (0.01, 0.05)]
+    params = {**PARAMS, "lr": 0.2, "weight_decay": None}  # the notebook set lr itself
+    used = experiments.run_search(run_fedavg, workspace, small_data, experiments.FEDAVG_LR_SEARCH, search, params,
+                                  "fedavg")
+    stored = workspace.load_hparams()
+    assert used["lr"] == 0.2 and stored["fedavg_lr"] == 0.2  # later notebooks read the lr 02 trained with
+    assert stored["fedavg_search_lr"] in (0.01, 0.05) and stored["fedavg_search_weight_decay"] == FL.get(
+        "weight_decay", FedAvgConfig.weight_decay)
+    assert used["weight_decay"] == stored["fedavg_weight_decay"] == stored["fedavg_search_weight_decay"]
+    assert workspace.chosen("lr") == 0.2
+
+
+# --------------------------------------------------------------------------- the precision, resolved
+
+def test_no_identity_holds_auto_and_heads_are_keyed_by_the_resolved_precision(workspace, small_data):
+    fed = FedAvgConfig(**FL, precision="auto", finetune=FineTuneSpec(head="ridge"))
+    central = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=1, batch_size=64,
+                                eval_points=1, precision="auto")
+    made = [run_fedavg(workspace, small_data, fed, progress=False),
+            run_centralized(workspace, small_data, central, progress=False),
+            run_head_only(workspace, small_data, fed)]
+    assert [json.loads((r.run.dir / "config.json").read_text())["precision"] for r in made] == ["fp32"] * 3
+    assert fed.head_cache(workspace) == replace(fed, precision="fp32").head_cache(workspace)
+    assert replace(fed, precision="fp16").head_cache(workspace) != replace(fed, precision="bf16").head_cache(
+        workspace)
+
+
+def test_a_grid_another_device_resolved_otherwise_is_refused_naming_both_precisions(workspace, small_data):
+    config = FedAvgConfig(**FL)
+    params = {**PARAMS, "precision": "auto"}
+    grid_path = runs.grid_path(workspace.root, experiments.FEDAVG_IID)
+    grid_path.parent.mkdir(parents=True)
+    grid_path.write_text(json.dumps({"params": {"precision": "auto", "resolved_precision": "fp16"},
+                                     "runs": [], "earlier": []}))  # as a T4 recorded it
+    with pytest.raises(ConfigError, match=r"precision='auto' resolved to fp16, and this device resolves it to "
+                                          r"fp32.*Set precision='fp16' to continue them here"):
+        run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [config], params)
+    assert not (workspace.root / runs.RUNS_DIR).exists()
+    explicit = {**params, "precision": "fp32"}  # a precision set by name is the user's choice
+    run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [replace(config, precision="fp32")],
+             explicit)
+    assert runs.read_grid(workspace.root, experiments.FEDAVG_IID)["params"]["resolved_precision"] == "fp32"
+
+
+# --------------------------------------------------------------------------- checkpoints sized for Drive
+
+def saved_steps(monkeypatch) -> list:
+    """The steps of every checkpoint written from now on, with its bytes."""
+    saved, real_save = [], runs.Run.save_checkpoint
+
+    def recording_save(self, checkpoint):
+        real_save(self, checkpoint)
+        saved.append((checkpoint.step, (self.dir / f"checkpoint-{checkpoint.step:06d}.pt").stat().st_size))
+
+    monkeypatch.setattr(runs.Run, "save_checkpoint", recording_save)
+    return saved
+
+
+def test_by_default_a_run_checkpoints_when_the_clock_says_15_minutes_passed(workspace, small_data,
+                                                                             monkeypatch):
+    minutes = iter(range(0, 1000, 6))  # the fake clock: each reading is 6 minutes after the last
+    monkeypatch.setattr(runs, "wall_clock", lambda: 60.0 * next(minutes))
+    saved = saved_steps(monkeypatch)
+    run_fedavg(workspace, small_data, FedAvgConfig(**{**FL, "rounds": 8}), progress=False)
+    # readings: 0 at the start, then 6, 12, 18 (a checkpoint: 18 - 0 >= 15), 24, 30, 36 (36 - 18 >= 15), ...
+    assert [step for step, _ in saved] == [3, 6]  # none at round 8, the last: the run finishes there
+    monkeypatch.setattr(runs, "wall_clock", lambda: 60.0 * next(minutes))
+    saved.clear()
+    run_fedavg(workspace, small_data, FedAvgConfig(**{**FL, "rounds": 8, "seed": 1}), checkpoint_every=3,
+               progress=False)
+    assert [step for step, _ in saved] == [3, 6]  # the round-count option, whatever the clock
+
+
+@pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "sparse", "centralized", "centralized_sparse"])
+def test_the_dry_run_knows_the_bytes_of_each_checkpoint(kind, workspace, small_data, monkeypatch):
+    fed = FedAvgConfig(**{**FL, "rounds": 3})
+    central = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=2, batch_size=64,
+                                eval_points=1)
+    config = {"fedavg": fed, "fedavgm": replace(fed, server_momentum=0.9), "sparse": replace(fed, finetune=SPARSE),
+              "centralized": central, "centralized_sparse": replace(central, finetune=SPARSE)}[kind]
+    saved = saved_steps(monkeypatch)
+    runner = run_centralized if kind.startswith("centralized") else run_fedavg
+    runner(workspace, small_data, config, checkpoint_every=1, progress=False)
+    assert saved and all(size == pytest.approx(pipeline.checkpoint_bytes(config), rel=0.05) for _, size in saved)
+
+
+def test_a_sparse_fedavg_checkpoint_holds_only_the_entries_its_mask_lets_change(workspace, small_data,
+                                                                                monkeypatch):
+    dense, sparse = FedAvgConfig(**{**FL, "rounds": 3}), FedAvgConfig(**{**FL, "rounds": 3}, finetune=SPARSE)
+    saved = saved_steps(monkeypatch)
+    run_fedavg(workspace, small_data, dense, checkpoint_every=1, progress=False)
+    run_fedavg(workspace, small_data, sparse, checkpoint_every=1, progress=False)
+    assert saved[-1][1] < 0.3 * saved[0][1]  # sparsity 0.9 of the backbone
+
+
+def test_with_the_round_count_option_the_dry_run_predicts_the_checkpoint_bytes_a_smoke_notebook_writes(
+        tmp_path, monkeypatch):
+    """Notebook 02's smoke grids, one seed, a checkpoint every round: the dry-run's bytes, then a run's."""
+    overrides = {"seeds": [0], "checkpoint_every": 1, "results_dir": str(tmp_path)}
+    groups = pipeline.grids("smoke", ["02"], overrides)
+    planned = pipeline.run_table(groups)
+    expected = sum(pipeline.checkpoint_count(run, 0.0) * run["state_bytes"] for _, run in planned.iterrows())
+    from fedta_utils.workspace import setup_notebook
+
+    namespace = {**groups[0]["params"], "lr": None, "weight_decay": None}
+    ws, data, params = setup_notebook("02", namespace, device="cpu")
+    saved = saved_steps(monkeypatch)
+    params = experiments.run_search(run_fedavg, ws, data, experiments.FEDAVG_LR_SEARCH,
+                                    experiments.fedavg_search_configs(**params), params, "fedavg")
+    run_grid(run_fedavg, ws, data, experiments.FEDAVG_IID, experiments.fedavg_iid_configs(**params), params)
+    assert len(saved) == sum(pipeline.checkpoint_count(run, 0.0) for _, run in planned.iterrows())
+    assert sum(size for _, size in saved) == pytest.approx(expected, rel=0.05)
