@@ -363,24 +363,15 @@ GRID_CASES = [
      "search_weight_decays must be a list of numbers in [0, inf), got '0.0'"),
     (experiments.search_configs, CENTRAL_SETTINGS, {"search_epochs": 0},
      "search_epochs=0 is too small; it must be >= 1"),
-    # notebook 01 runs the search before its scheduler runs: their parameters must fail first
-    (experiments.search_configs, CENTRAL_SETTINGS, {"seeds": [-1]}, "seeds[0]=-1 is too small; it must be >= 0"),
-    (experiments.search_configs, CENTRAL_SETTINGS, {"schedulers": ["linear"]},
-     "schedulers[0]='linear' is not allowed; choose one of ['cosine', 'step', 'constant']"),
-    (experiments.search_configs, CENTRAL_SETTINGS, {"epochs": 0}, "epochs=0 is too small; it must be >= 1"),
     (experiments.scheduler_configs, dict(CENTRAL_SETTINGS, lr=0.1, weight_decay=0.0), {"seeds": 0},
      "seeds must be a list of integers >= 0, got 0"),
     (experiments.scheduler_configs, dict(CENTRAL_SETTINGS, lr=0.1, weight_decay=0.0), {"schedulers": "cosine"},
      "schedulers must be a list of names from ['cosine', 'step', 'constant'], got 'cosine'"),
     (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"seeds": []},
      "seeds must not be empty: give a list of integers >= 0"),
-    # notebook 02 runs its lr search before its iid grid: the grid's parameters must fail first
-    (experiments.fedavg_search_configs, FEDAVG_SEARCH, {"rounds": -3}, "rounds=-3 is too small; it must be >= 1"),
-    (experiments.fedavg_search_configs, FEDAVG_SEARCH, {"seeds": [1, 1]}, "seeds=[1, 1] repeats seed 1"),
     # a repeated seed is the same run again: a table would count it as two independent runs
     (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"seeds": [0, 1, 0]},
      "seeds=[0, 1, 0] repeats seed 0: each seed is one independent run, so give distinct seeds"),
-    (experiments.search_configs, CENTRAL_SETTINGS, {"seeds": [2, 2]}, "seeds=[2, 2] repeats seed 2"),
     (experiments.heterogeneity_configs,
      dict(FEDAVG_SETTINGS, seeds=[1, 1], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4), {},
      "seeds=[1, 1] repeats seed 1"),
@@ -448,6 +439,24 @@ GRID_CASES = [
      dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
      {"rule_calibration_rounds": 0}, "rule_calibration_rounds=0 is too small; it must be >= 1"),
 ]
+
+
+NOTEBOOK_GRID_CASES = [  # a parameter of a grid that runs after the notebook's search fails before it
+    ("01", {"seeds": [-1]}, "seeds[0]=-1 is too small; it must be >= 0"),
+    ("01", {"schedulers": ["linear"]}, "schedulers[0]='linear' is not allowed; choose one of ['cosine', 'step', "),
+    ("01", {"epochs": 0}, "epochs=0 is too small; it must be >= 1"),
+    ("01", {"seeds": [2, 2]}, "seeds=[2, 2] repeats seed 2"),
+    ("02", {"rounds": -3}, "rounds=-3 is too small; it must be >= 1"),
+    ("02", {"seeds": [1, 1]}, "seeds=[1, 1] repeats seed 1"),
+    ("04", {"central_batch_size": 0}, "central_batch_size=0 is too small; it must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("key, bad, message", NOTEBOOK_GRID_CASES, ids=[f"{k}-{b}" for k, b, _ in NOTEBOOK_GRID_CASES])
+def test_a_notebook_checks_the_grids_after_its_search_before_anything_runs(key, bad, message):
+    params = pipeline.notebook_values(discover_notebooks()[key], "smoke", {})
+    with raises(message):
+        experiments.check_notebook(key, {**params, **bad})
 
 
 @pytest.mark.parametrize("function, settings, bad, message", GRID_CASES,

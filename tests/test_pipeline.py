@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -104,19 +105,40 @@ def test_smoke_pipeline_runs_every_notebook_without_an_error_output(smoke_result
         assert not [o for o in outputs if o["output_type"] == "error"], path.name
 
 
+EXPERIMENTS = ("01_lr_search", "01_centralized", "02_lr_search", "02_fedavg_iid", "03_heterogeneity",
+               "04_head_only", "04_lr_search", "04_sparse_fl", "04_sparse_centralized", "05_mask_rules")
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_completes_every_experiment(smoke_results):
-    from fedta_utils import experiments
+    from fedta_utils import runs
 
     root = smoke_results["results_dir"] / "smoke"
-    for experiment in (experiments.LR_SEARCH, experiments.CENTRALIZED, experiments.FEDAVG_LR_SEARCH,
-                       experiments.FEDAVG_IID, experiments.HETEROGENEITY, experiments.HEAD_ONLY,
-                       experiments.SPARSE_LR_SEARCH, experiments.SPARSE_FL, experiments.SPARSE_CENTRAL,
-                       experiments.MASK_RULES):
-        runs = list((root / experiment).iterdir())
-        assert runs, experiment
-        assert all((run / "summary.json").is_file() for run in runs), experiment
-        assert not list((root / experiment).glob("*/checkpoint-*.pt")), "complete runs keep no checkpoints"
+    for experiment in EXPERIMENTS:
+        named = runs.read_grid(root, experiment)["runs"]
+        assert named and len(runs.grid_runs(root, experiment)) == len(named), experiment  # all complete
+    assert not list(root.glob("runs/*/checkpoint-*.pt")), "complete runs keep no checkpoints"
+
+
+@pytest.mark.slow
+def test_the_smoke_study_trains_no_configuration_twice(smoke_results):
+    from fedta_utils import runs
+
+    root = smoke_results["results_dir"] / "smoke"
+    named = {experiment: set(runs.read_grid(root, experiment)["runs"]) for experiment in EXPERIMENTS}
+    store = {folder.name for folder in (root / runs.RUNS_DIR).iterdir()}
+    assert store == set().union(*named.values())  # one folder per configuration, whichever grids name it
+    assert len(named["03_heterogeneity"] & named["02_fedavg_iid"]) == len(SMOKE["seeds"])  # iid at the first J
+    assert len(named["05_mask_rules"] & named["04_sparse_fl"]) == 2 * len(SMOKE["seeds"])  # least-sensitive
+    trained = [len((root / runs.RUNS_DIR / name / "attempts.log").read_text().splitlines()) for name in store]
+    assert trained == [1] * len(store)  # each trained by one attempt, then read back by every other grid
+
+
+@pytest.mark.slow
+def test_no_smoke_identity_holds_an_unresolved_precision(smoke_results):
+    root = smoke_results["results_dir"] / "smoke"
+    precisions = {json.loads(path.read_text())["precision"] for path in root.glob("runs/*/config.json")}
+    assert precisions == {"fp32"}  # a CPU resolves 'auto' to fp32
 
 
 @pytest.mark.slow
@@ -144,11 +166,11 @@ def test_smoke_no_fine_tuning_under_the_chosen_head_diverges(smoke_results):
 
     root = smoke_results["results_dir"] / "smoke"
     folders = (experiments.SPARSE_LR_SEARCH, experiments.SPARSE_FL, experiments.MASK_RULES)
-    runs = figures.load_runs(root, folders)
+    runs = pd.concat([figures.load_runs(root, folder) for folder in folders], ignore_index=True)
     under_head = runs[runs["finetune.head"] == "ridge"]
     assert len(under_head) > 20 and (under_head["finetune.max_grad_norm"] == 1.0).all()
     assert (under_head["method"] == "dense + ridge head").any() and (under_head["sparsity"] == 0.5).any()
-    losses = figures.load_curves(root, folders, ["finetune.head"])
+    losses = pd.concat([figures.load_curves(root, folder, ["finetune.head"]) for folder in folders])
     assert losses.loc[losses["finetune.head"] == "ridge", "train_loss"].max() < 20  # ln(100) = 4.6
     assert (under_head["final_val_acc"] >= 0.1).all()  # ten times chance
 
