@@ -452,7 +452,8 @@ NOTEBOOK_GRID_CASES = [  # a parameter of a grid that runs after the notebook's 
 ]
 
 
-@pytest.mark.parametrize("key, bad, message", NOTEBOOK_GRID_CASES, ids=[f"{k}-{b}" for k, b, _ in NOTEBOOK_GRID_CASES])
+@pytest.mark.parametrize("key, bad, message", NOTEBOOK_GRID_CASES,
+                         ids=[f"{k}-{b}" for k, b, _ in NOTEBOOK_GRID_CASES])
 def test_a_notebook_checks_the_grids_after_its_search_before_anything_runs(key, bad, message):
     params = pipeline.notebook_values(discover_notebooks()[key], "smoke", {})
     with raises(message):

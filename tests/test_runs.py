@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fedta_utils import runs
-from fedta_utils.runs import (Checkpoint, CodeVersionChanged, Run, RunLock, RunLockedError, atomic_torch_save, atomic_write_bytes,
-                              atomic_write_json, clear_staging, config_id, read_metrics, rows_to_csv)
+from fedta_utils.runs import (Checkpoint, CodeVersionChanged, Run, RunLock, RunLockedError, atomic_torch_save,
+                              atomic_write_bytes, atomic_write_json, clear_staging, config_id, read_metrics, rows_to_csv)
 
 REPO = Path(__file__).resolve().parents[1]
 
