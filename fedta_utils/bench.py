@@ -296,6 +296,7 @@ def run_interrupted(interrupt: bool, runner, *args, **kwargs):
     Run.save_checkpoint = save_then_stop
     try:
         runner(*args, **kwargs)
+        raise RuntimeError("the run wrote no checkpoint, so nothing was interrupted and resumed")
     except Interrupted:
         pass
     finally:
@@ -322,7 +323,7 @@ def rehearsal(name, device, quick: bool):
                 ws = setup_workspace("smoke", folder, device=str(device), download=False)
                 ws.pretrained = False  # random weights: the same FLOPs, no download
                 data = ws.load_data("synthetic", 0.1, 0, images, 200)
-                result = run_interrupted(interrupt, runner, ws, data, config, experiment="rehearsal",
+                result = run_interrupted(interrupt, runner, ws, data, config, checkpoint_every=1,
                                          progress=False)
                 metrics.append(result.metrics)
         columns = [c for c in metrics[0].columns if not c.endswith("_s")]  # wall times differ by nature

@@ -74,13 +74,20 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_list(name: str, values: Any, description: str, check_item) -> list:
-    """A non-empty list (a lone string is not one), each item passed through check_item(item_name, item)."""
+    """A non-empty list (a lone string is not one) of distinct items, each passed through
+    check_item(item_name, item). A repeated value of a grid list would make the same runs twice, and a
+    table would count them as two."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ConfigError(f"{name} must be a list of {description}, got {values!r}")
     values = list(values)
     if not values:
         raise ConfigError(f"{name} must not be empty: give a list of {description}")
-    return [check_item(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    checked = [check_item(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    repeated = [item for index, item in enumerate(checked) if item in checked[:index]]
+    if repeated:
+        raise ConfigError(f"{name}={values!r} repeats {repeated[0]!r}: the same value twice makes the same runs "
+                          "twice, which a table would count as two; give distinct values")
+    return checked
 
 
 def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[int]:
@@ -89,14 +96,8 @@ def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[i
 
 
 def check_seeds(values: Any) -> list[int]:
-    """The `seeds` of a grid: distinct integers >= 0, since a repeated seed is the same run again and a
-    table would count it as two independent runs."""
-    seeds = check_int_list("seeds", values, minimum=0)
-    repeated = [seed for index, seed in enumerate(seeds) if seed in seeds[:index]]
-    if repeated:
-        raise ConfigError(f"seeds={values!r} repeats seed {repeated[0]}: each seed is one independent run, "
-                          "so give distinct seeds (e.g. [0, 1, 2])")
-    return seeds
+    """The `seeds` of a grid: distinct integers >= 0 (check_list refuses a repeated one)."""
+    return check_int_list("seeds", values, minimum=0)
 
 
 def check_float_list(name: str, values: Any, low: float | None = None, high: float | None = None,

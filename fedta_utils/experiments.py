@@ -22,8 +22,7 @@ from .optim import SCHEDULERS
 from .sharding import make_shards, shard_stats
 from .sensitivity import RULES
 from .finetune import FineTuneSpec
-from .models import resolve_precision
-from .runs import read_grid, record_grid
+from .runs import RunLockedError, record_grid
 from .training import (CentralizedConfig, RunResult, check_run_options, evaluate_splits, read_complete, run_folder,
                        summarize)
 
@@ -124,8 +123,9 @@ def run_search(runner, ws, data, experiment: str, configs: list, params: dict, r
 def with_choice(params: dict, chosen: dict, regime: str) -> dict:
     """`params` where the searched parameters (SEARCHED[regime]) that are None take the `chosen`
     config's values (explicit values stay)."""
-    return {**params, **{name: chosen[field] for name, field in SEARCHED[regime].items()
-                         if params.get(name) is None}}
+    searched = SEARCHED[regime].items()
+    choices = {name: chosen[field] for name, field in searched if params.get(name) is None}
+    return {**params, **choices}
 
 
 # --------------------------------------------------------------------------- notebooks 02 and 03
@@ -300,7 +300,8 @@ def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sp
 # Notebook -> (group label, the function that builds the grid, the experiment it records), in the order
 # the notebook runs them (pipeline --dry-run counts the same grids).
 NOTEBOOK_GRIDS = {
-    "01": [("lr search", search_configs, LR_SEARCH), ("schedulers", scheduler_configs, CENTRALIZED)],
+    "01": [("lr search", search_configs, LR_SEARCH),
+           ("schedulers", scheduler_configs, CENTRALIZED)],
     "02": [("lr search", fedavg_search_configs, FEDAVG_LR_SEARCH),
            ("FedAvg iid", fedavg_iid_configs, FEDAVG_IID)],
     "03": [("heterogeneity grid", heterogeneity_configs, HETEROGENEITY)],
@@ -312,25 +313,32 @@ NOTEBOOK_GRIDS = {
 }
 # What a value chosen by a search of the same notebook stands in for until the search has run (any
 # value costs the same and passes the same checks).
-STAND_INS = {"lr": 0.01, "weight_decay": 0.0, "central_lr": 0.01, "central_weight_decay": 0.0, "sparse_lr": 0.01}
+STAND_INS = {"lr": 0.01, "weight_decay": 0.0,
+             "central_lr": 0.01, "central_weight_decay": 0.0,
+             "sparse_lr": 0.01}
 
 
 def with_stand_ins(params: dict) -> dict:
     """`params` where a value its notebook's searches choose is None (or absent): its stand-in."""
-    return {**params, **{name: value for name, value in STAND_INS.items() if params.get(name) is None}}
+    missing = {name: value for name, value in STAND_INS.items() if params.get(name) is None}
+    return {**params, **missing}
 
 
 def notebook_grids(key: str, params: dict) -> list[dict]:
     """Every grid notebook `key` runs, built from its parameters (stand-ins for what its own searches
     choose): dicts of group, function, experiment and configs. Building them checks every parameter."""
     params = with_stand_ins(params)
-    return [{"group": group, "function": function, "experiment": experiment, "configs": function(**params)}
-            for group, function, experiment in NOTEBOOK_GRIDS.get(key, [])]
+    grids = []
+    for group, function, experiment in NOTEBOOK_GRIDS.get(key, []):
+        configs = function(**params)
+        grids.append({"group": group, "function": function, "experiment": experiment, "configs": configs})
+    return grids
 
 
 def check_notebook(key: str, params: dict) -> list[dict]:
     """Check all of notebook `key`'s parameters before its first run; returns its grids (notebook_grids)."""
-    check_run_options(**{name: params[name] for name in RUN_OPTIONS if name in params})
+    options = {name: params[name] for name in RUN_OPTIONS if name in params}
+    check_run_options(**options)
     return notebook_grids(key, params)
 
 
@@ -360,10 +368,9 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
     results a later stage needs) waits for the other shares, else the complete results are returned.
     """
     check_against_data(configs, data)
-    resolved = check_precision(ws.root, experiment, params, data.device)
     head_only = runner is run_head_only
     runs = [(head_only_run if head_only else run_folder)(ws, c) for c in configs]
-    left_out = record_grid(ws.root, experiment, runs, {**params, "resolved_precision": resolved})
+    left_out = record_grid(ws.root, experiment, runs, params)
     if left_out:
         print(f"{len(left_out)} complete runs of an earlier {experiment} grid are not part of this grid and "
               "are left out of its tables", flush=True)
@@ -371,28 +378,17 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
     options = {k: params[k] for k in RUN_OPTIONS if k in params}
 
     def run_one(i: int) -> RunResult:
-        return runner(ws, data, configs[i], **options)
+        try:
+            return runner(ws, data, configs[i], **options)
+        except RunLockedError:  # another process trains it (a run two notebooks share): wait, read it back
+            team.wait_for(lambda: "" if runs[i].is_complete else f"{runs[i].dir.name} (another process's)",
+                          params.get("wait_limit", 3600))
+            return runner(ws, data, configs[i], **options)
 
     if team.parse_worker(params.get("worker")) is None:
         return [run_one(i) for i in range(len(configs))]
     costs = [sum(team.run_work(c, params, head_only)[k] for k in ("train", "eval")) for c in configs]
     return team.run_share(run_one, runs, costs, params, wait, experiment)
-
-
-def check_precision(root, experiment: str, params: dict, device) -> str:
-    """The precision this device resolves for `experiment`; refused where its recorded grid asked for the
-    same precision and another device resolved it otherwise (a T4's fp16 against an A100's bf16): its
-    runs would start again under other identities instead of resuming."""
-    requested = params.get("precision", "auto")
-    resolved = resolve_precision(requested, device)
-    before = read_grid(root, experiment).get("params", {})
-    if before.get("precision") == requested and before.get("resolved_precision", resolved) != resolved:
-        raise ConfigError(
-            f"{experiment} was run with precision={requested!r} resolved to {before['resolved_precision']}, "
-            f"and this device resolves it to {resolved}: its runs would start again at another precision. "
-            f"Set precision={before['resolved_precision']!r} to continue them here, "
-            f"precision={resolved!r} to start new ones, or choose a new results_dir")
-    return resolved
 
 
 def head_only_run(ws, config: FedAvgConfig):

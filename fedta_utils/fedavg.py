@@ -162,8 +162,10 @@ def moving_entries(names: list[str], params: list[torch.Tensor], masks: dict | N
         return None
     pieces = []
     for name, param in zip(names, params):
-        every_entry = torch.ones(param.numel(), dtype=torch.bool, device=param.device)
-        pieces.append(masks[name].reshape(-1).bool() if name in masks else every_entry)
+        if name in masks:
+            pieces.append(masks[name].reshape(-1).bool())
+        else:
+            pieces.append(torch.ones(param.numel(), dtype=torch.bool, device=param.device))
     return torch.cat(pieces)
 
 
@@ -300,7 +302,8 @@ class FedAvgRun:
         # With a global mask only its trainable entries change and travel (the server knows the mask), and
         # only they are checkpointed: the others stay at the values every resume starts from.
         self.moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
-        self.entries_sent = len(self.global_weights) if self.moving is None else int(self.moving.sum())
+        dense = self.moving is None
+        self.entries_sent = len(self.global_weights) if dense else int(self.moving.sum())
 
     def state(self) -> dict:
         """What a resume needs: w_t and the server velocity (their changing entries), the scaler state."""
@@ -332,8 +335,9 @@ class FedAvgRun:
             rows.append(row)
             timing.append({"round": round_index + 1, **times, "wall_s": elapsed})
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_acc") if k in row})
-            if round_index + 1 < config.rounds and schedule.due(round_index + 1):
-                self.run.save_checkpoint(Checkpoint(round_index + 1, self.state(), rows, timing))
+            done = round_index + 1
+            if done < config.rounds and schedule.due(done):
+                self.run.save_checkpoint(Checkpoint(done, self.state(), rows, timing))
         summary = {**summarize(rows, timing, self.precision, self.device), **self.prepared.info,
                    "trainable_entries": self.entries_sent}
         load_flat(self.params, self.global_weights)

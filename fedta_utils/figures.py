@@ -77,9 +77,11 @@ def load_runs(root, experiment: str) -> pd.DataFrame:
     """
     rows = []
     for folder in grid_runs(root, experiment):
-        config = pd.json_normalize(json.loads((folder / "config.json").read_text()))  # nested keys: finetune.head
+        config = json.loads((folder / "config.json").read_text())
+        flat = pd.json_normalize(config).to_dict("records")[0]  # nested keys flattened: finetune.head
         summary = json.loads((folder / "summary.json").read_text())
-        rows.append(_labelled({**config.to_dict("records")[0], **summary, "run_dir": str(folder)}, experiment))
+        run = {**flat, **summary, "run_dir": str(folder)}
+        rows.append(_labelled(run, experiment))
     rows.sort(key=lambda r: ({"iid": -1, "non_iid": 0}.get(r.get("sharding"), 1),  # iid, then by Nc,
                              r.get("classes_per_client") or 0, RULES.index(r["rule"]) if r["rule"] else -1))
     return pd.DataFrame(rows)

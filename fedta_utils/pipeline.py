@@ -226,7 +226,8 @@ def run_table(groups: list[dict]) -> pd.DataFrame:
             rows.append({"notebook": group["notebook"], "group": group["group"], **work, "steps": steps,
                          "state_bytes": 0 if head_only else checkpoint_bytes(config),
                          "prepared_bytes": prepared_bytes(config),
-                         "every": params.get("checkpoint_every"), "minutes": params.get("checkpoint_minutes", 15)})
+                         "every": params.get("checkpoint_every"),
+                         "minutes": params.get("checkpoint_minutes", 15)})
     return pd.DataFrame(rows, columns=["notebook", "group", *WORK, "steps", "state_bytes", "prepared_bytes",
                                        "every", "minutes"])
 
@@ -234,9 +235,10 @@ def run_table(groups: list[dict]) -> pd.DataFrame:
 def work_table(groups: list[dict]) -> pd.DataFrame:
     """One row per group: runs, trained / evaluated images, Fisher samples (run_table summed)."""
     runs, rows = run_table(groups), []
-    for notebook, group in dict.fromkeys((g["notebook"], g["group"]) for g in groups):
-        mine = runs[(runs["notebook"] == notebook) & (runs["group"] == group)]
-        rows.append({"notebook": notebook, "group": group, "runs": len(mine), **mine[WORK].sum().to_dict()})
+    for group in groups:
+        mine = runs[(runs["notebook"] == group["notebook"]) & (runs["group"] == group["group"])]
+        work = mine[WORK].sum().to_dict()
+        rows.append({"notebook": group["notebook"], "group": group["group"], "runs": len(mine), **work})
     return pd.DataFrame(rows, columns=["notebook", "group", "runs", *WORK])
 
 
@@ -245,8 +247,9 @@ def entry_counts(model: str, img_size: int | None, eligible: str) -> dict:
     """Entries of the model's parameters: all of them, the head's, and those a mask may cover."""
     network = build_model(model, team.CLASSES, pretrained=False, img_size=img_size)
     sizes = {name: p.numel() for name, p in network.named_parameters()}
-    return {"all": sum(sizes.values()), "head": sum(sizes[n] for n in head_parameter_names(network)),
-            "eligible": sum(sizes[n] for n in eligible_names(network, eligible))}
+    head = sum(sizes[name] for name in head_parameter_names(network))
+    maskable = sum(sizes[name] for name in eligible_names(network, eligible))
+    return {"all": sum(sizes.values()), "head": head, "eligible": maskable}
 
 
 def checkpoint_bytes(config) -> int:
@@ -274,9 +277,11 @@ def prepared_bytes(config) -> int:
 
 def checkpoint_count(run, seconds: float) -> int:
     """How many checkpoints a run writes (runs.CheckpointSchedule): none at its last step."""
+    before_the_end = max(0, run["steps"] - 1)
     if run["every"] is not None and not pd.isna(run["every"]):
-        return int(max(0, run["steps"] - 1) // run["every"])
-    return int(min(max(0, run["steps"] - 1), seconds // (run["minutes"] * 60)))
+        return int(before_the_end // run["every"])
+    by_time = seconds // (run["minutes"] * 60)
+    return int(min(before_the_end, by_time))
 
 
 def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.DataFrame:
@@ -303,10 +308,12 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
         table[column] = sum(table[kind] * measured[kind] for kind in WORK) / 3600
         seconds, setup = (measured, described) if column == "hours" else (seconds, setup)
     run_seconds = sum(runs[kind] * seconds[kind] for kind in WORK)
-    runs["checkpoints"] = [checkpoint_count(run, s) for (_, run), s in zip(runs.iterrows(), run_seconds)]
+    counts = [checkpoint_count(run, s) for (_, run), s in zip(runs.iterrows(), run_seconds)]
+    runs["checkpoints"] = counts
     runs["checkpoint GB"] = runs["checkpoints"] * runs["state_bytes"] / 1e9
     runs["written GB"] = runs["checkpoint GB"] + runs["prepared_bytes"] / 1e9
-    written = runs.groupby(["notebook", "group"], sort=False)[["checkpoints", "checkpoint GB", "written GB"]].sum()
+    bytes_columns = ["checkpoints", "checkpoint GB", "written GB"]
+    written = runs.groupby(["notebook", "group"], sort=False)[bytes_columns].sum()
     table = table.merge(written.reset_index(), how="left").fillna(0)
     kind = "GPU" if "cuda" in setup else "CPU"
     print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
@@ -326,8 +333,8 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     print(f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine", *(
         f"({total[c]:,.2f} {c})" for c in hours if c != "hours"))
     print(f"written to the results folder: {total['written GB']:,.2f} GB, of which checkpoints "
-          f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} written, each deleted or replaced "
-          "later: on Google Drive they stay in the bin, counted against the quota, for 30 days)")
+          f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} of them, each emptied and deleted "
+          "when no longer needed, so Drive's bin keeps almost nothing of them)")
     return table
 
 

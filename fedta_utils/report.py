@@ -15,6 +15,7 @@ chosen on validation and reported on test, by figures.choose.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from . import figures
 from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
                           MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, SPARSE_LR_SEARCH, sweeps)
 from .figures import NoResults
+from .runs import GRIDS_DIR, grid_runs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BODY_PAGE_LIMIT = 8  # the course's limit: pages up to \label{LastBodyPage}, references excluded
@@ -222,21 +224,30 @@ def _search(root, profile: str) -> dict:
     return {"SearchGrid": f"learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
                           f"\\{{{listing(table['weight_decay'])}\\}}, "
                           f"a {listing(runs['epochs'])}-epoch budget each",
-            "ChosenLr": number(best["lr"]), "ChosenWeightDecay": number(best["weight_decay"]),
+            "ChosenLr": number(used(root, "central_lr", best["lr"])),
+            "ChosenWeightDecay": number(used(root, "central_weight_decay", best["weight_decay"])),
             "SearchValAcc": f"{best['val'] * 100:.1f}\\,\\%", "SearchProvenance": provenance(profile, table)}
+
+
+def used(root, key: str, chosen: float) -> float:
+    """The value the study's runs used (hparams.json `key`): the search's choice unless the notebook set
+    its own; `chosen` where the study has not recorded one."""
+    path = Path(root) / "hparams.json"
+    return json.loads(path.read_text()).get(key, chosen) if path.is_file() else chosen
 
 
 def _client_searches(root, profile: str) -> dict:
     """Notebook 02's client lr x weight decay search and notebook 04's lr search under the frozen head."""
     values = {}
-    for prefix, experiment in (("FedAvg", FEDAVG_LR_SEARCH), ("Sparse", SPARSE_LR_SEARCH)):
+    for prefix, experiment, regime in (("FedAvg", FEDAVG_LR_SEARCH, "fedavg"), ("Sparse", SPARSE_LR_SEARCH, "sparse")):
         if not (runs := figures.load_runs(root, experiment)).empty:
             best = _row(figures.lr_search_table(root, experiment), chosen=True)
+            lr = used(root, f"{regime}_lr", best["lr"])
             decays = "and weight decays" if prefix == "FedAvg" else "at 02's weight decay"
             values.update({f"{prefix}SearchGrid": f"client learning rates \\{{{listing(runs['lr'])}\\}} "
                            f"{decays} \\{{{listing(runs['weight_decay'])}\\}}, "
                            f"{listing(runs['rounds'])} rounds each",
-                           f"{prefix}ChosenLr": number(best["lr"]),
+                           f"{prefix}ChosenLr": number(lr),
                            f"{prefix}ChosenWeightDecay": number(best["weight_decay"])})
     return values
 
@@ -415,19 +426,28 @@ def build_pdf(report_dir, timeout: int = 600) -> dict:
 
 
 ARCHIVED = {"report.zip": ("main.tex", "refs.bib", "figures/*.pdf", "tables/*.tex", "generated/*.tex"),
-            "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "grids/*.json", "runs/*/config.json",
-                            "runs/*/summary.json", "runs/*/metrics.csv")}
+            "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "grids/*.json")}
+RUN_FILES = ("config.json", "summary.json", "metrics.csv")  # of each run a recorded grid names, in results.zip
 
 
 def archive(report_dir, root) -> list[Path]:
     """<root>/report.zip, a project Overleaf opens as it is, and <root>/results.zip, the evidence behind it.
 
-    results.zip holds the recorded grids and every run's config, metrics and summary under runs/<run id>/
-    (the folders the tables' numbers come from), and no checkpoint.
+    results.zip holds the recorded grids and, under runs/<run id>/, the config, metrics and summary of
+    every run they name (the runs the tables' numbers come from), and no checkpoint.
     """
     for name, patterns in ARCHIVED.items():
         base = Path(report_dir) if name == "report.zip" else Path(root)
+        files = {f for pattern in patterns for f in base.glob(pattern)}
+        if name == "results.zip":
+            files |= {folder / file for folder in grid_folders(root) for file in RUN_FILES}
         with zipfile.ZipFile(Path(root) / name, "w", zipfile.ZIP_DEFLATED) as bundle:
-            for file in sorted({f for pattern in patterns for f in base.glob(pattern)}):
+            for file in sorted(f for f in files if f.is_file()):
                 bundle.write(file, file.relative_to(base))
     return [Path(root) / name for name in ARCHIVED]
+
+
+def grid_folders(root) -> set[Path]:
+    """The folders of the complete runs that any recorded grid names."""
+    grids = Path(root, GRIDS_DIR).glob("*.json")
+    return {folder for grid in grids for folder in grid_runs(root, grid.stem)}

@@ -3,11 +3,12 @@
     <root>/runs/<name>-<config id>/
         config.json     the run's identity (everything that changes its numbers)
         lock.json       present while a process works on the run
-        checkpoint-NNNNNN.pt   the last two, each complete (atomic writes)
+        attempts.log    one line per start or resume: host, pid, time, code version
+        checkpoint-NNNNNN.pt   the last two, each complete (atomic writes), while the run is unfinished
         metrics.csv     one row per epoch / round: deterministic values only
         timing.csv      the same rows' wall-clock seconds (never identical twice)
         model.pt        final weights, only where a later notebook needs them
-        prepared.pt     a sparse run's calibrated masks and head
+        prepared.pt     the step-0 head and, for a sparse run, its calibrated masks
         summary.json    written last: its presence marks the run complete
 
 Colab dies without warning and Drive syncs whatever it sees, so every file is
@@ -15,8 +16,8 @@ written atomically: absent or complete. metrics.csv is rewritten together with
 each checkpoint, from the rows stored inside it, so after a kill it never holds
 rows the checkpoint does not, and a resumed run writes exactly the file an
 uninterrupted run writes (wall times live in timing.csv so this holds bit for
-bit). A complete run's checkpoints are deleted: a ViT-S/16 checkpoint with
-optimizer state is ~170 MB and free Drive holds 15 GB.
+bit). A complete run's checkpoints are deleted, emptied first (`discard`): on Google Drive a deleted
+file stays in the bin, counted against the free 15 GB, for 30 days.
 
 A run is found by its identity alone, so a configuration that two notebooks ask for is trained
 once and read by both. What an experiment is made of is recorded apart from the runs:
@@ -99,6 +100,14 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def discard(path: Path) -> None:
+    """Delete `path`, emptied first: Google Drive moves a deleted file to its bin, where it counts against
+    the quota for 30 days, and an emptied one counts for nothing there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(path, 0)
+    path.unlink(missing_ok=True)
+
+
 def clear_staging(root: str | Path) -> None:
     """Remove leftovers of killed writes under `root/.staging`.
 
@@ -167,9 +176,10 @@ class CheckpointSchedule:
         """Whether step `step` (counted from 1) ends with a checkpoint; the wall-time clock restarts."""
         if self.every is not None:
             return step % self.every == 0
-        if wall_clock() - self.last < self.seconds:
+        now = wall_clock()
+        if now - self.last < self.seconds:
             return False
-        self.last = wall_clock()
+        self.last = now
         return True
 
 
@@ -196,7 +206,9 @@ class Run:
 
     def __init__(self, root: str | Path, name: str, config: dict, code_version: str = "unknown",
                  allow_code_change: bool = False):
-        self.root, self.code_version, self.allow_code_change = Path(root), code_version, allow_code_change
+        self.root = Path(root)
+        self.code_version = code_version
+        self.allow_code_change = allow_code_change
         self.config = json.loads(json.dumps(config))  # plain JSON types, detached from the caller
         self.dir = self.root / RUNS_DIR / f"{name}-{config_id(self.config)}"
         self._lock: RunLock | None = None
@@ -236,7 +248,8 @@ class Run:
 
     def _check_code_version(self) -> None:
         """Refuse to resume a run whose stored work (checkpoints, prepared.pt) other code made."""
-        if not (self._checkpoints() or self.has_artifact("prepared.pt")) or self.allow_code_change:
+        started = self._checkpoints() or self.has_artifact("prepared.pt")
+        if not started or self.allow_code_change:
             return
         made = self.last_code_version()
         if made != self.code_version:
@@ -249,8 +262,10 @@ class Run:
     def last_code_version(self) -> str | None:
         """The code version of the run's last attempt (attempts.log), None if it recorded none."""
         log = self.dir / "attempts.log"
-        lines = log.read_text().splitlines() if log.is_file() else []
-        _, marker, version = lines[-1].rpartition(" code ") if lines else ("", "", "")
+        if not log.is_file() or not log.read_text().strip():
+            return None
+        last = log.read_text().splitlines()[-1]
+        _, marker, version = last.rpartition(" code ")
         return version if marker else None
 
     def __exit__(self, *exc) -> None:
@@ -265,12 +280,13 @@ class Run:
         """Write a checkpoint and the metrics it covers, then keep only the last two."""
         self._require_lock()
         # every draw of the package comes from seeded generators; the global one is insurance
-        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint), "rng": {"torch": torch.get_rng_state()},
+        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint),
+                   "rng": {"torch": torch.get_rng_state()},
                    "code_version": self.code_version}
         atomic_torch_save(payload, self.dir / f"checkpoint-{checkpoint.step:06d}.pt")
         self._write_metrics(checkpoint.rows, checkpoint.timing)
         for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
+            discard(old)
 
     def load_checkpoint(self, map_location="cpu") -> Checkpoint | None:
         """The newest readable checkpoint, or None. Unreadable ones are reported and skipped.
@@ -340,7 +356,7 @@ class Run:
 
     def _delete_checkpoints(self) -> None:
         for path in self._checkpoints():
-            path.unlink(missing_ok=True)
+            discard(path)
 
 
 # ---------------------------------------------------------------------- grids
@@ -362,17 +378,24 @@ def record_grid(root: str | Path, experiment: str, runs: list[Run], params: dict
     (another lr, other seeds): they stay in the store, and the record keeps them under "earlier",
     but no table reads them.
     """
-    names = [run.dir.name for run in runs]
+    names = list(dict.fromkeys(run.dir.name for run in runs))
     before = read_grid(root, experiment)
-    earlier = [n for n in dict.fromkeys(before.get("runs", []) + before.get("earlier", [])) if n not in names]
-    atomic_write_json(grid_path(root, experiment), {"params": params, "runs": names, "earlier": earlier})
-    return [n for n in earlier if (Path(root) / RUNS_DIR / n / "summary.json").is_file()]
+    named_before = before.get("runs", []) + before.get("earlier", [])
+    earlier = [name for name in dict.fromkeys(named_before) if name not in names]
+    record = {"params": params, "runs": names, "earlier": earlier}
+    atomic_write_json(grid_path(root, experiment), record)
+    return [name for name in earlier if is_complete(Path(root) / RUNS_DIR / name)]
 
 
 def grid_runs(root: str | Path, experiment: str) -> list[Path]:
     """The folders of the complete runs of `experiment`'s recorded grid, in grid order."""
-    folders = [Path(root) / RUNS_DIR / name for name in read_grid(root, experiment).get("runs", [])]
-    return [folder for folder in folders if (folder / "summary.json").is_file()]
+    names = read_grid(root, experiment).get("runs", [])
+    folders = [Path(root) / RUNS_DIR / name for name in names]
+    return [folder for folder in folders if is_complete(folder)]
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
 
 
 # ---------------------------------------------------------------------- lock

@@ -14,7 +14,6 @@ which worker owes it, and stops after `wait_limit` seconds with that message.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -22,7 +21,7 @@ import pandas as pd
 
 from .checks import ConfigError
 from .fedavg import FedAvgConfig
-from .runs import RunLockedError, read_metrics
+from .runs import read_metrics
 from .training import eval_steps
 
 WAIT_POLL = 5.0  # seconds between two looks at the shared folder
@@ -101,16 +100,6 @@ def status(runs: list, owners: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def check_versions(runs: list) -> None:
-    """Refuse to continue a grid whose finished runs other code made (the code version of this process is
-    every run's code_version): every worker of a team runs the same code."""
-    for run in (r for r in runs if r.is_complete):
-        made = json.loads((run.dir / "config.json").read_text()).get("code_version")
-        if made != run.code_version:
-            raise ConfigError(f"{run.dir} was made by code version {made}, this worker runs {run.code_version}: "
-                              "every worker of a team must run the same code (the same git commit)")
-
-
 def wait_for(missing, limit: float, poll: float = WAIT_POLL) -> None:
     """Return once missing() (a description of what is not there yet, '' when all is) is empty; stop
     with WaitTimeout after `limit` seconds."""
@@ -128,15 +117,11 @@ def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool,
     (once a first run is complete, so there is something to plot) and return the complete results."""
     me, workers = parse_worker(params["worker"])
     owners = assign(costs, workers)
-    check_versions(runs)
     limit = params.get("wait_limit", 3600)
     for index, (run, owner) in enumerate(zip(runs, owners)):
         if owner == me:
             print(f"[worker {me}/{workers}] {experiment}: {run.dir.name}", flush=True)
-            try:
-                run_one(index)
-            except RunLockedError:  # a run two grids share, which another worker trains
-                wait_for(lambda: "" if run.is_complete else f"{run.dir.name} (another worker's)", limit)
+            run_one(index)
     if wait:
         wait_for(lambda: ", ".join(f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners)
                                    if not r.is_complete), limit)

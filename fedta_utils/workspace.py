@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,8 @@ import yaml
 from . import __version__, experiments, team
 from .checks import ConfigError, check_bool, check_choice, check_float, check_int, check_path
 from .data import DATASETS, DataBundle, prepare_data
-from .models import build_model, resolve_precision
-from .runs import STAGING_DIR, Run, atomic_write_bytes, atomic_write_json
+from .models import PRECISIONS, build_model, resolve_precision
+from .runs import RUNS_DIR, STAGING_DIR, Run, atomic_write_bytes, atomic_write_json
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 PROFILES = ("smoke", "full")
@@ -50,11 +51,15 @@ CHOSEN = {"lr": ("fedavg_lr", "02"), "weight_decay": ("fedavg_weight_decay", "02
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """The git commit of the checkout the package runs from, else the package version."""
+    checkout = NOTEBOOK_DIR.parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=NOTEBOOK_DIR.parent, text=True,
-                              capture_output=True, check=True, timeout=10).stdout.strip()
+        answer = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, text=True,
+                                capture_output=True, check=True, timeout=10).stdout.split()
     except (OSError, subprocess.SubprocessError):
-        return f"fedta_utils {__version__}"
+        answer = []
+    if len(answer) == 2 and Path(answer[0]).resolve() == checkout.resolve():
+        return answer[1]
+    return f"fedta_utils {__version__}"  # installed, not a checkout (or one inside another repository)
 
 
 def discover_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, Path]:
@@ -96,11 +101,29 @@ class Workspace:
 
     def run(self, name: str, config: dict) -> Run:
         """The run of `config` in the store; its identity holds the precision this device resolves
-        ('auto' never), so runs of other precisions never mix under one identity."""
+        ('auto' never), so runs of other precisions never mix under one identity.
+
+        With precision 'auto', a run that another device started at the precision it resolved (a T4's
+        fp16 against an A100's bf16) is refused, naming both: it would be trained again here instead of
+        resumed. An explicit precision is the user's choice and never refused."""
         identity = {**config, "results_format": RESULTS_FORMAT}
         if "precision" in identity:
             identity["precision"] = resolve_precision(identity["precision"], self.device)
-        return Run(self.root, name, identity, code_version(), self.allow_code_change)
+        run = Run(self.root, name, identity, code_version(), self.allow_code_change)
+        if config.get("precision") == "auto":
+            self._refuse_other_precisions(run, name)
+        return run
+
+    def _refuse_other_precisions(self, run: Run, name: str) -> None:
+        here = run.config["precision"]
+        for other in sorted(set(PRECISIONS) - {"auto", here}):
+            twin = Run(self.root, name, {**run.config, "precision": other})
+            if twin.dir.exists():
+                raise ConfigError(
+                    f"{twin.dir} holds this run at precision {other}, started on another device, and this "
+                    f"device resolves precision='auto' to {here}: it would be trained again. Set "
+                    f"precision={other!r} to continue that run here, or precision={here!r} to train it "
+                    "anew at this device's precision")
 
     def build_model(self, name: str, num_classes: int, head_seed: int, img_size: int | None = None):
         """The run's model at `img_size` (None: native): pretrained backbone, head from `head_seed`."""
@@ -164,7 +187,17 @@ def setup_workspace(profile: str = "full", results_dir: str | Path = "results", 
     ws = Workspace(results_dir.resolve(), profile, resolve_device(device), Path(data_dir), download,
                    str(weights_path) if weights_path else None)
     make_writable_root(ws.root)
+    warn_about_old_layout(ws.root)
     return ws
+
+
+def warn_about_old_layout(root: Path) -> None:
+    """Run folders of an older fedta (one folder per experiment) are never read: say so, once per setup."""
+    old = sorted(p.name for p in root.glob("[0-9][0-9]_*") if any(p.glob("*/config.json")))
+    if old:
+        warnings.warn(f"{root} holds run folders of an older fedta layout ({', '.join(old)}); they are not read "
+                      f"(runs now live in {root / RUNS_DIR}): move them away or start a new results_dir",
+                      RuntimeWarning, stacklevel=3)
 
 
 def setup_notebook(key: str, namespace: dict, device: str = "auto"):
@@ -187,6 +220,8 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
                          params.get("data_dir", "data"), device, params.get("weights_path") or None)
     ws.allow_code_change = check_bool("allow_code_change", params.get("allow_code_change", False))
+    # Every grid the notebook runs, before anything loads or waits (a chosen value not read yet: a stand-in).
+    grids = experiments.check_notebook(key, params)
     for name, (stored, source) in CHOSEN.items():
         if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
             if worker:  # another worker may still be running that search
@@ -194,7 +229,6 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
                               f"{stored} in hparams.json (notebook {source}'s search, all workers)",
                               params.get("wait_limit", 3600))
             params[name] = ws.chosen(name)
-    grids = experiments.check_notebook(key, params)  # every grid the notebook runs, before anything loads
     data = None
     if "dataset" in params:
         data = ws.load_data(params["dataset"], params["val_fraction"], params["split_seed"],

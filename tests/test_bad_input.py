@@ -371,19 +371,19 @@ GRID_CASES = [
      "seeds must not be empty: give a list of integers >= 0"),
     # a repeated seed is the same run again: a table would count it as two independent runs
     (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"seeds": [0, 1, 0]},
-     "seeds=[0, 1, 0] repeats seed 0: each seed is one independent run, so give distinct seeds"),
+     "seeds=[0, 1, 0] repeats 0: the same value twice makes the same runs twice"),
     (experiments.heterogeneity_configs,
      dict(FEDAVG_SETTINGS, seeds=[1, 1], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4), {},
-     "seeds=[1, 1] repeats seed 1"),
+     "seeds=[1, 1] repeats 1"),
     (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"seeds": [0, 0]}, "seeds=[0, 0] repeats seed 0"),
+     {"seeds": [0, 0]}, "seeds=[0, 0] repeats 0"),
     (experiments.sparse_central_configs,
      dict(SPARSE_GRID, epochs=1, warmup_epochs=0.0, central_batch_size=64, central_lr=0.05,
           central_weight_decay=0.0, sparsity=0.9, calibration_rounds=2), {"seeds": [3, 3]},
-     "seeds=[3, 3] repeats seed 3"),
+     "seeds=[3, 3] repeats 3"),
     (experiments.mask_rule_configs,
      dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2), {"seeds": [0, 0]},
-     "seeds=[0, 0] repeats seed 0"),
+     "seeds=[0, 0] repeats 0"),
     (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"rounds": 0},
      "rounds=0 is too small; it must be >= 1"),
     (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4),
@@ -445,10 +445,13 @@ NOTEBOOK_GRID_CASES = [  # a parameter of a grid that runs after the notebook's 
     ("01", {"seeds": [-1]}, "seeds[0]=-1 is too small; it must be >= 0"),
     ("01", {"schedulers": ["linear"]}, "schedulers[0]='linear' is not allowed; choose one of ['cosine', 'step', "),
     ("01", {"epochs": 0}, "epochs=0 is too small; it must be >= 1"),
-    ("01", {"seeds": [2, 2]}, "seeds=[2, 2] repeats seed 2"),
+    ("01", {"seeds": [2, 2]}, "seeds=[2, 2] repeats 2"),
     ("02", {"rounds": -3}, "rounds=-3 is too small; it must be >= 1"),
-    ("02", {"seeds": [1, 1]}, "seeds=[1, 1] repeats seed 1"),
+    ("02", {"seeds": [1, 1]}, "seeds=[1, 1] repeats 1"),
     ("04", {"central_batch_size": 0}, "central_batch_size=0 is too small; it must be >= 1"),
+    ("03", {"classes_per_client_grid": [5, 5]}, "classes_per_client_grid=[5, 5] repeats 5"),  # every list
+    ("05", {"rule_sparsities": [0.9, 0.9]}, "rule_sparsities=[0.9, 0.9] repeats 0.9"),
+    ("05", {"rules": ["random", "random"]}, "rules=['random', 'random'] repeats 'random'"),
 ]
 
 
@@ -521,7 +524,7 @@ NOTEBOOK_CASES = [
      experiments.HETEROGENEITY),
     ("01", {"schedulers": ["linear"]}, "schedulers[0]='linear' is not allowed", experiments.LR_SEARCH),
     # notebook 02 runs its lr search before its iid grid: the grid's parameters must fail first
-    ("02", {"seeds": [0, 0]}, "seeds=[0, 0] repeats seed 0", experiments.FEDAVG_LR_SEARCH),
+    ("02", {"seeds": [0, 0]}, "seeds=[0, 0] repeats 0", experiments.FEDAVG_LR_SEARCH),
 ]
 
 

@@ -127,6 +127,7 @@ def test_smoke_dry_run_measures_this_machine_and_prints_per_notebook_and_total_h
     assert int(total.group(1)) == expected_runs
     assert 0 < float(total.group(2).replace(",", "")) < math.inf
     assert "model: tiny_vit at 32 px" in out and "precision: fp32" in out
+    assert re.search(r"written to the results folder: [\d.]+ GB, of which checkpoints [\d.]+ GB", out)
     for key in experiments.NOTEBOOK_GRIDS:
         assert discover_notebooks()[key].stem in out
 

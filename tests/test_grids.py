@@ -5,9 +5,14 @@ and what was used, checkpoints follow the clock and the dry-run knows their size
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import warnings
 from dataclasses import replace
 
 import pytest
+import torch
 
 from fedta_utils import experiments, figures, pipeline, runs
 from fedta_utils.checks import ConfigError
@@ -15,6 +20,7 @@ from fedta_utils.experiments import run_grid, run_head_only
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
 from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.training import CentralizedConfig, run_centralized
+from fedta_utils.workspace import setup_workspace
 
 FL = dict(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, participation=0.2, local_steps=1,
           batch_size=16, rounds=2, eval_points=1, eval_subset=100)
@@ -66,6 +72,44 @@ def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspac
     assert workspace.chosen("lr") == 0.2
 
 
+RACE = """
+import sys
+from fedta_utils import experiments
+from fedta_utils.fedavg import FedAvgConfig, run_fedavg
+from fedta_utils.workspace import setup_workspace
+ws = setup_workspace("smoke", sys.argv[1], device="cpu", download=False)
+data = ws.load_data("synthetic", 0.1, 0, 1000, 200)
+config = FedAvgConfig(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, participation=0.2,
+                      local_steps=2, batch_size=16, rounds=4, eval_points=2, eval_subset=100)
+[result] = experiments.run_grid(run_fedavg, ws, data, "race", [config], {"eval_batch_size": 128})
+print("final", repr(result.summary["final_val_acc"]), repr(result.summary["final_train_loss"]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_racing_on_one_run_train_it_once_and_both_read_it(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    racers = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [racer.communicate(timeout=600)[0] for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0], outputs
+    [run_dir] = (tmp_path / "smoke" / runs.RUNS_DIR).iterdir()
+    assert attempts(run_dir) == 1  # trained by one process; the other waited and read it back
+    finals = [next(line for line in out.splitlines() if line.startswith("final")) for out in outputs]
+    assert finals[0] == finals[1]
+
+
+def test_run_folders_of_the_older_layout_are_named_in_a_warning(tmp_path):
+    old = tmp_path / "results" / "smoke" / "02_fedavg_iid" / "iid-s0-ab"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    with pytest.warns(RuntimeWarning, match=r"older fedta layout \(02_fedavg_iid\); they are not read"):
+        setup_workspace("smoke", tmp_path / "results", device="cpu", download=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup_workspace("smoke", tmp_path / "fresh", device="cpu", download=False)
+
+
 # --------------------------------------------------------------------------- the precision, resolved
 
 def test_no_identity_holds_auto_and_heads_are_keyed_by_the_resolved_precision(workspace, small_data):
@@ -81,21 +125,17 @@ def test_no_identity_holds_auto_and_heads_are_keyed_by_the_resolved_precision(wo
         workspace)
 
 
-def test_a_grid_another_device_resolved_otherwise_is_refused_naming_both_precisions(workspace, small_data):
-    config = FedAvgConfig(**FL)
-    params = {**PARAMS, "precision": "auto"}
-    grid_path = runs.grid_path(workspace.root, experiments.FEDAVG_IID)
-    grid_path.parent.mkdir(parents=True)
-    grid_path.write_text(json.dumps({"params": {"precision": "auto", "resolved_precision": "fp16"},
-                                     "runs": [], "earlier": []}))  # as a T4 recorded it
-    with pytest.raises(ConfigError, match=r"precision='auto' resolved to fp16, and this device resolves it to "
-                                          r"fp32.*Set precision='fp16' to continue them here"):
-        run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [config], params)
-    assert not (workspace.root / runs.RUNS_DIR).exists()
-    explicit = {**params, "precision": "fp32"}  # a precision set by name is the user's choice
-    run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [replace(config, precision="fp32")],
-             explicit)
-    assert runs.read_grid(workspace.root, experiments.FEDAVG_IID)["params"]["resolved_precision"] == "fp32"
+def test_a_run_another_device_started_at_its_precision_is_refused_naming_both(workspace, small_data):
+    config = FedAvgConfig(**FL, precision="auto")
+    on_a_t4 = workspace.run(config.run_name(), {**config.to_dict(), "precision": "fp16"})
+    with on_a_t4:  # a T4 resolved 'auto' to fp16 and started the run there
+        pass
+    with pytest.raises(ConfigError, match=r"holds this run at precision fp16, started on another device, and "
+                                          r"this device resolves precision='auto' to fp32.*precision='fp16'"):
+        run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [config], PARAMS)
+    assert [p.name for p in (workspace.root / runs.RUNS_DIR).iterdir()] == [on_a_t4.dir.name]  # nothing new
+    explicit = run_fedavg(workspace, small_data, replace(config, precision="fp32"), progress=False)
+    assert explicit.run.config["precision"] == "fp32"  # a precision set by name is the user's choice
 
 
 # --------------------------------------------------------------------------- checkpoints sized for Drive
@@ -125,6 +165,22 @@ def test_by_default_a_run_checkpoints_when_the_clock_says_15_minutes_passed(work
     run_fedavg(workspace, small_data, FedAvgConfig(**{**FL, "rounds": 8, "seed": 1}), checkpoint_every=3,
                progress=False)
     assert [step for step, _ in saved] == [3, 6]  # the round-count option, whatever the clock
+
+
+def test_a_checkpoint_is_emptied_before_it_is_deleted_so_drives_bin_keeps_nothing(tmp_path, monkeypatch):
+    sizes_when_deleted, real_unlink = [], runs.Path.unlink
+
+    def recording_unlink(path, missing_ok=False):
+        if path.name.startswith("checkpoint-"):
+            sizes_when_deleted.append(path.stat().st_size)
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(runs.Path, "unlink", recording_unlink)
+    with runs.Run(tmp_path, "a", {"lr": 0.1}) as run:
+        for step in (1, 2, 3):  # the third replaces the first: pruned
+            run.save_checkpoint(runs.Checkpoint(step, {"weights": torch.ones(1000)}, [], []))
+        run.finish({"final_val_acc": 0.5}, [], [])  # the other two: deleted on completion
+    assert sizes_when_deleted == [0, 0, 0] and not list(run.dir.glob("checkpoint-*"))
 
 
 @pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "sparse", "centralized", "centralized_sparse"])

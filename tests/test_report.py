@@ -261,6 +261,20 @@ def test_the_client_searches_report_their_validation_choices(study):
     assert "ridge penalty 1 (fixed)" in values["SparseSetting"]  # the study's heads fix the penalty at 1.0
 
 
+def test_the_report_names_the_values_the_runs_used_when_a_notebook_set_its_own(study):
+    """hparams.json: the search's choice and the value used; a notebook that set lr by hand trained at it."""
+    hparams = study[0] / "hparams.json"
+    stored = json.loads(hparams.read_text())
+    try:
+        hparams.write_text(json.dumps({**stored, "fedavg_lr": 0.2, "sparse_lr": 0.05, "central_lr": 0.3}))
+        assert report.used(study[0], "fedavg_lr", 0.01) == 0.2
+        assert report.used(study[0], "no_such_key", 0.01) == 0.01  # nothing recorded: the search's choice
+        values = report._client_searches(study[0], "smoke") | report._search(study[0], "smoke")
+        assert (values["FedAvgChosenLr"], values["SparseChosenLr"], values["ChosenLr"]) == ("0.2", "0.05", "0.3")
+    finally:
+        hparams.write_text(json.dumps(stored))
+
+
 def test_a_complete_study_fills_every_macro_without_warnings(study):
     assert [name for name, value in numbers(study[1]).items() if value == report.NA] == []
     assert study[2] == []
@@ -457,11 +471,14 @@ def test_archives_hold_an_overleaf_project_and_the_runs_without_checkpoints(tmp_
     report_dir, root = tmp_path / "report", tmp_path / "results" / "smoke"
     for path in (report_dir / "main.tex", report_dir / "refs.bib", report_dir / "figures" / "drift.pdf",
                  report_dir / "tables" / "fedavg.tex", report_dir / "generated" / "numbers.tex",
-                 report_dir / "main.aux", root / "hparams.json", root / "grids" / "02_fedavg_iid.json",
+                 report_dir / "main.aux", root / "hparams.json",
                  root / "runs" / "iid-s0-ab" / "config.json", root / "runs" / "iid-s0-ab" / "metrics.csv",
-                 root / "runs" / "iid-s0-ab" / "summary.json", root / "runs" / "iid-s1-cd" / "checkpoint-000003.pt"):
+                 root / "runs" / "iid-s0-ab" / "summary.json", root / "runs" / "iid-s1-cd" / "checkpoint-000003.pt",
+                 root / "runs" / "other-s0-ef" / "summary.json"):  # a run no grid names
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
+    add_to_grid(root, "02_fedavg_iid", "iid-s0-ab")
+    add_to_grid(root, "02_fedavg_iid", "iid-s1-cd")  # named, not complete: nothing of it is archived
     report_zip, results_zip = report.archive(report_dir, root)
     assert sorted(zipfile.ZipFile(report_zip).namelist()) == [
         "figures/drift.pdf", "generated/numbers.tex", "main.tex", "refs.bib", "tables/fedavg.tex"]

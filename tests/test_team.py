@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedta_utils import experiments, pipeline, team
+from fedta_utils import experiments, pipeline, runs, team
 from fedta_utils.checks import ConfigError
-from fedta_utils.runs import Run
 from fedta_utils.workspace import setup_notebook
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +33,11 @@ def attempts(results_dir: Path) -> dict[str, int]:
     root = Path(results_dir) / "smoke"
     return {f"{p.parent.parent.name}/{p.parent.name}": len(p.read_text().splitlines())
             for p in root.glob("*/*/attempts.log")}
+
+
+def mtimes(root: Path, experiment: str, name: str) -> list[float]:
+    """When file `name` of each run the experiment's recorded grid names was last written."""
+    return [(root / runs.RUNS_DIR / run / name).stat().st_mtime for run in runs.read_grid(root, experiment)["runs"]]
 
 
 def pipeline_process(*args: str, threads: str | None = "1", **kwargs) -> subprocess.Popen:
@@ -88,16 +92,6 @@ def test_wait_for_stops_with_what_it_waited_for(capsys):
         team.wait_for(lambda: "run-a (worker 2/3)", 0.2, poll=0.05)
     assert "[worker] waiting for run-a (worker 2/3)" in capsys.readouterr().out
     team.wait_for(lambda: "", 0.0)  # nothing missing: returns at once
-
-
-def test_a_grid_made_by_another_code_version_is_refused_naming_both(workspace):
-    run = workspace.run("a", {"x": 1})
-    with run:
-        run.finish({"final_val_acc": 0.5}, [{"round": 1}], [{"round": 1, "wall_s": 0.1}])
-    with pytest.raises(ConfigError, match=rf"was made by code version {run.code_version}, this worker runs "
-                                          r"abc1234: every worker of a team must run the same code"):
-        team.check_versions([Run(workspace.root, "a", run.config, "abc1234")])
-    team.check_versions([run])
 
 
 def test_a_bad_worker_in_a_notebook_is_refused_before_anything_loads(tmp_path):
@@ -204,11 +198,10 @@ def test_three_workers_train_every_run_once_and_match_a_single_process(smoke_pip
     assert set(attempts(results).values()) == {1}  # every run trained exactly once
     assert attempts(results).keys() == made.keys()
     root = results / "smoke"  # the stages waited: no run of a grid started before the last search run ended
-    search_done = max(p.stat().st_mtime for p in root.glob("01_lr_search/*/summary.json"))
-    assert min(p.stat().st_mtime for p in root.glob("01_centralized/*/attempts.log")) >= search_done
-    fed_search_done = max(p.stat().st_mtime for p in root.glob("02_lr_search/*/summary.json"))
-    started = [p.stat().st_mtime for e in ("02_fedavg_iid", "03_heterogeneity")
-               for p in root.glob(f"{e}/*/attempts.log")]
+    search_done = max(mtimes(root, "01_lr_search", "summary.json"))
+    assert min(mtimes(root, "01_centralized", "attempts.log")) >= search_done
+    fed_search_done = max(mtimes(root, "02_lr_search", "summary.json"))
+    started = mtimes(root, "02_fedavg_iid", "attempts.log") + mtimes(root, "03_heterogeneity", "attempts.log")
     assert min(started) >= fed_search_done
 
 
@@ -260,8 +253,8 @@ def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
     assert finals == ["04_sparse_fl.ipynb", "05_mask_rules.ipynb"]  # the final pass
     made = run_metrics(results)
     # 04: two heads (iid, Nc=5), the search, 3 runs per sharding (trained head, dense and sparse under
-    # the frozen head), the centralized baseline; 05: 2 rules x 2 shardings
-    assert len(made) == (2 + 1 + 2 * 3 + 1) + 2 * 2
+    # the frozen head), the centralized baseline; 05: 2 rules x 2 shardings, least-sensitive being 04's runs
+    assert len(made) == (2 + 1 + 2 * 3 + 1) + 2
     assert same_as_smoke(made, smoke_results)
     assert set(attempts(results).values()) == {1}  # trained once each: the final pass read them back
 
