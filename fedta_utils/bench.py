@@ -44,13 +44,13 @@ import torch.nn.functional as F
 
 from . import models
 from .data import DataBundle, augmentation_generator, make_batch, synthetic_cifar100
-from .fedavg import client_update, load_flat, read_flat, server_update
+from .fedavg import client_update, server_update
 from .fedavg import FedAvgConfig, run_fedavg
 from .finetune import FineTuneSpec
 from .optim import SparseSGDM
 from .runs import Run
 from .sensitivity import DEFAULT_CHUNK, fisher_sums, fisher_sums_loop
-from .training import CentralizedConfig, run_centralized, train_steps
+from .training import CentralizedConfig, load_flat, read_flat, run_centralized, train_steps
 from .workspace import resolve_device, setup_workspace
 
 SPARSITY = 0.9  # fraction of entries frozen in the SparseSGDM measurement

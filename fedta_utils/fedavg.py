@@ -36,8 +36,9 @@ from .finetune import FineTuneSpec, head_cache_path, prepare
 from .optim import lr_multiplier
 from .runs import Checkpoint, CheckpointSchedule
 from .sharding import SHARDINGS, make_shards
-from .training import (RunResult, check_run_fields, checked_run, eval_steps, evaluate_splits, make_optimizer,
-                       read_complete, summarize, train_steps, training_batches)
+from .training import (RunResult, check_run_fields, checked_run, eval_steps, evaluate_splits, load_flat,
+                       make_optimizer, moving_entries, read_complete, read_flat, summarize, train_steps,
+                       training_batches)
 
 CLIENT_LR_SCHEDULES = ("constant", "cosine")
 BYTES_PER_ENTRY = 4  # float32 on the wire
@@ -151,29 +152,6 @@ def client_batch_indices(shard: np.ndarray, local_steps: int, batch_size: int, s
 
 
 # --------------------------------------------------------------------------- the algorithm
-
-def read_flat(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-def moving_entries(names: list[str], params: list[torch.Tensor], masks: dict | None) -> torch.Tensor | None:
-    """The flat bool vector of the entries training can change (the layout of read_flat); None if all."""
-    if not masks:
-        return None
-    pieces = []
-    for name, param in zip(names, params):
-        if name in masks:
-            pieces.append(masks[name].reshape(-1).bool())
-        else:
-            pieces.append(torch.ones(param.numel(), dtype=torch.bool, device=param.device))
-    return torch.cat(pieces)
-
-
-@torch.no_grad()
-def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-        p.copy_(chunk.view_as(p))
-
 
 def client_update(model, params, global_weights, batches, optimizer, precision, scaler_state=None) -> tuple:
     """One client's local training from w_t and the round's loss-scaler state (None: a fresh scaler).

@@ -254,18 +254,19 @@ def entry_counts(model: str, img_size: int | None, eligible: str) -> dict:
 
 def checkpoint_bytes(config) -> int:
     """The fp32 bytes of one checkpoint of `config`, plus CHECKPOINT_OVERHEAD: a FedAvg run stores w_t
-    (and the server velocity under FedAvgM), only the entries its mask lets change; a centralized run
-    its model, the optimizer's momentum buffers and its masks (a byte per entry)."""
+    (and the server velocity under FedAvgM), a centralized run its weights and momentum buffers; a sparse
+    run only their entries its mask lets change, a dense one its whole model."""
     spec = config.finetune
     counts = entry_counts(config.model, config.img_size, spec.eligible)
     trainable = counts["all"] - (0 if spec.head == "train" else counts["head"])
     frozen_by_mask = round(spec.sparsity * counts["eligible"]) if spec.is_sparse else 0
+    moving = trainable - frozen_by_mask
     if isinstance(config, FedAvgConfig):
         vectors = 2 if config.server_momentum > 0 else 1
-        return CHECKPOINT_OVERHEAD + 4 * vectors * (trainable - frozen_by_mask)
-    buffers = trainable if config.momentum > 0 else 0
-    mask_bytes = counts["eligible"] if spec.is_sparse else 0
-    return CHECKPOINT_OVERHEAD + 4 * (counts["all"] + buffers) + mask_bytes
+        return CHECKPOINT_OVERHEAD + 4 * vectors * moving
+    buffers = moving if config.momentum > 0 else 0
+    weights = moving if spec.is_sparse else counts["all"]  # a dense run stores its whole model
+    return CHECKPOINT_OVERHEAD + 4 * (weights + buffers)
 
 
 def prepared_bytes(config) -> int:

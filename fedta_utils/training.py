@@ -187,6 +187,55 @@ def make_optimizer(params: list[torch.nn.Parameter], names: list[str], masks: di
                       max_grad_norm=max_grad_norm)
 
 
+# --------------------------------------------------------------------------- flat views of the trainable weights
+
+def read_flat(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def moving_entries(names: list[str], params: list[torch.Tensor], masks: dict | None) -> torch.Tensor | None:
+    """The flat bool vector of the entries training can change (the layout of read_flat); None if all."""
+    if not masks:
+        return None
+    pieces = []
+    for name, param in zip(names, params):
+        if name in masks:
+            pieces.append(masks[name].reshape(-1).bool())
+        else:
+            pieces.append(torch.ones(param.numel(), dtype=torch.bool, device=param.device))
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+        p.copy_(chunk.view_as(p))
+
+
+def sparse_state(params: list[torch.Tensor], optimizer, moving: torch.Tensor) -> dict:
+    """What a sparse centralized run's checkpoint needs of its model and optimizer: the weights and the
+    momentum buffers, only their entries the masks let change (the others keep their start values)."""
+    buffers = [optimizer.state[p].get("momentum_buffer") for p in params]
+    momentum = None if any(b is None for b in buffers) else read_flat(buffers)[moving]
+    lrs = [group["lr"] for group in optimizer.param_groups]  # the scheduler's current step size
+    return {"weights": read_flat(params)[moving], "momentum": momentum, "lr": lrs}
+
+
+def load_sparse_state(state: dict, params: list[torch.Tensor], optimizer, moving: torch.Tensor) -> None:
+    """The inverse of sparse_state, into a model and optimizer at their start values."""
+    weights = read_flat(params)
+    weights[moving] = state["weights"].to(weights.device)
+    load_flat(params, weights)
+    for group, lr in zip(optimizer.param_groups, state["lr"]):
+        group["lr"] = lr
+    if state["momentum"] is None:
+        return
+    momentum = torch.zeros_like(weights)  # a frozen entry's buffer stays 0 (optim.SparseSGDM)
+    momentum[moving] = state["momentum"].to(weights.device)
+    for p, chunk in zip(params, momentum.split([p.numel() for p in params])):
+        optimizer.state[p]["momentum_buffer"] = chunk.view_as(p).clone()
+
+
 # --------------------------------------------------------------------------- centralized run
 
 def checked_run(ws, data: DataBundle, config, eval_batch_size: int, checkpoint_every: int | None,
@@ -236,15 +285,19 @@ def train_centralized(ws, data, config, run, eval_batch_size, schedule, save_wei
                             precision=precision)
     prepared: Prepared = prepare(run, model, data, config.finetune, config.seed, img_size, precision,
                                  [np.arange(len(data.train))], cache)
-    params = dict(model.named_parameters())
-    optimizer = make_optimizer([params[n] for n in prepared.trainable_names], prepared.trainable_names,
-                               prepared.masks, config.lr, config.momentum, config.weight_decay,
-                               config.finetune.max_grad_norm)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in prepared.trainable_names]
+    optimizer = make_optimizer(params, prepared.trainable_names, prepared.masks, config.lr, config.momentum,
+                               config.weight_decay, config.finetune.max_grad_norm)
     steps_per_epoch = -(-len(data.train) // config.batch_size)
     scheduler = make_scheduler(optimizer, config.scheduler, config.epochs * steps_per_epoch,
                                round(config.warmup_epochs * steps_per_epoch))
     scaler = models.grad_scaler(device, precision)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    parts = {"scheduler": scheduler, "scaler": scaler}
+    # A sparse run checkpoints only the entries its masks let change (sparse_state), a dense one everything.
+    moving = moving_entries(prepared.trainable_names, params, prepared.masks)
+    if moving is None:
+        parts.update(model=model, optimizer=optimizer)
     # Carried from row to row (and through checkpoints): the train loss sum, samples and train seconds since
     # the last evaluation row, and the run's wall seconds so far.
     rows, timing, start, carry = [], [], 0, {"loss": 0.0, "samples": 0, "train_s": 0.0, "wall_s": 0.0}
@@ -252,6 +305,8 @@ def train_centralized(ws, data, config, run, eval_batch_size, schedule, save_wei
     if checkpoint is not None:
         for key, part in parts.items():
             part.load_state_dict(checkpoint.state[key])
+        if moving is not None:
+            load_sparse_state(checkpoint.state["sparse"], params, optimizer, moving)
         rows, timing, start = checkpoint.rows, checkpoint.timing, checkpoint.step
         carry = checkpoint.state["carry"]
     total = config.epochs * steps_per_epoch
@@ -287,6 +342,8 @@ def train_centralized(ws, data, config, run, eval_batch_size, schedule, save_wei
             clock = time.perf_counter()
         if epoch + 1 < config.epochs and schedule.due(epoch + 1):
             state = {**{key: part.state_dict() for key, part in parts.items()}, "carry": carry}
+            if moving is not None:
+                state["sparse"] = sparse_state(params, optimizer, moving)
             run.save_checkpoint(Checkpoint(epoch + 1, state, rows, timing))
     summary = {**summarize(rows, timing, precision, device), **prepared.info}
     if save_weights:

@@ -183,6 +183,40 @@ def test_a_checkpoint_is_emptied_before_it_is_deleted_so_drives_bin_keeps_nothin
     assert sizes_when_deleted == [0, 0, 0] and not list(run.dir.glob("checkpoint-*"))
 
 
+class Killed(Exception):
+    """Stands for a process killed mid-run."""
+
+
+def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entries(tmp_path, small_data,
+                                                                                   monkeypatch):
+    from fedta_utils import training
+
+    config = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=3, batch_size=64,
+                               eval_points=3, warmup_epochs=0.5, finetune=SPARSE)
+    ws_a, ws_b = (setup_workspace("smoke", tmp_path / name, device="cpu", download=False) for name in "ab")
+    reference = run_centralized(ws_a, small_data, config, save_weights=True, progress=False)
+    real_evaluate, calls = training.evaluate_splits, []
+
+    def die_in_the_second_evaluation(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed("during epoch 2's evaluation, after epoch 1's checkpoint")
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(training, "evaluate_splits", die_in_the_second_evaluation)
+    saved = saved_steps(monkeypatch)
+    with pytest.raises(Killed):
+        run_centralized(ws_b, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
+    monkeypatch.setattr(training, "evaluate_splits", real_evaluate)
+    resumed = run_centralized(ws_b, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
+    assert [step for step, _ in saved] == [1, 2]  # the resumed run started from epoch 1's checkpoint
+    assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
+    weights, expected = (torch.load(r.run.dir / "model.pt", weights_only=True) for r in (resumed, reference))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    dense = pipeline.checkpoint_bytes(replace(config, finetune=FineTuneSpec()))
+    assert saved[0][1] < 0.3 * dense  # sparsity 0.9: a tenth of the weights and buffers
+
+
 @pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "sparse", "centralized", "centralized_sparse"])
 def test_the_dry_run_knows_the_bytes_of_each_checkpoint(kind, workspace, small_data, monkeypatch):
     fed = FedAvgConfig(**{**FL, "rounds": 3})
