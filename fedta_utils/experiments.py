@@ -378,12 +378,18 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
     options = {k: params[k] for k in RUN_OPTIONS if k in params}
 
     def run_one(i: int) -> RunResult:
-        try:
-            return runner(ws, data, configs[i], **options)
-        except RunLockedError:  # another process trains it (a run two notebooks share): wait, read it back
-            team.wait_for(lambda: "" if runs[i].is_complete else f"{runs[i].dir.name} (another process's)",
-                          params.get("wait_limit", 3600))
-            return runner(ws, data, configs[i], **options)
+        """The run, or, while another process holds it (a run two notebooks share), tries again until it is
+        complete (read back) or its lock is free or stale (taken over), for at most wait_limit seconds."""
+        deadline = time.monotonic() + params.get("wait_limit", 3600)
+        while True:
+            try:
+                return runner(ws, data, configs[i], **options)
+            except RunLockedError as locked:
+                if time.monotonic() > deadline:
+                    raise team.WaitTimeout(f"gave up after waiting {params.get('wait_limit', 3600):g} s "
+                                           f"(wait_limit): {locked}") from None
+                print(f"waiting for {runs[i].dir.name}, which another process holds", flush=True)
+                time.sleep(team.WAIT_POLL)
 
     if team.parse_worker(params.get("worker")) is None:
         return [run_one(i) for i in range(len(configs))]

@@ -100,7 +100,9 @@ def _tiny_vit(num_classes: int, img_size: int) -> nn.Module:
 
 def _dino_vits16(num_classes: int, pretrained: bool, weights_path, img_size: int) -> nn.Module:
     if weights_path is not None or not pretrained:  # a local file, or random weights of the same shape
-        model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes, img_size=img_size)
+        with torch.random.fork_rng(devices=[]):  # the same random weights in every build (a resumed run's too)
+            torch.manual_seed(TINY_BACKBONE_SEED)
+            model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes, img_size=img_size)
         if weights_path is not None:
             load_backbone_state(model, read_state_dict(weights_path))
         return model

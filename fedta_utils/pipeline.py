@@ -334,8 +334,8 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     print(f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine", *(
         f"({total[c]:,.2f} {c})" for c in hours if c != "hours"))
     print(f"written to the results folder: {total['written GB']:,.2f} GB, of which checkpoints "
-          f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} of them, each emptied and deleted "
-          "when no longer needed, so Drive's bin keeps almost nothing of them)")
+          f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} of them, each emptied, then deleted, "
+          "when no longer needed)")
     return table
 
 

@@ -248,7 +248,8 @@ def _client_searches(root, profile: str) -> dict:
                            f"{decays} \\{{{listing(runs['weight_decay'])}\\}}, "
                            f"{listing(runs['rounds'])} rounds each",
                            f"{prefix}ChosenLr": number(lr),
-                           f"{prefix}ChosenWeightDecay": number(best["weight_decay"])})
+                           f"{prefix}ChosenWeightDecay": number(used(root, "fedavg_weight_decay",
+                                                                     best["weight_decay"]))})
     return values
 
 

@@ -49,7 +49,7 @@ import torch
 STAGING_DIR = ".staging"
 RUNS_DIR = "runs"
 GRIDS_DIR = "grids"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: a sparse run's checkpoint holds only the entries its masks let change
 KEEP_CHECKPOINTS = 2
 HEARTBEAT_SECONDS = 20  # how often a holder touches lock.json (its mtime is the heartbeat)
 STALE_AFTER_SECONDS = 90  # a lock whose heartbeat is older than this belongs to a dead process

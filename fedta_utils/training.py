@@ -216,7 +216,9 @@ def sparse_state(params: list[torch.Tensor], optimizer, moving: torch.Tensor) ->
     """What a sparse centralized run's checkpoint needs of its model and optimizer: the weights and the
     momentum buffers, only their entries the masks let change (the others keep their start values)."""
     buffers = [optimizer.state[p].get("momentum_buffer") for p in params]
-    momentum = None if any(b is None for b in buffers) else read_flat(buffers)[moving]
+    momentum = None  # no momentum, or no step yet
+    if any(b is not None for b in buffers):  # a parameter that never had a gradient has a zero buffer
+        momentum = read_flat([torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers)])[moving]
     lrs = [group["lr"] for group in optimizer.param_groups]  # the scheduler's current step size
     return {"weights": read_flat(params)[moving], "momentum": momentum, "lr": lrs}
 

@@ -29,18 +29,26 @@ SPARSE = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, c
 PARAMS = {"eval_batch_size": 128}
 
 
+@pytest.fixture(scope="module")
+def tiny_data():
+    """600 synthetic training images (540 / 60 after the split) and 100 test images, 100 classes."""
+    from fedta_utils.data import prepare_data
+
+    return prepare_data("synthetic", synthetic_train_size=600, synthetic_test_size=100)
+
+
 def attempts(run_dir) -> int:
     return len((run_dir / "attempts.log").read_text().splitlines())
 
 
 # --------------------------------------------------------------------------- tables from the grid that ran
 
-def test_two_executions_at_different_lrs_give_tables_of_the_second_grid_only(workspace, small_data, capsys):
+def test_two_executions_at_different_lrs_give_tables_of_the_second_grid_only(workspace, tiny_data, capsys):
     for lr in (0.05, 0.01):  # notebook 02 run twice into one results folder, with -p lr 0.05, then 0.01
         params = {**FL, "seeds": [0, 1], "lr": lr, "weight_decay": 0.0, "momentum": 0.9, "lr_schedule": "constant",
                   "server_lr": 1.0, "server_momentum": 0.0, "precision": "auto", **PARAMS}
         configs = experiments.fedavg_iid_configs(**params)
-        run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, configs, params, wait=False)
+        run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, configs, params, wait=False)
     assert "2 complete runs of an earlier 02_fedavg_iid grid are not part of this grid" in capsys.readouterr().out
     assert len(list((workspace.root / runs.RUNS_DIR).iterdir())) == 4  # both grids stay in the store
     table = figures.fedavg_table(workspace.root)
@@ -50,19 +58,19 @@ def test_two_executions_at_different_lrs_give_tables_of_the_second_grid_only(wor
     assert record["params"]["lr"] == 0.01 and len(record["earlier"]) == 2
 
 
-def test_a_configuration_two_grids_name_is_trained_once_and_read_by_both(workspace, small_data):
+def test_a_configuration_two_grids_name_is_trained_once_and_read_by_both(workspace, tiny_data):
     shared, other = FedAvgConfig(**FL), FedAvgConfig(**FL, seed=1)
-    first = run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [shared], PARAMS)
-    second = run_grid(run_fedavg, workspace, small_data, experiments.HETEROGENEITY, [shared, other], PARAMS)
+    first = run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, [shared], PARAMS)
+    second = run_grid(run_fedavg, workspace, tiny_data, experiments.HETEROGENEITY, [shared, other], PARAMS)
     assert second[0].run.dir == first[0].run.dir and attempts(first[0].run.dir) == 1  # read back
     assert len(list((workspace.root / runs.RUNS_DIR).iterdir())) == 2
     assert len(figures.load_runs(workspace.root, experiments.HETEROGENEITY)) == 2
 
 
-def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspace, small_data):
+def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspace, tiny_data):
     search = [FedAvgConfig(**FL, lr=lr, evaluate_test=False) for lr in (0.01, 0.05)]
     params = {**PARAMS, "lr": 0.2, "weight_decay": None}  # the notebook set lr itself
-    used = experiments.run_search(run_fedavg, workspace, small_data, experiments.FEDAVG_LR_SEARCH, search, params,
+    used = experiments.run_search(run_fedavg, workspace, tiny_data, experiments.FEDAVG_LR_SEARCH, search, params,
                                   "fedavg")
     stored = workspace.load_hparams()
     assert used["lr"] == 0.2 and stored["fedavg_lr"] == 0.2  # later notebooks read the lr 02 trained with
@@ -99,6 +107,30 @@ def test_two_processes_racing_on_one_run_train_it_once_and_both_read_it(tmp_path
     assert finals[0] == finals[1]
 
 
+def test_a_run_whose_holder_stops_without_finishing_it_is_trained_by_the_process_that_waited(
+        workspace, tiny_data, monkeypatch, capsys):
+    from fedta_utils import team
+
+    monkeypatch.setattr(team, "WAIT_POLL", 0.01)
+    held = [runs.RunLockedError("in use by pid 1 on another host")]  # the holder's lock, then it is gone
+
+    def runner(ws, data, config, **options):
+        if held:
+            raise held.pop()
+        return run_fedavg(ws, data, config, **options)
+
+    [result] = run_grid(runner, workspace, tiny_data, experiments.FEDAVG_IID, [FedAvgConfig(**FL)], PARAMS)
+    assert result.run.is_complete and attempts(result.run.dir) == 1
+    assert "which another process holds" in capsys.readouterr().out
+
+    def always_locked(*args, **options):
+        raise runs.RunLockedError("in use by pid 1 on another host")
+
+    with pytest.raises(team.WaitTimeout, match=r"gave up after waiting 0 s \(wait_limit\): in use by pid 1"):
+        run_grid(always_locked, workspace, tiny_data, experiments.FEDAVG_IID, [FedAvgConfig(**FL, seed=1)],
+                 {**PARAMS, "wait_limit": 0})
+
+
 def test_run_folders_of_the_older_layout_are_named_in_a_warning(tmp_path):
     old = tmp_path / "results" / "smoke" / "02_fedavg_iid" / "iid-s0-ab"
     old.mkdir(parents=True)
@@ -112,29 +144,29 @@ def test_run_folders_of_the_older_layout_are_named_in_a_warning(tmp_path):
 
 # --------------------------------------------------------------------------- the precision, resolved
 
-def test_no_identity_holds_auto_and_heads_are_keyed_by_the_resolved_precision(workspace, small_data):
+def test_no_identity_holds_auto_and_heads_are_keyed_by_the_resolved_precision(workspace, tiny_data):
     fed = FedAvgConfig(**FL, precision="auto", finetune=FineTuneSpec(head="ridge"))
     central = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=1, batch_size=64,
                                 eval_points=1, precision="auto")
-    made = [run_fedavg(workspace, small_data, fed, progress=False),
-            run_centralized(workspace, small_data, central, progress=False),
-            run_head_only(workspace, small_data, fed)]
+    made = [run_fedavg(workspace, tiny_data, fed, progress=False),
+            run_centralized(workspace, tiny_data, central, progress=False),
+            run_head_only(workspace, tiny_data, fed)]
     assert [json.loads((r.run.dir / "config.json").read_text())["precision"] for r in made] == ["fp32"] * 3
     assert fed.head_cache(workspace) == replace(fed, precision="fp32").head_cache(workspace)
     assert replace(fed, precision="fp16").head_cache(workspace) != replace(fed, precision="bf16").head_cache(
         workspace)
 
 
-def test_a_run_another_device_started_at_its_precision_is_refused_naming_both(workspace, small_data):
+def test_a_run_another_device_started_at_its_precision_is_refused_naming_both(workspace, tiny_data):
     config = FedAvgConfig(**FL, precision="auto")
     on_a_t4 = workspace.run(config.run_name(), {**config.to_dict(), "precision": "fp16"})
     with on_a_t4:  # a T4 resolved 'auto' to fp16 and started the run there
         pass
     with pytest.raises(ConfigError, match=r"holds this run at precision fp16, started on another device, and "
                                           r"this device resolves precision='auto' to fp32.*precision='fp16'"):
-        run_grid(run_fedavg, workspace, small_data, experiments.FEDAVG_IID, [config], PARAMS)
+        run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, [config], PARAMS)
     assert [p.name for p in (workspace.root / runs.RUNS_DIR).iterdir()] == [on_a_t4.dir.name]  # nothing new
-    explicit = run_fedavg(workspace, small_data, replace(config, precision="fp32"), progress=False)
+    explicit = run_fedavg(workspace, tiny_data, replace(config, precision="fp32"), progress=False)
     assert explicit.run.config["precision"] == "fp32"  # a precision set by name is the user's choice
 
 
@@ -152,17 +184,17 @@ def saved_steps(monkeypatch) -> list:
     return saved
 
 
-def test_by_default_a_run_checkpoints_when_the_clock_says_15_minutes_passed(workspace, small_data,
+def test_by_default_a_run_checkpoints_when_the_clock_says_15_minutes_passed(workspace, tiny_data,
                                                                              monkeypatch):
     minutes = iter(range(0, 1000, 6))  # the fake clock: each reading is 6 minutes after the last
     monkeypatch.setattr(runs, "wall_clock", lambda: 60.0 * next(minutes))
     saved = saved_steps(monkeypatch)
-    run_fedavg(workspace, small_data, FedAvgConfig(**{**FL, "rounds": 8}), progress=False)
+    run_fedavg(workspace, tiny_data, FedAvgConfig(**{**FL, "rounds": 8}), progress=False)
     # readings: 0 at the start, then 6, 12, 18 (a checkpoint: 18 - 0 >= 15), 24, 30, 36 (36 - 18 >= 15), ...
     assert [step for step, _ in saved] == [3, 6]  # none at round 8, the last: the run finishes there
     monkeypatch.setattr(runs, "wall_clock", lambda: 60.0 * next(minutes))
     saved.clear()
-    run_fedavg(workspace, small_data, FedAvgConfig(**{**FL, "rounds": 8, "seed": 1}), checkpoint_every=3,
+    run_fedavg(workspace, tiny_data, FedAvgConfig(**{**FL, "rounds": 8, "seed": 1}), checkpoint_every=3,
                progress=False)
     assert [step for step, _ in saved] == [3, 6]  # the round-count option, whatever the clock
 
@@ -187,14 +219,14 @@ class Killed(Exception):
     """Stands for a process killed mid-run."""
 
 
-def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entries(tmp_path, small_data,
+def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entries(tmp_path, tiny_data,
                                                                                    monkeypatch):
     from fedta_utils import training
 
     config = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=3, batch_size=64,
-                               eval_points=3, warmup_epochs=0.5, finetune=SPARSE)
+                               eval_points=3, warmup_epochs=0.5, finetune=SPARSE)  # 9 steps an epoch
     ws_a, ws_b = (setup_workspace("smoke", tmp_path / name, device="cpu", download=False) for name in "ab")
-    reference = run_centralized(ws_a, small_data, config, save_weights=True, progress=False)
+    reference = run_centralized(ws_a, tiny_data, config, save_weights=True, progress=False)
     real_evaluate, calls = training.evaluate_splits, []
 
     def die_in_the_second_evaluation(*args):
@@ -206,9 +238,9 @@ def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entri
     monkeypatch.setattr(training, "evaluate_splits", die_in_the_second_evaluation)
     saved = saved_steps(monkeypatch)
     with pytest.raises(Killed):
-        run_centralized(ws_b, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
+        run_centralized(ws_b, tiny_data, config, checkpoint_every=1, save_weights=True, progress=False)
     monkeypatch.setattr(training, "evaluate_splits", real_evaluate)
-    resumed = run_centralized(ws_b, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
+    resumed = run_centralized(ws_b, tiny_data, config, checkpoint_every=1, save_weights=True, progress=False)
     assert [step for step, _ in saved] == [1, 2]  # the resumed run started from epoch 1's checkpoint
     assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
     weights, expected = (torch.load(r.run.dir / "model.pt", weights_only=True) for r in (resumed, reference))
@@ -218,7 +250,7 @@ def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entri
 
 
 @pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "sparse", "centralized", "centralized_sparse"])
-def test_the_dry_run_knows_the_bytes_of_each_checkpoint(kind, workspace, small_data, monkeypatch):
+def test_the_dry_run_knows_the_bytes_of_each_checkpoint(kind, workspace, tiny_data, monkeypatch):
     fed = FedAvgConfig(**{**FL, "rounds": 3})
     central = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=2, batch_size=64,
                                 eval_points=1)
@@ -226,19 +258,20 @@ def test_the_dry_run_knows_the_bytes_of_each_checkpoint(kind, workspace, small_d
               "centralized": central, "centralized_sparse": replace(central, finetune=SPARSE)}[kind]
     saved = saved_steps(monkeypatch)
     runner = run_centralized if kind.startswith("centralized") else run_fedavg
-    runner(workspace, small_data, config, checkpoint_every=1, progress=False)
+    runner(workspace, tiny_data, config, checkpoint_every=1, progress=False)
     assert saved and all(size == pytest.approx(pipeline.checkpoint_bytes(config), rel=0.05) for _, size in saved)
 
 
-def test_a_sparse_fedavg_checkpoint_holds_only_the_entries_its_mask_lets_change(workspace, small_data,
+def test_a_sparse_fedavg_checkpoint_holds_only_the_entries_its_mask_lets_change(workspace, tiny_data,
                                                                                 monkeypatch):
     dense, sparse = FedAvgConfig(**{**FL, "rounds": 3}), FedAvgConfig(**{**FL, "rounds": 3}, finetune=SPARSE)
     saved = saved_steps(monkeypatch)
-    run_fedavg(workspace, small_data, dense, checkpoint_every=1, progress=False)
-    run_fedavg(workspace, small_data, sparse, checkpoint_every=1, progress=False)
+    run_fedavg(workspace, tiny_data, dense, checkpoint_every=1, progress=False)
+    run_fedavg(workspace, tiny_data, sparse, checkpoint_every=1, progress=False)
     assert saved[-1][1] < 0.3 * saved[0][1]  # sparsity 0.9 of the backbone
 
 
+@pytest.mark.slow
 def test_with_the_round_count_option_the_dry_run_predicts_the_checkpoint_bytes_a_smoke_notebook_writes(
         tmp_path, monkeypatch):
     """Notebook 02's smoke grids, one seed, a checkpoint every round: the dry-run's bytes, then a run's."""
