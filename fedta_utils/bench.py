@@ -44,8 +44,7 @@ import torch.nn.functional as F
 
 from . import models
 from .data import DataBundle, augmentation_generator, make_batch, synthetic_cifar100
-from .fedavg import client_update, server_update
-from .fedavg import FedAvgConfig, run_fedavg
+from .fedavg import FedAvgConfig, client_update, run_fedavg, server_update
 from .finetune import FineTuneSpec
 from .optim import SparseSGDM
 from .runs import Run
@@ -90,15 +89,20 @@ def synthetic_bundle(device, train: int, test: int) -> DataBundle:
     return DataBundle("synthetic", train_set.to(device), test_set.to(device), test_set.to(device), 100)
 
 
-def train_step_seconds(name, device, precision, batch_size, steps, repeats, compile_model=False,
-                       img_size=None) -> float:
+def train_step_seconds(
+    name, device, precision, batch_size, steps, repeats, compile_model=False, img_size=None
+) -> float:
     """Seconds per bare training step on a batch already at the input size (None: the model's native)."""
     reset_peak(device)
     size = models.input_size(name, img_size)
     model = random_model(name, device, size)
     forward = torch.compile(model) if compile_model else model
-    batches = [(torch.randn(batch_size, 3, size, size, device=device),
-                torch.randint(0, 100, (batch_size,), device=device))] * steps
+    batches = [
+        (
+            torch.randn(batch_size, 3, size, size, device=device),
+            torch.randint(0, 100, (batch_size,), device=device),
+        )
+    ] * steps
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = models.grad_scaler(device, precision)
     seconds = best_time(lambda: train_steps(forward, optimizer, scaler, batches, precision), device, repeats)
@@ -115,7 +119,7 @@ def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_si
     def one_round():
         delta_sum = torch.zeros_like(global_weights)
         for client in range(clients):
-            index = torch.randperm(len(data.train), device=device)[:local_steps * batch_size]
+            index = torch.randperm(len(data.train), device=device)[: local_steps * batch_size]
             generator = augmentation_generator(0, client, device=device)
             batches = (make_batch(data.train, i, size, generator) for i in index.view(local_steps, -1))
             optimizer = SparseSGDM(params, lr=1e-3, momentum=0.9)
@@ -126,8 +130,9 @@ def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_si
     return best_time(one_round, device, repeats)
 
 
-def evaluation_seconds(name, device, precision, images: int, batch_size: int, repeats: int,
-                       img_size=None) -> float:
+def evaluation_seconds(
+    name, device, precision, images: int, batch_size: int, repeats: int, img_size=None
+) -> float:
     """Seconds per evaluated image (inference under autocast, no augmentation)."""
     reset_peak(device)
     size = models.input_size(name, img_size)
@@ -146,8 +151,14 @@ def evaluation_seconds(name, device, precision, images: int, batch_size: int, re
 def data_path_seconds(name, device, batch_size, steps, repeats) -> float:
     data = synthetic_bundle(device, 2000, 100)
     generator, index = augmentation_generator(0, device=device), torch.arange(batch_size, device=device)
-    return best_time(lambda: [make_batch(data.train, index, models.input_size(name), generator)
-                              for _ in range(steps)], device, repeats) / steps
+    return (
+        best_time(
+            lambda: [make_batch(data.train, index, models.input_size(name), generator) for _ in range(steps)],
+            device,
+            repeats,
+        )
+        / steps
+    )
 
 
 def fisher_seconds(name, device, samples, reference: bool, img_size=None) -> tuple[float, str]:
@@ -157,8 +168,17 @@ def fisher_seconds(name, device, samples, reference: bool, img_size=None) -> tup
     batches = [(torch.randn(samples, 3, size, size, device=device), None)]
     function = fisher_sums_loop if reference else fisher_sums
     reset_peak(device)
-    seconds = best_time(lambda: function(model, batches, "sampled", models.backbone_parameter_names(model),
-                                         generator=torch.Generator(device=device).manual_seed(0)), device, 1)
+    seconds = best_time(
+        lambda: function(
+            model,
+            batches,
+            "sampled",
+            models.backbone_parameter_names(model),
+            generator=torch.Generator(device=device).manual_seed(0),
+        ),
+        device,
+        1,
+    )
     return seconds / samples, peak_memory(device)
 
 
@@ -188,7 +208,8 @@ def correctness_checks(device) -> dict[str, bool]:
         scaler = models.grad_scaler(device, precision)
         train_steps(model, optimizer, scaler, [(inputs, labels)] * 3, precision)
         results[f"check_frozen_exact_{precision}"] = all(
-            torch.equal(p[~m], s[~m]) for p, m, s in zip(params, masks, start))
+            torch.equal(p[~m], s[~m]) for p, m, s in zip(params, masks, start)
+        )
     trajectories = []
     ones = [torch.ones_like(p) for p in params]
     for optimizer_class, options in ((torch.optim.SGD, {}), (SparseSGDM, {"masks": ones})):
@@ -198,15 +219,23 @@ def correctness_checks(device) -> dict[str, bool]:
         trajectories.append(read_flat(params))
     results["check_all_ones_equals_sgd"] = torch.equal(*trajectories)
     names = models.backbone_parameter_names(model)
-    sums = [f(model, [(inputs, None)], "sampled", names, generator=torch.Generator(device).manual_seed(0))[0]
-            for f in (fisher_sums, fisher_sums_loop)]
-    results["check_fisher_equals_loop"] = all(torch.allclose(sums[0][n], sums[1][n], rtol=1e-3, atol=1e-9)
-                                              for n in names)
+    sums = [
+        f(model, [(inputs, None)], "sampled", names, generator=torch.Generator(device).manual_seed(0))[0]
+        for f in (fisher_sums, fisher_sums_loop)
+    ]
+    results["check_fisher_equals_loop"] = all(
+        torch.allclose(sums[0][n], sums[1][n], rtol=1e-3, atol=1e-9) for n in names
+    )
     return results
 
 
-def unit_seconds(name: str, precision: str = "auto", eval_batch_size: int = 256,
-                 device: str = "auto", img_size: int | None = None) -> tuple[dict, str]:
+def unit_seconds(
+    name: str,
+    precision: str = "auto",
+    eval_batch_size: int = 256,
+    device: str = "auto",
+    img_size: int | None = None,
+) -> tuple[dict, str]:
     """Seconds per trained image, evaluated image and Fisher sample here at `img_size` (None: native).
 
     The dry-run's calibration; the text returned says where and at what size it was measured.
@@ -225,9 +254,11 @@ def unit_seconds(name: str, precision: str = "auto", eval_batch_size: int = 256,
 def describe(name, device, precision, img_size: int | None = None) -> str:
     """One line: device, CPU threads and load, model and input size, precision, torch version."""
     processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    return (f"device: {device} ({processor}, {torch.get_num_threads()} CPU threads, "
-            f"load {os.getloadavg()[0]:.2f}) | model: {name} at {models.input_size(name, img_size)} px "
-            f"| precision: {precision} | torch {torch.__version__}")
+    return (
+        f"device: {device} ({processor}, {torch.get_num_threads()} CPU threads, "
+        f"load {os.getloadavg()[0]:.2f}) | model: {name} at {models.input_size(name, img_size)} px "
+        f"| precision: {precision} | torch {torch.__version__}"
+    )
 
 
 def measurements(name, device, precision, quick: bool, eval_batch_size: int = 256):
@@ -262,8 +293,10 @@ def fedsgd_identity_holds(device) -> bool:
     model = random_model("tiny_vit", device)
     params = list(model.parameters())
     start = read_flat(params)
-    shards = [(torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 100, (n,), device=device))
-              for n in (6, 10)]
+    shards = [
+        (torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 100, (n,), device=device))
+        for n in (6, 10)
+    ]
     delta_sum = torch.zeros_like(start)
     for batch in shards:
         optimizer = torch.optim.SGD(params, lr=0.1)
@@ -309,13 +342,26 @@ def rehearsal(name, device, quick: bool):
     torch.use_deterministic_algorithms(True, warn_only=True)  # bit-identical where the kernels allow it
     images = 600 if quick else 5000
     common = dict(dataset="synthetic", model=name, seed=0, precision="auto", lr=0.01)
-    fed = dict(common, num_clients=10, participation=0.3 if quick else 1.0, local_steps=2 if quick else 4,
-               rounds=3, eval_points=3)
-    sparse = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=2,
-                          calibration_samples=100 if quick else 320)
-    plans = [("centralized", run_centralized, CentralizedConfig(**common, epochs=2, batch_size=128)),
-             ("fedavg", run_fedavg, FedAvgConfig(**fed)),
-             ("sparse_fedavg", run_fedavg, FedAvgConfig(**fed, finetune=sparse))]
+    fed = dict(
+        common,
+        num_clients=10,
+        participation=0.3 if quick else 1.0,
+        local_steps=2 if quick else 4,
+        rounds=3,
+        eval_points=3,
+    )
+    sparse = FineTuneSpec(
+        head="ridge",
+        mask_rule="least_sensitive",
+        sparsity=0.9,
+        calibration_rounds=2,
+        calibration_samples=100 if quick else 320,
+    )
+    plans = [
+        ("centralized", run_centralized, CentralizedConfig(**common, epochs=2, batch_size=128)),
+        ("fedavg", run_fedavg, FedAvgConfig(**fed)),
+        ("sparse_fedavg", run_fedavg, FedAvgConfig(**fed, finetune=sparse)),
+    ]
     for kind, runner, config in plans:
         started, metrics = time.perf_counter(), []
         for interrupt in (False, True):
@@ -323,13 +369,18 @@ def rehearsal(name, device, quick: bool):
                 ws = setup_workspace("smoke", folder, device=str(device), download=False)
                 ws.pretrained = False  # random weights: the same FLOPs, no download
                 data = ws.load_data("synthetic", 0.1, 0, images, 200)
-                result = run_interrupted(interrupt, runner, ws, data, config, checkpoint_every=1,
-                                         progress=False)
+                result = run_interrupted(
+                    interrupt, runner, ws, data, config, checkpoint_every=1, progress=False
+                )
                 metrics.append(result.metrics)
         columns = [c for c in metrics[0].columns if not c.endswith("_s")]  # wall times differ by nature
         a, b = (m[columns].select_dtypes("number").to_numpy(float) for m in metrics)
-        yield kind, metrics[0][columns].equals(metrics[1][columns]), float(abs(a - b).max()), \
-            time.perf_counter() - started
+        yield (
+            kind,
+            metrics[0][columns].equals(metrics[1][columns]),
+            float(abs(a - b).max()),
+            time.perf_counter() - started,
+        )
 
 
 def gpu_check(name, device, quick: bool):
@@ -338,29 +389,48 @@ def gpu_check(name, device, quick: bool):
     for precision in ("bf16", "fp16") if device.type == "cuda" else ("fp32",):
         for batch in (32,) if quick else (32, 128):
             seconds = train_step_seconds(name, device, precision, batch, steps, repeats)
-            yield f"train_step_b{batch}_{precision}", batch / seconds, "images/s", \
-                f"batch {batch}{peak_memory(device)}"
+            yield (
+                f"train_step_b{batch}_{precision}",
+                batch / seconds,
+                "images/s",
+                f"batch {batch}{peak_memory(device)}",
+            )
     started = time.perf_counter()
     precision = models.resolve_precision("auto", device)
     seconds = train_step_seconds(name, device, precision, 32, steps, repeats, compile_model=True)
-    yield "train_step_b32_compiled", 32 / seconds, "images/s", \
-        f"torch.compile, {precision}; warm-up with compilation {time.perf_counter() - started:.0f} s"
+    yield (
+        "train_step_b32_compiled",
+        32 / seconds,
+        "images/s",
+        f"torch.compile, {precision}; warm-up with compilation {time.perf_counter() - started:.0f} s",
+    )
     chunk_gb = DEFAULT_CHUNK * sum(p.numel() for p in random_model(name, device).parameters()) * 4 / 2**30
     seconds, memory = fisher_seconds(name, device, DEFAULT_CHUNK, reference=False)
-    yield "fisher_vmap_default_chunk", 1 / seconds, "samples/s", \
-        f"chunk {DEFAULT_CHUNK}: bound {chunk_gb:.2f} GB of gradients + activations{memory}"
+    yield (
+        "fisher_vmap_default_chunk",
+        1 / seconds,
+        "samples/s",
+        f"chunk {DEFAULT_CHUNK}: bound {chunk_gb:.2f} GB of gradients + activations{memory}",
+    )
     yield "check_fedsgd_identity", float(fedsgd_identity_holds(device)), "1 = holds", "on this device"
     for kind, equal, difference, seconds in rehearsal(name, device, quick):
-        yield f"rehearsal_{kind}_resumed_equal", float(equal), "1 = equal", \
-            f"rehearsal, largest difference {difference:.2e}, {seconds:.0f} s"
+        yield (
+            f"rehearsal_{kind}_resumed_equal",
+            float(equal),
+            "1 = equal",
+            f"rehearsal, largest difference {difference:.2e}, {seconds:.0f} s",
+        )
     unit, _ = unit_seconds(name, "auto", 256, str(device))
     for kind, value in unit.items():
         yield f"dryrun_seconds_per_{kind}", value, "s", "the dry-run's calibration on this device"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedta_utils.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedta_utils.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", choices=models.MODELS, help="default: dino_vits16 on a GPU, else tiny_vit")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=models.PRECISIONS, default="auto")
@@ -383,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{row[0]:>38} {row[1]:12.4g} {row[2]:<18} {row[3]}", flush=True)
         frame = pd.DataFrame(rows, columns=["metric", "value", "unit", "note"])
-        frame.assign(device=str(device), model=name, precision=precision, torch=torch.__version__,
-                     setup=header).to_csv(path, index=False)
+        frame.assign(
+            device=str(device), model=name, precision=precision, torch=torch.__version__, setup=header
+        ).to_csv(path, index=False)
     print(f"benchmark time: {time.perf_counter() - started:.1f} s; written: {path}")
     return 0
 

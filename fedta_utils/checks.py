@@ -29,8 +29,10 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return `value` as int if it is an integer in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ConfigError(f"{name} must be an integer{_range_text(minimum, maximum)}, "
-                          f"got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{name} must be an integer{_range_text(minimum, maximum)}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
     value = int(value)
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={value} is too small; it must be >= {minimum}")
@@ -85,14 +87,17 @@ def check_list(name: str, values: Any, description: str, check_item) -> list:
     checked = [check_item(f"{name}[{i}]", v) for i, v in enumerate(values)]
     repeated = [item for index, item in enumerate(checked) if item in checked[:index]]
     if repeated:
-        raise ConfigError(f"{name}={values!r} repeats {repeated[0]!r}: the same value twice makes the same runs "
-                          "twice, which a table would count as two; give distinct values")
+        raise ConfigError(
+            f"{name}={values!r} repeats {repeated[0]!r}: the same value twice makes the same runs "
+            "twice, which a table would count as two; give distinct values"
+        )
     return checked
 
 
 def check_int_list(name: str, values: Any, minimum: int | None = None) -> list[int]:
-    return check_list(name, values, f"integers{_range_text(minimum, None)}",
-                      lambda item, v: check_int(item, v, minimum))
+    return check_list(
+        name, values, f"integers{_range_text(minimum, None)}", lambda item, v: check_int(item, v, minimum)
+    )
 
 
 def check_seeds(values: Any) -> list[int]:
@@ -100,11 +105,22 @@ def check_seeds(values: Any) -> list[int]:
     return check_int_list("seeds", values, minimum=0)
 
 
-def check_float_list(name: str, values: Any, low: float | None = None, high: float | None = None,
-                     *, low_open: bool = False, high_open: bool = False) -> list[float]:
+def check_float_list(
+    name: str,
+    values: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> list[float]:
     interval = _interval_text(low, high, low_open, high_open)
-    return check_list(name, values, f"numbers in {interval}",
-                      lambda item, v: check_float(item, v, low, high, low_open=low_open, high_open=high_open))
+    return check_list(
+        name,
+        values,
+        f"numbers in {interval}",
+        lambda item, v: check_float(item, v, low, high, low_open=low_open, high_open=high_open),
+    )
 
 
 def check_choice_list(name: str, values: Any, allowed: Iterable[Any]) -> list:
@@ -115,8 +131,10 @@ def check_choice_list(name: str, values: Any, allowed: Iterable[Any]) -> list:
 def check_path(name: str, value: Any) -> Path:
     """Return `value` as a Path if it is a non-empty str or os.PathLike."""
     if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or str(value) == "":
-        raise ConfigError(f"{name} must be a folder or file path (a non-empty str or Path), "
-                          f"got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{name} must be a folder or file path (a non-empty str or Path), "
+            f"got {value!r} ({type(value).__name__})"
+        )
     return Path(value)
 
 

@@ -42,8 +42,9 @@ class ImageSet:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {self.images.dtype} "
-                             f"{list(self.images.shape)}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {list(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError("labels must be int64 [N] aligned with images")
 
@@ -100,6 +101,7 @@ class DataBundle:
 # Streams are recomputed from their tags rather than carried along, so a resumed run draws exactly
 # what the killed run would have drawn, and runs that share a seed share e.g. the sampled clients.
 
+
 def derive_seed(seed: int, *tags: int | str) -> int:
     """A 63-bit seed for the stream named by `tags` under the run `seed`."""
     # The tag count goes first: SeedSequence pads with zeros, so (s, a) and (s, a, 0) would collide.
@@ -124,6 +126,7 @@ def torch_generator(seed: int, *tags: int | str, device: torch.device | str = "c
 
 # --------------------------------------------------------------------------- loading
 
+
 def load_cifar100(root: str | Path, download: bool = False) -> tuple[ImageSet, ImageSet]:
     """CIFAR-100 (official train and test sets) through torchvision, on the CPU.
 
@@ -137,12 +140,17 @@ def load_cifar100(root: str | Path, download: bool = False) -> tuple[ImageSet, I
         test = CIFAR100(str(root), train=False, download=download)
     except (RuntimeError, OSError) as error:  # "Dataset not found or corrupted"; URLError when offline
         hint = "check the internet connection" if download else "set download=True (needs internet)"
-        raise FileNotFoundError(f"CIFAR-100 is not available under data_dir={str(root)!r} ({error}); "
-                                f"{hint}, or point data_dir at a folder that holds cifar-100-python/"
-                                ) from error
-    return tuple(ImageSet(torch.from_numpy(np.ascontiguousarray(split.data, dtype=np.uint8)),
-                          torch.as_tensor(np.asarray(split.targets), dtype=torch.int64))
-                 for split in (train, test))
+        raise FileNotFoundError(
+            f"CIFAR-100 is not available under data_dir={str(root)!r} ({error}); "
+            f"{hint}, or point data_dir at a folder that holds cifar-100-python/"
+        ) from error
+    return tuple(
+        ImageSet(
+            torch.from_numpy(np.ascontiguousarray(split.data, dtype=np.uint8)),
+            torch.as_tensor(np.asarray(split.targets), dtype=torch.int64),
+        )
+        for split in (train, test)
+    )
 
 
 def synthetic_cifar100(
@@ -183,7 +191,7 @@ def _synthetic_split(rng: np.random.Generator, colours, patterns, size: int) -> 
     rng.shuffle(labels)
     images = []
     for start in range(0, size, 4096):  # bounded memory for 50k images
-        chunk = torch.from_numpy(labels[start:start + 4096])
+        chunk = torch.from_numpy(labels[start : start + 4096])
         own = _smooth_patterns(rng, len(chunk))
         noise = torch.from_numpy(rng.normal(0.0, 0.08, size=own.shape).astype(np.float32))
         mixed = 0.4 * colours[chunk] + 0.2 * patterns[chunk] + 0.4 * own + noise
@@ -192,6 +200,7 @@ def _synthetic_split(rng: np.random.Generator, colours, patterns, size: int) -> 
 
 
 # --------------------------------------------------------------------------- splits
+
 
 def train_val_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, disjoint, deterministic split of positions into `labels`.
@@ -224,8 +233,12 @@ def load_or_create_split(labels, val_fraction: float, seed: int, path: Path) -> 
     split made for other data or other parameters is an error, not reused.
     """
     labels = np.asarray(labels)
-    meta = {"val_fraction": float(val_fraction), "seed": int(seed), "num_samples": int(len(labels)),
-            "labels_checksum": int(np.sum(labels.astype(np.int64) * (np.arange(len(labels)) % 9973)))}
+    meta = {
+        "val_fraction": float(val_fraction),
+        "seed": int(seed),
+        "num_samples": int(len(labels)),
+        "labels_checksum": int(np.sum(labels.astype(np.int64) * (np.arange(len(labels)) % 9973))),
+    }
     path = Path(path)
     if path.exists():
         with np.load(path) as stored:
@@ -233,7 +246,8 @@ def load_or_create_split(labels, val_fraction: float, seed: int, path: Path) -> 
             if stored_meta != meta:
                 raise ConfigError(
                     f"the split stored at {path} was made with {stored_meta}, not {meta}; "
-                    "use another results_dir or delete that file to make a new split")
+                    "use another results_dir or delete that file to make a new split"
+                )
             return stored["train_idx"], stored["val_idx"]
     train_idx, val_idx = train_val_split(labels, val_fraction, seed)
     buffer = io.BytesIO()
@@ -278,6 +292,7 @@ def prepare_data(
 
 
 # --------------------------------------------------------------------------- batches
+
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING):
     """Random crop with zero padding and a random horizontal flip, per image.

@@ -15,16 +15,30 @@ import numpy as np
 import pandas as pd
 
 from . import team
-from .checks import (ConfigError, check_choice_list, check_float, check_float_list, check_int, check_int_list,
-                     check_seeds)
+from .checks import (
+    ConfigError,
+    check_choice_list,
+    check_float,
+    check_float_list,
+    check_int,
+    check_int_list,
+    check_seeds,
+)
 from .fedavg import FedAvgConfig, FedAvgRun
-from .optim import SCHEDULERS
-from .sharding import make_shards, shard_stats
-from .sensitivity import RULES
 from .finetune import FineTuneSpec
+from .optim import SCHEDULERS
 from .runs import RunLockedError, record_grid
-from .training import (CentralizedConfig, RunResult, check_run_options, evaluate_splits, read_complete, run_folder,
-                       summarize)
+from .sensitivity import RULES
+from .sharding import make_shards, shard_stats
+from .training import (
+    CentralizedConfig,
+    RunResult,
+    check_run_options,
+    evaluate_splits,
+    read_complete,
+    run_folder,
+    summarize,
+)
 
 # Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
 LR_SEARCH = "01_lr_search"
@@ -42,39 +56,90 @@ RUN_OPTIONS = ("eval_batch_size", "checkpoint_every", "checkpoint_minutes")  # n
 
 # --------------------------------------------------------------------------- notebook 00
 
+
 def data_splits(ws, data, params: dict) -> None:
     """Notebook 00: split sizes and per-client shard statistics of every scheme, as CSVs for the report."""
-    sizes = [(name, getattr(data, split).labels.cpu().numpy()) for name, split in
-             (("train", "train"), ("validation", "val"), ("test", "test"))]
-    ws.save_frame("00_data/split_sizes.csv", pd.DataFrame(
-        [{"split": name, "images": len(y), "min per class": np.bincount(y).min(),
-          "max per class": np.bincount(y).max()} for name, y in sizes]))
+    sizes = [
+        (name, getattr(data, split).labels.cpu().numpy())
+        for name, split in (("train", "train"), ("validation", "val"), ("test", "test"))
+    ]
+    ws.save_frame(
+        "00_data/split_sizes.csv",
+        pd.DataFrame(
+            [
+                {
+                    "split": name,
+                    "images": len(y),
+                    "min per class": np.bincount(y).min(),
+                    "max per class": np.bincount(y).max(),
+                }
+                for name, y in sizes
+            ]
+        ),
+    )
     schemes = {"iid": {"sharding": "iid"}}
-    schemes.update({f"Nc={nc}": {"sharding": "non_iid", "classes_per_client": nc}
-                    for nc in check_int_list("classes_per_client_grid", params["classes_per_client_grid"])})
-    schemes[f"Dir({params['dirichlet_alpha']:g})"] = {"sharding": "dirichlet",
-                                                      "dirichlet_alpha": params["dirichlet_alpha"]}
+    schemes.update(
+        {
+            f"Nc={nc}": {"sharding": "non_iid", "classes_per_client": nc}
+            for nc in check_int_list("classes_per_client_grid", params["classes_per_client_grid"])
+        }
+    )
+    schemes[f"Dir({params['dirichlet_alpha']:g})"] = {
+        "sharding": "dirichlet",
+        "dirichlet_alpha": params["dirichlet_alpha"],
+    }
     labels = data.train_labels_numpy()
-    stats = [shard_stats(make_shards(labels, num_clients=params["num_clients"], seed=params["shard_seed"],
-                                     **options), labels, data.num_classes).assign(scheme=scheme)
-             for scheme, options in schemes.items()]
+    stats = [
+        shard_stats(
+            make_shards(labels, num_clients=params["num_clients"], seed=params["shard_seed"], **options),
+            labels,
+            data.num_classes,
+        ).assign(scheme=scheme)
+        for scheme, options in schemes.items()
+    ]
     ws.save_frame("00_data/shard_stats.csv", pd.concat(stats, ignore_index=True))
 
 
 # --------------------------------------------------------------------------- notebook 01
 
-def search_configs(dataset, model, search_lrs, search_weight_decays, search_epochs, batch_size, momentum,
-                   warmup_epochs, precision, search_seed: int = 0, **later) -> list[CentralizedConfig]:
+
+def search_configs(
+    dataset,
+    model,
+    search_lrs,
+    search_weight_decays,
+    search_epochs,
+    batch_size,
+    momentum,
+    warmup_epochs,
+    precision,
+    search_seed: int = 0,
+    **later,
+) -> list[CentralizedConfig]:
     """The learning-rate x weight-decay grid, cosine schedule, judged on validation only."""
     search_lrs = check_float_list("search_lrs", search_lrs, 0.0, None, low_open=True)
     search_weight_decays = check_float_list("search_weight_decays", search_weight_decays, 0.0, None)
     check_int("search_epochs", search_epochs, minimum=1)
     check_int("search_seed", search_seed, minimum=0)
-    return [CentralizedConfig(dataset=dataset, model=model, seed=search_seed, epochs=search_epochs,
-                              batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=wd,
-                              scheduler="cosine", warmup_epochs=min(warmup_epochs, search_epochs),
-                              precision=precision, evaluate_test=False, **evaluation(**later))
-            for lr in search_lrs for wd in search_weight_decays]
+    return [
+        CentralizedConfig(
+            dataset=dataset,
+            model=model,
+            seed=search_seed,
+            epochs=search_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=wd,
+            scheduler="cosine",
+            warmup_epochs=min(warmup_epochs, search_epochs),
+            precision=precision,
+            evaluate_test=False,
+            **evaluation(**later),
+        )
+        for lr in search_lrs
+        for wd in search_weight_decays
+    ]
 
 
 def evaluation(eval_points=10, eval_subset=1000, img_size=None, **_) -> dict:
@@ -82,21 +147,49 @@ def evaluation(eval_points=10, eval_subset=1000, img_size=None, **_) -> dict:
     return {"eval_points": eval_points, "eval_subset": eval_subset, "img_size": img_size}
 
 
-def scheduler_configs(dataset, model, seeds, epochs, batch_size, lr, weight_decay, momentum, schedulers,
-                      warmup_epochs, precision, **params) -> list[CentralizedConfig]:
+def scheduler_configs(
+    dataset,
+    model,
+    seeds,
+    epochs,
+    batch_size,
+    lr,
+    weight_decay,
+    momentum,
+    schedulers,
+    warmup_epochs,
+    precision,
+    **params,
+) -> list[CentralizedConfig]:
     """Every scheduler at the chosen lr / weight decay, for every seed."""
     seeds = check_seeds(seeds)
     schedulers = check_choice_list("schedulers", schedulers, SCHEDULERS)
-    return [CentralizedConfig(dataset=dataset, model=model, seed=seed, epochs=epochs, batch_size=batch_size,
-                              lr=lr, momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-                              warmup_epochs=warmup_epochs, precision=precision, **evaluation(**params))
-            for scheduler in schedulers for seed in seeds]
+    return [
+        CentralizedConfig(
+            dataset=dataset,
+            model=model,
+            seed=seed,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            warmup_epochs=warmup_epochs,
+            precision=precision,
+            **evaluation(**params),
+        )
+        for scheduler in schedulers
+        for seed in seeds
+    ]
 
 
 # Per search regime: notebook parameter -> the config field its search varies.
-SEARCHED = {"central": {"lr": "lr", "weight_decay": "weight_decay"},
-            "fedavg": {"lr": "lr", "weight_decay": "weight_decay"},
-            "sparse": {"sparse_lr": "lr"}}
+SEARCHED = {
+    "central": {"lr": "lr", "weight_decay": "weight_decay"},
+    "fedavg": {"lr": "lr", "weight_decay": "weight_decay"},
+    "sparse": {"sparse_lr": "lr"},
+}
 
 
 def run_search(runner, ws, data, experiment: str, configs: list, params: dict, regime: str) -> dict:
@@ -108,8 +201,10 @@ def run_search(runner, ws, data, experiment: str, configs: list, params: dict, r
     _search_weight_decay, _search_val_acc) what the search chose, {regime}_lr (and _weight_decay) the
     value this notebook uses, its own where the notebook set one. Regime 'central' (notebook 01),
     'fedavg' (02) or 'sparse' (04)."""
-    top = max(run_grid(runner, ws, data, experiment, configs, params),
-              key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]))
+    top = max(
+        run_grid(runner, ws, data, experiment, configs, params),
+        key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]),
+    )
     params = with_choice(params, top.run.config, regime)
     record = {f"{regime}_search_val_acc": top.summary["final_val_acc"]}
     for name, field in SEARCHED[regime].items():
@@ -130,31 +225,75 @@ def with_choice(params: dict, chosen: dict, regime: str) -> dict:
 
 # --------------------------------------------------------------------------- notebooks 02 and 03
 
-def fedavg_base(dataset, model, num_clients, participation, batch_size, lr, weight_decay, momentum,
-                lr_schedule, server_lr, server_momentum, precision, **params) -> FedAvgConfig:
+
+def fedavg_base(
+    dataset,
+    model,
+    num_clients,
+    participation,
+    batch_size,
+    lr,
+    weight_decay,
+    momentum,
+    lr_schedule,
+    server_lr,
+    server_momentum,
+    precision,
+    **params,
+) -> FedAvgConfig:
     """The settings every FedAvg run of notebooks 02-05 shares."""
-    return FedAvgConfig(dataset=dataset, model=model, num_clients=num_clients, participation=participation,
-                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                        lr_schedule=lr_schedule, server_lr=server_lr, server_momentum=server_momentum,
-                        precision=precision, **evaluation(**params))
+    return FedAvgConfig(
+        dataset=dataset,
+        model=model,
+        num_clients=num_clients,
+        participation=participation,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr_schedule=lr_schedule,
+        server_lr=server_lr,
+        server_momentum=server_momentum,
+        precision=precision,
+        **evaluation(**params),
+    )
 
 
-def fedavg_search_configs(fedavg_search_lrs, fedavg_search_weight_decays, fedavg_search_rounds, local_steps,
-                          search_seed: int = 0, **params) -> list[FedAvgConfig]:
+def fedavg_search_configs(
+    fedavg_search_lrs,
+    fedavg_search_weight_decays,
+    fedavg_search_rounds,
+    local_steps,
+    search_seed: int = 0,
+    **params,
+) -> list[FedAvgConfig]:
     """Notebook 02: the client lr x weight-decay grid (iid, J, fewer rounds, one seed), judged on val."""
     lrs = check_float_list("fedavg_search_lrs", fedavg_search_lrs, 0.0, None, low_open=True)
     wds = check_float_list("fedavg_search_weight_decays", fedavg_search_weight_decays, 0.0, None)
     rounds = check_int("fedavg_search_rounds", fedavg_search_rounds, minimum=1)
     base = fedavg_base(**{**params, "lr": 1.0, "weight_decay": 0.0})
-    return [replace(base, seed=check_int("search_seed", search_seed, minimum=0), local_steps=local_steps,
-                    rounds=rounds, lr=lr, weight_decay=wd, evaluate_test=False) for lr in lrs for wd in wds]
+    return [
+        replace(
+            base,
+            seed=check_int("search_seed", search_seed, minimum=0),
+            local_steps=local_steps,
+            rounds=rounds,
+            lr=lr,
+            weight_decay=wd,
+            evaluate_test=False,
+        )
+        for lr in lrs
+        for wd in wds
+    ]
 
 
 def fedavg_iid_configs(seeds, local_steps, rounds, **params) -> list[FedAvgConfig]:
     """Notebook 02: iid shards, the chosen J and rounds, every seed."""
     base = fedavg_base(**params)
-    return [replace(base, seed=s, local_steps=local_steps, rounds=rounds, sharding="iid")
-            for s in check_seeds(seeds)]
+    return [
+        replace(base, seed=s, local_steps=local_steps, rounds=rounds, sharding="iid")
+        for s in check_seeds(seeds)
+    ]
 
 
 def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> int:
@@ -162,18 +301,24 @@ def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> 
     return max(1, round(base_rounds * base_local_steps / local_steps))
 
 
-def heterogeneity_configs(seeds, classes_per_client_grid, local_steps_grid, base_rounds,
-                          include_iid: bool = True, **params) -> list[FedAvgConfig]:
+def heterogeneity_configs(
+    seeds, classes_per_client_grid, local_steps_grid, base_rounds, include_iid: bool = True, **params
+) -> list[FedAvgConfig]:
     """Notebook 03: (iid + non-iid Nc) x J, rounds scaled so rounds * J is constant."""
     seeds = check_seeds(seeds)
     grid_nc = check_int_list("classes_per_client_grid", classes_per_client_grid, minimum=1)
     grid_j = check_int_list("local_steps_grid", local_steps_grid, minimum=1)
     base_rounds = check_int("base_rounds", base_rounds, minimum=1)
     base = fedavg_base(**params)
-    shardings = ([{"sharding": "iid"}] if include_iid else []) + \
-                [{"sharding": "non_iid", "classes_per_client": nc} for nc in grid_nc]
-    return [replace(base, seed=s, local_steps=j, rounds=scaled_rounds(base_rounds, grid_j[0], j), **sharding)
-            for sharding in shardings for j in grid_j for s in seeds]
+    shardings = ([{"sharding": "iid"}] if include_iid else []) + [
+        {"sharding": "non_iid", "classes_per_client": nc} for nc in grid_nc
+    ]
+    return [
+        replace(base, seed=s, local_steps=j, rounds=scaled_rounds(base_rounds, grid_j[0], j), **sharding)
+        for sharding in shardings
+        for j in grid_j
+        for s in seeds
+    ]
 
 
 # --------------------------------------------------------------------------- notebooks 04 and 05
@@ -212,8 +357,10 @@ def sweeps(table: pd.DataFrame) -> dict:
     sparse = table[table["method"] == "sparse"]
     default_r = sparse.groupby("calibration_rounds")["sparsity"].nunique().idxmax()
     default_sparsity = sparse.groupby("sparsity")["calibration_rounds"].nunique().idxmax()
-    return {"sparsity": sparse[sparse["calibration_rounds"] == default_r],
-            "calibration_rounds": sparse[sparse["sparsity"] == default_sparsity]}
+    return {
+        "sparsity": sparse[sparse["calibration_rounds"] == default_r],
+        "calibration_rounds": sparse[sparse["sparsity"] == default_sparsity],
+    }
 
 
 def sparse_search_configs(sparse_search_lrs, sparse_search_rounds, **params) -> list[FedAvgConfig]:
@@ -223,15 +370,28 @@ def sparse_search_configs(sparse_search_lrs, sparse_search_rounds, **params) -> 
     rounds = check_int("sparse_search_rounds", sparse_search_rounds, minimum=1)
     stand_in = 1.0 if params.get("sparse_lr") is None else params["sparse_lr"]  # a set value is checked too
     grid = sparse_fl_configs(**{**params, "sparse_lr": stand_in})
-    default = finetune_spec(params, mask_rule="least_sensitive", sparsity=params["sparsity"],
-                            calibration_rounds=params["calibration_rounds"])
+    default = finetune_spec(
+        params,
+        mask_rule="least_sensitive",
+        sparsity=params["sparsity"],
+        calibration_rounds=params["calibration_rounds"],
+    )
     first = next(c for c in grid if c.sharding == "iid" and c.finetune == default)
     return [replace(first, lr=lr, rounds=rounds, evaluate_test=False) for lr in lrs]
 
 
-def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, calibration_rounds,
-                      sparse_classes_per_client, local_steps, rounds, sparse_lr,
-                      **params) -> list[FedAvgConfig]:
+def sparse_fl_configs(
+    seeds,
+    sparsities,
+    calibration_rounds_grid,
+    sparsity,
+    calibration_rounds,
+    sparse_classes_per_client,
+    local_steps,
+    rounds,
+    sparse_lr,
+    **params,
+) -> list[FedAvgConfig]:
     """Notebook 04: the sparsity and R sweeps (least-sensitive rule) on iid shards; the default setting
     on one non-iid Nc. Each sharding also gets the dense baselines with the same rounds: the frozen
     step-0 head with a dense backbone, and plain FedAvg (trained head, FedAvg's lr). Every run under the
@@ -246,41 +406,85 @@ def sparse_fl_configs(seeds, sparsities, calibration_rounds_grid, sparsity, cali
         for s in seeds:
             configs.append(replace(base, seed=s, finetune=FineTuneSpec(), **sharding))
             configs.append(replace(under_head, seed=s, finetune=finetune_spec(params), **sharding))
-            configs += [replace(under_head, seed=s, **sharding, finetune=finetune_spec(
-                params, mask_rule="least_sensitive", sparsity=sp, calibration_rounds=r))
-                for sp, r in settings]
+            configs += [
+                replace(
+                    under_head,
+                    seed=s,
+                    **sharding,
+                    finetune=finetune_spec(
+                        params, mask_rule="least_sensitive", sparsity=sp, calibration_rounds=r
+                    ),
+                )
+                for sp, r in settings
+            ]
     return configs
 
 
 def head_only_configs(seeds, sparse_classes_per_client, **params) -> list[FedAvgConfig]:
     """Notebook 04: the step-0 head alone (no fine-tuning, so no clipping), per sharding and seed."""
     base = replace(fedavg_base(**params), rounds=1, local_steps=1)
-    return [replace(base, seed=s, finetune=finetune_spec(params, max_grad_norm=None), **sharding)
-            for sharding in _fl_shardings(sparse_classes_per_client)
-            for s in check_seeds(seeds)]
+    return [
+        replace(base, seed=s, finetune=finetune_spec(params, max_grad_norm=None), **sharding)
+        for sharding in _fl_shardings(sparse_classes_per_client)
+        for s in check_seeds(seeds)
+    ]
 
 
-def sparse_central_configs(dataset, model, seeds, epochs, warmup_epochs, central_batch_size, central_lr,
-                           central_weight_decay, momentum, precision, sparsity, calibration_rounds,
-                           **params) -> list[CentralizedConfig]:
+def sparse_central_configs(
+    dataset,
+    model,
+    seeds,
+    epochs,
+    warmup_epochs,
+    central_batch_size,
+    central_lr,
+    central_weight_decay,
+    momentum,
+    precision,
+    sparsity,
+    calibration_rounds,
+    **params,
+) -> list[CentralizedConfig]:
     """Notebook 04: the centralized task-arithmetic baseline at the default sparsity and R, with notebook
     01's dense schedule (same epochs, warm-up, cosine, lr and weight decay); it differs from 01's runs in
     what fine-tuning under the frozen head brings: the step-0 head, the mask and the gradient clipping."""
     check_int("central_batch_size", central_batch_size, minimum=1)
     check_float("central_lr", central_lr, 0.0, None, low_open=True)
     check_float("central_weight_decay", central_weight_decay, 0.0, None)
-    spec = finetune_spec(params, mask_rule="least_sensitive", sparsity=sparsity,
-                         calibration_rounds=calibration_rounds)
-    return [CentralizedConfig(dataset=dataset, model=model, seed=s, epochs=epochs,
-                              batch_size=central_batch_size,
-                              lr=central_lr, momentum=momentum, weight_decay=central_weight_decay,
-                              scheduler="cosine", warmup_epochs=warmup_epochs, precision=precision,
-                              finetune=spec, **evaluation(**params))
-            for s in check_seeds(seeds)]
+    spec = finetune_spec(
+        params, mask_rule="least_sensitive", sparsity=sparsity, calibration_rounds=calibration_rounds
+    )
+    return [
+        CentralizedConfig(
+            dataset=dataset,
+            model=model,
+            seed=s,
+            epochs=epochs,
+            batch_size=central_batch_size,
+            lr=central_lr,
+            momentum=momentum,
+            weight_decay=central_weight_decay,
+            scheduler="cosine",
+            warmup_epochs=warmup_epochs,
+            precision=precision,
+            finetune=spec,
+            **evaluation(**params),
+        )
+        for s in check_seeds(seeds)
+    ]
 
 
-def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sparse_classes_per_client,
-                      local_steps, rounds, sparse_lr, **params) -> list[FedAvgConfig]:
+def mask_rule_configs(
+    seeds,
+    rules,
+    rule_sparsities,
+    rule_calibration_rounds,
+    sparse_classes_per_client,
+    local_steps,
+    rounds,
+    sparse_lr,
+    **params,
+) -> list[FedAvgConfig]:
     """Notebook 05: every mask rule at each sparsity, iid and non-iid, every seed, at 04's sparse_lr
     (FedAvg's lr is not used here)."""
     seeds = check_seeds(seeds)
@@ -289,10 +493,20 @@ def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sp
     check_int("rule_calibration_rounds", rule_calibration_rounds, minimum=1)
     lr = check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True)
     base = replace(fedavg_base(**{**params, "lr": lr}), local_steps=local_steps, rounds=rounds)
-    return [replace(base, seed=s, **sharding, finetune=finetune_spec(
-                params, mask_rule=rule, sparsity=sp, calibration_rounds=rule_calibration_rounds))
-            for sharding in _fl_shardings(sparse_classes_per_client)
-            for sp in sparsities for rule in rules for s in seeds]
+    return [
+        replace(
+            base,
+            seed=s,
+            **sharding,
+            finetune=finetune_spec(
+                params, mask_rule=rule, sparsity=sp, calibration_rounds=rule_calibration_rounds
+            ),
+        )
+        for sharding in _fl_shardings(sparse_classes_per_client)
+        for sp in sparsities
+        for rule in rules
+        for s in seeds
+    ]
 
 
 # --------------------------------------------------------------------------- every grid of a notebook
@@ -300,22 +514,29 @@ def mask_rule_configs(seeds, rules, rule_sparsities, rule_calibration_rounds, sp
 # Notebook -> (group label, the function that builds the grid, the experiment it records), in the order
 # the notebook runs them (pipeline --dry-run counts the same grids).
 NOTEBOOK_GRIDS = {
-    "01": [("lr search", search_configs, LR_SEARCH),
-           ("schedulers", scheduler_configs, CENTRALIZED)],
-    "02": [("lr search", fedavg_search_configs, FEDAVG_LR_SEARCH),
-           ("FedAvg iid", fedavg_iid_configs, FEDAVG_IID)],
+    "01": [("lr search", search_configs, LR_SEARCH), ("schedulers", scheduler_configs, CENTRALIZED)],
+    "02": [
+        ("lr search", fedavg_search_configs, FEDAVG_LR_SEARCH),
+        ("FedAvg iid", fedavg_iid_configs, FEDAVG_IID),
+    ],
     "03": [("heterogeneity grid", heterogeneity_configs, HETEROGENEITY)],
-    "04": [("head only", head_only_configs, HEAD_ONLY),
-           ("lr search", sparse_search_configs, SPARSE_LR_SEARCH),
-           ("sparse FedAvg grid", sparse_fl_configs, SPARSE_FL),
-           ("centralized sparse", sparse_central_configs, SPARSE_CENTRAL)],
+    "04": [
+        ("head only", head_only_configs, HEAD_ONLY),
+        ("lr search", sparse_search_configs, SPARSE_LR_SEARCH),
+        ("sparse FedAvg grid", sparse_fl_configs, SPARSE_FL),
+        ("centralized sparse", sparse_central_configs, SPARSE_CENTRAL),
+    ],
     "05": [("mask rules", mask_rule_configs, MASK_RULES)],
 }
 # What a value chosen by a search of the same notebook stands in for until the search has run (any
 # value costs the same and passes the same checks).
-STAND_INS = {"lr": 0.01, "weight_decay": 0.0,
-             "central_lr": 0.01, "central_weight_decay": 0.0,
-             "sparse_lr": 0.01}
+STAND_INS = {
+    "lr": 0.01,
+    "weight_decay": 0.0,
+    "central_lr": 0.01,
+    "central_weight_decay": 0.0,
+    "sparse_lr": 0.01,
+}
 
 
 def with_stand_ins(params: dict) -> dict:
@@ -344,6 +565,7 @@ def check_notebook(key: str, params: dict) -> list[dict]:
 
 # --------------------------------------------------------------------------- running a grid
 
+
 def check_against_data(configs: list, data) -> None:
     """Fail before any training if a config cannot run on `data` (dataset name, impossible shards)."""
     checked = set()
@@ -357,7 +579,9 @@ def check_against_data(configs: list, data) -> None:
             checked.add(key)
 
 
-def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wait: bool = True) -> list[RunResult]:
+def run_grid(
+    runner, ws, data, experiment: str, configs: list, params: dict, wait: bool = True
+) -> list[RunResult]:
     """Check every config against the data first, record the grid as `experiment`, then run (or resume,
     or read back) each run in order.
 
@@ -372,8 +596,11 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
     runs = [(head_only_run if head_only else run_folder)(ws, c) for c in configs]
     left_out = record_grid(ws.root, experiment, runs, params)
     if left_out:
-        print(f"{len(left_out)} complete runs of an earlier {experiment} grid are not part of this grid and "
-              "are left out of its tables", flush=True)
+        print(
+            f"{len(left_out)} complete runs of an earlier {experiment} grid are not part of this grid and "
+            "are left out of its tables",
+            flush=True,
+        )
     print(f"{len(configs)} runs", flush=True)
     options = {k: params[k] for k in RUN_OPTIONS if k in params}
 
@@ -386,8 +613,9 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
                 return runner(ws, data, configs[i], **options)
             except RunLockedError as locked:
                 if time.monotonic() > deadline:
-                    raise team.WaitTimeout(f"gave up after waiting {params.get('wait_limit', 3600):g} s "
-                                           f"(wait_limit): {locked}") from None
+                    raise team.WaitTimeout(
+                        f"gave up after waiting {params.get('wait_limit', 3600):g} s (wait_limit): {locked}"
+                    ) from None
                 print(f"waiting for {runs[i].dir.name}, which another process holds", flush=True)
                 time.sleep(team.WAIT_POLL)
 
@@ -399,13 +627,21 @@ def run_grid(runner, ws, data, experiment: str, configs: list, params: dict, wai
 
 def head_only_run(ws, config: FedAvgConfig):
     """The run of `config`'s step-0 head alone: rounds, J and the lr schedule play no part."""
-    identity = {k: v for k, v in config.to_dict().items() if k not in ("rounds", "local_steps",
-                                                                        "lr_schedule")}
+    identity = {
+        k: v for k, v in config.to_dict().items() if k not in ("rounds", "local_steps", "lr_schedule")
+    }
     return ws.run(f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
 
 
-def run_head_only(ws, data, config: FedAvgConfig, *, eval_batch_size: int = 256,
-                  checkpoint_every: int | None = None, checkpoint_minutes: float = 15) -> RunResult:
+def run_head_only(
+    ws,
+    data,
+    config: FedAvgConfig,
+    *,
+    eval_batch_size: int = 256,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float = 15,
+) -> RunResult:
     """Step 0 alone: the federated frozen head of `config`'s shards, evaluated with no fine-tuning.
 
     The same preparation as a FedAvg run of this config (same shards, same cached head), so it is
@@ -424,8 +660,12 @@ def run_head_only(ws, data, config: FedAvgConfig, *, eval_batch_size: int = 256,
             return read_complete(run)
         started = time.perf_counter()
         fed = FedAvgRun(ws, data, config, run, shards, eval_batch_size)
-        row = {"round": 0, **evaluate_splits(fed.model, data, fed.img_size, eval_batch_size, fed.precision,
-                                              config.evaluate_test)}
+        row = {
+            "round": 0,
+            **evaluate_splits(
+                fed.model, data, fed.img_size, eval_batch_size, fed.precision, config.evaluate_test
+            ),
+        }
         timing = [{"round": 0, "wall_s": time.perf_counter() - started}]
         summary = {**summarize([row], timing, fed.precision, fed.device), **fed.prepared.info}
         run.finish(summary, [row], timing)

@@ -36,9 +36,21 @@ from .finetune import FineTuneSpec, head_cache_path, prepare
 from .optim import lr_multiplier
 from .runs import Checkpoint, CheckpointSchedule
 from .sharding import SHARDINGS, make_shards
-from .training import (RunResult, check_run_fields, checked_run, eval_steps, evaluate_splits, load_flat,
-                       make_optimizer, moving_entries, read_complete, read_flat, summarize, train_steps,
-                       training_batches)
+from .training import (
+    RunResult,
+    check_run_fields,
+    checked_run,
+    eval_steps,
+    evaluate_splits,
+    load_flat,
+    make_optimizer,
+    moving_entries,
+    read_complete,
+    read_flat,
+    summarize,
+    train_steps,
+    training_batches,
+)
 
 CLIENT_LR_SCHEDULES = ("constant", "cosine")
 BYTES_PER_ENTRY = 4  # float32 on the wire
@@ -50,26 +62,26 @@ class FedAvgConfig:
 
     dataset: str = "cifar100"
     model: str = "dino_vits16"
-    img_size: int | None = None      # input pixels, a multiple of the patch size; None = the model's native
+    img_size: int | None = None  # input pixels, a multiple of the patch size; None = the model's native
     seed: int = 0
-    num_clients: int = 100           # K
-    participation: float = 0.1       # C: max(1, round(C*K)) clients per round
-    local_steps: int = 4             # J: optimizer steps per client per round (not epochs)
-    rounds: int = 300                # communication rounds
-    batch_size: int = 32             # B: images per local step (capped at the client's shard size)
-    lr: float = 0.01                 # client learning rate
-    momentum: float = 0.9            # client SGD momentum (fresh state every round)
+    num_clients: int = 100  # K
+    participation: float = 0.1  # C: max(1, round(C*K)) clients per round
+    local_steps: int = 4  # J: optimizer steps per client per round (not epochs)
+    rounds: int = 300  # communication rounds
+    batch_size: int = 32  # B: images per local step (capped at the client's shard size)
+    lr: float = 0.01  # client learning rate
+    momentum: float = 0.9  # client SGD momentum (fresh state every round)
     weight_decay: float = 5e-5
-    lr_schedule: str = "constant"    # client lr over rounds: 'constant' | 'cosine'
-    server_lr: float = 1.0           # eta_s; 1.0 = plain FedAvg
-    server_momentum: float = 0.0     # beta; > 0 = FedAvgM
-    sharding: str = "iid"            # 'iid' | 'non_iid' | 'dirichlet'
-    classes_per_client: int | None = None   # Nc for sharding='non_iid'
-    dirichlet_alpha: float | None = None    # alpha for sharding='dirichlet'
-    augment: bool = True             # random crop + flip on client batches
+    lr_schedule: str = "constant"  # client lr over rounds: 'constant' | 'cosine'
+    server_lr: float = 1.0  # eta_s; 1.0 = plain FedAvg
+    server_momentum: float = 0.0  # beta; > 0 = FedAvgM
+    sharding: str = "iid"  # 'iid' | 'non_iid' | 'dirichlet'
+    classes_per_client: int | None = None  # Nc for sharding='non_iid'
+    dirichlet_alpha: float | None = None  # alpha for sharding='dirichlet'
+    augment: bool = True  # random crop + flip on client batches
     precision: str = "auto"
-    eval_points: int = 10            # evaluations, evenly spaced over the rounds (the last round always)
-    eval_subset: int = 1000          # images per split evaluated before the last round (training.eval_steps)
+    eval_points: int = 10  # evaluations, evenly spaced over the rounds (the last round always)
+    eval_subset: int = 1000  # images per split evaluated before the last round (training.eval_steps)
     evaluate_test: bool = True
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)
 
@@ -92,8 +104,11 @@ class FedAvgConfig:
 
     def to_dict(self) -> dict:
         """The identity: the resolved img_size, so None and the native size name the same run."""
-        values = {**asdict(self), "img_size": models.input_size(self.model, self.img_size),
-                  "finetune": self.finetune.identity()}
+        values = {
+            **asdict(self),
+            "img_size": models.input_size(self.model, self.img_size),
+            "finetune": self.finetune.identity(),
+        }
         if self.sharding != "non_iid":
             values.pop("classes_per_client")
         if self.sharding != "dirichlet":
@@ -110,16 +125,29 @@ class FedAvgConfig:
         return f"{name}{self.finetune.short_name()}-s{self.seed}"
 
     def shards(self, data: DataBundle) -> list[np.ndarray]:
-        return make_shards(data.train_labels_numpy(), self.sharding, self.num_clients, self.seed,
-                           self.classes_per_client, self.dirichlet_alpha)
+        return make_shards(
+            data.train_labels_numpy(),
+            self.sharding,
+            self.num_clients,
+            self.seed,
+            self.classes_per_client,
+            self.dirichlet_alpha,
+        )
 
     def head_cache(self, ws):
         """Where this config's step-0 head is shared with every run that has the same shards."""
-        return head_cache_path(ws.root, self.finetune, model=self.model, weights=ws.weights_path,
-                               dataset=self.dataset, sharding=self.sharding_name(),
-                               num_clients=self.num_clients, seed=self.seed,
-                               img_size=models.input_size(self.model, self.img_size),
-                               precision=models.resolve_precision(self.precision, ws.device))
+        return head_cache_path(
+            ws.root,
+            self.finetune,
+            model=self.model,
+            weights=ws.weights_path,
+            dataset=self.dataset,
+            sharding=self.sharding_name(),
+            num_clients=self.num_clients,
+            seed=self.seed,
+            img_size=models.input_size(self.model, self.img_size),
+            precision=models.resolve_precision(self.precision, ws.device),
+        )
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:
@@ -137,8 +165,9 @@ def sample_clients(seed: int, round_index: int, num_clients: int, participation:
     return np.sort(numpy_rng(seed, "clients", round_index).choice(num_clients, size=m, replace=False))
 
 
-def client_batch_indices(shard: np.ndarray, local_steps: int, batch_size: int, seed: int,
-                         round_index: int, client: int) -> np.ndarray:
+def client_batch_indices(
+    shard: np.ndarray, local_steps: int, batch_size: int, seed: int, round_index: int, client: int
+) -> np.ndarray:
     """[J, B'] positions for one client's round, B' = min(B, shard size).
 
     Walks through fresh permutations of the shard from the stream (seed, round, client),
@@ -152,6 +181,7 @@ def client_batch_indices(shard: np.ndarray, local_steps: int, batch_size: int, s
 
 
 # --------------------------------------------------------------------------- the algorithm
+
 
 def client_update(model, params, global_weights, batches, optimizer, precision, scaler_state=None) -> tuple:
     """One client's local training from w_t and the round's loss-scaler state (None: a fresh scaler).
@@ -179,8 +209,11 @@ def merge_scaler_states(states: list[dict]) -> dict:
     """
     if not states[0]:
         return {}  # disabled scalers (bf16, fp32) have no state
-    return {**states[0], "scale": min(s["scale"] for s in states),
-            "_growth_tracker": min(s["_growth_tracker"] for s in states)}
+    return {
+        **states[0],
+        "scale": min(s["scale"] for s in states),
+        "_growth_tracker": min(s["_growth_tracker"] for s in states),
+    }
 
 
 @torch.no_grad()
@@ -230,21 +263,40 @@ class DeltaStats:
         """The five statistics as floats (one host sync per round)."""
         m = len(self.norms)
         moved = (self.moved_up | self.moved_down).sum().float()
-        values = torch.stack([torch.stack(self.norms).mean(), torch.linalg.vector_norm(average_delta),
-                              self.unit_sum.square().sum(), moved, (self.moved_up & self.moved_down).sum(),
-                              (self.sign_sum.abs() / self.movers.clamp_min(1)).sum()]).tolist()
+        values = torch.stack(
+            [
+                torch.stack(self.norms).mean(),
+                torch.linalg.vector_norm(average_delta),
+                self.unit_sum.square().sum(),
+                moved,
+                (self.moved_up & self.moved_down).sum(),
+                (self.sign_sum.abs() / self.movers.clamp_min(1)).sum(),
+            ]
+        ).tolist()
         mean_norm, avg_norm, unit_sq, moved, conflicts, agreement = values
-        return {"mean_client_delta_norm": mean_norm, "avg_delta_norm": avg_norm,
-                "mean_pairwise_cosine": (unit_sq - m) / (m * (m - 1)) if m > 1 else math.nan,
-                "sign_conflict_fraction": conflicts / moved if moved else 0.0,
-                "sign_agreement": agreement / moved if moved else 1.0}
+        return {
+            "mean_client_delta_norm": mean_norm,
+            "avg_delta_norm": avg_norm,
+            "mean_pairwise_cosine": (unit_sq - m) / (m * (m - 1)) if m > 1 else math.nan,
+            "sign_conflict_fraction": conflicts / moved if moved else 0.0,
+            "sign_agreement": agreement / moved if moved else 1.0,
+        }
 
 
 # --------------------------------------------------------------------------- the run
 
-def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, *, eval_batch_size: int = 256,
-               checkpoint_every: int | None = None, checkpoint_minutes: float = 15, save_weights: bool = False,
-               progress: bool = True) -> RunResult:
+
+def run_fedavg(
+    ws,
+    data: DataBundle,
+    config: FedAvgConfig,
+    *,
+    eval_batch_size: int = 256,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float = 15,
+    save_weights: bool = False,
+    progress: bool = True,
+) -> RunResult:
     """Run (or resume, or just read back) a FedAvg experiment; returns its summary and metrics.
 
     Checkpoints: every `checkpoint_every` rounds, or with None after `checkpoint_minutes` of wall time
@@ -257,7 +309,9 @@ def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, *, eval_batch_size: i
         if run.is_complete:  # finished by another process between the check above and taking its lock
             return read_complete(run)
         schedule = CheckpointSchedule(checkpoint_every, checkpoint_minutes)
-        return FedAvgRun(ws, data, config, run, shards, eval_batch_size).train(schedule, save_weights, progress)
+        return FedAvgRun(ws, data, config, run, shards, eval_batch_size).train(
+            schedule, save_weights, progress
+        )
 
 
 class FedAvgRun:
@@ -270,8 +324,17 @@ class FedAvgRun:
         self.img_size = models.input_size(config.model, config.img_size)
         self.model = ws.build_model(config.model, data.num_classes, config.seed, self.img_size)
         self.model.to(self.device)
-        self.prepared = prepare(run, self.model, data, config.finetune, config.seed, self.img_size,
-                                self.precision, shards, config.head_cache(ws))
+        self.prepared = prepare(
+            run,
+            self.model,
+            data,
+            config.finetune,
+            config.seed,
+            self.img_size,
+            self.precision,
+            shards,
+            config.head_cache(ws),
+        )
         named = dict(self.model.named_parameters())
         self.params = [named[n] for n in self.prepared.trainable_names]
         self.global_weights = read_flat(self.params)
@@ -287,8 +350,11 @@ class FedAvgRun:
         """What a resume needs: w_t and the server velocity (their changing entries), the scaler state."""
         entries = slice(None) if self.moving is None else self.moving
         velocity = None if self.velocity is None else self.velocity[entries]
-        return {"global_weights": self.global_weights[entries], "server_velocity": velocity,
-                "grad_scaler": self.scaler_state}
+        return {
+            "global_weights": self.global_weights[entries],
+            "server_velocity": velocity,
+            "grad_scaler": self.scaler_state,
+        }
 
     def restore(self, state: dict) -> None:
         entries = slice(None) if self.moving is None else self.moving
@@ -305,8 +371,13 @@ class FedAvgRun:
             self.restore(checkpoint.state)
             rows, timing, start = checkpoint.rows, checkpoint.timing, checkpoint.step
         elapsed = timing[-1]["wall_s"] if timing else 0.0
-        bar = tqdm(range(start, config.rounds), desc=f"FedAvg {self.run.dir.name}", initial=start,
-                   total=config.rounds, disable=not progress)
+        bar = tqdm(
+            range(start, config.rounds),
+            desc=f"FedAvg {self.run.dir.name}",
+            initial=start,
+            total=config.rounds,
+            disable=not progress,
+        )
         for round_index in bar:
             row, times = self.round(round_index)
             elapsed += sum(times.values())
@@ -316,8 +387,11 @@ class FedAvgRun:
             done = round_index + 1
             if done < config.rounds and schedule.due(done):
                 self.run.save_checkpoint(Checkpoint(done, self.state(), rows, timing))
-        summary = {**summarize(rows, timing, self.precision, self.device), **self.prepared.info,
-                   "trainable_entries": self.entries_sent}
+        summary = {
+            **summarize(rows, timing, self.precision, self.device),
+            **self.prepared.info,
+            "trainable_entries": self.entries_sent,
+        }
         load_flat(self.params, self.global_weights)
         if save_weights:
             weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -328,16 +402,23 @@ class FedAvgRun:
     def round(self, round_index: int) -> tuple[dict, dict]:
         """One communication round; returns its metrics row and its phase timings (s)."""
         config, started = self.config, time.perf_counter()
-        lr = config.lr * (lr_multiplier("cosine", round_index, config.rounds)
-                          if config.lr_schedule == "cosine" else 1.0)
+        lr = config.lr * (
+            lr_multiplier("cosine", round_index, config.rounds) if config.lr_schedule == "cosine" else 1.0
+        )
         clients = sample_clients(config.seed, round_index, config.num_clients, config.participation)
         stats = DeltaStats(len(self.global_weights), self.device)
         delta_sum, weight_sum, loss_sum, samples = torch.zeros_like(self.global_weights), 0, 0.0, 0
         skipped, end_states = 0, []
         for client in clients:
             delta, count, loss, skips, end_state = client_update(
-                self.model, self.params, self.global_weights, self.client_batches(round_index, int(client)),
-                self.client_optimizer(lr), self.precision, self.scaler_state)
+                self.model,
+                self.params,
+                self.global_weights,
+                self.client_batches(round_index, int(client)),
+                self.client_optimizer(lr),
+                self.precision,
+                self.scaler_state,
+            )
             n_k = len(self.shards[client])  # FedAvg weighs by the client's data size
             delta_sum.add_(delta, alpha=n_k)
             weight_sum += n_k
@@ -345,33 +426,65 @@ class FedAvgRun:
             loss_sum, samples = loss_sum + loss, samples + count
             skipped, end_states = skipped + skips, end_states + [end_state]
         self.scaler_state = merge_scaler_states(end_states)
-        server_update(self.global_weights, delta_sum, weight_sum, self.velocity, config.server_lr,
-                      config.server_momentum)
-        row = {"round": round_index + 1, "clients": " ".join(str(int(c)) for c in clients), "lr": lr,
-               "train_loss": loss_sum / samples, **stats.summary(delta_sum / weight_sum),
-               "skipped_steps": skipped, "bytes_down": len(clients) * BYTES_PER_ENTRY * self.entries_sent,
-               "bytes_up": len(clients) * BYTES_PER_ENTRY * self.entries_sent}
+        server_update(
+            self.global_weights,
+            delta_sum,
+            weight_sum,
+            self.velocity,
+            config.server_lr,
+            config.server_momentum,
+        )
+        row = {
+            "round": round_index + 1,
+            "clients": " ".join(str(int(c)) for c in clients),
+            "lr": lr,
+            "train_loss": loss_sum / samples,
+            **stats.summary(delta_sum / weight_sum),
+            "skipped_steps": skipped,
+            "bytes_down": len(clients) * BYTES_PER_ENTRY * self.entries_sent,
+            "bytes_up": len(clients) * BYTES_PER_ENTRY * self.entries_sent,
+        }
         times = {"train_s": time.perf_counter() - started, "eval_s": 0.0}
         if round_index + 1 in eval_steps(config.rounds, config.eval_points):
             started = time.perf_counter()
             load_flat(self.params, self.global_weights)
-            row.update(evaluate_splits(self.model, self.data, self.img_size, self.eval_batch_size,
-                                       self.precision, config.evaluate_test,
-                                       None if round_index + 1 == config.rounds else config.eval_subset))
+            row.update(
+                evaluate_splits(
+                    self.model,
+                    self.data,
+                    self.img_size,
+                    self.eval_batch_size,
+                    self.precision,
+                    config.evaluate_test,
+                    None if round_index + 1 == config.rounds else config.eval_subset,
+                )
+            )
             times["eval_s"] = time.perf_counter() - started
         return row, times
 
     def client_batches(self, round_index: int, client: int):
         """The client's J augmented batches, from its own seed stream (seed, round, client)."""
         config = self.config
-        positions = client_batch_indices(self.shards[client], config.local_steps, config.batch_size,
-                                         config.seed, round_index, client)
-        generator = (augmentation_generator(config.seed, "round", round_index, "client", client,
-                                            device=self.device) if config.augment else None)
-        return training_batches(self.data.train, self.img_size, torch.from_numpy(positions).to(self.device),
-                                generator)
+        positions = client_batch_indices(
+            self.shards[client], config.local_steps, config.batch_size, config.seed, round_index, client
+        )
+        generator = (
+            augmentation_generator(config.seed, "round", round_index, "client", client, device=self.device)
+            if config.augment
+            else None
+        )
+        return training_batches(
+            self.data.train, self.img_size, torch.from_numpy(positions).to(self.device), generator
+        )
 
     def client_optimizer(self, lr: float):
         config = self.config
-        return make_optimizer(self.params, self.prepared.trainable_names, self.prepared.masks, lr,
-                              config.momentum, config.weight_decay, config.finetune.max_grad_norm)
+        return make_optimizer(
+            self.params,
+            self.prepared.trainable_names,
+            self.prepared.masks,
+            lr,
+            config.momentum,
+            config.weight_decay,
+            config.finetune.max_grad_norm,
+        )

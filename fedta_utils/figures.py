@@ -37,15 +37,29 @@ import seaborn as sns
 import torch
 
 from . import team
-from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
-                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, sweeps)
+from .experiments import (
+    CENTRALIZED,
+    FEDAVG_IID,
+    HEAD_ONLY,
+    HETEROGENEITY,
+    LR_SEARCH,
+    MASK_RULES,
+    SPARSE_CENTRAL,
+    SPARSE_FL,
+    sweeps,
+)
 from .runs import grid_runs
 from .sensitivity import RULES, jaccard, mask_density_by_parameter, unpack_masks
 
 DATA = "00_data"  # notebook 00 saves split_sizes.csv and shard_stats.csv here
 COLUMN, FULL = 3.3, 6.9  # inches: one column of the report, both columns
-DRIFT = ["mean_client_delta_norm", "avg_delta_norm", "mean_pairwise_cosine", "sign_conflict_fraction",
-         "sign_agreement"]  # logged per FedAvg round (fedavg.py)
+DRIFT = [
+    "mean_client_delta_norm",
+    "avg_delta_norm",
+    "mean_pairwise_cosine",
+    "sign_conflict_fraction",
+    "sign_agreement",
+]  # logged per FedAvg round (fedavg.py)
 
 
 class NoResults(LookupError):
@@ -54,6 +68,7 @@ class NoResults(LookupError):
 
 # --------------------------------------------------------------------------- loaders
 
+
 def _labelled(run: dict, experiment: str) -> dict:
     """The run with its display labels; sparsity and R only where a mask rule makes them matter."""
     rule, head = run.get("finetune.mask_rule"), run.get("finetune.head", "train")
@@ -61,9 +76,13 @@ def _labelled(run: dict, experiment: str) -> dict:
     dense = trained if head == "train" else f"dense + {head} head"
     nc, alpha, sharding = run.get("classes_per_client"), run.get("dirichlet_alpha"), run.get("sharding")
     label = f"Nc={nc}" if sharding == "non_iid" else f"Dir({alpha})" if sharding == "dirichlet" else sharding
-    return {**run, "sharding_label": label, "rule": rule,
-            "method": "head only" if experiment == HEAD_ONLY else "sparse" if rule else dense,
-            **{k: run.get(f"finetune.{k}") if rule else np.nan for k in ("sparsity", "calibration_rounds")}}
+    return {
+        **run,
+        "sharding_label": label,
+        "rule": rule,
+        "method": "head only" if experiment == HEAD_ONLY else "sparse" if rule else dense,
+        **{k: run.get(f"finetune.{k}") if rule else np.nan for k in ("sparsity", "calibration_rounds")},
+    }
 
 
 def load_runs(root, experiment: str) -> pd.DataFrame:
@@ -82,8 +101,13 @@ def load_runs(root, experiment: str) -> pd.DataFrame:
         summary = json.loads((folder / "summary.json").read_text())
         run = {**flat, **summary, "run_dir": str(folder)}
         rows.append(_labelled(run, experiment))
-    rows.sort(key=lambda r: ({"iid": -1, "non_iid": 0}.get(r.get("sharding"), 1),  # iid, then by Nc,
-                             r.get("classes_per_client") or 0, RULES.index(r["rule"]) if r["rule"] else -1))
+    rows.sort(
+        key=lambda r: (
+            {"iid": -1, "non_iid": 0}.get(r.get("sharding"), 1),  # iid, then by Nc,
+            r.get("classes_per_client") or 0,
+            RULES.index(r["rule"]) if r["rule"] else -1,
+        )
+    )
     return pd.DataFrame(rows)
 
 
@@ -94,8 +118,15 @@ def _runs(root, experiment) -> pd.DataFrame:
 
 
 def _curves(runs: pd.DataFrame, columns) -> pd.DataFrame:
-    return pd.concat([pd.read_csv(Path(run["run_dir"], "metrics.csv")).assign(
-        **{c: run.get(c) for c in ("run_dir", *columns)}) for _, run in runs.iterrows()], ignore_index=True)
+    return pd.concat(
+        [
+            pd.read_csv(Path(run["run_dir"], "metrics.csv")).assign(
+                **{c: run.get(c) for c in ("run_dir", *columns)}
+            )
+            for _, run in runs.iterrows()
+        ],
+        ignore_index=True,
+    )
 
 
 def load_curves(root, experiment, columns=("seed",)) -> pd.DataFrame:
@@ -112,13 +143,23 @@ def read_csv(root, name: str) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- statistics and selection
 
+
 def mean_std(runs: pd.DataFrame, keys: list[str], extra=()) -> pd.DataFrame:
     """Per configuration (`keys`): test accuracy mean, std, n; `val`, the mean final validation
     accuracy that selection uses; and the mean of each `extra` column."""
     runs = runs.assign(final_test_acc=pd.to_numeric(runs.get("final_test_acc", np.nan)))
-    return runs.groupby(keys, sort=False, dropna=False).agg(
-        mean=("final_test_acc", "mean"), std=("final_test_acc", "std"), n=("run_dir", "count"),
-        val=("final_val_acc", "mean"), **{c: (c, "mean") for c in extra}).reset_index().fillna({"std": 0.0})
+    return (
+        runs.groupby(keys, sort=False, dropna=False)
+        .agg(
+            mean=("final_test_acc", "mean"),
+            std=("final_test_acc", "std"),
+            n=("run_dir", "count"),
+            val=("final_val_acc", "mean"),
+            **{c: (c, "mean") for c in extra},
+        )
+        .reset_index()
+        .fillna({"std": 0.0})
+    )
 
 
 def choose(table: pd.DataFrame, within=(), among=None) -> pd.DataFrame:
@@ -132,6 +173,7 @@ def choose(table: pd.DataFrame, within=(), among=None) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- tables
 
+
 def split_table(root) -> pd.DataFrame:
     """Notebook 00: images per split (train, validation, test)."""
     return read_csv(root, "split_sizes.csv")
@@ -139,10 +181,19 @@ def split_table(root) -> pd.DataFrame:
 
 def shard_table(root) -> pd.DataFrame:
     """Notebook 00, per sharding scheme: clients, samples and classes per client, mean largest-class share."""
-    return read_csv(root, "shard_stats.csv").groupby("scheme", sort=False).agg(
-        clients=("client", "count"), samples_min=("samples", "min"), samples_max=("samples", "max"),
-        classes_min=("classes", "min"), classes_max=("classes", "max"),
-        largest_class_share=("largest_class_share", "mean")).reset_index()
+    return (
+        read_csv(root, "shard_stats.csv")
+        .groupby("scheme", sort=False)
+        .agg(
+            clients=("client", "count"),
+            samples_min=("samples", "min"),
+            samples_max=("samples", "max"),
+            classes_min=("classes", "min"),
+            classes_max=("classes", "max"),
+            largest_class_share=("largest_class_share", "mean"),
+        )
+        .reset_index()
+    )
 
 
 def lr_search_table(root, experiment: str = LR_SEARCH) -> pd.DataFrame:
@@ -158,7 +209,8 @@ def centralized_table(root) -> pd.DataFrame:
     runs = _runs(root, CENTRALIZED)
     mean = _curves(runs, ["scheduler"]).groupby(["scheduler", "epoch"])["test_acc"].mean().dropna()
     return choose(mean_std(runs, ["scheduler"])).assign(
-        epochs_to_99=lambda t: [mean[s].index[mean[s] >= 0.99 * mean[s].iloc[-1]][0] for s in t["scheduler"]])
+        epochs_to_99=lambda t: [mean[s].index[mean[s] >= 0.99 * mean[s].iloc[-1]][0] for s in t["scheduler"]]
+    )
 
 
 def _reference(root) -> pd.DataFrame:
@@ -200,9 +252,15 @@ def late_gain(root) -> str:
     rounds (from the last evaluation at or before 80 % of the rounds to the end), as a sentence."""
     mean = load_curves(root, FEDAVG_IID).dropna(subset=["val_acc"]).groupby("round")["val_acc"].mean()
     start = mean[mean.index <= 0.8 * mean.index[-1]].tail(1)
-    return (f"FedAvg (iid): validation accuracy {(mean.iloc[-1] - start.sum()) * 100:+.2f} points from round "
+    return (
+        (
+            f"FedAvg (iid): validation accuracy {(mean.iloc[-1] - start.sum()) * 100:+.2f} points from round "
             f"{start.index.max()} to {mean.index[-1]} (seed mean; the last point is the full split, earlier "
-            "ones the evaluation subset)") if len(start) else "FedAvg (iid): too few evaluations"
+            "ones the evaluation subset)"
+        )
+        if len(start)
+        else "FedAvg (iid): too few evaluations"
+    )
 
 
 def heterogeneity_table(root) -> pd.DataFrame:
@@ -220,7 +278,8 @@ def drift_table(root, experiment=HETEROGENEITY) -> pd.DataFrame:
     drift = _curves(runs, []).groupby("run_dir")[DRIFT].mean()
     drift["update_efficiency"] = drift["avg_delta_norm"] / drift["mean_client_delta_norm"]
     return runs[["run_dir", "seed", "sharding_label", "local_steps", "rule", "sparsity"]].merge(
-        drift.reset_index(), on="run_dir")
+        drift.reset_index(), on="run_dir"
+    )
 
 
 def sparse_table(root) -> pd.DataFrame:
@@ -257,8 +316,10 @@ def _rule_masks(root) -> dict:
     """rule -> {parameter name: bool mask} of notebook 05's iid runs at its smallest sparsity and seed."""
     runs = _runs(root, MASK_RULES).query("sharding_label == 'iid'")
     runs = runs[(runs["sparsity"] == runs["sparsity"].min()) & (runs["seed"] == runs["seed"].min())]
-    return {run.rule: unpack_masks(torch.load(Path(run.run_dir, "prepared.pt"), weights_only=True)["masks"])
-            for run in runs.itertuples()}
+    return {
+        run.rule: unpack_masks(torch.load(Path(run.run_dir, "prepared.pt"), weights_only=True)["masks"])
+        for run in runs.itertuples()
+    }
 
 
 def mask_overlap_table(root) -> pd.DataFrame:
@@ -278,11 +339,22 @@ def block_density_table(root) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- figure helpers
 
+
 def _axes(ncols: int = 1, **kwargs):
     """The one theme, and a row of `ncols` axes (constrained layout keeps outside legends in the figure)."""
-    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=0.9,
-                  rc={"pdf.fonttype": 42, "legend.frameon": False, "savefig.dpi": 200,  # 42: TrueType
-                      "axes.titlesize": "medium", "figure.titlesize": "medium"})
+    sns.set_theme(
+        context="paper",
+        style="whitegrid",
+        palette="colorblind",
+        font_scale=0.9,
+        rc={
+            "pdf.fonttype": 42,
+            "legend.frameon": False,
+            "savefig.dpi": 200,  # 42: TrueType
+            "axes.titlesize": "medium",
+            "figure.titlesize": "medium",
+        },
+    )
     fig, axes = plt.subplots(1, ncols, squeeze=False, layout="constrained", **kwargs)
     return fig, axes[0]
 
@@ -296,10 +368,28 @@ def placeholder(title: str, message: str):
     """A hatched stand-in for a figure (give it that figure's size), so the layout stays and the gap shows."""
     fig, (ax,) = _axes()
     ax.set_axis_off()
-    ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, facecolor="#fff8e1", edgecolor="#d39e00",
-                               hatch="//", alpha=0.5))
-    ax.text(0.5, 0.5, f"{title}\n{message}", ha="center", va="center", fontsize=7, wrap=True,
-            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#d39e00"})
+    ax.add_patch(
+        plt.Rectangle(
+            (0, 0),
+            1,
+            1,
+            transform=ax.transAxes,
+            facecolor="#fff8e1",
+            edgecolor="#d39e00",
+            hatch="//",
+            alpha=0.5,
+        )
+    )
+    ax.text(
+        0.5,
+        0.5,
+        f"{title}\n{message}",
+        ha="center",
+        va="center",
+        fontsize=7,
+        wrap=True,
+        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#d39e00"},
+    )
     return fig
 
 
@@ -308,6 +398,7 @@ def _figure(width: float, aspect: float, title: str):
     aspect, also `function.size`), the legend right of the last panel and a title naming the profile and
     the seed count; a placeholder of that size when the results are missing. In a worker's notebook, the
     runs of its grids not complete yet (team.PENDING) are named in red below the plot."""
+
     def wrap(draw):
         @functools.wraps(draw)
         def figure(root, profile: str):
@@ -315,17 +406,31 @@ def _figure(width: float, aspect: float, title: str):
                 fig, seeds = draw(root, profile)
                 fig.suptitle(f"{title} (profile {profile}, {seeds} seed{'s' if seeds != 1 else ''})")
                 if pending := [name.rsplit("-", 1)[0] for names in team.PENDING.values() for name in names]:
-                    fig.text(0, 0, f"Not drawn, not complete yet ({len(pending)} runs): {', '.join(pending)}",
-                             fontsize=5, color="crimson", va="top", wrap=True)
+                    fig.text(
+                        0,
+                        0,
+                        f"Not drawn, not complete yet ({len(pending)} runs): {', '.join(pending)}",
+                        fontsize=5,
+                        color="crimson",
+                        va="top",
+                        wrap=True,
+                    )
             except NoResults as missing:
                 fig = placeholder(f"{title}: no results yet (profile {profile})", str(missing))
             if fig.axes[-1].get_legend() is not None:
-                sns.move_legend(fig.axes[-1], "center left", bbox_to_anchor=(1.02, 0.5), fontsize="x-small",
-                                title_fontsize="x-small")
+                sns.move_legend(
+                    fig.axes[-1],
+                    "center left",
+                    bbox_to_anchor=(1.02, 0.5),
+                    fontsize="x-small",
+                    title_fontsize="x-small",
+                )
             fig.set_size_inches(width, width * aspect)
             return fig
+
         figure.size = (width, aspect)
         return figure
+
     return wrap
 
 
@@ -353,6 +458,7 @@ def _loss_and_accuracy(curves: pd.DataFrame) -> list:
 
 # --------------------------------------------------------------------------- figures
 
+
 @_figure(FULL, 0.32, "Client shards")
 def shard_figure(root, profile: str):
     """Notebook 00: samples and distinct classes per client, per sharding scheme (the shards of one seed)."""
@@ -369,8 +475,15 @@ def lr_search_heatmap(root, profile: str):
     """Notebook 01: validation accuracy (%) of every (learning rate, weight decay) pair of the search."""
     table = lr_search_table(root)
     fig, (ax,) = _axes()
-    sns.heatmap(table.pivot(index="lr", columns="weight_decay", values="val") * 100, annot=True, fmt=".1f",
-                cmap="viridis", ax=ax, cbar_kws={"label": "val. accuracy (%)"}, annot_kws={"fontsize": 7})
+    sns.heatmap(
+        table.pivot(index="lr", columns="weight_decay", values="val") * 100,
+        annot=True,
+        fmt=".1f",
+        cmap="viridis",
+        ax=ax,
+        cbar_kws={"label": "val. accuracy (%)"},
+        annot_kws={"fontsize": 7},
+    )
     ax.set(xlabel="weight decay", ylabel="learning rate")
     return fig, table["n"].max()
 
@@ -386,8 +499,12 @@ def centralized_curves(root, profile: str):
 def fedavg_vs_centralized(root, profile: str):
     """Notebook 02: FedAvg (iid) and the centralized reference against training images processed."""
     curves = sample_curves(root)
-    return _lines(_loss_and_accuracy(curves.assign(thousands=curves["samples"] / 1000)), "thousands",
-                  "training images processed (thousands)", "method")
+    return _lines(
+        _loss_and_accuracy(curves.assign(thousands=curves["samples"] / 1000)),
+        "thousands",
+        "training images processed (thousands)",
+        "method",
+    )
 
 
 @_figure(COLUMN, 0.8, "FedAvg")
@@ -398,8 +515,15 @@ def heterogeneity_heatmap(root, profile: str):
     grid = table.pivot(index="sharding_label", columns="local_steps", values=["mean", "text"])
     grid = grid.reindex(table["sharding_label"].unique()).rename(index=_pretty)
     fig, (ax,) = _axes()
-    sns.heatmap(grid["mean"].astype(float) * 100, annot=grid["text"].to_numpy(), fmt="", cmap="viridis",
-                ax=ax, cbar_kws={"label": "test accuracy (%)"}, annot_kws={"fontsize": 7})
+    sns.heatmap(
+        grid["mean"].astype(float) * 100,
+        annot=grid["text"].to_numpy(),
+        fmt="",
+        cmap="viridis",
+        ax=ax,
+        cbar_kws={"label": "test accuracy (%)"},
+        annot_kws={"fontsize": 7},
+    )
     ax.set(xlabel="local steps J", ylabel="sharding")
     ax.tick_params(axis="y", rotation=0)
     return fig, table["n"].max()
@@ -410,8 +534,15 @@ def heterogeneity_curves(root, profile: str):
     """Notebook 03: test accuracy per round, a panel per J, a line per sharding."""
     curves = load_curves(root, HETEROGENEITY, ["seed", "local_steps", "sharding_label"])
     curves["sharding"] = curves["sharding_label"].map(_pretty)
-    return _lines([(f"J = {j}", curves[curves["local_steps"] == j], "test_acc", "test accuracy (%)")
-                   for j in sorted(curves["local_steps"].unique())], "round", "round", "sharding")
+    return _lines(
+        [
+            (f"J = {j}", curves[curves["local_steps"] == j], "test_acc", "test accuracy (%)")
+            for j in sorted(curves["local_steps"].unique())
+        ],
+        "round",
+        "round",
+        "sharding",
+    )
 
 
 @_figure(FULL, 0.28, "Client drift and interference")
@@ -419,13 +550,27 @@ def drift_figure(root, profile: str):
     """Notebook 03: drift and interference averaged over rounds, per sharding, a line per J; bars: std."""
     drift = drift_table(root)
     drift = drift.assign(sharding=drift["sharding_label"].map(_pretty), J=drift["local_steps"])
-    panels = {"mean_pairwise_cosine": "mean pairwise cosine", "sign_agreement": "sign agreement",
-              "mean_client_delta_norm": "client delta norm (L2)", "update_efficiency": "update efficiency"}
+    panels = {
+        "mean_pairwise_cosine": "mean pairwise cosine",
+        "sign_agreement": "sign agreement",
+        "mean_client_delta_norm": "client delta norm (L2)",
+        "update_efficiency": "update efficiency",
+    }
     fig, axes = _axes(len(panels))
     for ax, (column, label) in zip(axes, panels.items()):
-        sns.pointplot(data=drift, x="sharding", y=column, hue="J", errorbar="sd", ax=ax, markersize=3,
-                      dodge=0.3 if drift["J"].nunique() > 1 else False,  # seaborn divides by levels - 1
-                      linewidth=1, palette="colorblind", legend=ax is axes[-1])
+        sns.pointplot(
+            data=drift,
+            x="sharding",
+            y=column,
+            hue="J",
+            errorbar="sd",
+            ax=ax,
+            markersize=3,
+            dodge=0.3 if drift["J"].nunique() > 1 else False,  # seaborn divides by levels - 1
+            linewidth=1,
+            palette="colorblind",
+            legend=ax is axes[-1],
+        )
         ax.set(xlabel="", ylabel=label)
         ax.tick_params(axis="x", rotation=45)
     return fig, drift["seed"].nunique()
@@ -441,15 +586,24 @@ def sparsity_figure(root, profile: str):
     fig, axes = _axes(2, sharey=True)
     for ax, (column, group) in zip(axes, sweeps(rows).items()):
         group = group.sort_values(column)
-        ax.errorbar(group[column], group["mean"] * 100, yerr=group["std"] * 100, marker="o", markersize=3,
-                    capsize=2, label="sparse (least sensitive)")
+        ax.errorbar(
+            group[column],
+            group["mean"] * 100,
+            yerr=group["std"] * 100,
+            marker="o",
+            markersize=3,
+            capsize=2,
+            label="sparse (least sensitive)",
+        )
         for (_, ref), style in zip(rows[rows["method"] != "sparse"].iterrows(), (":", "-.", "--", "-")):
             ax.axhline(ref["mean"] * 100, color="0.4", linewidth=0.8, linestyle=style, label=ref["method"])
         ax.set_xscale("logit" if column == "sparsity" else "log")  # logit: 0.9, 0.99 evenly spaced
         ax.set_xticks(levels := sorted(group[column].unique()), [f"{v:g}" for v in levels])
         ax.minorticks_off()
-        ax.set(xlabel="sparsity (fraction frozen)" if column == "sparsity" else "calibration rounds R",
-               ylabel="test accuracy (%)")
+        ax.set(
+            xlabel="sparsity (fraction frozen)" if column == "sparsity" else "calibration rounds R",
+            ylabel="test accuracy (%)",
+        )
     axes[-1].legend()
     return fig, table["n"].max()
 
@@ -459,14 +613,26 @@ def mask_rules_figure(root, profile: str):
     """Notebook 05: final test accuracy (%) per mask rule, a panel per sparsity, a bar per sharding;
     bars: std over seeds."""
     runs = _runs(root, MASK_RULES)
-    runs = runs.assign(test_acc=runs["final_test_acc"] * 100, sharding=runs["sharding_label"].map(_pretty),
-                       rule=runs["rule"].str.replace("_", "\n"))
+    runs = runs.assign(
+        test_acc=runs["final_test_acc"] * 100,
+        sharding=runs["sharding_label"].map(_pretty),
+        rule=runs["rule"].str.replace("_", "\n"),
+    )
     sparsities = sorted(runs["sparsity"].unique())
     fig, axes = _axes(len(sparsities), sharey=True)
     for ax, sparsity in zip(axes, sparsities):
-        sns.barplot(data=runs[runs["sparsity"] == sparsity], x="rule", y="test_acc", hue="sharding",
-                    order=[r.replace("_", "\n") for r in RULES], errorbar="sd", capsize=0.1, ax=ax,
-                    err_kws={"linewidth": 0.8}, legend=ax is axes[-1])
+        sns.barplot(
+            data=runs[runs["sparsity"] == sparsity],
+            x="rule",
+            y="test_acc",
+            hue="sharding",
+            order=[r.replace("_", "\n") for r in RULES],
+            errorbar="sd",
+            capsize=0.1,
+            ax=ax,
+            err_kws={"linewidth": 0.8},
+            legend=ax is axes[-1],
+        )
         ax.set(title=f"sparsity {sparsity:g}", xlabel="", ylabel="test accuracy (%)")
     return fig, runs["seed"].nunique()
 
@@ -477,8 +643,17 @@ def mask_overlap_heatmap(root, profile: str):
     overlap = mask_overlap_table(root)
     names = [r.replace("_sensitive", " sens.").replace("est_magnitude", ". mag.") for r in overlap.index]
     fig, (ax,) = _axes()
-    sns.heatmap(pd.DataFrame(overlap.to_numpy(), names, names), annot=True, fmt=".2f", vmin=0, vmax=1, ax=ax,
-                cmap="rocket_r", cbar_kws={"label": "Jaccard overlap"}, annot_kws={"fontsize": 7})
+    sns.heatmap(
+        pd.DataFrame(overlap.to_numpy(), names, names),
+        annot=True,
+        fmt=".2f",
+        vmin=0,
+        vmax=1,
+        ax=ax,
+        cmap="rocket_r",
+        cbar_kws={"label": "Jaccard overlap"},
+        annot_kws={"fontsize": 7},
+    )
     ax.tick_params(axis="x", rotation=45)
     ax.tick_params(axis="y", rotation=0)
     return fig, 1
@@ -489,8 +664,19 @@ def block_density_figure(root, profile: str):
     """Notebook 05: trainable fraction per transformer block, a line per rule (iid, one sparsity and seed)."""
     density = block_density_table(root)
     fig, (ax,) = _axes()
-    sns.lineplot(data=density.assign(rule=density["rule"].str.replace("_", " ")), x="block", y="density",
-                 hue="rule", marker="o", markersize=3, ax=ax)
-    ax.set(xlabel="transformer block (-1: outside)", ylabel="trainable fraction", ylim=(0, None),
-           xticks=sorted(density["block"].unique()))
+    sns.lineplot(
+        data=density.assign(rule=density["rule"].str.replace("_", " ")),
+        x="block",
+        y="density",
+        hue="rule",
+        marker="o",
+        markersize=3,
+        ax=ax,
+    )
+    ax.set(
+        xlabel="transformer block (-1: outside)",
+        ylabel="trainable fraction",
+        ylim=(0, None),
+        xticks=sorted(density["block"].unique()),
+    )
     return fig, 1

@@ -60,8 +60,9 @@ LAMBDA_TOLERANCE = 0.01  # validation accuracy given up for a larger, steadier p
 
 
 @torch.inference_mode()
-def client_features(model: nn.Module, image_set: ImageSet, indices, img_size: int, precision: str,
-                    batch_size: int = 256) -> torch.Tensor:
+def client_features(
+    model: nn.Module, image_set: ImageSet, indices, img_size: int, precision: str, batch_size: int = 256
+) -> torch.Tensor:
     """Frozen-backbone features [n, D] (float32) of positions `indices`, no augmentation."""
     model.eval()
     index = torch.as_tensor(np.asarray(indices), device=image_set.labels.device)
@@ -73,15 +74,17 @@ def client_features(model: nn.Module, image_set: ImageSet, indices, img_size: in
     return torch.cat(parts)
 
 
-def ridge_statistics(feats: torch.Tensor, labels: torch.Tensor,
-                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_statistics(
+    feats: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A = Phi^T Phi and b = Phi^T Y for one client (float64, Phi with a bias column)."""
     phi = torch.cat([feats.double(), feats.new_ones(len(feats), 1, dtype=torch.float64)], dim=1)
     return phi.T @ phi, phi.T @ F.one_hot(labels, num_classes).double()
 
 
-def solve_ridge(a_sum: torch.Tensor, b_sum: torch.Tensor,
-                ridge_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_ridge(
+    a_sum: torch.Tensor, b_sum: torch.Tensor, ridge_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve (A + lambda * mean(diag A) * I) W = b; returns the head's weight [C, D] and bias [C].
 
     The penalty is relative to the mean eigenvalue of A (trace / dimension), so one value suits
@@ -108,10 +111,15 @@ def choose_ridge_lambda(lambdas, val_accuracies, tolerance: float = LAMBDA_TOLER
     return max(lam for lam, acc in zip(lambdas, val_accuracies) if acc >= best - tolerance)
 
 
-def federated_ridge_head(client_feats: list[torch.Tensor], client_labels: list[torch.Tensor],
-                         num_classes: int, ridge_lambda: float | None,
-                         scales: tuple[float, ...] = LOGIT_SCALES, val_feats: torch.Tensor | None = None,
-                         val_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def federated_ridge_head(
+    client_feats: list[torch.Tensor],
+    client_labels: list[torch.Tensor],
+    num_classes: int,
+    ridge_lambda: float | None,
+    scales: tuple[float, ...] = LOGIT_SCALES,
+    val_feats: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(weight, bias, info) of the ridge head from per-client statistics, scale chosen federatedly.
 
     ridge_lambda=None chooses it from RIDGE_LAMBDAS by accuracy on (val_feats, val_labels), which
@@ -123,20 +131,28 @@ def federated_ridge_head(client_feats: list[torch.Tensor], client_labels: list[t
     chosen = {}
     if ridge_lambda is None:
         heads = [solve_ridge(a_sum, b_sum, lam) for lam in RIDGE_LAMBDAS]
-        accuracies = [float(((val_feats.double() @ w.T + c).argmax(1) == val_labels).double().mean())
-                      for w, c in heads]
+        accuracies = [
+            float(((val_feats.double() @ w.T + c).argmax(1) == val_labels).double().mean()) for w, c in heads
+        ]
         ridge_lambda = choose_ridge_lambda(RIDGE_LAMBDAS, accuracies)
         chosen = {"val_accuracy_per_lambda": {f"{lam:g}": acc for lam, acc in zip(RIDGE_LAMBDAS, accuracies)}}
     weight, bias = solve_ridge(a_sum, b_sum, ridge_lambda)
-    losses = sum(torch.stack([F.cross_entropy(s * (f.double() @ weight.T + bias), y, reduction="sum")
-                              for s in scales]) for f, y in zip(client_feats, client_labels))
+    losses = sum(
+        torch.stack([F.cross_entropy(s * (f.double() @ weight.T + bias), y, reduction="sum") for s in scales])
+        for f, y in zip(client_feats, client_labels)
+    )
     best = int(torch.argmin(losses))
-    info = {"ridge_lambda": ridge_lambda, "logit_scale": scales[best],
-            "train_loss_at_scale": float(losses[best]) / sum(len(y) for y in client_labels), **chosen}
+    info = {
+        "ridge_lambda": ridge_lambda,
+        "logit_scale": scales[best],
+        "train_loss_at_scale": float(losses[best]) / sum(len(y) for y in client_labels),
+        **chosen,
+    }
     return (scales[best] * weight).float(), (scales[best] * bias).float(), info
 
 
 # --------------------------------------------------------------------------- the spec and the preparation
+
 
 @dataclass(frozen=True)
 class FineTuneSpec:
@@ -147,14 +163,14 @@ class FineTuneSpec:
     clips its fine-tuning under a frozen head; None (plain fine-tuning, notebooks 01-03) never clips.
     """
 
-    head: str = "train"              # 'train' | 'ridge' (frozen after step 0)
+    head: str = "train"  # 'train' | 'ridge' (frozen after step 0)
     ridge_lambda: float | None = 1.0  # relative ridge penalty (solve_ridge); None: chosen on validation
-    mask_rule: str | None = None     # None = dense; else one of sensitivity.RULES
-    sparsity: float = 0.9            # fraction of eligible entries frozen
-    calibration_rounds: int = 4      # R in TaLoS: density d^(r/R) in round r
+    mask_rule: str | None = None  # None = dense; else one of sensitivity.RULES
+    sparsity: float = 0.9  # fraction of eligible entries frozen
+    calibration_rounds: int = 4  # R in TaLoS: density d^(r/R) in round r
     calibration_samples: int = 1600  # samples scored per round in total (split evenly over clients)
-    label_mode: str = "sampled"      # Fisher labels drawn from the model ('sampled') or the true ones
-    eligible: str = "backbone"       # 'backbone' (all but the head) | 'blocks' | 'matrices' (2-D, blocks)
+    label_mode: str = "sampled"  # Fisher labels drawn from the model ('sampled') or the true ones
+    eligible: str = "backbone"  # 'backbone' (all but the head) | 'blocks' | 'matrices' (2-D, blocks)
     max_grad_norm: float | None = None  # clip the trainable gradient's global norm each step; None: never
 
     def __post_init__(self):
@@ -205,8 +221,17 @@ class Prepared:
     info: dict = field(default_factory=dict)
 
 
-def prepare(run, model: nn.Module, data: DataBundle, spec: FineTuneSpec, seed: int, img_size: int,
-            precision: str, shards: list[np.ndarray], head_cache: Path | None) -> Prepared:
+def prepare(
+    run,
+    model: nn.Module,
+    data: DataBundle,
+    spec: FineTuneSpec,
+    seed: int,
+    img_size: int,
+    precision: str,
+    shards: list[np.ndarray],
+    head_cache: Path | None,
+) -> Prepared:
     """Steps 0 and 1 from per-client computations (one client = centralized); stored in the run."""
     if run.has_artifact("prepared.pt"):
         return load_prepared(run.dir, model, data.device)
@@ -218,18 +243,33 @@ def prepare(run, model: nn.Module, data: DataBundle, spec: FineTuneSpec, seed: i
     prepared = Prepared(names, info=dict(info))
     if spec.is_sparse:
         eligible = eligible_names(model, spec.eligible)
-        score_fn = federated_fisher(data, calibration_samples(shards, spec.calibration_samples, seed),
-                                    img_size, spec.label_mode, eligible, seed)
-        result = calibrate(model, score_fn, spec.mask_rule, spec.sparsity, spec.calibration_rounds,
-                           eligible, seed)
+        score_fn = federated_fisher(
+            data,
+            calibration_samples(shards, spec.calibration_samples, seed),
+            img_size,
+            spec.label_mode,
+            eligible,
+            seed,
+        )
+        result = calibrate(
+            model, score_fn, spec.mask_rule, spec.sparsity, spec.calibration_rounds, eligible, seed
+        )
         prepared.masks = result.masks
-        prepared.info.update(achieved_sparsity=result.achieved_sparsity, thresholds=result.thresholds,
-                             round_densities=result.densities)
+        prepared.info.update(
+            achieved_sparsity=result.achieved_sparsity,
+            thresholds=result.thresholds,
+            round_densities=result.densities,
+        )
     head = model.get_classifier()
-    run.save_artifact("prepared.pt", {
-        "trainable_names": prepared.trainable_names, "info": json.dumps(prepared.info),
-        "head": {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()},
-        "masks": pack_masks(prepared.masks) if prepared.masks is not None else None})
+    run.save_artifact(
+        "prepared.pt",
+        {
+            "trainable_names": prepared.trainable_names,
+            "info": json.dumps(prepared.info),
+            "head": {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()},
+            "masks": pack_masks(prepared.masks) if prepared.masks is not None else None,
+        },
+    )
     return prepared
 
 
@@ -257,8 +297,11 @@ def head_cache_path(root: str | Path, spec: FineTuneSpec, **context) -> Path | N
     """
     if spec.head == "train":
         return None
-    ridge = spec.ridge_lambda if spec.ridge_lambda is not None else \
-        {"validation": list(RIDGE_LAMBDAS), "tolerance": LAMBDA_TOLERANCE}
+    ridge = (
+        spec.ridge_lambda
+        if spec.ridge_lambda is not None
+        else {"validation": list(RIDGE_LAMBDAS), "tolerance": LAMBDA_TOLERANCE}
+    )
     return Path(root) / "cache" / f"head-{config_id({**context, 'ridge_lambda': ridge})}.pt"
 
 
@@ -273,12 +316,19 @@ def fit_ridge_head(model, data, spec, img_size, precision, shards, cache: Path |
             return stored["weight"], stored["bias"], stored["info"]
         except Exception:  # an unreadable cache entry is recomputed, never trusted
             pass
-    feats = [client_features(model, data.train, idx, img_size, precision)
-             for idx in tqdm(shards, desc="step 0: client features", leave=False)]
+    feats = [
+        client_features(model, data.train, idx, img_size, precision)
+        for idx in tqdm(shards, desc="step 0: client features", leave=False)
+    ]
     labels = [data.train.labels[torch.as_tensor(idx, device=data.device)] for idx in shards]
-    val = {} if spec.ridge_lambda is not None else {
-        "val_feats": client_features(model, data.val, np.arange(len(data.val)), img_size, precision),
-        "val_labels": data.val.labels}
+    val = (
+        {}
+        if spec.ridge_lambda is not None
+        else {
+            "val_feats": client_features(model, data.val, np.arange(len(data.val)), img_size, precision),
+            "val_labels": data.val.labels,
+        }
+    )
     weight, bias, info = federated_ridge_head(feats, labels, data.num_classes, spec.ridge_lambda, **val)
     if cache is not None:
         atomic_torch_save({"weight": weight.cpu(), "bias": bias.cpu(), "info": info}, cache)
@@ -300,8 +350,10 @@ def eligible_names(model: nn.Module, eligible: str) -> list[str]:
 def calibration_samples(shards, total: int, seed: int) -> list[np.ndarray]:
     """Each client's scoring samples: an equal share of `total`, drawn from its own shard."""
     per_client = max(1, -(-total // len(shards)))
-    return [numpy_rng(seed, "calibration-samples", k).permutation(shard)[:per_client]
-            for k, shard in enumerate(shards)]
+    return [
+        numpy_rng(seed, "calibration-samples", k).permutation(shard)[:per_client]
+        for k, shard in enumerate(shards)
+    ]
 
 
 def federated_fisher(data, samples: list[np.ndarray], img_size, label_mode, names, seed):
@@ -321,8 +373,9 @@ def federated_fisher(data, samples: list[np.ndarray], img_size, label_mode, name
             generator = torch_generator(seed, "fisher-labels", round_index, client, device=data.device)
             index = torch.as_tensor(indices, device=data.device)
             batches = (make_batch(data.train, chunk, img_size) for chunk in index.split(FISHER_CHUNK))
-            sums, n = fisher_sums(model, batches, label_mode, names, generator=generator,
-                                  chunk_size=FISHER_CHUNK)
+            sums, n = fisher_sums(
+                model, batches, label_mode, names, generator=generator, chunk_size=FISHER_CHUNK
+            )
             totals = sums if totals is None else {k: totals[k].add_(sums[k]) for k in totals}
             count += n
         return {k: v / count for k, v in totals.items()}

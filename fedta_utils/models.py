@@ -100,7 +100,9 @@ def _tiny_vit(num_classes: int, img_size: int) -> nn.Module:
 
 def _dino_vits16(num_classes: int, pretrained: bool, weights_path, img_size: int) -> nn.Module:
     if weights_path is not None or not pretrained:  # a local file, or random weights of the same shape
-        with torch.random.fork_rng(devices=[]):  # the same random weights in every build (a resumed run's too)
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # the same random weights in every build (a resumed run's too)
             torch.manual_seed(TINY_BACKBONE_SEED)
             model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes, img_size=img_size)
         if weights_path is not None:
@@ -161,13 +163,15 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         grid = math.isqrt(old.shape[1] - 1)  # after the class token, a square grid of patches
         if grid * grid == old.shape[1] - 1:
             cleaned["pos_embed"] = resample_abs_pos_embed(
-                old, list(model.patch_embed.grid_size), [grid, grid], num_prefix_tokens=1)
+                old, list(model.patch_embed.grid_size), [grid, grid], num_prefix_tokens=1
+            )
     missing = sorted(set(expected) - set(cleaned))
     wrong = sorted(k for k in expected if k in cleaned and cleaned[k].shape != expected[k].shape)
     if missing or wrong:
         raise ConfigError(
             f"the weights do not fit ViT-S/16: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"wrong shape {wrong[:5]}")
+            f"wrong shape {wrong[:5]}"
+        )
     model.load_state_dict({k: cleaned[k] for k in expected}, strict=False)
 
 

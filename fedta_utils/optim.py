@@ -35,21 +35,27 @@ def _checked_masks(masks, params: list[Tensor]) -> list[Tensor | None]:
         raise TypeError("masks must be a list with one tensor (or None) per parameter, not a single tensor")
     masks = list(masks)
     if len(masks) != len(params):
-        raise ValueError(f"masks has {len(masks)} entries but the optimizer has {len(params)} parameters; "
-                         f"expected {len(params)} (one per parameter, in param-group order, None = dense)")
+        raise ValueError(
+            f"masks has {len(masks)} entries but the optimizer has {len(params)} parameters; "
+            f"expected {len(params)} (one per parameter, in param-group order, None = dense)"
+        )
     for i, (m, p) in enumerate(zip(masks, params)):
         if m is None:
             continue
         if not isinstance(m, Tensor):
             raise TypeError(f"masks[{i}] must be a tensor or None, got {type(m).__name__}")
         if m.shape != p.shape:
-            raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} "
-                             f"but its parameter has shape {tuple(p.shape)}")
+            raise ValueError(
+                f"masks[{i}] has shape {tuple(m.shape)} but its parameter has shape {tuple(p.shape)}"
+            )
         if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
-            raise ValueError(f"masks[{i}] (parameter shape {tuple(p.shape)}) must contain only 0 and 1 "
-                             "(1 = trainable, 0 = frozen)")
-    return [None if m is None else m.detach().to(p.device, torch.bool, copy=True)
-            for m, p in zip(masks, params)]
+            raise ValueError(
+                f"masks[{i}] (parameter shape {tuple(p.shape)}) must contain only 0 and 1 "
+                "(1 = trainable, 0 = frozen)"
+            )
+    return [
+        None if m is None else m.detach().to(p.device, torch.bool, copy=True) for m, p in zip(masks, params)
+    ]
 
 
 def _directions(group: dict, params: list[Tensor]) -> list[Tensor]:
@@ -81,14 +87,38 @@ class SparseSGDM(torch.optim.SGD):
     non-finite. Clipping needs dense gradients.
     """
 
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, masks=None, fused=None, max_grad_norm=None):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        *,
+        maximize=False,
+        foreach=None,
+        masks=None,
+        fused=None,
+        max_grad_norm=None,
+    ):
         if fused:
             raise ValueError("SparseSGDM does not support fused=True; use foreach=True or None instead")
-        self.max_grad_norm = None if max_grad_norm is None else \
-            check_float("max_grad_norm", max_grad_norm, 0.0, None, low_open=True)
-        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                         nesterov=nesterov, maximize=maximize, foreach=foreach)
+        self.max_grad_norm = (
+            None
+            if max_grad_norm is None
+            else check_float("max_grad_norm", max_grad_norm, 0.0, None, low_open=True)
+        )
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+        )
         flat = [p for group in self.param_groups for p in group["params"]]
         for p, m in zip(flat, _checked_masks(masks, flat)):
             if m is not None:
@@ -101,8 +131,10 @@ class SparseSGDM(torch.optim.SGD):
             if "mask" not in state:
                 continue
             if state["mask"].shape != p.shape:
-                raise ValueError(f"loaded mask has shape {tuple(state['mask'].shape)} "
-                                 f"but its parameter has shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"loaded mask has shape {tuple(state['mask'].shape)} "
+                    f"but its parameter has shape {tuple(p.shape)}"
+                )
             state["mask"] = state["mask"].to(torch.bool)  # Optimizer.load_state_dict cast it to p.dtype
 
     @torch.no_grad()
@@ -120,15 +152,29 @@ class SparseSGDM(torch.optim.SGD):
                 continue
             masks = [self.state.get(p, {}).get("mask") for p in params]
             if sparse := [p for p, m in zip(params, masks) if m is not None and p.grad.is_sparse]:
-                raise RuntimeError(f"SparseSGDM: a masked parameter (shape {tuple(sparse[0].shape)}) has a "
-                                   "sparse gradient; masks need dense gradients")
-            directions = [d if m is None else torch.where(m, d, 0)  # overwrite: inf * 0 would be nan
-                          for d, m in zip(_directions(group, params), masks)]
+                raise RuntimeError(
+                    f"SparseSGDM: a masked parameter (shape {tuple(sparse[0].shape)}) has a "
+                    "sparse gradient; masks need dense gradients"
+                )
+            directions = [
+                d if m is None else torch.where(m, d, 0)  # overwrite: inf * 0 would be nan
+                for d, m in zip(_directions(group, params), masks)
+            ]
             bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
             # Sign and weight decay are in the directions already; foreach=None leaves torch its default.
-            sgd(params, directions, bufs, has_sparse_grad=any(p.grad.is_sparse for p in params),
-                foreach=group["foreach"], weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
-                dampening=group["dampening"], nesterov=group["nesterov"], maximize=False)
+            sgd(
+                params,
+                directions,
+                bufs,
+                has_sparse_grad=any(p.grad.is_sparse for p in params),
+                foreach=group["foreach"],
+                weight_decay=0.0,
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=False,
+            )
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
         return loss
@@ -163,11 +209,13 @@ def lr_multiplier(scheduler: str, step: int, total_steps: int, warmup_steps: int
     return STEP_GAMMA ** sum(progress >= milestone for milestone in STEP_MILESTONES)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, scheduler: str, total_steps: int,
-                   warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, scheduler: str, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR that follows lr_multiplier; its state_dict() checkpoints the step."""
     check_choice("scheduler", scheduler, SCHEDULERS)
     total_steps = check_int("total_steps", total_steps, minimum=1)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0, maximum=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(scheduler, step, total_steps, warmup_steps))
+        optimizer, lambda step: lr_multiplier(scheduler, step, total_steps, warmup_steps)
+    )

@@ -80,8 +80,10 @@ def check_overrides(overrides: dict, selected: dict[str, Path]) -> None:
     declared = set().union(*(declared_parameters(path) for path in selected.values()))
     unknown = sorted(set(overrides) - declared)
     if unknown:
-        raise ConfigError(f"-p {unknown[0]}: no selected notebook declares a parameter of that name; "
-                          f"declared: {sorted(declared)}")
+        raise ConfigError(
+            f"-p {unknown[0]}: no selected notebook declares a parameter of that name; "
+            f"declared: {sorted(declared)}"
+        )
 
 
 def notebook_parameters(path: Path, profile: str, results_dir: Path, overrides: dict) -> dict:
@@ -90,8 +92,14 @@ def notebook_parameters(path: Path, profile: str, results_dir: Path, overrides: 
     return {name: value for name, value in values.items() if name in declared_parameters(path)}
 
 
-def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str | Path = "results",
-                 overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR, worker: str = ""):
+def run_pipeline(
+    profile: str,
+    only: list[str] | None = None,
+    results_dir: str | Path = "results",
+    overrides: dict | None = None,
+    notebook_dir: Path = NOTEBOOK_DIR,
+    worker: str = "",
+):
     """Execute the selected notebooks in order; returns one record per notebook with its wall time.
     `worker` ('I/N') reaches every notebook that declares it (the grid notebooks)."""
     from papermill.exceptions import PapermillExecutionError
@@ -111,8 +119,9 @@ def run_pipeline(profile: str, only: list[str] | None = None, results_dir: str |
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"results_dir={str(results_dir)!r} is not writable ({error}); "
-                          "choose a folder you can write to") from error
+        raise ConfigError(
+            f"results_dir={str(results_dir)!r} is not writable ({error}); choose a folder you can write to"
+        ) from error
     records = []
     for path in selected.values():
         parameters = notebook_parameters(path, profile, results_dir, overrides)
@@ -138,15 +147,23 @@ def execute_notebook(path: Path, output: Path, parameters: dict) -> None:
 
     for attempt in range(1, KERNEL_START_TRIES + 1):
         try:
-            papermill.execute_notebook(str(path), str(output), parameters=parameters, kernel_name=KERNEL,
-                                       cwd=str(path.parent.parent), progress_bar=False,
-                                       extra_arguments=QUIET_KERNEL)
+            papermill.execute_notebook(
+                str(path),
+                str(output),
+                parameters=parameters,
+                kernel_name=KERNEL,
+                cwd=str(path.parent.parent),
+                progress_bar=False,
+                extra_arguments=QUIET_KERNEL,
+            )
             return
         except RuntimeError as error:
             if KERNEL_DIED not in str(error) or attempt == KERNEL_START_TRIES:
                 raise
-            print(f"[pipeline] {path.name}: the kernel died at start-up ({error}); starting it again",
-                  flush=True)
+            print(
+                f"[pipeline] {path.name}: the kernel died at start-up ({error}); starting it again",
+                flush=True,
+            )
 
 
 class NotebookFailed(RuntimeError):
@@ -155,11 +172,13 @@ class NotebookFailed(RuntimeError):
     def __init__(self, name: str, error):
         source = "\n".join("    " + line for line in str(error.source).splitlines())
         traceback = ANSI_ESCAPES.sub("", "\n".join(error.traceback[-6:])) if error.traceback else ""
-        super().__init__(f"{name} failed in cell {error.exec_count}:\n{source}\n"
-                         f"{error.ename}: {error.evalue}\n{traceback}")
+        super().__init__(
+            f"{name} failed in cell {error.exec_count}:\n{source}\n{error.ename}: {error.evalue}\n{traceback}"
+        )
 
 
 # --------------------------------------------------------------------------- the dry-run
+
 
 def notebook_values(path: Path, profile: str, overrides: dict) -> dict:
     """What the notebook sees: its defaults, then the profile's values, then -p overrides."""
@@ -191,8 +210,14 @@ def head_key(config) -> tuple | None:
     if config.finetune.head == "train":
         return None
     if isinstance(config, FedAvgConfig):
-        return config.model, config.dataset, config.finetune.ridge_lambda, config.sharding_name(), \
-            config.num_clients, config.seed
+        return (
+            config.model,
+            config.dataset,
+            config.finetune.ridge_lambda,
+            config.sharding_name(),
+            config.num_clients,
+            config.seed,
+        )
     return config.model, config.dataset, config.finetune.ridge_lambda, "centralized", config.seed
 
 
@@ -223,13 +248,22 @@ def run_table(groups: list[dict]) -> pd.DataFrame:
                 train, val, _, _ = split_sizes(config, params)
                 work["eval"] += train + val
             steps = 0 if head_only else getattr(config, "rounds", None) or config.epochs
-            rows.append({"notebook": group["notebook"], "group": group["group"], **work, "steps": steps,
-                         "state_bytes": 0 if head_only else checkpoint_bytes(config),
-                         "prepared_bytes": prepared_bytes(config),
-                         "every": params.get("checkpoint_every"),
-                         "minutes": params.get("checkpoint_minutes", 15)})
-    return pd.DataFrame(rows, columns=["notebook", "group", *WORK, "steps", "state_bytes", "prepared_bytes",
-                                       "every", "minutes"])
+            rows.append(
+                {
+                    "notebook": group["notebook"],
+                    "group": group["group"],
+                    **work,
+                    "steps": steps,
+                    "state_bytes": 0 if head_only else checkpoint_bytes(config),
+                    "prepared_bytes": prepared_bytes(config),
+                    "every": params.get("checkpoint_every"),
+                    "minutes": params.get("checkpoint_minutes", 15),
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=["notebook", "group", *WORK, "steps", "state_bytes", "prepared_bytes", "every", "minutes"],
+    )
 
 
 def work_table(groups: list[dict]) -> pd.DataFrame:
@@ -303,11 +337,11 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     eval_batch = groups[0]["params"].get("eval_batch_size", 256)
     size = configs[0].img_size
     cheaper = [SMALL_IMG_SIZE] if models_used == ["dino_vits16"] and size in (None, 224) else []
-    for column, price_at in [("hours", size), *((f"hours at {c} px", c) for c in cheaper)]:
-        measured, described = unit_seconds(models_used[0], configs[0].precision, eval_batch,
-                                           img_size=price_at)
-        table[column] = sum(table[kind] * measured[kind] for kind in WORK) / 3600
-        seconds, setup = (measured, described) if column == "hours" else (seconds, setup)
+    seconds, setup = unit_seconds(models_used[0], configs[0].precision, eval_batch, img_size=size)
+    table["hours"] = sum(table[kind] * seconds[kind] for kind in WORK) / 3600
+    for cheaper_size in cheaper:
+        measured, _ = unit_seconds(models_used[0], configs[0].precision, eval_batch, img_size=cheaper_size)
+        table[f"hours at {cheaper_size} px"] = sum(table[kind] * measured[kind] for kind in WORK) / 3600
     run_seconds = sum(runs[kind] * seconds[kind] for kind in WORK)
     counts = [checkpoint_count(run, s) for (_, run), s in zip(runs.iterrows(), run_seconds)]
     runs["checkpoints"] = counts
@@ -318,48 +352,87 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     table = table.merge(written.reset_index(), how="left").fillna(0)
     kind = "GPU" if "cuda" in setup else "CPU"
     print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
-    print(f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image "
-          f"{seconds['train']:.2e}, per evaluated image {seconds['eval']:.2e}, per Fisher sample "
-          f"{seconds['fisher']:.2e}")
+    print(
+        f"calibration ({time.perf_counter() - started:.0f} s): seconds per trained image "
+        f"{seconds['train']:.2e}, per evaluated image {seconds['eval']:.2e}, per Fisher sample "
+        f"{seconds['fisher']:.2e}"
+    )
     hours = [c for c in table.columns if c.startswith("hours")]
     sums = ["runs", *WORK, *hours, "checkpoints", "checkpoint GB", "written GB"]
     totals = table.groupby("notebook", sort=False)[sums].sum()
     totals.loc["total"] = totals.sum()
-    shown = totals.assign(train=totals["train"] / 1e6, eval=totals["eval"] / 1e6,
-                          fisher=totals["fisher"] / 1e3)
+    shown = totals.assign(
+        train=totals["train"] / 1e6, eval=totals["eval"] / 1e6, fisher=totals["fisher"] / 1e3
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
-    print(shown.rename(columns={"train": "trained images (M)", "eval": "evaluated images (M)",
-                                "fisher": "Fisher samples (k)"}).to_string(float_format="{:,.2f}".format))
+    print(
+        shown.rename(
+            columns={
+                "train": "trained images (M)",
+                "eval": "evaluated images (M)",
+                "fisher": "Fisher samples (k)",
+            }
+        ).to_string(float_format="{:,.2f}".format)
+    )
     total = totals.loc["total"]
-    print(f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine", *(
-        f"({total[c]:,.2f} {c})" for c in hours if c != "hours"))
-    print(f"written to the results folder: {total['written GB']:,.2f} GB, of which checkpoints "
-          f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} of them, each emptied, then deleted, "
-          "when no longer needed)")
+    print(
+        f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine",
+        *(f"({total[c]:,.2f} {c})" for c in hours if c != "hours"),
+    )
+    print(
+        f"written to the results folder: {total['written GB']:,.2f} GB, of which checkpoints "
+        f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} of them, each emptied, then deleted, "
+        "when no longer needed)"
+    )
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedta_utils.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedta_utils.pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
     parser.add_argument("--only", nargs="+", metavar="NN", help="notebook numbers to run, e.g. 00 01")
     parser.add_argument("--results-dir", default="results", help="root of all results (default: results)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="override a notebook parameter (a Python literal or a string)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the runs, images and estimated hours per notebook; run nothing")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override a notebook parameter (a Python literal or a string)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the runs, images and estimated hours per notebook; run nothing",
+    )
     team = parser.add_argument_group("running as a team (README, 'Running as a team')")
     team.add_argument("--worker", default="", metavar="I/N", help="run worker I's share of N")
     team.add_argument("--workers", type=int, metavar="N", help="start N workers here (a GPU each), then plot")
     team.add_argument("--slurm", type=int, metavar="N", help="submit N workers and the final pass to Slurm")
-    team.add_argument("--slurm-option", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                      help=f"a submitit option, e.g. slurm_partition gpu (defaults: {SLURM_DEFAULTS})")
+    team.add_argument(
+        "--slurm-option",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help=f"a submitit option, e.g. slurm_partition gpu (defaults: {SLURM_DEFAULTS})",
+    )
     args = parser.parse_args(argv)
     overrides = {name: parse_value(value) for name, value in args.parameter}
     only = ["--only", *args.only] if args.only else []
-    common = ["--profile", args.profile, "--results-dir", args.results_dir, *only,
-              *[item for pair in args.parameter for item in ("-p", *pair)]]  # what every worker runs
+    common = [
+        "--profile",
+        args.profile,
+        "--results-dir",
+        args.results_dir,
+        *only,
+        *[item for pair in args.parameter for item in ("-p", *pair)],
+    ]  # what every worker runs
     try:
         parse_worker(args.worker)
         for name in ("workers", "slurm"):
@@ -393,16 +466,18 @@ def run_workers(count: int, argv: list[str], log_dir: Path) -> None:
     for i in range(1, count + 1):
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i - 1)} if gpus >= count else {})}
         command = [sys.executable, "-m", "fedta_utils.pipeline", *argv, "--worker", f"{i}/{count}"]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env=env)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         workers.append((f"worker {i}/{count}", process, log_dir / f"worker-{i}-of-{count}.log"))
     threads = [threading.Thread(target=tee, args=worker) for worker in workers]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    failed = [f"{name} exited {code} (log: {log})" for name, process, log in workers
-              if (code := process.wait())]
+    failed = [
+        f"{name} exited {code} (log: {log})" for name, process, log in workers if (code := process.wait())
+    ]
     if failed:
         raise WorkersFailed("; ".join(failed))
 
@@ -438,14 +513,17 @@ def submit_slurm(args, argv: list[str]) -> int:
     try:
         import submitit
     except ImportError:
-        raise ConfigError('--slurm needs submitit, an optional dependency: pip install "fedta_utils[slurm]" '
-                          '(or pip install submitit)') from None
+        raise ConfigError(
+            '--slurm needs submitit, an optional dependency: pip install "fedta_utils[slurm]" '
+            "(or pip install submitit)"
+        ) from None
     options = {**SLURM_DEFAULTS, **{name: parse_value(value) for name, value in args.slurm_option}}
     cluster, count = options.pop("cluster"), args.slurm
     executor = submitit.AutoExecutor(folder=Path(args.results_dir) / args.profile / "slurm", cluster=cluster)
     executor.update_parameters(name="fedta", **options)
-    workers = [executor.submit(PipelineJob(), [*argv, "--worker", f"{i}/{count}"])
-               for i in range(1, count + 1)]
+    workers = [
+        executor.submit(PipelineJob(), [*argv, "--worker", f"{i}/{count}"]) for i in range(1, count + 1)
+    ]
     for i, job in enumerate(workers, 1):
         print(f"[pipeline] worker {i}/{count}: job {job.job_id}, log {job.paths.stdout}", flush=True)
     try:  # submitit's errors name the failed job and its log files

@@ -28,54 +28,96 @@ import numpy as np
 import pandas as pd
 
 from . import figures
-from .experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY, LR_SEARCH,
-                          MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, SPARSE_LR_SEARCH, sweeps)
+from .experiments import (
+    CENTRALIZED,
+    FEDAVG_IID,
+    FEDAVG_LR_SEARCH,
+    HEAD_ONLY,
+    HETEROGENEITY,
+    LR_SEARCH,
+    MASK_RULES,
+    SPARSE_CENTRAL,
+    SPARSE_FL,
+    SPARSE_LR_SEARCH,
+    sweeps,
+)
 from .figures import NoResults
 from .runs import GRIDS_DIR, grid_runs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BODY_PAGE_LIMIT = 8  # the course's limit: pages up to \label{LastBodyPage}, references excluded
 NA = r"\textit{n/a}"  # the value of a macro whose experiment has no results
-INSTALL_TEX = "sudo apt-get install -y latexmk texlive-latex-extra texlive-fonts-recommended " \
-              "texlive-bibtex-extra lmodern"  # Debian / Ubuntu
-EXPERIMENTS = (LR_SEARCH, CENTRALIZED, FEDAVG_LR_SEARCH, FEDAVG_IID, HETEROGENEITY, HEAD_ONLY,
-               SPARSE_LR_SEARCH, SPARSE_FL, SPARSE_CENTRAL, MASK_RULES)
-NOTICE = (r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %s build.} Every number, table and "
-          r"figure below comes from the \texttt{%s} profile, which checks that the pipeline runs end to "
-          r"end. Only a build from the \texttt{full} profile reports the study.}}")
+INSTALL_TEX = (
+    "sudo apt-get install -y latexmk texlive-latex-extra texlive-fonts-recommended "
+    "texlive-bibtex-extra lmodern"
+)  # Debian / Ubuntu
+EXPERIMENTS = (
+    LR_SEARCH,
+    CENTRALIZED,
+    FEDAVG_LR_SEARCH,
+    FEDAVG_IID,
+    HETEROGENEITY,
+    HEAD_ONLY,
+    SPARSE_LR_SEARCH,
+    SPARSE_FL,
+    SPARSE_CENTRAL,
+    MASK_RULES,
+)
+NOTICE = (
+    r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %s build.} Every number, table and "
+    r"figure below comes from the \texttt{%s} profile, which checks that the pipeline runs end to "
+    r"end. Only a build from the \texttt{full} profile reports the study.}}"
+)
 
 MACROS = {  # every macro of numbers.tex -> the comment written beside it; accuracies are test accuracies
-    "ResultsProfile": "profile of the results", "ResultsNotice": "a warning box unless the profile is full",
-    "TrainSize": "images in the train split", "ValSize": "images in the validation split",
-    "TestSize": "images in the test set", "ValFraction": "share of the official train set held out",
-    "NumClients": "K of notebook 00's shards", "DataProvenance": "caption provenance of notebook 00",
-    "SearchGrid": "the learning-rate search", "ChosenLr": "learning rate chosen on validation",
-    "ChosenWeightDecay": "weight decay chosen on validation", "SearchValAcc": "its validation accuracy",
+    "ResultsProfile": "profile of the results",
+    "ResultsNotice": "a warning box unless the profile is full",
+    "TrainSize": "images in the train split",
+    "ValSize": "images in the validation split",
+    "TestSize": "images in the test set",
+    "ValFraction": "share of the official train set held out",
+    "NumClients": "K of notebook 00's shards",
+    "DataProvenance": "caption provenance of notebook 00",
+    "SearchGrid": "the learning-rate search",
+    "ChosenLr": "learning rate chosen on validation",
+    "ChosenWeightDecay": "weight decay chosen on validation",
+    "SearchValAcc": "its validation accuracy",
     "SearchProvenance": "caption provenance of the search",
-    "CentralizedSetting": "the scheduler runs", "BestScheduler": "scheduler chosen on validation",
-    "CentralizedBestAcc": "its accuracy, mean +- std", "CentralizedProvenance": "caption provenance",
-    "FedAvgSearchGrid": "notebook 02's client lr search", "FedAvgChosenLr": "client lr chosen on validation",
+    "CentralizedSetting": "the scheduler runs",
+    "BestScheduler": "scheduler chosen on validation",
+    "CentralizedBestAcc": "its accuracy, mean +- std",
+    "CentralizedProvenance": "caption provenance",
+    "FedAvgSearchGrid": "notebook 02's client lr search",
+    "FedAvgChosenLr": "client lr chosen on validation",
     "FedAvgChosenWeightDecay": "client weight decay chosen on validation",
-    "SparseSearchGrid": "notebook 04's lr search under the frozen head", "SparseChosenLr": "its chosen lr",
-    "FedAvgSetting": "the FedAvg iid runs", "FedAvgIidAcc": "their accuracy, mean +- std",
+    "SparseSearchGrid": "notebook 04's lr search under the frozen head",
+    "SparseChosenLr": "its chosen lr",
+    "FedAvgSetting": "the FedAvg iid runs",
+    "FedAvgIidAcc": "their accuracy, mean +- std",
     "EqualSamplesBudget": "training images both FedAvg and centralized processed",
     "FedAvgProvenance": "caption provenance of notebook 02",
-    "HeteroGrid": "the heterogeneity grid", "HeteroProvenance": "caption provenance of notebook 03",
-    "SparseSetting": "the sparse FedAvg runs", "SparseProvenance": "caption provenance of notebook 04",
+    "HeteroGrid": "the heterogeneity grid",
+    "HeteroProvenance": "caption provenance of notebook 03",
+    "SparseSetting": "the sparse FedAvg runs",
+    "SparseProvenance": "caption provenance of notebook 04",
     "SparseIidBestAcc": "iid: sparse setting chosen on validation, mean +- std",
     "SparseIidBestGap": "iid: its accuracy minus dense FedAvg's, points",
     "SparseNonIidBestAcc": "non-iid: sparse setting chosen on validation, mean +- std",
     "SparseNonIidBestGap": "non-iid: its accuracy minus dense FedAvg's, points",
     "SparseCentralAcc": "centralized sparse fine-tuning, mean +- std",
     "SparseCentralSetting": "its sparsity and R",
-    "RulesSetting": "the rule comparison", "RulesProvenance": "caption provenance of notebook 05",
+    "RulesSetting": "the rule comparison",
+    "RulesProvenance": "caption provenance of notebook 05",
     "RulesSparsity": "the smallest sparsity: overlap, density, interference and the macros below",
-    "RulesIidBestRule": "iid: rule chosen on validation", "RulesIidBestAcc": "its accuracy, mean +- std",
-    "RulesNonIidBestRule": "non-iid: rule chosen on validation", "RulesNonIidBestAcc": "its accuracy",
+    "RulesIidBestRule": "iid: rule chosen on validation",
+    "RulesIidBestAcc": "its accuracy, mean +- std",
+    "RulesNonIidBestRule": "non-iid: rule chosen on validation",
+    "RulesNonIidBestAcc": "its accuracy",
 }
 
 
 # --------------------------------------------------------------------------- LaTeX text
+
 
 def escape(text) -> str:
     """Text with LaTeX's special characters escaped."""
@@ -127,8 +169,18 @@ def provenance(profile: str, table) -> str:
 def booktabs(frame: pd.DataFrame) -> str:
     """A booktabs tabular of a frame of LaTeX cells (escape text first): first column left, the rest right."""
     rows = [" & ".join(map(str, row)) + r" \\" for row in [frame.columns, *frame.itertuples(index=False)]]
-    return "\n".join([f"\\begin{{tabular}}{{l{'r' * (frame.shape[1] - 1)}}}", "\\toprule", rows[0],
-                      "\\midrule", *rows[1:], "\\bottomrule", "\\end{tabular}", ""])
+    return "\n".join(
+        [
+            f"\\begin{{tabular}}{{l{'r' * (frame.shape[1] - 1)}}}",
+            "\\toprule",
+            rows[0],
+            "\\midrule",
+            *rows[1:],
+            "\\bottomrule",
+            "\\end{tabular}",
+            "",
+        ]
+    )
 
 
 def _row(table: pd.DataFrame, **match):
@@ -147,35 +199,62 @@ def _setting(row) -> str:
 
 # --------------------------------------------------------------------------- tables
 
+
 def _shards_tex(root) -> str:
     t = figures.shard_table(root)
-    return booktabs(pd.DataFrame({"sharding": t["scheme"].map(sharding_tex),
-                                  "samples": list(map(_span, t["samples_min"], t["samples_max"])),
-                                  "classes": list(map(_span, t["classes_min"], t["classes_max"])),
-                                  "largest class": t["largest_class_share"].map("{:.2f}".format)}))
+    return booktabs(
+        pd.DataFrame(
+            {
+                "sharding": t["scheme"].map(sharding_tex),
+                "samples": list(map(_span, t["samples_min"], t["samples_max"])),
+                "classes": list(map(_span, t["classes_min"], t["classes_max"])),
+                "largest class": t["largest_class_share"].map("{:.2f}".format),
+            }
+        )
+    )
 
 
 def _centralized_tex(root) -> str:
     t = figures.centralized_table(root)
-    return booktabs(pd.DataFrame({"scheduler": t["scheduler"].map(escape), "val.\\ (\\%)": t["val"].map(
-        "{:.1%}".format).str.rstrip("%"), "test (\\%)": t.apply(cell, axis=1), "$n$": t["n"],
-        "epochs to 99\\,\\%": t["epochs_to_99"].map(number)}))
+    return booktabs(
+        pd.DataFrame(
+            {
+                "scheduler": t["scheduler"].map(escape),
+                "val.\\ (\\%)": t["val"].map("{:.1%}".format).str.rstrip("%"),
+                "test (\\%)": t.apply(cell, axis=1),
+                "$n$": t["n"],
+                "epochs to 99\\,\\%": t["epochs_to_99"].map(number),
+            }
+        )
+    )
 
 
 def _fedavg_tex(root) -> str:
     t = figures.fedavg_table(root)
-    return booktabs(pd.DataFrame({"method": t["method"].map(escape), "test (\\%)": t.apply(cell, axis=1),
-                                  "$n$": t["n"], f"at {integer(t['budget'].iloc[0])} images (\\%)":
-                                      t["acc_at_budget"].map("{:.1%}".format).str.rstrip("%")}))
+    return booktabs(
+        pd.DataFrame(
+            {
+                "method": t["method"].map(escape),
+                "test (\\%)": t.apply(cell, axis=1),
+                "$n$": t["n"],
+                f"at {integer(t['budget'].iloc[0])} images (\\%)": t["acc_at_budget"]
+                .map("{:.1%}".format)
+                .str.rstrip("%"),
+            }
+        )
+    )
 
 
 def _sparse_tex(root) -> str:
     """Dense references and the sparse setting chosen on validation, a column per sharding."""
     t = figures.sparse_table(root)
     labels = list(t["sharding_label"].unique())
-    rows = [[escape(m), *[cell(_row(t, sharding_label=l, method=m)) for l in labels]]
-            for m in dict.fromkeys(t["method"]) if m != "sparse"]
-    best = [_row(t, sharding_label=l, chosen=True) for l in labels]
+    rows = [
+        [escape(m), *[cell(_row(t, sharding_label=label, method=m)) for label in labels]]
+        for m in dict.fromkeys(t["method"])
+        if m != "sparse"
+    ]
+    best = [_row(t, sharding_label=label, chosen=True) for label in labels]
     rows += [["sparse, chosen on val.", *map(cell, best)], ["\\quad sparsity, $R$", *map(_setting, best)]]
     return booktabs(pd.DataFrame(rows, columns=["method", *map(sharding_tex, labels)]))
 
@@ -183,11 +262,16 @@ def _sparse_tex(root) -> str:
 def _rules_tex(root) -> str:
     """A row per rule; a column per sharding and sparsity."""
     t = figures.rules_table(root)
-    columns = [(l, s) for l in t["sharding_label"].unique() for s in sorted(t["sparsity"].unique())]
-    rows = [[rule.replace("_", " "), *[cell(_row(t, rule=rule, sharding_label=l, sparsity=s))
-                                       for l, s in columns], _span(t["n"].min(), t["n"].max())]
-            for rule in t["rule"].unique()]
-    header = [f"{sharding_tex(l)}, $s{{=}}{number(s)}$" for l, s in columns]
+    columns = [(label, s) for label in t["sharding_label"].unique() for s in sorted(t["sparsity"].unique())]
+    rows = [
+        [
+            rule.replace("_", " "),
+            *[cell(_row(t, rule=rule, sharding_label=label, sparsity=s)) for label, s in columns],
+            _span(t["n"].min(), t["n"].max()),
+        ]
+        for rule in t["rule"].unique()
+    ]
+    header = [f"{sharding_tex(label)}, $s{{=}}{number(s)}$" for label, s in columns]
     return booktabs(pd.DataFrame(rows, columns=["rule", *header, "$n$"]))
 
 
@@ -195,38 +279,49 @@ def _interference_tex(root) -> str:
     """Mean pairwise cosine and sign agreement of client deltas per rule and sharding, at RulesSparsity."""
     t = figures.interference_table(root)
     wide = t[t["sparsity"] == t["sparsity"].min()].pivot_table(
-        index="rule", columns="sharding_label", values=["mean_pairwise_cosine", "sign_agreement"], sort=False)
+        index="rule", columns="sharding_label", values=["mean_pairwise_cosine", "sign_agreement"], sort=False
+    )
     names = {"mean_pairwise_cosine": "cosine", "sign_agreement": "sign agr."}
     frame = wide.map("{:.3f}".format)
-    frame.columns = [f"{names[v]} {sharding_tex(l)}" for v, l in wide.columns]
+    frame.columns = [f"{names[v]} {sharding_tex(label)}" for v, label in wide.columns]
     return booktabs(frame.reset_index().assign(rule=lambda f: f["rule"].str.replace("_", " ")))
 
 
 # --------------------------------------------------------------------------- macros, one function per section
 
+
 def _overview(root, profile: str) -> dict:
-    return {"ResultsProfile": escape(profile),
-            "ResultsNotice": "" if profile == "full" else NOTICE % (escape(profile), escape(profile))}
+    return {
+        "ResultsProfile": escape(profile),
+        "ResultsNotice": "" if profile == "full" else NOTICE % (escape(profile), escape(profile)),
+    }
 
 
 def _data(root, profile: str) -> dict:
     images = figures.split_table(root).set_index("split")["images"]
     held_out = images["validation"] / (images["train"] + images["validation"])
-    return {"TrainSize": integer(images["train"]), "ValSize": integer(images["validation"]),
-            "TestSize": integer(images["test"]), "ValFraction": f"{held_out * 100:.0f}\\,\\%",
-            "NumClients": integer(figures.shard_table(root)["clients"].max()),
-            "DataProvenance": f"profile {escape(profile)}, shards of one seed"}
+    return {
+        "TrainSize": integer(images["train"]),
+        "ValSize": integer(images["validation"]),
+        "TestSize": integer(images["test"]),
+        "ValFraction": f"{held_out * 100:.0f}\\,\\%",
+        "NumClients": integer(figures.shard_table(root)["clients"].max()),
+        "DataProvenance": f"profile {escape(profile)}, shards of one seed",
+    }
 
 
 def _search(root, profile: str) -> dict:
     table, runs = figures.lr_search_table(root), figures.load_runs(root, LR_SEARCH)
     best = _row(table, chosen=True)
-    return {"SearchGrid": f"learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
-                          f"\\{{{listing(table['weight_decay'])}\\}}, "
-                          f"a {listing(runs['epochs'])}-epoch budget each",
-            "ChosenLr": number(used(root, "central_lr", best["lr"])),
-            "ChosenWeightDecay": number(used(root, "central_weight_decay", best["weight_decay"])),
-            "SearchValAcc": f"{best['val'] * 100:.1f}\\,\\%", "SearchProvenance": provenance(profile, table)}
+    return {
+        "SearchGrid": f"learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
+        f"\\{{{listing(table['weight_decay'])}\\}}, "
+        f"a {listing(runs['epochs'])}-epoch budget each",
+        "ChosenLr": number(used(root, "central_lr", best["lr"])),
+        "ChosenWeightDecay": number(used(root, "central_weight_decay", best["weight_decay"])),
+        "SearchValAcc": f"{best['val'] * 100:.1f}\\,\\%",
+        "SearchProvenance": provenance(profile, table),
+    }
 
 
 def used(root, key: str, chosen: float) -> float:
@@ -239,48 +334,63 @@ def used(root, key: str, chosen: float) -> float:
 def _client_searches(root, profile: str) -> dict:
     """Notebook 02's client lr x weight decay search and notebook 04's lr search under the frozen head."""
     values = {}
-    for prefix, experiment, regime in (("FedAvg", FEDAVG_LR_SEARCH, "fedavg"), ("Sparse", SPARSE_LR_SEARCH, "sparse")):
+    for prefix, experiment, regime in (
+        ("FedAvg", FEDAVG_LR_SEARCH, "fedavg"),
+        ("Sparse", SPARSE_LR_SEARCH, "sparse"),
+    ):
         if not (runs := figures.load_runs(root, experiment)).empty:
             best = _row(figures.lr_search_table(root, experiment), chosen=True)
             lr = used(root, f"{regime}_lr", best["lr"])
             decays = "and weight decays" if prefix == "FedAvg" else "at 02's weight decay"
-            values.update({f"{prefix}SearchGrid": f"client learning rates \\{{{listing(runs['lr'])}\\}} "
-                           f"{decays} \\{{{listing(runs['weight_decay'])}\\}}, "
-                           f"{listing(runs['rounds'])} rounds each",
-                           f"{prefix}ChosenLr": number(lr),
-                           f"{prefix}ChosenWeightDecay": number(used(root, "fedavg_weight_decay",
-                                                                     best["weight_decay"]))})
+            values.update(
+                {
+                    f"{prefix}SearchGrid": f"client learning rates \\{{{listing(runs['lr'])}\\}} "
+                    f"{decays} \\{{{listing(runs['weight_decay'])}\\}}, "
+                    f"{listing(runs['rounds'])} rounds each",
+                    f"{prefix}ChosenLr": number(lr),
+                    f"{prefix}ChosenWeightDecay": number(
+                        used(root, "fedavg_weight_decay", best["weight_decay"])
+                    ),
+                }
+            )
     return values
 
 
 def _centralized(root, profile: str) -> dict:
     table, runs = figures.centralized_table(root), figures.load_runs(root, CENTRALIZED)
     best = _row(table, chosen=True)
-    return {"CentralizedSetting": f"{listing(runs['epochs'])} epochs of batch {listing(runs['batch_size'])}, "
-                                  f"warm-up {listing(runs['warmup_epochs'])} epochs",
-            "BestScheduler": escape(best["scheduler"]), "CentralizedBestAcc": percent(best),
-            "CentralizedProvenance": provenance(profile, table)}
+    return {
+        "CentralizedSetting": f"{listing(runs['epochs'])} epochs of batch {listing(runs['batch_size'])}, "
+        f"warm-up {listing(runs['warmup_epochs'])} epochs",
+        "BestScheduler": escape(best["scheduler"]),
+        "CentralizedBestAcc": percent(best),
+        "CentralizedProvenance": provenance(profile, table),
+    }
 
 
 def _fedavg(root, profile: str) -> dict:
     table, runs = figures.fedavg_table(root), figures.load_runs(root, FEDAVG_IID)
     per_round = np.maximum(1, np.round(runs["participation"] * runs["num_clients"]))
-    return {"FedAvgSetting": f"$K{{=}}{listing(runs['num_clients'])}$ clients, "
-                             f"$C{{=}}{listing(runs['participation'])}$ ({listing(per_round)} per round), "
-                             f"$J{{=}}{listing(runs['local_steps'])}$ local steps of "
-                             f"$B{{=}}{listing(runs['batch_size'])}$ images, "
-                             f"{listing(runs['rounds'])} rounds",
-            "FedAvgIidAcc": percent(_row(table, method="FedAvg (iid)")),
-            "EqualSamplesBudget": integer(table["budget"].iloc[0]),
-            "FedAvgProvenance": provenance(profile, table)}
+    return {
+        "FedAvgSetting": f"$K{{=}}{listing(runs['num_clients'])}$ clients, "
+        f"$C{{=}}{listing(runs['participation'])}$ ({listing(per_round)} per round), "
+        f"$J{{=}}{listing(runs['local_steps'])}$ local steps of "
+        f"$B{{=}}{listing(runs['batch_size'])}$ images, "
+        f"{listing(runs['rounds'])} rounds",
+        "FedAvgIidAcc": percent(_row(table, method="FedAvg (iid)")),
+        "EqualSamplesBudget": integer(table["budget"].iloc[0]),
+        "FedAvgProvenance": provenance(profile, table),
+    }
 
 
 def _heterogeneity(root, profile: str) -> dict:
     table, runs = figures.heterogeneity_table(root), figures.load_runs(root, HETEROGENEITY)
-    return {"HeteroGrid": f"$N_c \\in \\{{{listing(runs.get('classes_per_client'))}\\}}$ and "
-                          f"$J \\in \\{{{listing(runs['local_steps'])}\\}}$, rounds $\\times J = "
-                          f"{listing(runs['rounds'] * runs['local_steps'])}$",
-            "HeteroProvenance": provenance(profile, table)}
+    return {
+        "HeteroGrid": f"$N_c \\in \\{{{listing(runs.get('classes_per_client'))}\\}}$ and "
+        f"$J \\in \\{{{listing(runs['local_steps'])}\\}}$, rounds $\\times J = "
+        f"{listing(runs['rounds'] * runs['local_steps'])}$",
+        "HeteroProvenance": provenance(profile, table),
+    }
 
 
 def _sparse(root, profile: str) -> dict:
@@ -288,17 +398,20 @@ def _sparse(root, profile: str) -> dict:
     sweep = sweeps(table[table["sharding_label"] == "iid"])
     at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
     heads = runs[runs["finetune.head"] == "ridge"]
-    ridge = f"{listing(heads.get('ridge_lambda', heads['finetune.ridge_lambda']))} (" + \
-        ("fixed)" if heads["finetune.ridge_lambda"].notna().all() else "chosen on validation)")
-    values = {"SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
-                               f"on iid shards sparsity $s \\in \\{{{listing(at_r['sparsity'])}\\}}$ at "
-                               f"$R{{=}}{listing(at_r['calibration_rounds'])}$ and $R \\in "
-                               f"\\{{{listing(at_s['calibration_rounds'])}\\}}$ at "
-                               f"$s{{=}}{listing(at_s['sparsity'])}$; "
-                               f"$N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards at that default, "
-                               f"{listing(runs['finetune.calibration_samples'])} Fisher samples per round, "
-                               f"ridge penalty {ridge}",
-              "SparseProvenance": provenance(profile, table)}
+    ridge = f"{listing(heads.get('ridge_lambda', heads['finetune.ridge_lambda']))} (" + (
+        "fixed)" if heads["finetune.ridge_lambda"].notna().all() else "chosen on validation)"
+    )
+    values = {
+        "SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
+        f"on iid shards sparsity $s \\in \\{{{listing(at_r['sparsity'])}\\}}$ at "
+        f"$R{{=}}{listing(at_r['calibration_rounds'])}$ and $R \\in "
+        f"\\{{{listing(at_s['calibration_rounds'])}\\}}$ at "
+        f"$s{{=}}{listing(at_s['sparsity'])}$; "
+        f"$N_c{{=}}{listing(runs.get('classes_per_client'))}$ shards at that default, "
+        f"{listing(runs['finetune.calibration_samples'])} Fisher samples per round, "
+        f"ridge penalty {ridge}",
+        "SparseProvenance": provenance(profile, table),
+    }
     for _, best in table[table["chosen"]].iterrows():
         key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
         values[f"Sparse{key}BestAcc"] = percent(best)
@@ -315,9 +428,12 @@ def _sparse_central(root, profile: str) -> dict:
 def _rules(root, profile: str) -> dict:
     table, runs = figures.rules_table(root), figures.load_runs(root, MASK_RULES)
     sparsity = table["sparsity"].min()
-    values = {"RulesSetting": f"sparsity $s \\in \\{{{listing(table['sparsity'])}\\}}$, "
-                              f"$R{{=}}{listing(runs['calibration_rounds'])}$",
-              "RulesSparsity": number(sparsity), "RulesProvenance": provenance(profile, table)}
+    values = {
+        "RulesSetting": f"sparsity $s \\in \\{{{listing(table['sparsity'])}\\}}$, "
+        f"$R{{=}}{listing(runs['calibration_rounds'])}$",
+        "RulesSparsity": number(sparsity),
+        "RulesProvenance": provenance(profile, table),
+    }
     for _, best in table[table["chosen"] & (table["sparsity"] == sparsity)].iterrows():
         key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
         values[f"Rules{key}BestRule"] = best["rule"].replace("_", " ")
@@ -327,16 +443,38 @@ def _rules(root, profile: str) -> dict:
 
 # --------------------------------------------------------------------------- writing and building
 
-FIGURES = {"lr_search": figures.lr_search_heatmap, "centralized_curves": figures.centralized_curves,
-           "fedavg_vs_central": figures.fedavg_vs_centralized,
-           "heterogeneity_heatmap": figures.heterogeneity_heatmap,
-           "heterogeneity_curves": figures.heterogeneity_curves, "drift": figures.drift_figure,
-           "sparsity": figures.sparsity_figure, "mask_rules": figures.mask_rules_figure,
-           "mask_overlap": figures.mask_overlap_heatmap, "layer_density": figures.block_density_figure}
-TABLES = {"shards": _shards_tex, "centralized": _centralized_tex, "fedavg": _fedavg_tex,
-          "sparse": _sparse_tex, "mask_rules": _rules_tex, "rule_interference": _interference_tex}
-SECTIONS = (_overview, _data, _search, _centralized, _client_searches, _fedavg, _heterogeneity, _sparse,
-            _sparse_central, _rules)
+FIGURES = {
+    "lr_search": figures.lr_search_heatmap,
+    "centralized_curves": figures.centralized_curves,
+    "fedavg_vs_central": figures.fedavg_vs_centralized,
+    "heterogeneity_heatmap": figures.heterogeneity_heatmap,
+    "heterogeneity_curves": figures.heterogeneity_curves,
+    "drift": figures.drift_figure,
+    "sparsity": figures.sparsity_figure,
+    "mask_rules": figures.mask_rules_figure,
+    "mask_overlap": figures.mask_overlap_heatmap,
+    "layer_density": figures.block_density_figure,
+}
+TABLES = {
+    "shards": _shards_tex,
+    "centralized": _centralized_tex,
+    "fedavg": _fedavg_tex,
+    "sparse": _sparse_tex,
+    "mask_rules": _rules_tex,
+    "rule_interference": _interference_tex,
+}
+SECTIONS = (
+    _overview,
+    _data,
+    _search,
+    _centralized,
+    _client_searches,
+    _fedavg,
+    _heterogeneity,
+    _sparse,
+    _sparse_central,
+    _rules,
+)
 
 
 def _attempt(make, name: str, root, warnings: list, *args):
@@ -353,8 +491,11 @@ def _attempt(make, name: str, root, warnings: list, *args):
 def write_report(root, report_dir, profile: str) -> list[str]:
     """Every figure, table and numbers.tex of the report from the results under `root`; the warnings."""
     root, report_dir = Path(root), Path(report_dir)
-    warnings = [f"no results for {e} under {root}: its figures, tables and numbers are placeholders"
-                for e in EXPERIMENTS if figures.load_runs(root, e).empty]
+    warnings = [
+        f"no results for {e} under {root}: its figures, tables and numbers are placeholders"
+        for e in EXPERIMENTS
+        if figures.load_runs(root, e).empty
+    ]
     if not (root / figures.DATA / "shard_stats.csv").is_file():
         warnings.append(f"no results for {figures.DATA} under {root}: its table and numbers are placeholders")
     for name, draw in FIGURES.items():
@@ -365,8 +506,15 @@ def write_report(root, report_dir, profile: str) -> list[str]:
         figures.save(fig, report_dir / "figures" / name)
         plt.close(fig)
     for name, make in TABLES.items():
-        text = _attempt(make, f"table {name}", root, warnings) or booktabs(pd.DataFrame(
-            {"placeholder": [f"\\textit{{No results yet for {escape(name)} (profile {escape(profile)})}}"]}))
+        text = _attempt(make, f"table {name}", root, warnings) or booktabs(
+            pd.DataFrame(
+                {
+                    "placeholder": [
+                        f"\\textit{{No results yet for {escape(name)} (profile {escape(profile)})}}"
+                    ]
+                }
+            )
+        )
         _write(report_dir / "tables" / f"{name}.tex", text)
     values = {}
     for section in SECTIONS:
@@ -382,8 +530,10 @@ def _write(path: Path, text: str) -> None:
 
 def numbers_tex(values: dict, profile: str) -> str:
     """numbers.tex: a \\newcommand per MACROS entry: its value, else n/a (captions: 'no results yet')."""
-    lines = [f"% Generated by fedta_utils.report from the {profile} results; rerun notebook 06, do not edit.",
-             "% Accuracies: mean +- std over seeds (ddof=1, 0 for one seed). Requires \\usepackage{xspace}."]
+    lines = [
+        f"% Generated by fedta_utils.report from the {profile} results; rerun notebook 06, do not edit.",
+        "% Accuracies: mean +- std over seeds (ddof=1, 0 for one seed). Requires \\usepackage{xspace}.",
+    ]
     for name, comment in MACROS.items():
         missing = f"profile {escape(profile)}, no results yet" if name.endswith("Provenance") else NA
         lines.append(f"\\newcommand{{\\{name}}}{{{values.get(name, missing)}\\xspace}}  % {comment}")
@@ -404,8 +554,10 @@ def resolve_report_dir(report_dir) -> Path:
 def page_counts(report_dir) -> dict:
     """pages (main.log's 'Output written' line) and body_pages (the page of LastBodyPage in main.aux)."""
     found = {}
-    for key, name, pattern in (("pages", "main.log", r"Output written on \S+ \((\d+) pages?"),
-                               ("body_pages", "main.aux", r"\\newlabel\{LastBodyPage\}\{\{[^}]*\}\{(\d+)\}")):
+    for key, name, pattern in (
+        ("pages", "main.log", r"Output written on \S+ \((\d+) pages?"),
+        ("body_pages", "main.aux", r"\\newlabel\{LastBodyPage\}\{\{[^}]*\}\{(\d+)\}"),
+    ):
         path = Path(report_dir, name)
         match = re.search(pattern, path.read_text(errors="replace")) if path.is_file() else None
         found[key] = int(match.group(1)) if match else None
@@ -420,15 +572,30 @@ def build_pdf(report_dir, timeout: int = 600) -> dict:
     if shutil.which("latexmk") is None:
         raise FileNotFoundError(f"latexmk is not installed; on Debian/Ubuntu: {INSTALL_TEX}")
     started = time.perf_counter()
-    done = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
-                          cwd=report_dir, capture_output=True, text=True, timeout=timeout)
-    return {"ok": done.returncode == 0, "seconds": time.perf_counter() - started, **page_counts(report_dir),
-            "log_tail": "\n".join((done.stdout + done.stderr).splitlines()[-40:])}
+    done = subprocess.run(
+        ["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
+        cwd=report_dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return {
+        "ok": done.returncode == 0,
+        "seconds": time.perf_counter() - started,
+        **page_counts(report_dir),
+        "log_tail": "\n".join((done.stdout + done.stderr).splitlines()[-40:]),
+    }
 
 
-ARCHIVED = {"report.zip": ("main.tex", "refs.bib", "figures/*.pdf", "tables/*.tex", "generated/*.tex"),
-            "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "grids/*.json")}
-RUN_FILES = ("config.json", "summary.json", "metrics.csv")  # of each run a recorded grid names, in results.zip
+ARCHIVED = {
+    "report.zip": ("main.tex", "refs.bib", "figures/*.pdf", "tables/*.tex", "generated/*.tex"),
+    "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "grids/*.json"),
+}
+RUN_FILES = (
+    "config.json",
+    "summary.json",
+    "metrics.csv",
+)  # of each run a recorded grid names, in results.zip
 
 
 def archive(report_dir, root) -> list[Path]:

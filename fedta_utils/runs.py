@@ -58,6 +58,7 @@ UNREADABLE_LOCK_GRACE_SECONDS = 5  # an empty or half-written lock older than th
 
 # ---------------------------------------------------------------------- atomic writes
 
+
 def _staging_dir(path: Path) -> Path:
     """`<results root>/.staging` (same filesystem, so the final rename is atomic), else the file's folder.
 
@@ -121,6 +122,7 @@ def clear_staging(root: str | Path) -> None:
 
 # ---------------------------------------------------------------------- CSV
 
+
 def rows_to_csv(rows: list[dict]) -> bytes:
     """CSV bytes, columns in order of first appearance, floats by repr (exact); b"" for no rows."""
     if not rows:
@@ -148,6 +150,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- runs
+
 
 def config_id(config: dict) -> str:
     """A short, stable hash of a JSON-serialisable config."""
@@ -204,8 +207,14 @@ class Run:
         is refused unless `allow_code_change`.
     """
 
-    def __init__(self, root: str | Path, name: str, config: dict, code_version: str = "unknown",
-                 allow_code_change: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        name: str,
+        config: dict,
+        code_version: str = "unknown",
+        allow_code_change: bool = False,
+    ):
         self.root = Path(root)
         self.code_version = code_version
         self.allow_code_change = allow_code_change
@@ -242,8 +251,10 @@ class Run:
             self.__exit__()
             raise
         with open(self.dir / "attempts.log", "a") as log:  # one line per start or resume: who trained it
-            log.write(f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
-                      f"code {self.code_version}\n")
+            log.write(
+                f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                f"code {self.code_version}\n"
+            )
         return self
 
     def _check_code_version(self) -> None:
@@ -257,7 +268,8 @@ class Run:
                 f"{self.dir} was started by code {made or 'of an unknown version'} and this is code "
                 f"{self.code_version}: resuming it would mix two versions in one run. Set "
                 "allow_code_change=True to continue it anyway (attempts.log records the change), or "
-                "choose a new results_dir")
+                "choose a new results_dir"
+            )
 
     def last_code_version(self) -> str | None:
         """The code version of the run's last attempt (attempts.log), None if it recorded none."""
@@ -280,9 +292,12 @@ class Run:
         """Write a checkpoint and the metrics it covers, then keep only the last two."""
         self._require_lock()
         # every draw of the package comes from seeded generators; the global one is insurance
-        payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint),
-                   "rng": {"torch": torch.get_rng_state()},
-                   "code_version": self.code_version}
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            **vars(checkpoint),
+            "rng": {"torch": torch.get_rng_state()},
+            "code_version": self.code_version,
+        }
         atomic_torch_save(payload, self.dir / f"checkpoint-{checkpoint.step:06d}.pt")
         self._write_metrics(checkpoint.rows, checkpoint.timing)
         for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
@@ -305,8 +320,12 @@ class Run:
                 checkpoint = Checkpoint(payload["step"], payload["state"], payload["rows"], payload["timing"])
                 break
             except Exception as error:  # truncated, garbage, or written by something else
-                warnings.warn(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
-                              "falling back to the previous one", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
+                    "falling back to the previous one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if self._lock is None:  # read-only use: never write without the lock
             return checkpoint
         if checkpoint is None:
@@ -361,6 +380,7 @@ class Run:
 
 # ---------------------------------------------------------------------- grids
 
+
 def grid_path(root: str | Path, experiment: str) -> Path:
     return Path(root) / GRIDS_DIR / f"{experiment}.json"
 
@@ -399,6 +419,7 @@ def is_complete(run_dir: Path) -> bool:
 
 
 # ---------------------------------------------------------------------- lock
+
 
 class RunLockedError(RuntimeError):
     """Another live process is working on this run directory."""
@@ -444,9 +465,11 @@ class RunLock:
                 continue
             who, run = f"pid {holder.get('pid')} on {holder.get('host')}", self.path.parent
             if not _is_stale(holder, time.time() - mtime):
-                raise RunLockedError(f"{run} is in use by {who} (started {holder.get('started')}). Wait for "
-                                     "it to finish; a dead holder's lock is taken over at once on its host, "
-                                     f"from another host {STALE_AFTER_SECONDS} s after its last heartbeat.")
+                raise RunLockedError(
+                    f"{run} is in use by {who} (started {holder.get('started')}). Wait for "
+                    "it to finish; a dead holder's lock is taken over at once on its host, "
+                    f"from another host {STALE_AFTER_SECONDS} s after its last heartbeat."
+                )
             if self._claim(f"{holder.get('token')}:{mtime!r}"):
                 self.path.unlink(missing_ok=True)
                 warnings.warn(f"taking over a stale lock on {run} ({who})", RuntimeWarning, stacklevel=3)
@@ -461,9 +484,17 @@ class RunLock:
 
     def _create(self) -> bool:
         """Exclusive create of lock.json; a kill mid-write leaves an empty file (see _is_stale)."""
-        return _create_new(self.path, json.dumps({"token": self.token, "host": socket.gethostname(),
-                                                  "pid": os.getpid(),
-                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        return _create_new(
+            self.path,
+            json.dumps(
+                {
+                    "token": self.token,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            ),
+        )
 
     def _claim(self, stale: str) -> bool:
         """Exclusively create a marker named after one stale lock (token and mtime): one process wins it.

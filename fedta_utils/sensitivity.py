@@ -72,8 +72,8 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .checks import ConfigError, check_choice, check_float, check_int
-from .models import backbone_parameter_names
 from .data import derive_seed, torch_generator
+from .models import backbone_parameter_names
 
 LABEL_MODES = ("sampled", "true")
 RULES = ("least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude", "random")
@@ -90,9 +90,15 @@ ScoreFn = Callable[[nn.Module], Tensors]
 
 
 # ============================================================== Fisher scores
-def fisher_sums(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
-                param_names: list[str] | None = None, generator: torch.Generator | None = None,
-                chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None) -> Sums:
+def fisher_sums(
+    model: nn.Module,
+    batches: Iterable,
+    label_mode: str = "sampled",
+    param_names: list[str] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    autocast_dtype: torch.dtype | None = None,
+) -> Sums:
     """Per-parameter sums over samples of squared per-sample gradients of log p(y|x), and the count.
 
     Sums (not means) so that federated clients can send theirs and the server
@@ -110,21 +116,35 @@ def fisher_sums(model: nn.Module, batches: Iterable, label_mode: str = "sampled"
     The model is scored in eval mode; its weights, .grad, requires_grad flags
     and train/eval modes are left exactly as they were.
     """
-    return _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype,
-                        _add_squares_vmap)
+    return _fisher_sums(
+        model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype, _add_squares_vmap
+    )
 
 
-def fisher_sums_loop(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
-                     param_names: list[str] | None = None, generator: torch.Generator | None = None,
-                     chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None) -> Sums:
+def fisher_sums_loop(
+    model: nn.Module,
+    batches: Iterable,
+    label_mode: str = "sampled",
+    param_names: list[str] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    autocast_dtype: torch.dtype | None = None,
+) -> Sums:
     """`fisher_sums` by one forward and backward per sample: the slow, plain reference."""
-    return _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype,
-                        _add_squares_loop)
+    return _fisher_sums(
+        model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype, _add_squares_loop
+    )
 
 
-def fisher_scores(model: nn.Module, batches: Iterable, label_mode: str = "sampled",
-                  param_names: list[str] | None = None, generator: torch.Generator | None = None,
-                  chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None) -> Tensors:
+def fisher_scores(
+    model: nn.Module,
+    batches: Iterable,
+    label_mode: str = "sampled",
+    param_names: list[str] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensors:
     """Diagonal Fisher: `fisher_sums` divided by the sample count."""
     sums, n = fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype)
     if n == 0:
@@ -139,8 +159,10 @@ def _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size,
     generator = torch_generator(DEFAULT_LABEL_SEED, "fisher-labels") if generator is None else generator
     params = dict(model.named_parameters())
     # float32 at least (bf16/fp16 models), float64 for float64 models
-    sums = {n: torch.zeros_like(params[n], dtype=torch.promote_types(params[n].dtype, torch.float32))
-            for n in names}
+    sums = {
+        n: torch.zeros_like(params[n], dtype=torch.promote_types(params[n].dtype, torch.float32))
+        for n in names
+    }
     num_samples = 0
     with _scoring_state(model, names):
         for inputs, labels in _chunks(batches, chunk_size, params[names[0]].device):
@@ -176,8 +198,9 @@ def _scoring_state(model: nn.Module, names: list[str]):
     fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
     # torch.func.functional_call can leave plain tensors in place of the
     # Parameters of a module that is called at two paths; put the originals back, with their flags.
-    registered = [(m, key, p, p.requires_grad) for m in model.modules()
-                  for key, p in m.named_parameters(recurse=False)]
+    registered = [
+        (m, key, p, p.requires_grad) for m in model.modules() for key, p in m.named_parameters(recurse=False)
+    ]
     try:
         model.eval()
         for name, param in model.named_parameters():
@@ -199,8 +222,8 @@ def _scoring_state(model: nn.Module, names: list[str]):
 def _chunks(batches: Iterable, chunk_size: int, device: torch.device) -> Iterator:
     for inputs, labels in batches:
         for start in range(0, len(inputs), chunk_size):
-            chunk_labels = None if labels is None else labels[start:start + chunk_size].to(device)
-            yield inputs[start:start + chunk_size].to(device), chunk_labels
+            chunk_labels = None if labels is None else labels[start : start + chunk_size].to(device)
+            yield inputs[start : start + chunk_size].to(device), chunk_labels
 
 
 def _targets(model, inputs, labels, label_mode, generator, autocast_dtype) -> torch.Tensor:
@@ -270,8 +293,16 @@ class Calibration:
     densities: list[float] = field(default_factory=list)
 
 
-def calibrate(model: nn.Module, score_fn: ScoreFn, rule: str, sparsity: float, rounds: int = 1,
-              param_names: list[str] | None = None, seed: int = 0, progress: bool = False) -> Calibration:
+def calibrate(
+    model: nn.Module,
+    score_fn: ScoreFn,
+    rule: str,
+    sparsity: float,
+    rounds: int = 1,
+    param_names: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Calibration:
     """Multi-round global mask calibration (TaLoS); masks True = trainable.
 
     score_fn(model) returns Fisher scores of the model as it is now; it is
@@ -311,18 +342,32 @@ def calibrate(model: nn.Module, score_fn: ScoreFn, rule: str, sparsity: float, r
             thresholds.append(-boundary if rule in KEEP_HIGHEST_RULES else boundary)
             densities.append(keep_count / total)
             if round_index < rounds:  # from the originals, not cumulative: frozen = 0.1 * theta_0
-                _load(params, {n: torch.where(k, originals[n], originals[n] * ATTENUATION)
-                               for n, k in _unflatten(kept, params).items()})
+                _load(
+                    params,
+                    {
+                        n: torch.where(k, originals[n], originals[n] * ATTENUATION)
+                        for n, k in _unflatten(kept, params).items()
+                    },
+                )
     finally:
         _load(params, originals)
     achieved = 1.0 - int(kept.sum()) / total
     return Calibration(_unflatten(kept, params), rule, sparsity, achieved, rounds, thresholds, densities)
 
 
-def calibrate_masks(model: nn.Module, batches: Iterable, rule: str, sparsity: float, rounds: int = 1,
-                    param_names: list[str] | None = None, label_mode: str = "sampled", seed: int = 0,
-                    chunk_size: int = DEFAULT_CHUNK, autocast_dtype: torch.dtype | None = None,
-                    progress: bool = False) -> Tensors:
+def calibrate_masks(
+    model: nn.Module,
+    batches: Iterable,
+    rule: str,
+    sparsity: float,
+    rounds: int = 1,
+    param_names: list[str] | None = None,
+    label_mode: str = "sampled",
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Tensors:
     """Masks (True = trainable) from Fisher scores on `batches`, calibrated in `rounds` rounds.
 
     `batches` must be re-iterable (a list): every round re-scores the same
@@ -332,8 +377,10 @@ def calibrate_masks(model: nn.Module, batches: Iterable, rule: str, sparsity: fl
     check_choice("label_mode", label_mode, LABEL_MODES)
     check_int("chunk_size", chunk_size, minimum=1)
     if isinstance(batches, Iterator):
-        raise ConfigError("batches must be re-iterable (e.g. a list of (inputs, labels) pairs), "
-                          f"got a one-shot {type(batches).__name__}; every calibration round re-reads it")
+        raise ConfigError(
+            "batches must be re-iterable (e.g. a list of (inputs, labels) pairs), "
+            f"got a one-shot {type(batches).__name__}; every calibration round re-reads it"
+        )
     names = _resolve_names(model, param_names, default=backbone_parameter_names(model))
     round_numbers = count(1)
 
@@ -352,8 +399,10 @@ def _rank_scores(rule, model, score_fn, originals, seed, round_index, device) ->
             raise ValueError(f"score_fn returned no scores or misshapen scores for {wrong}")
     elif rule == "random":  # one stream per round and parameter name, so dict order does not matter
         round_seed = derive_seed(seed, "calibration-round", round_index)
-        scores = {n: torch.rand(w.shape, generator=torch_generator(round_seed, "random-scores", n))
-                  for n, w in originals.items()}
+        scores = {
+            n: torch.rand(w.shape, generator=torch_generator(round_seed, "random-scores", n))
+            for n, w in originals.items()
+        }
     else:
         scores = {n: weight.abs() for n, weight in originals.items()}  # the original weights, never Fisher
     dtype = reduce(torch.promote_types, [scores[n].dtype for n in originals], torch.float32)
@@ -401,8 +450,16 @@ def mask_density_by_parameter(masks: Tensors) -> pd.DataFrame:
         match = BLOCK_NAME.match(name)
         block, kind = (int(match.group(1)), match.group(2)) if match else (-1, name)
         entries, trainable = mask.numel(), int(mask.sum())
-        rows.append(dict(parameter=name, entries=entries, trainable=trainable,
-                         density=trainable / entries if entries else math.nan, block=block, kind=kind))
+        rows.append(
+            dict(
+                parameter=name,
+                entries=entries,
+                trainable=trainable,
+                density=trainable / entries if entries else math.nan,
+                block=block,
+                kind=kind,
+            )
+        )
     return pd.DataFrame(rows, columns=["parameter", "entries", "trainable", "density", "block", "kind"])
 
 
@@ -423,8 +480,10 @@ def pack_masks(masks: Tensors) -> dict[str, dict]:
     """
     if wrong := [name for name, mask in masks.items() if mask.dtype != torch.bool]:
         raise ValueError(f"mask {wrong[0]!r} has dtype {masks[wrong[0]].dtype}; masks are bool tensors")
-    return {name: {"shape": list(mask.shape), "bits": torch.from_numpy(np.packbits(mask.cpu().numpy()))}
-            for name, mask in masks.items()}
+    return {
+        name: {"shape": list(mask.shape), "bits": torch.from_numpy(np.packbits(mask.cpu().numpy()))}
+        for name, mask in masks.items()
+    }
 
 
 def unpack_masks(packed: dict[str, dict], device: torch.device | str = "cpu") -> Tensors:
@@ -434,8 +493,10 @@ def unpack_masks(packed: dict[str, dict], device: torch.device | str = "cpu") ->
         shape = [int(size) for size in entry["shape"]]
         numel, bits = math.prod(shape), entry["bits"]
         if bits.dtype != torch.uint8 or bits.numel() != (numel + 7) // 8:
-            raise ValueError(f"packed mask {name!r} has {bits.numel()} {bits.dtype} bytes; "
-                             f"shape {shape} needs {(numel + 7) // 8} uint8 bytes")
+            raise ValueError(
+                f"packed mask {name!r} has {bits.numel()} {bits.dtype} bytes; "
+                f"shape {shape} needs {(numel + 7) // 8} uint8 bytes"
+            )
         flat = np.unpackbits(bits.cpu().numpy(), count=numel).astype(bool)
         masks[name] = torch.from_numpy(flat).reshape(shape).to(device)
     return masks

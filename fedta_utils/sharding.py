@@ -63,14 +63,16 @@ def non_iid_shards(labels, num_clients: int, classes_per_client: int, seed: int)
         raise ConfigError(
             f"classes_per_client={classes_per_client} with num_clients={num_clients} gives "
             f"{num_slices} class slices for {len(classes)} classes: some classes would be left out; "
-            f"need num_clients * classes_per_client >= {len(classes)}")
+            f"need num_clients * classes_per_client >= {len(classes)}"
+        )
     rng = numpy_rng(seed, "non-iid-shards")
     slices_per_class = _spread_evenly(num_slices, len(classes), rng)
     for label, count in zip(classes, slices_per_class):
         if count > np.sum(labels == label):
             raise ConfigError(
                 f"class {label} has {np.sum(labels == label)} samples but must be cut into {count} slices "
-                f"(num_clients={num_clients}, classes_per_client={classes_per_client}); lower one of them")
+                f"(num_clients={num_clients}, classes_per_client={classes_per_client}); lower one of them"
+            )
     holds = deal_classes(slices_per_class, num_clients, classes_per_client, rng)  # [K, Nc] class indices
     parts = [[] for _ in range(num_clients)]
     for c, (label, count) in enumerate(zip(classes, slices_per_class)):
@@ -81,8 +83,9 @@ def non_iid_shards(labels, num_clients: int, classes_per_client: int, seed: int)
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-def deal_classes(slices_per_class: np.ndarray, num_clients: int, per_client: int,
-                 rng: np.random.Generator) -> np.ndarray:
+def deal_classes(
+    slices_per_class: np.ndarray, num_clients: int, per_client: int, rng: np.random.Generator
+) -> np.ndarray:
     """[K, Nc] class of each client's slots: slices dealt at random, then duplicates swapped away.
 
     A client holding class x twice swaps one x slot with a random slot (of some client b that
@@ -130,8 +133,14 @@ def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int) -> list[
     return shards
 
 
-def make_shards(labels, sharding: str, num_clients: int, seed: int,
-                classes_per_client: int | None = None, dirichlet_alpha: float | None = None) -> list:
+def make_shards(
+    labels,
+    sharding: str,
+    num_clients: int,
+    seed: int,
+    classes_per_client: int | None = None,
+    dirichlet_alpha: float | None = None,
+) -> list:
     """Dispatch on `sharding` ('iid', 'non_iid', 'dirichlet')."""
     check_choice("sharding", sharding, SHARDINGS)
     if sharding == "iid":
@@ -155,12 +164,14 @@ def shard_stats(shards: list[np.ndarray], labels, num_classes: int) -> pd.DataFr
     """One row per client: samples, distinct classes, share of its largest class."""
     histogram = label_histogram(shards, labels, num_classes)
     sizes = histogram.sum(axis=1)
-    return pd.DataFrame({
-        "client": np.arange(len(shards)),
-        "samples": sizes,
-        "classes": (histogram > 0).sum(axis=1),
-        "largest_class_share": histogram.max(axis=1) / np.maximum(sizes, 1),
-    })
+    return pd.DataFrame(
+        {
+            "client": np.arange(len(shards)),
+            "samples": sizes,
+            "classes": (histogram > 0).sum(axis=1),
+            "largest_class_share": histogram.max(axis=1) / np.maximum(sizes, 1),
+        }
+    )
 
 
 def _check_num_clients(num_clients: int, num_samples: int) -> int:
@@ -174,8 +185,9 @@ def _spread_evenly(total: int, parts: int, rng: np.random.Generator) -> np.ndarr
     return counts
 
 
-def _draw_from_pools(pools: list[list[int]], proportions: np.ndarray, size: int,
-                     rng: np.random.Generator) -> np.ndarray:
+def _draw_from_pools(
+    pools: list[list[int]], proportions: np.ndarray, size: int, rng: np.random.Generator
+) -> np.ndarray:
     taken: list[int] = []
     while len(taken) < size:
         available = np.array([len(p) > 0 for p in pools])

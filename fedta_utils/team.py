@@ -40,8 +40,10 @@ def parse_worker(worker) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"(\d+)/(\d+)", str(worker).strip())
     if match is None or not 1 <= int(match[1]) <= int(match[2]):
-        raise ConfigError(f"worker={worker!r} is not allowed; write 'I/N' with 1 <= I <= N (e.g. '1/3', "
-                          "worker 1 of 3), or '' for a single process")
+        raise ConfigError(
+            f"worker={worker!r} is not allowed; write 'I/N' with 1 <= I <= N (e.g. '1/3', "
+            "worker 1 of 3), or '' for a single process"
+        )
     return int(match[1]), int(match[2])
 
 
@@ -56,6 +58,7 @@ def assign(costs: list[float], workers: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- what a run costs
+
 
 def split_sizes(config, params: dict) -> tuple[int, int, int, int]:
     """(train, validation, test (0 when the run never tests), subset evaluation) images of a config."""
@@ -87,6 +90,7 @@ def run_work(config, params: dict, head_only: bool = False) -> dict:
 
 # --------------------------------------------------------------------------- a share of a stage
 
+
 def status(runs: list, owners: list[int]) -> pd.DataFrame:
     """One row per run of a grid: its folder, worker, state (complete, partial, not started) and, for a
     partial run, its newest metrics row."""
@@ -95,8 +99,7 @@ def status(runs: list, owners: list[int]) -> pd.DataFrame:
         partial = not run.is_complete and (run.dir / "metrics.csv").is_file()
         newest = read_metrics(run.dir).tail(1).to_dict("records") if partial else []
         state = "complete" if run.is_complete else "partial" if partial else "not started"
-        rows.append({"run": run.dir.name, "worker": owner, "state": state,
-                     **(newest[0] if newest else {})})
+        rows.append({"run": run.dir.name, "worker": owner, "state": state, **(newest[0] if newest else {})})
     return pd.DataFrame(rows)
 
 
@@ -123,8 +126,12 @@ def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool,
             print(f"[worker {me}/{workers}] {experiment}: {run.dir.name}", flush=True)
             run_one(index)
     if wait:
-        wait_for(lambda: ", ".join(f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners)
-                                   if not r.is_complete), limit)
+        wait_for(
+            lambda: ", ".join(
+                f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners) if not r.is_complete
+            ),
+            limit,
+        )
     else:
         wait_for(lambda: "" if any(r.is_complete for r in runs) else "a first complete run", limit)
         print(status(runs, owners).to_string(index=False), flush=True)

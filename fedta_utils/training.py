@@ -22,8 +22,15 @@ from tqdm.auto import tqdm
 
 from . import models
 from .checks import ConfigError, check_bool, check_choice, check_float, check_int
-from .data import DATASETS, DataBundle, ImageSet, augmentation_generator, epoch_batches, make_batch
-from .data import sequential_batches
+from .data import (
+    DATASETS,
+    DataBundle,
+    ImageSet,
+    augmentation_generator,
+    epoch_batches,
+    make_batch,
+    sequential_batches,
+)
 from .finetune import FineTuneSpec, Prepared, head_cache_path, prepare
 from .optim import SCHEDULERS, SparseSGDM, make_scheduler
 from .runs import Checkpoint, CheckpointSchedule, Run
@@ -35,19 +42,19 @@ class CentralizedConfig:
 
     dataset: str = "cifar100"
     model: str = "dino_vits16"
-    img_size: int | None = None      # input pixels, a multiple of the patch size; None = the model's native
+    img_size: int | None = None  # input pixels, a multiple of the patch size; None = the model's native
     seed: int = 0
-    epochs: int = 10                 # passes over the 45,000-image train split
-    batch_size: int = 128            # images per optimizer step
-    lr: float = 0.01                 # peak learning rate (after warm-up)
+    epochs: int = 10  # passes over the 45,000-image train split
+    batch_size: int = 128  # images per optimizer step
+    lr: float = 0.01  # peak learning rate (after warm-up)
     momentum: float = 0.9
     weight_decay: float = 5e-5
-    scheduler: str = "cosine"        # 'cosine' | 'step' | 'constant'
-    warmup_epochs: float = 0.0       # linear warm-up length, in epochs
-    precision: str = "auto"          # 'auto' picks bf16 / fp16 / fp32 from the device
-    evaluate_test: bool = True       # False for hyperparameter search: the test set only reports
-    eval_points: int = 10            # evaluations, evenly spaced over the steps (the last step always)
-    eval_subset: int = 1000          # images per split evaluated before the last step (eval_steps)
+    scheduler: str = "cosine"  # 'cosine' | 'step' | 'constant'
+    warmup_epochs: float = 0.0  # linear warm-up length, in epochs
+    precision: str = "auto"  # 'auto' picks bf16 / fp16 / fp32 from the device
+    evaluate_test: bool = True  # False for hyperparameter search: the test set only reports
+    eval_points: int = 10  # evaluations, evenly spaced over the steps (the last step always)
+    eval_subset: int = 1000  # images per split evaluated before the last step (eval_steps)
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # step-0 head + sparse masks
 
     def __post_init__(self):
@@ -57,8 +64,11 @@ class CentralizedConfig:
 
     def to_dict(self) -> dict:
         """The identity: the resolved img_size, so None and the native size name the same run."""
-        return {**asdict(self), "img_size": models.input_size(self.model, self.img_size),
-                "finetune": self.finetune.identity()}
+        return {
+            **asdict(self),
+            "img_size": models.input_size(self.model, self.img_size),
+            "finetune": self.finetune.identity(),
+        }
 
     def run_name(self) -> str:
         name = f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}"
@@ -99,9 +109,15 @@ def read_complete(run: Run) -> RunResult:
 
 # --------------------------------------------------------------------------- steps
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str,
-                scheduler=None) -> tuple[torch.Tensor, int, int]:
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    precision: str,
+    scheduler=None,
+) -> tuple[torch.Tensor, int, int]:
     """One optimizer step per batch; returns (summed per-sample losses on the device, samples, skipped steps).
 
     A step the fp16 GradScaler skips (inf/NaN gradients) still uses its batch. Skips are counted from
@@ -110,7 +126,8 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
     model.train()
     loss_sum, count, steps, taken = torch.zeros(()), 0, 0, []
     hook = optimizer.register_step_post_hook(lambda *_: taken.append(1))
-    for steps, (inputs, labels) in enumerate(batches, 1):
+    for inputs, labels in batches:
+        steps += 1
         with models.autocast(inputs.device, precision):
             loss = F.cross_entropy(model(inputs), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -126,8 +143,9 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, image_set: ImageSet, img_size: int, batch_size: int,
-             precision: str) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, image_set: ImageSet, img_size: int, batch_size: int, precision: str
+) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy on `image_set`, without augmentation."""
     was_training = model.training
     model.eval()
@@ -143,8 +161,9 @@ def evaluate(model: nn.Module, image_set: ImageSet, img_size: int, batch_size: i
     return {"loss": loss_sum.item() / len(image_set), "acc": correct.item() / len(image_set)}
 
 
-def evaluate_splits(model, data: DataBundle, img_size, batch_size, precision, evaluate_test,
-                    subset: int | None = None) -> dict:
+def evaluate_splits(
+    model, data: DataBundle, img_size, batch_size, precision, evaluate_test, subset: int | None = None
+) -> dict:
     """{'val_loss', 'val_acc'[, 'test_loss', 'test_acc']} of the model as it is, on the full splits or,
     with `subset`, on their fixed stratified subsets of about that many images (DataBundle.eval_subset)."""
     row = {}
@@ -168,8 +187,13 @@ def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> d
     evaluated = [r for r in rows if "val_acc" in r]
     best = max(evaluated, key=lambda r: r["val_acc"])
     summary = {f"final_{k}": v for k, v in evaluated[-1].items() if k not in ("epoch", "round", "clients")}
-    summary.update(best_val_acc=best["val_acc"], best_val_at=best.get("epoch", best.get("round")),
-                   wall_s=timing[-1]["wall_s"], precision=precision, device=str(device))
+    summary.update(
+        best_val_acc=best["val_acc"],
+        best_val_at=best.get("epoch", best.get("round")),
+        wall_s=timing[-1]["wall_s"],
+        precision=precision,
+        device=str(device),
+    )
     return summary
 
 
@@ -179,15 +203,29 @@ def training_batches(image_set: ImageSet, img_size: int, batch_indices, generato
         yield make_batch(image_set, index, img_size, generator)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], names: list[str], masks: dict | None, lr: float,
-                   momentum: float, weight_decay: float, max_grad_norm: float | None = None) -> SparseSGDM:
+def make_optimizer(
+    params: list[torch.nn.Parameter],
+    names: list[str],
+    masks: dict | None,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    max_grad_norm: float | None = None,
+) -> SparseSGDM:
     """SGD with momentum over `params` (named `names`); masked entries never move."""
     aligned = [masks.get(n) for n in names] if masks else None
-    return SparseSGDM(params, lr=lr, momentum=momentum, weight_decay=weight_decay, masks=aligned,
-                      max_grad_norm=max_grad_norm)
+    return SparseSGDM(
+        params,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        masks=aligned,
+        max_grad_norm=max_grad_norm,
+    )
 
 
-# --------------------------------------------------------------------------- flat views of the trainable weights
+# ----------------------------------------------------------------------- flat views of the trainable weights
+
 
 def read_flat(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
@@ -218,7 +256,9 @@ def sparse_state(params: list[torch.Tensor], optimizer, moving: torch.Tensor) ->
     buffers = [optimizer.state[p].get("momentum_buffer") for p in params]
     momentum = None  # no momentum, or no step yet
     if any(b is not None for b in buffers):  # a parameter that never had a gradient has a zero buffer
-        momentum = read_flat([torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers)])[moving]
+        momentum = read_flat([torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers)])[
+            moving
+        ]
     lrs = [group["lr"] for group in optimizer.param_groups]  # the scheduler's current step size
     return {"weights": read_flat(params)[moving], "momentum": momentum, "lr": lrs}
 
@@ -240,8 +280,15 @@ def load_sparse_state(state: dict, params: list[torch.Tensor], optimizer, moving
 
 # --------------------------------------------------------------------------- centralized run
 
-def checked_run(ws, data: DataBundle, config, eval_batch_size: int, checkpoint_every: int | None,
-                checkpoint_minutes: float) -> Run:
+
+def checked_run(
+    ws,
+    data: DataBundle,
+    config,
+    eval_batch_size: int,
+    checkpoint_every: int | None,
+    checkpoint_minutes: float,
+) -> Run:
     """The run of `config`, after the checks every runner makes before any compute (no folder yet)."""
     check_run_options(eval_batch_size, checkpoint_every, checkpoint_minutes)
     data.check_is(config.dataset)
@@ -261,9 +308,17 @@ def check_run_options(eval_batch_size=256, checkpoint_every=None, checkpoint_min
     check_float("checkpoint_minutes", checkpoint_minutes, 0.0, None, low_open=True)
 
 
-def run_centralized(ws, data: DataBundle, config: CentralizedConfig, *, eval_batch_size: int = 256,
-                    checkpoint_every: int | None = None, checkpoint_minutes: float = 15,
-                    save_weights: bool = False, progress: bool = True) -> RunResult:
+def run_centralized(
+    ws,
+    data: DataBundle,
+    config: CentralizedConfig,
+    *,
+    eval_batch_size: int = 256,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float = 15,
+    save_weights: bool = False,
+    progress: bool = True,
+) -> RunResult:
     """Fine-tune centrally for `config.epochs`, resuming from a checkpoint; a complete run is read back.
 
     Checkpoints: every `checkpoint_every` epochs, or with None after `checkpoint_minutes` of wall time
@@ -282,18 +337,46 @@ def train_centralized(ws, data, config, run, eval_batch_size, schedule, save_wei
     device, img_size = data.device, models.input_size(config.model, config.img_size)
     precision = models.resolve_precision(config.precision, device)
     model = ws.build_model(config.model, data.num_classes, config.seed, img_size).to(device)
-    cache = head_cache_path(ws.root, config.finetune, model=config.model, weights=ws.weights_path,
-                            dataset=config.dataset, seed=config.seed, centralized=True, img_size=img_size,
-                            precision=precision)
-    prepared: Prepared = prepare(run, model, data, config.finetune, config.seed, img_size, precision,
-                                 [np.arange(len(data.train))], cache)
+    cache = head_cache_path(
+        ws.root,
+        config.finetune,
+        model=config.model,
+        weights=ws.weights_path,
+        dataset=config.dataset,
+        seed=config.seed,
+        centralized=True,
+        img_size=img_size,
+        precision=precision,
+    )
+    prepared: Prepared = prepare(
+        run,
+        model,
+        data,
+        config.finetune,
+        config.seed,
+        img_size,
+        precision,
+        [np.arange(len(data.train))],
+        cache,
+    )
     named = dict(model.named_parameters())
     params = [named[n] for n in prepared.trainable_names]
-    optimizer = make_optimizer(params, prepared.trainable_names, prepared.masks, config.lr, config.momentum,
-                               config.weight_decay, config.finetune.max_grad_norm)
+    optimizer = make_optimizer(
+        params,
+        prepared.trainable_names,
+        prepared.masks,
+        config.lr,
+        config.momentum,
+        config.weight_decay,
+        config.finetune.max_grad_norm,
+    )
     steps_per_epoch = -(-len(data.train) // config.batch_size)
-    scheduler = make_scheduler(optimizer, config.scheduler, config.epochs * steps_per_epoch,
-                               round(config.warmup_epochs * steps_per_epoch))
+    scheduler = make_scheduler(
+        optimizer,
+        config.scheduler,
+        config.epochs * steps_per_epoch,
+        round(config.warmup_epochs * steps_per_epoch),
+    )
     scaler = models.grad_scaler(device, precision)
     parts = {"scheduler": scheduler, "scaler": scaler}
     # A sparse run checkpoints only the entries its masks let change (sparse_state), a dense one everything.
@@ -313,30 +396,55 @@ def train_centralized(ws, data, config, run, eval_batch_size, schedule, save_wei
         carry = checkpoint.state["carry"]
     total = config.epochs * steps_per_epoch
     points = eval_steps(total, config.eval_points)
-    bar = tqdm(range(start, config.epochs), desc=f"centralized {run.dir.name}", initial=start,
-               total=config.epochs, disable=not progress)
+    bar = tqdm(
+        range(start, config.epochs),
+        desc=f"centralized {run.dir.name}",
+        initial=start,
+        total=config.epochs,
+        disable=not progress,
+    )
     for epoch in bar:
         clock, first, done = time.perf_counter(), epoch * steps_per_epoch, 0
-        batches = training_batches(data.train, img_size, epoch_batches(
-            len(data.train), config.batch_size, config.seed, "epoch", epoch, device=device),
-            augmentation_generator(config.seed, "epoch", epoch, device=device))
+        batches = training_batches(
+            data.train,
+            img_size,
+            epoch_batches(len(data.train), config.batch_size, config.seed, "epoch", epoch, device=device),
+            augmentation_generator(config.seed, "epoch", epoch, device=device),
+        )
         cuts = [p - first for p in points if first < p <= first + steps_per_epoch]  # this epoch's evaluations
         for cut in cuts + ([steps_per_epoch] if cuts[-1:] != [steps_per_epoch] else []):
-            loss_sum, count, _ = train_steps(model, optimizer, scaler, islice(batches, cut - done), precision,
-                                             scheduler)
+            loss_sum, count, _ = train_steps(
+                model, optimizer, scaler, islice(batches, cut - done), precision, scheduler
+            )
             carry["loss"], carry["samples"] = carry["loss"] + loss_sum.item(), carry["samples"] + count
             done = cut
             trained = time.perf_counter()
             carry["train_s"] += trained - clock
             if cut in cuts:
-                row = {"epoch": (first + cut) / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
-                       "train_loss": carry["loss"] / carry["samples"], **evaluate_splits(
-                           model, data, img_size, eval_batch_size, precision, config.evaluate_test,
-                           None if first + cut == total else config.eval_subset)}
+                row = {
+                    "epoch": (first + cut) / steps_per_epoch,
+                    "lr": scheduler.get_last_lr()[0],
+                    "train_loss": carry["loss"] / carry["samples"],
+                    **evaluate_splits(
+                        model,
+                        data,
+                        img_size,
+                        eval_batch_size,
+                        precision,
+                        config.evaluate_test,
+                        None if first + cut == total else config.eval_subset,
+                    ),
+                }
                 rows.append(row)
                 carry["wall_s"] += time.perf_counter() - clock
-                timing.append({"epoch": row["epoch"], "train_s": carry["train_s"],
-                               "eval_s": time.perf_counter() - trained, "wall_s": carry["wall_s"]})
+                timing.append(
+                    {
+                        "epoch": row["epoch"],
+                        "train_s": carry["train_s"],
+                        "eval_s": time.perf_counter() - trained,
+                        "wall_s": carry["wall_s"],
+                    }
+                )
                 carry.update(loss=0.0, samples=0, train_s=0.0)
                 bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
             else:

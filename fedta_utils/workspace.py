@@ -38,14 +38,20 @@ PROFILES = ("smoke", "full")
 RESULTS_FORMAT = 2
 COLAB_DRIVE_MOUNT = "/content/drive"
 # What each profile must load, so results are never labelled with the wrong profile.
-PROFILE_INPUTS = {"smoke": {"dataset": "synthetic", "model": "tiny_vit"},
-                  "full": {"dataset": "cifar100", "model": "dino_vits16"}}
+PROFILE_INPUTS = {
+    "smoke": {"dataset": "synthetic", "model": "tiny_vit"},
+    "full": {"dataset": "cifar100", "model": "dino_vits16"},
+}
 # A parameter left None takes the value an earlier notebook chose on validation: name -> (hparams.json
 # key, the notebook whose search stores it). FedAvg's client lr is tuned for FedAvg, not reused from 01;
 # fine-tuning under a frozen head gets its own (sparse_lr), since the head sets its gradients' scale.
-CHOSEN = {"lr": ("fedavg_lr", "02"), "weight_decay": ("fedavg_weight_decay", "02"),
-          "central_lr": ("central_lr", "01"), "central_weight_decay": ("central_weight_decay", "01"),
-          "sparse_lr": ("sparse_lr", "04")}
+CHOSEN = {
+    "lr": ("fedavg_lr", "02"),
+    "weight_decay": ("fedavg_weight_decay", "02"),
+    "central_lr": ("central_lr", "01"),
+    "central_weight_decay": ("central_weight_decay", "01"),
+    "sparse_lr": ("sparse_lr", "04"),
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,8 +59,14 @@ def code_version() -> str:
     """The git commit of the checkout the package runs from, else the package version."""
     checkout = NOTEBOOK_DIR.parent
     try:
-        answer = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, text=True,
-                                capture_output=True, check=True, timeout=10).stdout.split()
+        answer = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"],
+            cwd=checkout,
+            text=True,
+            capture_output=True,
+            check=True,
+            timeout=10,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         answer = []
     if len(answer) == 2 and Path(answer[0]).resolve() == checkout.resolve():
@@ -123,15 +135,28 @@ class Workspace:
                     f"{twin.dir} holds this run at precision {other}, started on another device, and this "
                     f"device resolves precision='auto' to {here}: it would be trained again. Set "
                     f"precision={other!r} to continue that run here, or precision={here!r} to train it "
-                    "anew at this device's precision")
+                    "anew at this device's precision"
+                )
 
     def build_model(self, name: str, num_classes: int, head_seed: int, img_size: int | None = None):
         """The run's model at `img_size` (None: native): pretrained backbone, head from `head_seed`."""
-        return build_model(name, num_classes, pretrained=self.pretrained, weights_path=self.weights_path,
-                           head_seed=head_seed, img_size=img_size)
+        return build_model(
+            name,
+            num_classes,
+            pretrained=self.pretrained,
+            weights_path=self.weights_path,
+            head_seed=head_seed,
+            img_size=img_size,
+        )
 
-    def load_data(self, dataset: str = "cifar100", val_fraction: float = 0.1, split_seed: int = 0,
-                  synthetic_train_size: int = 50_000, synthetic_test_size: int = 10_000) -> DataBundle:
+    def load_data(
+        self,
+        dataset: str = "cifar100",
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        synthetic_train_size: int = 50_000,
+        synthetic_test_size: int = 10_000,
+    ) -> DataBundle:
         """The dataset on `self.device`, split once per results folder and cached in memory."""
         check_choice("dataset", dataset, DATASETS)
         check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
@@ -139,9 +164,17 @@ class Workspace:
         key = (dataset, val_fraction, split_seed, synthetic_train_size, synthetic_test_size)
         if key not in self._data_cache:
             split_path = self.root / "splits" / f"{dataset}-val{val_fraction:g}-seed{split_seed}.npz"
-            self._data_cache[key] = prepare_data(dataset, self.data_dir, self.download, val_fraction,
-                                                 split_seed, split_path, self.device, synthetic_train_size,
-                                                 synthetic_test_size)
+            self._data_cache[key] = prepare_data(
+                dataset,
+                self.data_dir,
+                self.download,
+                val_fraction,
+                split_seed,
+                split_path,
+                self.device,
+                synthetic_train_size,
+                synthetic_test_size,
+            )
         return self._data_cache[key]
 
     def save_frame(self, relative_path: str, frame) -> Path:
@@ -166,15 +199,23 @@ class Workspace:
         """The value of parameter `name` (a key of CHOSEN) that an earlier notebook chose on validation."""
         stored, source = CHOSEN[name]
         if stored not in (values := self.load_hparams()):
-            raise ConfigError(f"{name}=None takes {stored} from {self.hparams_path}, which notebook {source} "
-                              f"stores after its search: run notebook {source} first with the same "
-                              f"results_dir and profile, or set {name} in the parameters cell")
+            raise ConfigError(
+                f"{name}=None takes {stored} from {self.hparams_path}, which notebook {source} "
+                f"stores after its search: run notebook {source} first with the same "
+                f"results_dir and profile, or set {name} in the parameters cell"
+            )
         return values[stored]
 
 
-def setup_workspace(profile: str = "full", results_dir: str | Path = "results", drive_dir=None,
-                    data_dir: str | Path = "data", device: str = "auto", weights_path=None,
-                    download: bool = True) -> Workspace:
+def setup_workspace(
+    profile: str = "full",
+    results_dir: str | Path = "results",
+    drive_dir=None,
+    data_dir: str | Path = "data",
+    device: str = "auto",
+    weights_path=None,
+    download: bool = True,
+) -> Workspace:
     """Check the parameters, mount Drive if asked, make sure results_dir is writable."""
     check_choice("profile", profile, PROFILES)
     check_bool("download", download)
@@ -184,8 +225,14 @@ def setup_workspace(profile: str = "full", results_dir: str | Path = "results", 
         results_dir = mount_drive(check_path("drive_dir", drive_dir)) / results_dir
     if weights_path and not check_path("weights_path", weights_path).is_file():
         raise ConfigError(f"weights_path={str(weights_path)!r} is not a file; leave it empty to download")
-    ws = Workspace(results_dir.resolve(), profile, resolve_device(device), Path(data_dir), download,
-                   str(weights_path) if weights_path else None)
+    ws = Workspace(
+        results_dir.resolve(),
+        profile,
+        resolve_device(device),
+        Path(data_dir),
+        download,
+        str(weights_path) if weights_path else None,
+    )
     make_writable_root(ws.root)
     warn_about_old_layout(ws.root)
     return ws
@@ -195,9 +242,12 @@ def warn_about_old_layout(root: Path) -> None:
     """Run folders of an older fedta (one folder per experiment) are never read: say so, once per setup."""
     old = sorted(p.name for p in root.glob("[0-9][0-9]_*") if any(p.glob("*/config.json")))
     if old:
-        warnings.warn(f"{root} holds run folders of an older fedta layout ({', '.join(old)}); they are not read "
-                      f"(runs now live in {root / RUNS_DIR}): move them away or start a new results_dir",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{root} holds run folders of an older fedta layout ({', '.join(old)}); they are not read "
+            f"(runs now live in {root / RUNS_DIR}): move them away or start a new results_dir",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def setup_notebook(key: str, namespace: dict, device: str = "auto"):
@@ -213,28 +263,47 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     check_choice("profile", profile, PROFILES)
     for name, expected in PROFILE_INPUTS[profile].items():
         if name in params and params[name] != expected:
-            raise ConfigError(f"profile={profile!r} with {name}={params[name]!r}: profile {profile!r} loads "
-                              f"{name}={expected!r}; change one of them so results are labelled correctly")
+            raise ConfigError(
+                f"profile={profile!r} with {name}={params[name]!r}: profile {profile!r} loads "
+                f"{name}={expected!r}; change one of them so results are labelled correctly"
+            )
     worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything is written
     check_float("wait_limit", params.get("wait_limit", 3600), 0.0, None, low_open=True)
-    ws = setup_workspace(profile, params["results_dir"], params.get("drive_dir") or None,
-                         params.get("data_dir", "data"), device, params.get("weights_path") or None)
+    ws = setup_workspace(
+        profile,
+        params["results_dir"],
+        params.get("drive_dir") or None,
+        params.get("data_dir", "data"),
+        device,
+        params.get("weights_path") or None,
+    )
     ws.allow_code_change = check_bool("allow_code_change", params.get("allow_code_change", False))
     # Every grid the notebook runs, before anything loads or waits (a chosen value not read yet: a stand-in).
     grids = experiments.check_notebook(key, params)
     for name, (stored, source) in CHOSEN.items():
         if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
             if worker:  # another worker may still be running that search
-                team.wait_for(lambda: "" if stored in ws.load_hparams() else
-                              f"{stored} in hparams.json (notebook {source}'s search, all workers)",
-                              params.get("wait_limit", 3600))
+
+                def missing(stored=stored, source=source) -> str:
+                    if stored in ws.load_hparams():
+                        return ""
+                    return f"{stored} in hparams.json (notebook {source}'s search, all workers)"
+
+                team.wait_for(missing, params.get("wait_limit", 3600))
             params[name] = ws.chosen(name)
     data = None
     if "dataset" in params:
-        data = ws.load_data(params["dataset"], params["val_fraction"], params["split_seed"],
-                            params["synthetic_train_size"], params["synthetic_test_size"])
-        print(f"results: {ws.root} | device: {ws.device} | train/val/test: "
-              f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
+        data = ws.load_data(
+            params["dataset"],
+            params["val_fraction"],
+            params["split_seed"],
+            params["synthetic_train_size"],
+            params["synthetic_test_size"],
+        )
+        print(
+            f"results: {ws.root} | device: {ws.device} | train/val/test: "
+            f"{len(data.train)}/{len(data.val)}/{len(data.test)}"
+        )
     for grid in grids:  # shards the data cannot make (Nc above its classes), before the first run
         experiments.check_against_data(grid["configs"], data)
     return ws, data, params
@@ -247,8 +316,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ConfigError(f"device={device!r} is not allowed; "
-                          "choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise ConfigError(
+            f"device={device!r} is not allowed; choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use device='auto' or 'cpu'")
     return torch.device(device)
@@ -259,8 +329,10 @@ def mount_drive(drive_dir: Path) -> Path:
         try:
             from google.colab import drive  # only on Colab
         except ImportError:
-            raise ConfigError(f"drive_dir={str(drive_dir)!r} is a Google Drive path but this is not Colab; "
-                              "leave drive_dir empty or point it at a local folder") from None
+            raise ConfigError(
+                f"drive_dir={str(drive_dir)!r} is a Google Drive path but this is not Colab; "
+                "leave drive_dir empty or point it at a local folder"
+            ) from None
         if not Path(COLAB_DRIVE_MOUNT, "MyDrive").is_dir():
             drive.mount(COLAB_DRIVE_MOUNT)
     if not drive_dir.parent.is_dir():
@@ -277,5 +349,6 @@ def make_writable_root(root: Path) -> None:
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise ConfigError(f"results_dir={str(root.parent)!r} is not writable ({error}); "
-                          "choose a folder you can write to") from error
+        raise ConfigError(
+            f"results_dir={str(root.parent)!r} is not writable ({error}); choose a folder you can write to"
+        ) from error

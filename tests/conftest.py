@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from smoke_fixture import smoke_pipeline, smoke_results, smoke_stage, start_smoke_pipeline  # noqa: F401
 
 from fedta_utils.workspace import setup_workspace
-from smoke_fixture import smoke_pipeline, smoke_results, smoke_stage, start_smoke_pipeline  # noqa: F401
 
 torch.set_num_threads(2)
 
@@ -36,16 +36,25 @@ def pytest_collection_modifyitems(config, items):
 
 # The report-PDF tests need TeX Live. `make test` installs it where it may; elsewhere they are skipped
 # with the command that installs it, except under FEDTA_REQUIRE_TEX (set by CI), where they fail.
-INSTALL_TEX = ("sudo apt-get install -y latexmk texlive-latex-extra texlive-fonts-recommended "
-               "texlive-bibtex-extra lmodern")
-needs_tex = pytest.mark.skipif(shutil.which("latexmk") is None and not os.environ.get("FEDTA_REQUIRE_TEX"),
-                               reason=f"latexmk is missing; install TeX Live: {INSTALL_TEX}")
+INSTALL_TEX = (
+    "sudo apt-get install -y latexmk texlive-latex-extra texlive-fonts-recommended "
+    "texlive-bibtex-extra lmodern"
+)
+needs_tex = pytest.mark.skipif(
+    shutil.which("latexmk") is None and not os.environ.get("FEDTA_REQUIRE_TEX"),
+    reason=f"latexmk is missing; install TeX Live: {INSTALL_TEX}",
+)
 
 
 @pytest.fixture
 def workspace(tmp_path):
-    return setup_workspace(profile="smoke", results_dir=tmp_path / "results", data_dir=tmp_path / "data",
-                           device="cpu", download=False)
+    return setup_workspace(
+        profile="smoke",
+        results_dir=tmp_path / "results",
+        data_dir=tmp_path / "data",
+        device="cpu",
+        download=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -41,14 +41,38 @@ from fedta_utils.workspace import setup_workspace  # noqa: E402
 
 TRAIN_SIZE, TEST_SIZE = 1000, 200  # synthetic images: 900 train / 100 val / 200 test, 100 classes
 
-FEDAVG = dict(dataset="synthetic", model="tiny_vit", num_clients=10, participation=0.3, local_steps=2,
-              rounds=10, batch_size=16, lr=0.05, eval_points=5, precision="fp32")
-SPARSE = dict(FEDAVG, rounds=8, sharding="non_iid", classes_per_client=10,
-              finetune=FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9,
-                                    calibration_rounds=2, calibration_samples=200))
-CENTRALIZED = dict(dataset="synthetic", model="tiny_vit", epochs=4, batch_size=64, lr=0.05,
-                   scheduler="cosine", warmup_epochs=0.5, precision="fp32",
-                   eval_points=4)  # one evaluation at the end of each epoch
+FEDAVG = dict(
+    dataset="synthetic",
+    model="tiny_vit",
+    num_clients=10,
+    participation=0.3,
+    local_steps=2,
+    rounds=10,
+    batch_size=16,
+    lr=0.05,
+    eval_points=5,
+    precision="fp32",
+)
+SPARSE = dict(
+    FEDAVG,
+    rounds=8,
+    sharding="non_iid",
+    classes_per_client=10,
+    finetune=FineTuneSpec(
+        head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=2, calibration_samples=200
+    ),
+)
+CENTRALIZED = dict(
+    dataset="synthetic",
+    model="tiny_vit",
+    epochs=4,
+    batch_size=64,
+    lr=0.05,
+    scheduler="cosine",
+    warmup_epochs=0.5,
+    precision="fp32",
+    eval_points=4,
+)  # one evaluation at the end of each epoch
 
 EXPERIMENTS = {
     # name: (runner, config, checkpoint_every, number of rounds or epochs)
@@ -59,6 +83,7 @@ EXPERIMENTS = {
 
 
 # --------------------------------------------------------------------------- events
+
 
 class Events:
     """Appends `<t> <round> <kind> <what>` lines to a file, one os.write each (never torn)."""
@@ -86,7 +111,7 @@ class SlowFile:
         self.events("write-start", self.name)
         step = max(1, -(-len(data) // self.CHUNKS))
         for start in range(0, len(data), step):
-            self.file.write(data[start:start + step])
+            self.file.write(data[start : start + step])
             self.file.flush()
             time.sleep(self.seconds / self.CHUNKS)
         return len(data)
@@ -155,6 +180,7 @@ def instrument(events: Events, write_seconds: float) -> None:
 
 # --------------------------------------------------------------------------- one run
 
+
 def run(spec: dict) -> None:
     """The experiment spec['experiment'] under spec['results_dir'], from scratch or resumed."""
     torch.set_num_threads(1)  # the test process and this one share 2 cores; results do not depend on it
@@ -162,13 +188,17 @@ def run(spec: dict) -> None:
     instrument(events, spec.get("write_seconds", 0.0))
     events("spawned", f"{events.started:.4f}")  # the child's time origin on the shared monotonic clock
     runner, config, checkpoint_every, _ = EXPERIMENTS[spec["experiment"]]
-    ws = setup_workspace(profile="smoke", results_dir=spec["results_dir"], data_dir=spec["results_dir"],
-                         device="cpu", download=False)
+    ws = setup_workspace(
+        profile="smoke",
+        results_dir=spec["results_dir"],
+        data_dir=spec["results_dir"],
+        device="cpu",
+        download=False,
+    )
     data = ws.load_data("synthetic", 0.1, 0, TRAIN_SIZE, TEST_SIZE)
     events("ready")
     try:
-        runner(ws, data, config, checkpoint_every=checkpoint_every,
-               save_weights=True, progress=False)
+        runner(ws, data, config, checkpoint_every=checkpoint_every, save_weights=True, progress=False)
     except BaseException as error:
         events("error", f"{type(error).__name__}: {error}".replace("\n", " "))
         raise
@@ -183,6 +213,7 @@ def run_dir(results_dir: str | Path, experiment: str) -> Path:
 
 
 # --------------------------------------------------------------------------- zygote
+
 
 def zygote() -> None:
     for line in sys.stdin:

@@ -52,11 +52,22 @@ class SmokePipeline:
         # One thread per notebook kernel (they inherit the environment): the results are then comparable
         # bit for bit with the team tests' workers, which also run one thread each.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "fedta_utils.pipeline", "--profile", "smoke",
-                   "--results-dir", str(self.results_dir), "-p", "report_dir", str(self.report_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "fedta_utils.pipeline",
+            "--profile",
+            "smoke",
+            "--results-dir",
+            str(self.results_dir),
+            "-p",
+            "report_dir",
+            str(self.report_dir),
+        ]
         with open(self.log, "w") as log:  # a session of its own: stop() ends its notebook kernels too
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         torch.set_num_threads(1)  # the pipeline has the other core: two threads here would wait on each other
 
     def result(self) -> dict:

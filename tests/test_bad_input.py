@@ -23,10 +23,10 @@ from fedta_utils import experiments, pipeline, runs
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import prepare_data, train_val_split
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
+from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.models import build_model
 from fedta_utils.pipeline import NotebookFailed, run_pipeline
 from fedta_utils.sharding import dirichlet_shards, iid_shards, make_shards, non_iid_shards
-from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.training import CentralizedConfig, run_centralized
 from fedta_utils.workspace import declared_parameters, discover_notebooks, setup_notebook, setup_workspace
 
@@ -53,14 +53,22 @@ WORKSPACE_CASES = [
     ({"data_dir": 5}, "data_dir must be a folder or file path (a non-empty str or Path), got 5 (int)"),
     ({"weights_path": "/nonexistent/dino.pth"}, "weights_path='/nonexistent/dino.pth' is not a file"),
     ({"drive_dir": "/content/drive/MyDrive/fedta"}, "is a Google Drive path but this is not Colab"),
-    ({"drive_dir": "/nonexistent/parent/fedta"}, "drive_dir='/nonexistent/parent/fedta': its parent folder does not exist"),
+    (
+        {"drive_dir": "/nonexistent/parent/fedta"},
+        "drive_dir='/nonexistent/parent/fedta': its parent folder does not exist",
+    ),
 ]
 
 
 @pytest.mark.parametrize("arguments, message", WORKSPACE_CASES, ids=[str(a) for a, _ in WORKSPACE_CASES])
 def test_setup_workspace_rejects_bad_arguments_before_creating_anything(arguments, message, tmp_path):
-    defaults = {"profile": "smoke", "results_dir": tmp_path / "results", "data_dir": tmp_path / "data",
-                "device": "cpu", "download": False}
+    defaults = {
+        "profile": "smoke",
+        "results_dir": tmp_path / "results",
+        "data_dir": tmp_path / "data",
+        "device": "cpu",
+        "download": False,
+    }
     with raises(message):
         setup_workspace(**{**defaults, **arguments})
     assert not (tmp_path / "results").exists()
@@ -74,7 +82,7 @@ def test_setup_workspace_rejects_cuda_without_a_gpu(tmp_path, monkeypatch):
 
 @pytest.fixture
 def unwritable_dir(tmp_path) -> Path:
-    """A folder nobody can create files in: read-only, or (as root, who ignores modes) under a regular file."""
+    """A folder nobody can create files in: read-only, or (as root, who ignores modes) under a file."""
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o500)
@@ -121,8 +129,13 @@ LOAD_DATA_CASES = [
 
 @pytest.mark.parametrize("arguments, message", LOAD_DATA_CASES, ids=[str(a) for a, _ in LOAD_DATA_CASES])
 def test_load_data_rejects_bad_arguments_before_loading(arguments, message, workspace):
-    defaults = {"dataset": "synthetic", "val_fraction": 0.1, "split_seed": 0,
-                "synthetic_train_size": 2000, "synthetic_test_size": 500}
+    defaults = {
+        "dataset": "synthetic",
+        "val_fraction": 0.1,
+        "split_seed": 0,
+        "synthetic_train_size": 2000,
+        "synthetic_test_size": 500,
+    }
     with raises(message):
         workspace.load_data(**{**defaults, **arguments})
     assert not (workspace.root / "splits").exists()
@@ -167,25 +180,38 @@ SHARDING_CASES = [
     (non_iid_shards, (100, 200, 0), "classes_per_client=200 is too large; it must be <= 100"),
     (non_iid_shards, (100, 0, 0), "classes_per_client=0 is too small; it must be >= 1"),
     (non_iid_shards, (100, "5", 0), "classes_per_client must be an integer in [1, 100], got '5' (str)"),
-    (non_iid_shards, (10, 5, 0), "classes_per_client=5 with num_clients=10 gives 50 class slices for 100 "
-                                 "classes: some classes would be left out; need num_clients * "
-                                 "classes_per_client >= 100"),
-    (non_iid_shards, (100, 50, 0), "has 18 samples but must be cut into 50 slices (num_clients=100, "
-                                   "classes_per_client=50); lower one of them"),
+    (
+        non_iid_shards,
+        (10, 5, 0),
+        "classes_per_client=5 with num_clients=10 gives 50 class slices for 100 "
+        "classes: some classes would be left out; need num_clients * "
+        "classes_per_client >= 100",
+    ),
+    (
+        non_iid_shards,
+        (100, 50, 0),
+        "has 18 samples but must be cut into 50 slices (num_clients=100, "
+        "classes_per_client=50); lower one of them",
+    ),
     (non_iid_shards, (100, 5, True), "seed must be an integer >= 0, got True (bool)"),
     (dirichlet_shards, (10, 0, 0), "dirichlet_alpha=0 is out of range; it must be in (0, inf)"),
     (dirichlet_shards, (10, -1.0, 0), "dirichlet_alpha=-1 is out of range; it must be in (0, inf)"),
     (dirichlet_shards, (10, "0.1", 0), "dirichlet_alpha must be a number in (0, inf), got '0.1' (str)"),
     (dirichlet_shards, (10, float("inf"), 0), "dirichlet_alpha=inf must be a finite number in (0, inf)"),
     (dirichlet_shards, (10, 0.5, -3), "seed=-3 is too small; it must be >= 0"),
-    (make_shards, ("non-iid", 10, 0), "sharding='non-iid' is not allowed; choose one of ['iid', 'non_iid', 'dirichlet']"),
+    (
+        make_shards,
+        ("non-iid", 10, 0),
+        "sharding='non-iid' is not allowed; choose one of ['iid', 'non_iid', 'dirichlet']",
+    ),
     (make_shards, ("non_iid", 10, 0), "sharding='non_iid' needs classes_per_client (an integer >= 1)"),
     (make_shards, ("dirichlet", 10, 0), "sharding='dirichlet' needs dirichlet_alpha (a number > 0)"),
 ]
 
 
-@pytest.mark.parametrize("function, arguments, message", SHARDING_CASES,
-                         ids=[f"{f.__name__}{a}" for f, a, _ in SHARDING_CASES])
+@pytest.mark.parametrize(
+    "function, arguments, message", SHARDING_CASES, ids=[f"{f.__name__}{a}" for f, a, _ in SHARDING_CASES]
+)
 def test_sharding_rejects_bad_and_impossible_requests(function, arguments, message):
     with raises(message):
         function(LABELS, *arguments)
@@ -224,10 +250,16 @@ CENTRALIZED_CASES = [
     ({"lr": float("nan")}, "lr=nan must be a finite number in (0, inf)"),
     ({"momentum": 1.0}, "momentum=1 is out of range; it must be in [0, 1)"),
     ({"weight_decay": -1e-4}, "weight_decay=-0.0001 is out of range; it must be in [0, inf)"),
-    ({"scheduler": "linear"}, "scheduler='linear' is not allowed; choose one of ['cosine', 'step', 'constant']"),
+    (
+        {"scheduler": "linear"},
+        "scheduler='linear' is not allowed; choose one of ['cosine', 'step', 'constant']",
+    ),
     ({"warmup_epochs": 20}, "warmup_epochs=20 is out of range; it must be in [0, 10]"),
     ({"warmup_epochs": -1}, "warmup_epochs=-1 is out of range; it must be in [0, 10]"),
-    ({"precision": "half"}, "precision='half' is not allowed; choose one of ['auto', 'fp32', 'bf16', 'fp16']"),
+    (
+        {"precision": "half"},
+        "precision='half' is not allowed; choose one of ['auto', 'fp32', 'bf16', 'fp16']",
+    ),
     ({"evaluate_test": "yes"}, "evaluate_test must be True or False, got 'yes' (str)"),
     ({"finetune": {"head": "ridge"}}, "finetune must be a FineTuneSpec, got dict"),
 ]
@@ -253,15 +285,24 @@ FEDAVG_CASES = [
     ({"lr_schedule": "step"}, "lr_schedule='step' is not allowed; choose one of ['constant', 'cosine']"),
     ({"server_lr": 0}, "server_lr=0 is out of range; it must be in (0, inf)"),
     ({"server_momentum": 1.0}, "server_momentum=1 is out of range; it must be in [0, 1)"),
-    ({"sharding": "noniid"}, "sharding='noniid' is not allowed; choose one of ['iid', 'non_iid', 'dirichlet']"),
+    (
+        {"sharding": "noniid"},
+        "sharding='noniid' is not allowed; choose one of ['iid', 'non_iid', 'dirichlet']",
+    ),
     ({"sharding": "non_iid"}, "classes_per_client must be an integer >= 1, got None (NoneType)"),
     ({"sharding": "non_iid", "classes_per_client": 0}, "classes_per_client=0 is too small; it must be >= 1"),
     ({"sharding": "dirichlet"}, "dirichlet_alpha must be a number in (0, inf), got None (NoneType)"),
-    ({"sharding": "dirichlet", "dirichlet_alpha": 0.0}, "dirichlet_alpha=0 is out of range; it must be in (0, inf)"),
+    (
+        {"sharding": "dirichlet", "dirichlet_alpha": 0.0},
+        "dirichlet_alpha=0 is out of range; it must be in (0, inf)",
+    ),
     ({"augment": 1}, "augment must be True or False, got 1 (int)"),
     ({"eval_points": 0}, "eval_points=0 is too small; it must be >= 1"),
     ({"eval_subset": 0}, "eval_subset=0 is too small; it must be >= 1"),
-    ({"precision": "fp64"}, "precision='fp64' is not allowed; choose one of ['auto', 'fp32', 'bf16', 'fp16']"),
+    (
+        {"precision": "fp64"},
+        "precision='fp64' is not allowed; choose one of ['auto', 'fp32', 'bf16', 'fp16']",
+    ),
     ({"finetune": "ridge"}, "finetune must be a FineTuneSpec, got str"),
 ]
 
@@ -293,11 +334,20 @@ def test_finetune_spec_rejects_bad_fields(fields, message):
 
 # --------------------------------------------------------------------------- runs
 
-SMALL_FEDAVG = dict(dataset="synthetic", model="tiny_vit", num_clients=10, participation=0.2, rounds=1,
-                    local_steps=1, batch_size=8)
+SMALL_FEDAVG = dict(
+    dataset="synthetic",
+    model="tiny_vit",
+    num_clients=10,
+    participation=0.2,
+    rounds=1,
+    local_steps=1,
+    batch_size=8,
+)
 SMALL_CENTRAL = dict(dataset="synthetic", model="tiny_vit", epochs=1, batch_size=64)
-RUNNERS = {"run_fedavg": (run_fedavg, FedAvgConfig(**SMALL_FEDAVG)),
-           "run_centralized": (run_centralized, CentralizedConfig(**SMALL_CENTRAL))}
+RUNNERS = {
+    "run_fedavg": (run_fedavg, FedAvgConfig(**SMALL_FEDAVG)),
+    "run_centralized": (run_centralized, CentralizedConfig(**SMALL_CENTRAL)),
+}
 OPTION_CASES = [
     ({"eval_batch_size": 0}, "eval_batch_size=0 is too small; it must be >= 1"),
     ({"eval_batch_size": "256"}, "eval_batch_size must be an integer >= 1, got '256' (str)"),
@@ -317,15 +367,22 @@ def test_run_options_are_checked_before_a_run_folder_exists(runner, options, mes
 
 
 IMPOSSIBLE_SHARDS = [
-    ({"sharding": "non_iid", "classes_per_client": 200}, "classes_per_client=200 is too large; it must be <= 100"),
-    ({"sharding": "non_iid", "classes_per_client": 5}, "some classes would be left out; need num_clients * "
-                                                       "classes_per_client >= 100"),
+    (
+        {"sharding": "non_iid", "classes_per_client": 200},
+        "classes_per_client=200 is too large; it must be <= 100",
+    ),
+    (
+        {"sharding": "non_iid", "classes_per_client": 5},
+        "some classes would be left out; need num_clients * classes_per_client >= 100",
+    ),
     ({"num_clients": 5000}, "num_clients=5000 is too large; it must be <= 1800"),
 ]
 
 
 @pytest.mark.parametrize("fields, message", IMPOSSIBLE_SHARDS, ids=[str(f) for f, _ in IMPOSSIBLE_SHARDS])
-def test_impossible_sharding_stops_run_fedavg_before_a_run_folder_exists(fields, message, workspace, small_data):
+def test_impossible_sharding_stops_run_fedavg_before_a_run_folder_exists(
+    fields, message, workspace, small_data
+):
     config = FedAvgConfig(**{**SMALL_FEDAVG, **fields})
     with raises(message):
         run_fedavg(workspace, small_data, config, progress=False)
@@ -339,111 +396,302 @@ def test_a_config_for_other_data_is_refused_before_a_run_folder_exists(workspace
     assert not (workspace.root / "other_data").exists()
 
 
-# --------------------------------------------------------------------------- grids (the notebooks' parameters)
+# ------------------------------------------------------------------------ grids (the notebooks' parameters)
 
-FEDAVG_SETTINGS = dict(dataset="synthetic", model="tiny_vit", num_clients=100, participation=0.1, batch_size=32,
-                       lr=0.05, weight_decay=0.0, momentum=0.9, lr_schedule="constant", server_lr=1.0,
-                       server_momentum=0.0, eval_points=2, precision="auto")
-SPARSE_GRID = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, sparse_classes_per_client=5, sparsity=0.9,
-                   calibration_rounds=2, sparse_lr=0.01)
-SPARSE_SEARCH = dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1], sparse_search_lrs=[0.01],
-                     sparse_search_rounds=2)
-FEDAVG_SEARCH = dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4, fedavg_search_lrs=[0.03],
-                     fedavg_search_weight_decays=[0.0], fedavg_search_rounds=2)
-CENTRAL_SETTINGS = dict(dataset="synthetic", model="tiny_vit", seeds=[0], epochs=2, batch_size=64, momentum=0.9,
-                        search_lrs=[0.03], search_weight_decays=[0.0], search_epochs=1,
-                        schedulers=["cosine"], warmup_epochs=0.5, precision="auto")
+FEDAVG_SETTINGS = dict(
+    dataset="synthetic",
+    model="tiny_vit",
+    num_clients=100,
+    participation=0.1,
+    batch_size=32,
+    lr=0.05,
+    weight_decay=0.0,
+    momentum=0.9,
+    lr_schedule="constant",
+    server_lr=1.0,
+    server_momentum=0.0,
+    eval_points=2,
+    precision="auto",
+)
+SPARSE_GRID = dict(
+    FEDAVG_SETTINGS,
+    seeds=[0],
+    local_steps=2,
+    rounds=4,
+    sparse_classes_per_client=5,
+    sparsity=0.9,
+    calibration_rounds=2,
+    sparse_lr=0.01,
+)
+SPARSE_SEARCH = dict(
+    SPARSE_GRID,
+    sparsities=[0.9],
+    calibration_rounds_grid=[1],
+    sparse_search_lrs=[0.01],
+    sparse_search_rounds=2,
+)
+FEDAVG_SEARCH = dict(
+    FEDAVG_SETTINGS,
+    seeds=[0],
+    local_steps=2,
+    rounds=4,
+    fedavg_search_lrs=[0.03],
+    fedavg_search_weight_decays=[0.0],
+    fedavg_search_rounds=2,
+)
+CENTRAL_SETTINGS = dict(
+    dataset="synthetic",
+    model="tiny_vit",
+    seeds=[0],
+    epochs=2,
+    batch_size=64,
+    momentum=0.9,
+    search_lrs=[0.03],
+    search_weight_decays=[0.0],
+    search_epochs=1,
+    schedulers=["cosine"],
+    warmup_epochs=0.5,
+    precision="auto",
+)
 
 GRID_CASES = [
-    (experiments.search_configs, CENTRAL_SETTINGS, {"search_lrs": []},
-     "search_lrs must not be empty: give a list of numbers in (0, inf)"),
-    (experiments.search_configs, CENTRAL_SETTINGS, {"search_lrs": [0.1, -1]},
-     "search_lrs[1]=-1 is out of range; it must be in (0, inf)"),
-    (experiments.search_configs, CENTRAL_SETTINGS, {"search_weight_decays": "0.0"},
-     "search_weight_decays must be a list of numbers in [0, inf), got '0.0'"),
-    (experiments.search_configs, CENTRAL_SETTINGS, {"search_epochs": 0},
-     "search_epochs=0 is too small; it must be >= 1"),
-    (experiments.scheduler_configs, dict(CENTRAL_SETTINGS, lr=0.1, weight_decay=0.0), {"seeds": 0},
-     "seeds must be a list of integers >= 0, got 0"),
-    (experiments.scheduler_configs, dict(CENTRAL_SETTINGS, lr=0.1, weight_decay=0.0), {"schedulers": "cosine"},
-     "schedulers must be a list of names from ['cosine', 'step', 'constant'], got 'cosine'"),
-    (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"seeds": []},
-     "seeds must not be empty: give a list of integers >= 0"),
+    (
+        experiments.search_configs,
+        CENTRAL_SETTINGS,
+        {"search_lrs": []},
+        "search_lrs must not be empty: give a list of numbers in (0, inf)",
+    ),
+    (
+        experiments.search_configs,
+        CENTRAL_SETTINGS,
+        {"search_lrs": [0.1, -1]},
+        "search_lrs[1]=-1 is out of range; it must be in (0, inf)",
+    ),
+    (
+        experiments.search_configs,
+        CENTRAL_SETTINGS,
+        {"search_weight_decays": "0.0"},
+        "search_weight_decays must be a list of numbers in [0, inf), got '0.0'",
+    ),
+    (
+        experiments.search_configs,
+        CENTRAL_SETTINGS,
+        {"search_epochs": 0},
+        "search_epochs=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.scheduler_configs,
+        dict(CENTRAL_SETTINGS, lr=0.1, weight_decay=0.0),
+        {"seeds": 0},
+        "seeds must be a list of integers >= 0, got 0",
+    ),
+    (
+        experiments.scheduler_configs,
+        dict(CENTRAL_SETTINGS, lr=0.1, weight_decay=0.0),
+        {"schedulers": "cosine"},
+        "schedulers must be a list of names from ['cosine', 'step', 'constant'], got 'cosine'",
+    ),
+    (
+        experiments.fedavg_iid_configs,
+        dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4),
+        {"seeds": []},
+        "seeds must not be empty: give a list of integers >= 0",
+    ),
     # a repeated seed is the same run again: a table would count it as two independent runs
-    (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"seeds": [0, 1, 0]},
-     "seeds=[0, 1, 0] repeats 0: the same value twice makes the same runs twice"),
-    (experiments.heterogeneity_configs,
-     dict(FEDAVG_SETTINGS, seeds=[1, 1], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4), {},
-     "seeds=[1, 1] repeats 1"),
-    (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"seeds": [0, 0]}, "seeds=[0, 0] repeats 0"),
-    (experiments.sparse_central_configs,
-     dict(SPARSE_GRID, epochs=1, warmup_epochs=0.0, central_batch_size=64, central_lr=0.05,
-          central_weight_decay=0.0, sparsity=0.9, calibration_rounds=2), {"seeds": [3, 3]},
-     "seeds=[3, 3] repeats 3"),
-    (experiments.mask_rule_configs,
-     dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2), {"seeds": [0, 0]},
-     "seeds=[0, 0] repeats 0"),
-    (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4), {"rounds": 0},
-     "rounds=0 is too small; it must be >= 1"),
-    (experiments.fedavg_iid_configs, dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4),
-     {"participation": 0}, "participation=0 is out of range; it must be in (0, 1]"),
-    (experiments.heterogeneity_configs,
-     dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4),
-     {"classes_per_client_grid": [0]}, "classes_per_client_grid[0]=0 is too small; it must be >= 1"),
-    (experiments.heterogeneity_configs,
-     dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4),
-     {"local_steps_grid": []}, "local_steps_grid must not be empty: give a list of integers >= 1"),
-    (experiments.heterogeneity_configs,
-     dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4),
-     {"base_rounds": 0}, "base_rounds=0 is too small; it must be >= 1"),
-    (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"sparsities": [1.0]}, "sparsities[0]=1 is out of range; it must be in [0, 1)"),
-    (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"calibration_rounds_grid": [0]}, "calibration_rounds_grid[0]=0 is too small; it must be >= 1"),
-    (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"sparse_classes_per_client": 0}, "sparse_classes_per_client=0 is too small; it must be >= 1"),
-    (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"head": "frozen"}, "head='frozen' is not allowed; choose one of ['train', 'ridge']"),
-    (experiments.sparse_central_configs,
-     dict(SPARSE_GRID, epochs=1, warmup_epochs=0.0, central_batch_size=64, central_lr=0.05,
-          central_weight_decay=0.0, sparsity=0.9, calibration_rounds=2), {"sparsity": 1.5},
-     "sparsity=1.5 is out of range; it must be in [0, 1)"),
-    (experiments.sparse_central_configs,
-     dict(SPARSE_GRID, epochs=1, warmup_epochs=0.0, central_batch_size=64, central_lr=0.05,
-          central_weight_decay=0.0, sparsity=0.9, calibration_rounds=2), {"central_batch_size": 0},
-     "central_batch_size=0 is too small; it must be >= 1"),
-    (experiments.sparse_fl_configs, dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
-     {"sparse_lr": None}, "sparse_lr must be a number"),
-    (experiments.sparse_search_configs, SPARSE_SEARCH, {"sparse_search_lrs": [0.0]},
-     "sparse_search_lrs[0]=0 is out of range; it must be in (0, inf)"),
-    (experiments.sparse_search_configs, SPARSE_SEARCH, {"sparse_search_rounds": 0},
-     "sparse_search_rounds=0 is too small; it must be >= 1"),
+    (
+        experiments.fedavg_iid_configs,
+        dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4),
+        {"seeds": [0, 1, 0]},
+        "seeds=[0, 1, 0] repeats 0: the same value twice makes the same runs twice",
+    ),
+    (
+        experiments.heterogeneity_configs,
+        dict(FEDAVG_SETTINGS, seeds=[1, 1], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4),
+        {},
+        "seeds=[1, 1] repeats 1",
+    ),
+    (
+        experiments.sparse_fl_configs,
+        dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
+        {"seeds": [0, 0]},
+        "seeds=[0, 0] repeats 0",
+    ),
+    (
+        experiments.sparse_central_configs,
+        dict(
+            SPARSE_GRID,
+            epochs=1,
+            warmup_epochs=0.0,
+            central_batch_size=64,
+            central_lr=0.05,
+            central_weight_decay=0.0,
+            sparsity=0.9,
+            calibration_rounds=2,
+        ),
+        {"seeds": [3, 3]},
+        "seeds=[3, 3] repeats 3",
+    ),
+    (
+        experiments.mask_rule_configs,
+        dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
+        {"seeds": [0, 0]},
+        "seeds=[0, 0] repeats 0",
+    ),
+    (
+        experiments.fedavg_iid_configs,
+        dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4),
+        {"rounds": 0},
+        "rounds=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.fedavg_iid_configs,
+        dict(FEDAVG_SETTINGS, seeds=[0], local_steps=2, rounds=4),
+        {"participation": 0},
+        "participation=0 is out of range; it must be in (0, 1]",
+    ),
+    (
+        experiments.heterogeneity_configs,
+        dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4),
+        {"classes_per_client_grid": [0]},
+        "classes_per_client_grid[0]=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.heterogeneity_configs,
+        dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4),
+        {"local_steps_grid": []},
+        "local_steps_grid must not be empty: give a list of integers >= 1",
+    ),
+    (
+        experiments.heterogeneity_configs,
+        dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[1], local_steps_grid=[2], base_rounds=4),
+        {"base_rounds": 0},
+        "base_rounds=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.sparse_fl_configs,
+        dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
+        {"sparsities": [1.0]},
+        "sparsities[0]=1 is out of range; it must be in [0, 1)",
+    ),
+    (
+        experiments.sparse_fl_configs,
+        dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
+        {"calibration_rounds_grid": [0]},
+        "calibration_rounds_grid[0]=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.sparse_fl_configs,
+        dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
+        {"sparse_classes_per_client": 0},
+        "sparse_classes_per_client=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.sparse_fl_configs,
+        dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
+        {"head": "frozen"},
+        "head='frozen' is not allowed; choose one of ['train', 'ridge']",
+    ),
+    (
+        experiments.sparse_central_configs,
+        dict(
+            SPARSE_GRID,
+            epochs=1,
+            warmup_epochs=0.0,
+            central_batch_size=64,
+            central_lr=0.05,
+            central_weight_decay=0.0,
+            sparsity=0.9,
+            calibration_rounds=2,
+        ),
+        {"sparsity": 1.5},
+        "sparsity=1.5 is out of range; it must be in [0, 1)",
+    ),
+    (
+        experiments.sparse_central_configs,
+        dict(
+            SPARSE_GRID,
+            epochs=1,
+            warmup_epochs=0.0,
+            central_batch_size=64,
+            central_lr=0.05,
+            central_weight_decay=0.0,
+            sparsity=0.9,
+            calibration_rounds=2,
+        ),
+        {"central_batch_size": 0},
+        "central_batch_size=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.sparse_fl_configs,
+        dict(SPARSE_GRID, sparsities=[0.9], calibration_rounds_grid=[1]),
+        {"sparse_lr": None},
+        "sparse_lr must be a number",
+    ),
+    (
+        experiments.sparse_search_configs,
+        SPARSE_SEARCH,
+        {"sparse_search_lrs": [0.0]},
+        "sparse_search_lrs[0]=0 is out of range; it must be in (0, inf)",
+    ),
+    (
+        experiments.sparse_search_configs,
+        SPARSE_SEARCH,
+        {"sparse_search_rounds": 0},
+        "sparse_search_rounds=0 is too small; it must be >= 1",
+    ),
     # notebook 04 runs its lr search before the sparse grid: the grid's parameters must fail first
-    (experiments.sparse_search_configs, SPARSE_SEARCH, {"sparsities": [1.0]},
-     "sparsities[0]=1 is out of range; it must be in [0, 1)"),
-    (experiments.sparse_search_configs, SPARSE_SEARCH, {"rounds": 0}, "rounds=0 is too small; it must be >= 1"),
-    (experiments.mask_rule_configs,
-     dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2), {"sparse_lr": -1.0},
-     "sparse_lr=-1 is out of range; it must be in (0, inf)"),
-    (experiments.mask_rule_configs,
-     dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2), {"rules": ["fisher"]},
-     "rules[0]='fisher' is not allowed; choose one of ['least_sensitive'"),
-    (experiments.mask_rule_configs,
-     dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2), {"rules": "random"},
-     "rules must be a list of names from ['least_sensitive'"),
-    (experiments.mask_rule_configs,
-     dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
-     {"rule_sparsities": [-0.5]}, "rule_sparsities[0]=-0.5 is out of range; it must be in [0, 1)"),
-    (experiments.mask_rule_configs,
-     dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
-     {"rule_calibration_rounds": 0}, "rule_calibration_rounds=0 is too small; it must be >= 1"),
+    (
+        experiments.sparse_search_configs,
+        SPARSE_SEARCH,
+        {"sparsities": [1.0]},
+        "sparsities[0]=1 is out of range; it must be in [0, 1)",
+    ),
+    (
+        experiments.sparse_search_configs,
+        SPARSE_SEARCH,
+        {"rounds": 0},
+        "rounds=0 is too small; it must be >= 1",
+    ),
+    (
+        experiments.mask_rule_configs,
+        dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
+        {"sparse_lr": -1.0},
+        "sparse_lr=-1 is out of range; it must be in (0, inf)",
+    ),
+    (
+        experiments.mask_rule_configs,
+        dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
+        {"rules": ["fisher"]},
+        "rules[0]='fisher' is not allowed; choose one of ['least_sensitive'",
+    ),
+    (
+        experiments.mask_rule_configs,
+        dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
+        {"rules": "random"},
+        "rules must be a list of names from ['least_sensitive'",
+    ),
+    (
+        experiments.mask_rule_configs,
+        dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
+        {"rule_sparsities": [-0.5]},
+        "rule_sparsities[0]=-0.5 is out of range; it must be in [0, 1)",
+    ),
+    (
+        experiments.mask_rule_configs,
+        dict(SPARSE_GRID, rules=["random"], rule_sparsities=[0.9], rule_calibration_rounds=2),
+        {"rule_calibration_rounds": 0},
+        "rule_calibration_rounds=0 is too small; it must be >= 1",
+    ),
 ]
 
 
 NOTEBOOK_GRID_CASES = [  # a parameter of a grid that runs after the notebook's search fails before it
     ("01", {"seeds": [-1]}, "seeds[0]=-1 is too small; it must be >= 0"),
-    ("01", {"schedulers": ["linear"]}, "schedulers[0]='linear' is not allowed; choose one of ['cosine', 'step', "),
+    (
+        "01",
+        {"schedulers": ["linear"]},
+        "schedulers[0]='linear' is not allowed; choose one of ['cosine', 'step', ",
+    ),
     ("01", {"epochs": 0}, "epochs=0 is too small; it must be >= 1"),
     ("01", {"seeds": [2, 2]}, "seeds=[2, 2] repeats 2"),
     ("02", {"rounds": -3}, "rounds=-3 is too small; it must be >= 1"),
@@ -455,16 +703,18 @@ NOTEBOOK_GRID_CASES = [  # a parameter of a grid that runs after the notebook's 
 ]
 
 
-@pytest.mark.parametrize("key, bad, message", NOTEBOOK_GRID_CASES,
-                         ids=[f"{k}-{b}" for k, b, _ in NOTEBOOK_GRID_CASES])
+@pytest.mark.parametrize(
+    "key, bad, message", NOTEBOOK_GRID_CASES, ids=[f"{k}-{b}" for k, b, _ in NOTEBOOK_GRID_CASES]
+)
 def test_a_notebook_checks_the_grids_after_its_search_before_anything_runs(key, bad, message):
     params = pipeline.notebook_values(discover_notebooks()[key], "smoke", {})
     with raises(message):
         experiments.check_notebook(key, {**params, **bad})
 
 
-@pytest.mark.parametrize("function, settings, bad, message", GRID_CASES,
-                         ids=[f"{f.__name__}-{b}" for f, _, b, _ in GRID_CASES])
+@pytest.mark.parametrize(
+    "function, settings, bad, message", GRID_CASES, ids=[f"{f.__name__}-{b}" for f, _, b, _ in GRID_CASES]
+)
 def test_grid_parameters_are_checked_with_their_notebook_names(function, settings, bad, message):
     with raises(message):
         function(**{**settings, **bad})
@@ -472,7 +722,8 @@ def test_grid_parameters_are_checked_with_their_notebook_names(function, setting
 
 def test_run_grid_checks_every_config_against_the_data_before_the_first_run(workspace, small_data):
     configs = experiments.heterogeneity_configs(
-        **dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[200], local_steps_grid=[1], base_rounds=1))
+        **dict(FEDAVG_SETTINGS, seeds=[0], classes_per_client_grid=[200], local_steps_grid=[1], base_rounds=1)
+    )
     assert configs[0].sharding == "iid"  # a valid run comes first and must not start
     with raises("classes_per_client=200 is too large; it must be <= 100"):
         experiments.run_grid(run_fedavg, workspace, small_data, "grid", configs, {})
@@ -481,11 +732,14 @@ def test_run_grid_checks_every_config_against_the_data_before_the_first_run(work
 
 # --------------------------------------------------------------------------- pipeline command line
 
+
 def test_pipeline_rejects_an_unknown_profile_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as stopped:
         pipeline.main(["--profile", "fast"])
     assert stopped.value.code == 2
-    assert "argument --profile: invalid choice: 'fast' (choose from 'full', 'smoke')" in capsys.readouterr().err
+    assert (
+        "argument --profile: invalid choice: 'fast' (choose from 'full', 'smoke')" in capsys.readouterr().err
+    )
 
 
 def test_run_pipeline_rejects_an_unknown_profile(tmp_path):
@@ -496,8 +750,14 @@ def test_run_pipeline_rejects_an_unknown_profile(tmp_path):
 
 PIPELINE_CASES = [
     (["--only", "09"], "--only ['09']: no such notebook; available: ['00', '01', "),
-    (["-p", "learning_rate", "0.1"], "-p learning_rate: no selected notebook declares a parameter of that name"),
-    (["--only", "00", "-p", "rounds", "3"], "-p rounds: no selected notebook declares a parameter of that name"),
+    (
+        ["-p", "learning_rate", "0.1"],
+        "-p learning_rate: no selected notebook declares a parameter of that name",
+    ),
+    (
+        ["--only", "00", "-p", "rounds", "3"],
+        "-p rounds: no selected notebook declares a parameter of that name",
+    ),
 ]
 
 
@@ -519,9 +779,18 @@ def test_pipeline_rejects_an_unwritable_results_dir(unwritable_dir, capsys):
 
 NOTEBOOK_CASES = [
     # (notebook, bad -p values, message, experiment folder that must not exist)
-    ("02", {"participation": 0}, "participation=0 is out of range; it must be in (0, 1]", experiments.FEDAVG_IID),
-    ("03", {"classes_per_client_grid": [200]}, "classes_per_client=200 is too large; it must be <= 100",
-     experiments.HETEROGENEITY),
+    (
+        "02",
+        {"participation": 0},
+        "participation=0 is out of range; it must be in (0, 1]",
+        experiments.FEDAVG_IID,
+    ),
+    (
+        "03",
+        {"classes_per_client_grid": [200]},
+        "classes_per_client=200 is too large; it must be <= 100",
+        experiments.HETEROGENEITY,
+    ),
     ("01", {"schedulers": ["linear"]}, "schedulers[0]='linear' is not allowed", experiments.LR_SEARCH),
     # notebook 02 runs its lr search before its iid grid: the grid's parameters must fail first
     ("02", {"seeds": [0, 0]}, "seeds=[0, 0] repeats 0", experiments.FEDAVG_LR_SEARCH),
@@ -529,10 +798,14 @@ NOTEBOOK_CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook, overrides, message, experiment", NOTEBOOK_CASES,
-                         ids=[f"{n}-{o}" for n, o, _, _ in NOTEBOOK_CASES])
-def test_bad_notebook_parameter_fails_in_the_notebook_before_any_training(notebook, overrides, message,
-                                                                           experiment, tmp_path):
+@pytest.mark.parametrize(
+    "notebook, overrides, message, experiment",
+    NOTEBOOK_CASES,
+    ids=[f"{n}-{o}" for n, o, _, _ in NOTEBOOK_CASES],
+)
+def test_bad_notebook_parameter_fails_in_the_notebook_before_any_training(
+    notebook, overrides, message, experiment, tmp_path
+):
     tuned = {"lr": 0.05, "weight_decay": 0.0} if notebook == "03" else {}
     with raises(message, NotebookFailed):
         run_pipeline("smoke", [notebook], tmp_path / "results", {**tuned, **overrides})
@@ -544,8 +817,13 @@ def test_bad_notebook_parameter_fails_in_the_notebook_before_any_training(notebo
 # Where any string is a valid value: a folder name.
 PATH_PARAMETERS = {"results_dir", "data_dir", "drive_dir"}
 # What the searches of notebooks 01, 02 and 04 stored, so that 03-05 can start.
-TUNED = {"central_lr": 0.1, "central_weight_decay": 0.0, "fedavg_lr": 0.1, "fedavg_weight_decay": 0.0,
-         "sparse_lr": 0.003}
+TUNED = {
+    "central_lr": 0.1,
+    "central_weight_decay": 0.0,
+    "fedavg_lr": 0.1,
+    "fedavg_weight_decay": 0.0,
+    "sparse_lr": 0.003,
+}
 
 
 def bad_value(default):
@@ -561,8 +839,12 @@ def bad_value(default):
     return -1.0  # floats, and values left None for a search to choose
 
 
-PARAMETER_CASES = [(key, name) for key in ("01", "02", "03", "04", "05")
-                   for name in declared_parameters(discover_notebooks()[key]) if name not in PATH_PARAMETERS]
+PARAMETER_CASES = [
+    (key, name)
+    for key in ("01", "02", "03", "04", "05")
+    for name in declared_parameters(discover_notebooks()[key])
+    if name not in PATH_PARAMETERS
+]
 
 
 @pytest.mark.parametrize("key, name", PARAMETER_CASES, ids=[f"{k}-{n}" for k, n in PARAMETER_CASES])

@@ -63,15 +63,21 @@ def test_a_shared_step0_head_is_counted_once_where_it_is_first_fitted():
     sparse_eval = sum(pipeline.run_work(c, params)["eval"] for c in sparse)
     assert table.loc["sparse FedAvg grid", "eval"] == sparse_eval  # the heads come from the cache
     central = [c for g in groups if g["group"] == "centralized sparse" for c in g["configs"]]
-    assert table.loc["centralized sparse", "eval"] == sum(pipeline.run_work(c, params)["eval"] for c in central) \
-        + seeds * (train + val)  # a different (pooled) head per seed
+    assert table.loc["centralized sparse", "eval"] == sum(
+        pipeline.run_work(c, params)["eval"] for c in central
+    ) + seeds * (train + val)  # a different (pooled) head per seed
 
 
 def test_the_full_study_fits_its_budget_of_trained_and_evaluated_images():
     table = pipeline.work_table(pipeline.grids("full"))
     per_notebook = table.groupby("notebook")[["train", "eval"]].sum()
-    budgets = {"01_centralized": 3.0e6, "02_fedavg_iid": 1.5e6, "03_heterogeneity": 11.5e6,
-               "04_sparse_fl": 6.0e6, "05_mask_rules": 3.0e6}
+    budgets = {
+        "01_centralized": 3.0e6,
+        "02_fedavg_iid": 1.5e6,
+        "03_heterogeneity": 11.5e6,
+        "04_sparse_fl": 6.0e6,
+        "05_mask_rules": 3.0e6,
+    }
     for notebook, budget in budgets.items():
         assert per_notebook.loc[notebook, "train"] <= budget, notebook
     assert table["train"].sum() <= 25e6
@@ -84,7 +90,11 @@ def test_notebook_03_shares_its_iid_runs_at_the_first_j_with_notebook_02():
     grid = next(g for g in groups if g["experiment"] == experiments.HETEROGENEITY)
     iid = next(g for g in groups if g["experiment"] == experiments.FEDAVG_IID)["configs"]
     shared = [c for c in grid["configs"] if c in iid]
-    assert len(shared) == 3 and {c.local_steps for c in shared} == {4} and {c.sharding for c in shared} == {"iid"}
+    assert (
+        len(shared) == 3
+        and {c.local_steps for c in shared} == {4}
+        and {c.sharding for c in shared} == {"iid"}
+    )
     assert runs["heterogeneity grid"] == len(grid["configs"]) - 3  # counted once, in notebook 02
     alone = pipeline.work_table(pipeline.grids("full", ["03"])).set_index("group")["runs"]
     assert alone["heterogeneity grid"] == len(grid["configs"])  # without 02 selected, 03 trains them
@@ -140,12 +150,15 @@ def no_calibration(monkeypatch):
     monkeypatch.setattr(bench, "unit_seconds", refuse)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["-p", "no_such_parameter", "1"], "-p no_such_parameter: no selected notebook declares"),
-    (["--only", "09"], "--only ['09']: no such notebook"),
-    (["-p", "seeds", "[-1]"], "seeds"),
-    (["--only", "02", "-p", "rules", "['least_sensitive']"], "-p rules"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-p", "no_such_parameter", "1"], "-p no_such_parameter: no selected notebook declares"),
+        (["--only", "09"], "--only ['09']: no such notebook"),
+        (["-p", "seeds", "[-1]"], "seeds"),
+        (["--only", "02", "-p", "rules", "['least_sensitive']"], "-p rules"),
+    ],
+)
 def test_bad_input_is_rejected_by_name_before_calibrating(argv, message, no_calibration, capsys):
     assert pipeline.main(["--profile", "smoke", "--dry-run", *argv]) == 1
     assert message in capsys.readouterr().err
@@ -158,13 +171,20 @@ def test_notebook_04s_lr_search_is_the_grids_default_run_at_each_lr(profile):
     params = {**notebook_params("04", profile), "lr": 0.05, "sparse_lr": 0.002}  # two distinct lrs
     search = experiments.sparse_search_configs(**params)
     grid = experiments.sparse_fl_configs(**params)
-    default = [c for c in grid if c.sharding == "iid" and c.seed == params["seeds"][0] and c.finetune.mask_rule
-               and (c.finetune.sparsity, c.finetune.calibration_rounds) == (params["sparsity"],
-                                                                            params["calibration_rounds"])]
+    default = [
+        c
+        for c in grid
+        if c.sharding == "iid"
+        and c.seed == params["seeds"][0]
+        and c.finetune.mask_rule
+        and (c.finetune.sparsity, c.finetune.calibration_rounds)
+        == (params["sparsity"], params["calibration_rounds"])
+    ]
     assert len(default) == 1 and [c.lr for c in search] == params["sparse_search_lrs"]
     for config in search:
-        assert config == replace(default[0], lr=config.lr, rounds=params["sparse_search_rounds"],
-                                 evaluate_test=False)
+        assert config == replace(
+            default[0], lr=config.lr, rounds=params["sparse_search_rounds"], evaluate_test=False
+        )
     under_head = [c for c in grid if c.finetune.head == "ridge"]
     assert under_head and {c.lr for c in under_head} == {params["sparse_lr"]}  # plain FedAvg keeps 02's lr
     assert {c.lr for c in grid if c.finetune.head == "train"} == {params["lr"]}

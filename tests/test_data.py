@@ -6,12 +6,25 @@ import torch
 import torch.nn.functional as F
 
 from fedta_utils.checks import ConfigError
-from fedta_utils.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, derive_seed, load_cifar100,
-                              load_or_create_split, make_batch, normalize_resize, numpy_rng, prepare_data,
-                              random_crop_flip, synthetic_cifar100, torch_generator, train_val_split)
-
+from fedta_utils.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageSet,
+    derive_seed,
+    load_cifar100,
+    load_or_create_split,
+    make_batch,
+    normalize_resize,
+    numpy_rng,
+    prepare_data,
+    random_crop_flip,
+    synthetic_cifar100,
+    torch_generator,
+    train_val_split,
+)
 
 # ------------------------------------------------------------------ split
+
 
 def test_split_is_stratified_disjoint_and_complete(cifar_like_labels):
     labels = np.tile(np.arange(100), 500)  # CIFAR-100's official train set: 500 per class
@@ -46,6 +59,7 @@ def test_stored_split_is_reused_and_guards_against_other_parameters(tmp_path):
 
 
 # ------------------------------------------------------------------ datasets
+
 
 def test_synthetic_data_is_cifar_shaped_with_balanced_classes():
     train, test = synthetic_cifar100(num_train=1000, num_test=300)
@@ -103,9 +117,10 @@ def test_missing_cifar_offline_names_data_dir(tmp_path):
 
 # ------------------------------------------------------------------ batches
 
+
 def reference_crop_flip(image, offset_y, offset_x, flip, padding=4):
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    crop = padded[offset_y:offset_y + image.shape[0], offset_x:offset_x + image.shape[1]]
+    crop = padded[offset_y : offset_y + image.shape[0], offset_x : offset_x + image.shape[1]]
     return crop[:, ::-1] if flip else crop
 
 
@@ -165,10 +180,16 @@ def test_image_set_validates_its_tensors():
 
 # ------------------------------------------------------------------ random streams
 
+
 def test_a_stream_is_fixed_by_its_seed_and_tags_alone():
     assert derive_seed(3, "clients", 7) == derive_seed(3, "clients", 7)
-    seeds = {derive_seed(3, "clients", 7), derive_seed(4, "clients", 7), derive_seed(3, "clients", 8),
-             derive_seed(3, "batches", 7), derive_seed(3, "clients", 7, 1)}
+    seeds = {
+        derive_seed(3, "clients", 7),
+        derive_seed(4, "clients", 7),
+        derive_seed(3, "clients", 8),
+        derive_seed(3, "batches", 7),
+        derive_seed(3, "clients", 7, 1),
+    }
     assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
     assert np.array_equal(numpy_rng(3, "x").permutation(50), numpy_rng(3, "x").permutation(50))
 

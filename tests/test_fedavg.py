@@ -12,16 +12,24 @@ import torch.nn.functional as F
 from fedta_utils import fedavg, models
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import normalize_resize
-from fedta_utils.fedavg import (DeltaStats, FedAvgConfig, client_batch_indices, clients_per_round, run_fedavg,
-                                sample_clients, server_update)
+from fedta_utils.fedavg import (
+    DeltaStats,
+    FedAvgConfig,
+    client_batch_indices,
+    clients_per_round,
+    run_fedavg,
+    sample_clients,
+    server_update,
+)
 from fedta_utils.finetune import FineTuneSpec, load_prepared
 
 TINY = dict(dataset="synthetic", model="tiny_vit")
 
 
 def tiny_config(**overrides) -> FedAvgConfig:
-    values = dict(TINY, num_clients=6, participation=0.5, local_steps=2, rounds=3, batch_size=16, lr=0.05,
-                  eval_points=2)
+    values = dict(
+        TINY, num_clients=6, participation=0.5, local_steps=2, rounds=3, batch_size=16, lr=0.05, eval_points=2
+    )
     values.update(overrides)
     return FedAvgConfig(**values)
 
@@ -32,6 +40,7 @@ class Killed(Exception):
 
 def kill_in_round_three(monkeypatch, ws, data, config, round_fn) -> None:
     """Run `config` in `ws` with FedAvgRun.round = round_fn until a kill during round 3 (a run to resume)."""
+
     def die_in_round_three(self, round_index):
         if round_index == 2:
             raise Killed("during round 3")
@@ -56,12 +65,24 @@ def open_fedavg(ws, data, config, shards=None):
 
 # ------------------------------------------------------------------ the FedSGD identity
 
-def test_one_round_with_full_participation_and_full_batches_is_one_full_batch_gradient_step(workspace,
-                                                                                             small_data):
+
+def test_one_round_with_full_participation_and_full_batches_is_one_full_batch_gradient_step(
+    workspace, small_data
+):
     """C=1, J=1, B = shard size, no momentum, no weight decay, no augmentation: FedAvg == full-batch GD."""
     num_clients = 4  # 1,800 images: four shards of 450
-    config = tiny_config(num_clients=num_clients, participation=1.0, local_steps=1, rounds=1, batch_size=450,
-                         momentum=0.0, weight_decay=0.0, augment=False, lr=0.5, seed=3)
+    config = tiny_config(
+        num_clients=num_clients,
+        participation=1.0,
+        local_steps=1,
+        rounds=1,
+        batch_size=450,
+        momentum=0.0,
+        weight_decay=0.0,
+        augment=False,
+        lr=0.5,
+        seed=3,
+    )
     result = run_fedavg(workspace, small_data, config, save_weights=True, progress=False)
 
     model = workspace.build_model("tiny_vit", 100, head_seed=3)
@@ -75,6 +96,7 @@ def test_one_round_with_full_participation_and_full_batches_is_one_full_batch_gr
 
 
 # ------------------------------------------------------------------ the client update and aggregation
+
 
 def test_the_server_averages_client_deltas_weighted_by_their_shard_sizes(workspace, small_data, monkeypatch):
     config = tiny_config()
@@ -146,8 +168,9 @@ def test_local_steps_count_optimizer_steps_not_epochs(workspace, small_data, mon
     assert steps == [4, 4] and counts == [128, 128]
 
 
-def test_every_client_starts_from_the_global_weights_with_a_fresh_optimizer(workspace, small_data,
-                                                                              monkeypatch):
+def test_every_client_starts_from_the_global_weights_with_a_fresh_optimizer(
+    workspace, small_data, monkeypatch
+):
     """The second client's delta equals torch.optim.SGD from w_t: no momentum is carried between clients."""
     config = tiny_config(participation=0.34, local_steps=3, momentum=0.9, weight_decay=1e-3)  # 2 clients
     deltas = []
@@ -167,8 +190,9 @@ def test_every_client_starts_from_the_global_weights_with_a_fresh_optimizer(work
         named = dict(reference.named_parameters())
         params = [named[n] for n in fed.prepared.trainable_names]
         fedavg.load_flat(params, start)
-        sgd = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
+        sgd = torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
         for inputs, labels in fed.client_batches(0, client):
             sgd.zero_grad()
             F.cross_entropy(reference(inputs), labels).backward()
@@ -182,9 +206,15 @@ def test_every_client_starts_from_the_global_weights_with_a_fresh_optimizer(work
 # maximum makes scaled gradients overflow, which is what fp16 does at 2^16: the step is skipped and
 # the scale halves. An infinite scale overflows on every step, whatever the gradients.
 
+
 def enabled_scaler(monkeypatch, init_scale: float, growth_interval: int = 1) -> None:
-    monkeypatch.setattr(models, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
-        "cpu", init_scale=init_scale, growth_interval=growth_interval))
+    monkeypatch.setattr(
+        models,
+        "grad_scaler",
+        lambda device, precision: torch.amp.GradScaler(
+            "cpu", init_scale=init_scale, growth_interval=growth_interval
+        ),
+    )
 
 
 def record_client_updates(monkeypatch) -> list:
@@ -211,18 +241,22 @@ def run_rounds(ws, data, config) -> tuple[list, torch.Tensor]:
 
 
 def test_every_client_starts_from_the_runs_scale_and_the_run_keeps_the_smallest_end_scale(
-        workspace, small_data, monkeypatch):
+    workspace, small_data, monkeypatch
+):
     enabled_scaler(monkeypatch, init_scale=1.7e38)
     config = tiny_config(participation=0.34, local_steps=3, rounds=3, evaluate_test=False)  # 2 clients
     calls = record_client_updates(monkeypatch)
     states, _ = run_rounds(workspace, small_data, config)
     assert states[0]["scale"] == pytest.approx(1.7e38, rel=1e-6)
     for round_index in range(3):
-        clients = calls[2 * round_index: 2 * round_index + 2]
+        clients = calls[2 * round_index : 2 * round_index + 2]
         assert all(start == states[round_index] for start, _ in clients)
         ends = [result[4] for _, result in clients]
-        assert states[round_index + 1] == {**ends[0], "scale": min(e["scale"] for e in ends),
-                                           "_growth_tracker": min(e["_growth_tracker"] for e in ends)}
+        assert states[round_index + 1] == {
+            **ends[0],
+            "scale": min(e["scale"] for e in ends),
+            "_growth_tracker": min(e["_growth_tracker"] for e in ends),
+        }
     ends = [result[4]["scale"] for _, result in calls]
     assert any(a != b for a, b in zip(ends[::2], ends[1::2])), "some round's clients end at different scales"
     assert len({s["scale"] for s in states}) > 2, "the scale carries over between rounds"
@@ -238,12 +272,14 @@ def test_client_order_does_not_change_a_round_under_loss_scaling(tmp_path, small
     enabled_scaler(monkeypatch, init_scale=1.7e38)
     config = tiny_config(rounds=1, local_steps=3, evaluate_test=False)  # 3 clients
     calls = record_client_updates(monkeypatch)
-    states, weights = run_rounds(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
-                                 small_data, config)
+    states, weights = run_rounds(
+        setup_workspace("smoke", tmp_path / "a", device="cpu", download=False), small_data, config
+    )
     real_sample = fedavg.sample_clients
     monkeypatch.setattr(fedavg, "sample_clients", lambda *args: real_sample(*args)[::-1])
     reversed_states, reversed_weights = run_rounds(
-        setup_workspace("smoke", tmp_path / "b", device="cpu", download=False), small_data, config)
+        setup_workspace("smoke", tmp_path / "b", device="cpu", download=False), small_data, config
+    )
     calls, reversed_calls = calls[:3], calls[3:][::-1]
     assert len(reversed_calls) == 3
     assert all(result[4] != start for start, result in calls), "the scale moves during each client's steps"
@@ -295,8 +331,13 @@ def test_a_run_interrupted_between_rounds_resumes_with_its_loss_scale(tmp_path, 
         return result
 
     monkeypatch.setattr(fedavg.FedAvgRun, "round", recording_round)
-    reference = run_fedavg(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False), small_data,
-                           config, save_weights=True, progress=False)
+    reference = run_fedavg(
+        setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
+        small_data,
+        config,
+        save_weights=True,
+        progress=False,
+    )
     assert states[1]["scale"] != pytest.approx(1.7e38), "the scale after round 2 is not the initial one"
     reference_states, states[:] = list(states), []
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
@@ -310,6 +351,7 @@ def test_a_run_interrupted_between_rounds_resumes_with_its_loss_scale(tmp_path, 
 
 
 # ------------------------------------------------------------------ sampling and batches
+
 
 def test_clients_per_round_follows_max_one_round_c_times_k():
     assert clients_per_round(100, 0.1) == 10
@@ -344,13 +386,15 @@ def test_client_batches_walk_through_reshuffled_passes_of_the_shard():
 
 
 def test_client_batch_is_capped_at_the_shard_size():
-    positions = client_batch_indices(np.arange(5), local_steps=2, batch_size=32, seed=0, round_index=0,
-                                     client=0)
+    positions = client_batch_indices(
+        np.arange(5), local_steps=2, batch_size=32, seed=0, round_index=0, client=0
+    )
     assert positions.shape == (2, 5)
     assert sorted(positions[0]) == list(range(5))
 
 
 # ------------------------------------------------------------------ drift statistics (closed forms)
+
 
 def stats_of(deltas) -> DeltaStats:
     stats = DeltaStats(len(deltas[0]), "cpu")
@@ -371,8 +415,12 @@ def test_orthogonal_deltas_have_zero_mean_cosine():
 def test_mean_pairwise_cosine_from_unit_sums_matches_the_pairwise_definition():
     deltas = [[1.0, 2.0, -1.0], [0.5, -1.0, 2.0], [3.0, 0.0, 1.0], [-1.0, -1.0, -1.0]]
     tensors = [torch.tensor(d, dtype=torch.float64) for d in deltas]
-    pairs = [F.cosine_similarity(a, b, dim=0).item() for i, a in enumerate(tensors)
-             for j, b in enumerate(tensors) if i != j]
+    pairs = [
+        F.cosine_similarity(a, b, dim=0).item()
+        for i, a in enumerate(tensors)
+        for j, b in enumerate(tensors)
+        if i != j
+    ]
     assert summary_of(deltas)["mean_pairwise_cosine"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
 
 
@@ -415,20 +463,35 @@ def test_norms_of_client_deltas_and_of_the_average_delta():
 
 # ------------------------------------------------------------------ metrics, evaluation, accounting
 
-def test_evaluations_are_evenly_spaced_on_the_subsets_and_the_last_on_the_full_splits(workspace, small_data,
-                                                                                      monkeypatch):
+
+def test_evaluations_are_evenly_spaced_on_the_subsets_and_the_last_on_the_full_splits(
+    workspace, small_data, monkeypatch
+):
     from fedta_utils import training
 
     sizes, real_evaluate = [], training.evaluate
-    monkeypatch.setattr(training, "evaluate", lambda model, image_set, *rest: sizes.append(len(image_set))
-                        or real_evaluate(model, image_set, *rest))
+    monkeypatch.setattr(
+        training,
+        "evaluate",
+        lambda model, image_set, *rest: (
+            sizes.append(len(image_set)) or real_evaluate(model, image_set, *rest)
+        ),
+    )
     config = tiny_config(rounds=5, eval_points=3, eval_subset=100)
     result = run_fedavg(workspace, small_data, config, progress=False)
     evaluated = result.metrics.dropna(subset=["val_acc"])["round"].tolist()
     assert evaluated == [2, 4, 5]
     assert sizes == [100, 100, 100, 100, 200, 500]  # val and test subsets (1 per class), then the full splits
-    assert {"test_acc", "test_loss", "val_loss", "mean_pairwise_cosine", "sign_agreement",
-            "sign_conflict_fraction", "mean_client_delta_norm", "avg_delta_norm"} <= set(result.metrics)
+    assert {
+        "test_acc",
+        "test_loss",
+        "val_loss",
+        "mean_pairwise_cosine",
+        "sign_agreement",
+        "sign_conflict_fraction",
+        "mean_client_delta_norm",
+        "avg_delta_norm",
+    } <= set(result.metrics)
 
 
 def test_timing_has_train_eval_and_wall_seconds_per_round(workspace, small_data):
@@ -459,10 +522,12 @@ def test_sparse_rounds_send_only_the_trainable_entries(workspace, small_data):
 
 
 def test_frozen_entries_and_a_frozen_head_never_move_during_fedavg(workspace, small_data):
-    spec = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.8, calibration_rounds=2,
-                        calibration_samples=60)
-    result = run_fedavg(workspace, small_data, tiny_config(rounds=2, finetune=spec), save_weights=True,
-                        progress=False)
+    spec = FineTuneSpec(
+        head="ridge", mask_rule="least_sensitive", sparsity=0.8, calibration_rounds=2, calibration_samples=60
+    )
+    result = run_fedavg(
+        workspace, small_data, tiny_config(rounds=2, finetune=spec), save_weights=True, progress=False
+    )
     final = load_weights(result)
     masks = load_prepared(result.run.dir).masks
     prepared = torch.load(result.run.dir / "prepared.pt", weights_only=True)
@@ -477,13 +542,23 @@ def test_frozen_entries_and_a_frozen_head_never_move_during_fedavg(workspace, sm
 def test_max_grad_norm_bounds_every_clients_update_under_the_frozen_head(workspace, small_data):
     """J=2 SGDM steps (momentum 0.9, no decay) with gradients clipped to c move a client by at most
     lr * (1 + 1.9) * c, so their weighted average does too; without the bound the round moves far more."""
+
     def round_change(max_grad_norm):
         spec = FineTuneSpec(head="ridge", max_grad_norm=max_grad_norm)
         config = tiny_config(rounds=1, weight_decay=0.0, finetune=spec, evaluate_test=False)
         final = load_weights(run_fedavg(workspace, small_data, config, save_weights=True, progress=False))
         initial = workspace.build_model("tiny_vit", 100, head_seed=0).state_dict()
-        return float(torch.linalg.vector_norm(torch.cat([(final[n].double() - initial[n].double()).flatten()
-                                                         for n in initial if not n.startswith("head.")])))
+        return float(
+            torch.linalg.vector_norm(
+                torch.cat(
+                    [
+                        (final[n].double() - initial[n].double()).flatten()
+                        for n in initial
+                        if not n.startswith("head.")
+                    ]
+                )
+            )
+        )
 
     bound = 0.05 * 2.9 * 1e-3
     assert round_change(1e-3) <= bound * (1 + 1e-3)
@@ -506,14 +581,20 @@ def test_a_run_interrupted_between_rounds_resumes_to_bit_identical_results(tmp_p
     from fedta_utils.workspace import setup_workspace
 
     config = tiny_config(rounds=3, server_momentum=0.5, evaluate_test=False)  # the velocity is restored too
-    reference = run_fedavg(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False), small_data,
-                           config, save_weights=True, progress=False)
+    reference = run_fedavg(
+        setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
+        small_data,
+        config,
+        save_weights=True,
+        progress=False,
+    )
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
     real_round = fedavg.FedAvgRun.round
     kill_in_round_three(monkeypatch, ws, small_data, config, real_round)
     rounds_run = []
-    monkeypatch.setattr(fedavg.FedAvgRun, "round",
-                        lambda self, r: rounds_run.append(r) or real_round(self, r))
+    monkeypatch.setattr(
+        fedavg.FedAvgRun, "round", lambda self, r: rounds_run.append(r) or real_round(self, r)
+    )
     resumed = run_fedavg(ws, small_data, config, save_weights=True, progress=False)
     assert rounds_run == [2]  # from the checkpoint of round 2, not from scratch
     assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()

@@ -11,8 +11,15 @@ import torch
 from fedta_utils import finetune
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import make_batch
-from fedta_utils.finetune import FineTuneSpec, head_cache_path, install_head, load_prepared, prepare
-from fedta_utils.finetune import RIDGE_LAMBDAS, choose_ridge_lambda
+from fedta_utils.finetune import (
+    RIDGE_LAMBDAS,
+    FineTuneSpec,
+    choose_ridge_lambda,
+    head_cache_path,
+    install_head,
+    load_prepared,
+    prepare,
+)
 from fedta_utils.models import backbone_parameter_names, build_model
 from fedta_utils.sensitivity import fisher_scores, mask_sparsity
 from fedta_utils.sharding import non_iid_shards
@@ -47,6 +54,7 @@ def refuse(*args, **kwargs):
 
 # ------------------------------------------------------------------ the spec
 
+
 def test_spec_identity_keeps_only_the_fields_that_matter():
     dense = FineTuneSpec(head="ridge").identity()
     assert "sparsity" not in dense and "calibration_rounds" not in dense and dense["ridge_lambda"] == 1.0
@@ -54,29 +62,35 @@ def test_spec_identity_keeps_only_the_fields_that_matter():
     assert masked["sparsity"] == 0.5 and "ridge_lambda" not in masked
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("head", "frozen", "head='frozen'"),
-    ("head", "probe", "head='probe'"),
-    ("mask_rule", "largest", "mask_rule='largest'"),
-    ("sparsity", 1.0, "sparsity"),
-    ("calibration_rounds", 0, "calibration_rounds"),
-    ("eligible", "attention", "eligible='attention'"),
-    ("max_grad_norm", 0.0, "max_grad_norm=0 is out of range"),
-    ("max_grad_norm", -1.0, "max_grad_norm=-1 is out of range"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("head", "frozen", "head='frozen'"),
+        ("head", "probe", "head='probe'"),
+        ("mask_rule", "largest", "mask_rule='largest'"),
+        ("sparsity", 1.0, "sparsity"),
+        ("calibration_rounds", 0, "calibration_rounds"),
+        ("eligible", "attention", "eligible='attention'"),
+        ("max_grad_norm", 0.0, "max_grad_norm=0 is out of range"),
+        ("max_grad_norm", -1.0, "max_grad_norm=-1 is out of range"),
+    ],
+)
 def test_spec_rejects_bad_values_naming_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
         FineTuneSpec(**{field: value})
 
 
-@pytest.mark.parametrize("value, message", [
-    (0, "ridge_lambda=0 is out of range"),
-    (-1.0, "ridge_lambda=-1 is out of range"),
-    (math.inf, "ridge_lambda=inf must be a finite number"),
-    (math.nan, "ridge_lambda=nan must be a finite number"),
-    ("1.0", "ridge_lambda must be a number"),
-    (True, "ridge_lambda must be a number"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (0, "ridge_lambda=0 is out of range"),
+        (-1.0, "ridge_lambda=-1 is out of range"),
+        (math.inf, "ridge_lambda=inf must be a finite number"),
+        (math.nan, "ridge_lambda=nan must be a finite number"),
+        ("1.0", "ridge_lambda must be a number"),
+        (True, "ridge_lambda must be a number"),
+    ],
+)
 def test_spec_refuses_bad_ridge_lambdas_by_name(value, message):
     with pytest.raises(ConfigError, match=message):
         FineTuneSpec(head="ridge", ridge_lambda=value)
@@ -109,6 +123,7 @@ def test_eligible_sets_narrow_the_backbone_to_blocks_and_their_matrices():
 
 # ------------------------------------------------------------------ federated Fisher and calibration samples
 
+
 def test_federated_fisher_is_the_fisher_of_the_union_of_client_samples(small_data):
     model = build_model("tiny_vit", 100)
     names = backbone_parameter_names(model)
@@ -130,22 +145,51 @@ def test_calibration_samples_come_from_each_clients_own_shard(small_data):
 
 # ------------------------------------------------------------------ prepare
 
+
 def test_federated_ridge_head_equals_the_centralized_ridge_head(workspace, small_data, open_run):
     spec = FineTuneSpec(head="ridge")
     central_model, fed_model = build_model("tiny_vit", 100), build_model("tiny_vit", 100)
-    prepare(open_run(workspace, "central"), central_model, small_data, spec, 0, 32, "fp32",
-            whole_train_split(small_data), None)
-    prepare(open_run(workspace, "fed"), fed_model, small_data, spec, 0, 32, "fp32", client_shards(small_data),
-            None)
+    prepare(
+        open_run(workspace, "central"),
+        central_model,
+        small_data,
+        spec,
+        0,
+        32,
+        "fp32",
+        whole_train_split(small_data),
+        None,
+    )
+    prepare(
+        open_run(workspace, "fed"),
+        fed_model,
+        small_data,
+        spec,
+        0,
+        32,
+        "fp32",
+        client_shards(small_data),
+        None,
+    )
     torch.testing.assert_close(central_model.head.weight, fed_model.head.weight, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(central_model.head.bias, fed_model.head.bias, atol=1e-4, rtol=1e-4)
 
 
 def test_global_masks_reach_the_target_sparsity_and_freeze_the_head(workspace, small_data, open_run):
-    spec = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.7, calibration_rounds=2,
-                        calibration_samples=50)
-    prepared = prepare(open_run(workspace), build_model("tiny_vit", 100), small_data, spec, 0, 32, "fp32",
-                       client_shards(small_data), None)
+    spec = FineTuneSpec(
+        head="ridge", mask_rule="least_sensitive", sparsity=0.7, calibration_rounds=2, calibration_samples=50
+    )
+    prepared = prepare(
+        open_run(workspace),
+        build_model("tiny_vit", 100),
+        small_data,
+        spec,
+        0,
+        32,
+        "fp32",
+        client_shards(small_data),
+        None,
+    )
     assert mask_sparsity(prepared.masks) == pytest.approx(0.7, abs=1e-5)
     assert prepared.info["achieved_sparsity"] == pytest.approx(0.7, abs=1e-5)
     assert not any(name.startswith("head.") for name in prepared.trainable_names)
@@ -154,14 +198,24 @@ def test_global_masks_reach_the_target_sparsity_and_freeze_the_head(workspace, s
 def test_a_trained_head_is_trainable_and_untouched_by_prepare(workspace, small_data, open_run):
     model = build_model("tiny_vit", 100, head_seed=2)
     before = model.head.weight.detach().clone()
-    prepared = prepare(open_run(workspace), model, small_data, FineTuneSpec(head="train"), 0, 32, "fp32",
-                       whole_train_split(small_data), None)
+    prepared = prepare(
+        open_run(workspace),
+        model,
+        small_data,
+        FineTuneSpec(head="train"),
+        0,
+        32,
+        "fp32",
+        whole_train_split(small_data),
+        None,
+    )
     assert prepared.trainable_names == [n for n, _ in model.named_parameters()] and prepared.masks is None
     assert torch.equal(model.head.weight, before)
 
 
-def test_a_resumed_run_reads_prepared_pt_back_without_calibrating(workspace, small_data, monkeypatch,
-                                                                  open_run):
+def test_a_resumed_run_reads_prepared_pt_back_without_calibrating(
+    workspace, small_data, monkeypatch, open_run
+):
     spec = FineTuneSpec(head="ridge", mask_rule="random", sparsity=0.5, calibration_rounds=1)
     run = open_run(workspace)
     first_model = build_model("tiny_vit", 100)
@@ -176,18 +230,37 @@ def test_a_resumed_run_reads_prepared_pt_back_without_calibrating(workspace, sma
     assert torch.equal(load_prepared(run.dir).masks["cls_token"], first.masks["cls_token"])
 
 
-def test_a_ridge_head_is_fitted_once_and_shared_through_the_head_cache(workspace, small_data, monkeypatch,
-                                                                        open_run):
+def test_a_ridge_head_is_fitted_once_and_shared_through_the_head_cache(
+    workspace, small_data, monkeypatch, open_run
+):
     spec = FineTuneSpec(head="ridge")
     cache = head_cache_path(workspace.root, spec, model="tiny_vit", dataset="synthetic", sharding="nc5")
     first_model, second_model = build_model("tiny_vit", 100), build_model("tiny_vit", 100)
-    prepare(open_run(workspace, "first"), first_model, small_data, spec, 0, 32, "fp32",
-            client_shards(small_data), cache)
+    prepare(
+        open_run(workspace, "first"),
+        first_model,
+        small_data,
+        spec,
+        0,
+        32,
+        "fp32",
+        client_shards(small_data),
+        cache,
+    )
     assert cache.is_file()
     monkeypatch.setattr(finetune, "federated_ridge_head", refuse)
     other_masks = FineTuneSpec(head="ridge", mask_rule="random", sparsity=0.5, calibration_rounds=1)
-    prepare(open_run(workspace, "second"), second_model, small_data, other_masks, 0, 32, "fp32",
-            client_shards(small_data), cache)
+    prepare(
+        open_run(workspace, "second"),
+        second_model,
+        small_data,
+        other_masks,
+        0,
+        32,
+        "fp32",
+        client_shards(small_data),
+        cache,
+    )
     assert torch.equal(second_model.head.weight, first_model.head.weight)
     assert torch.equal(second_model.head.bias, first_model.head.bias)
 
@@ -198,8 +271,9 @@ def test_an_unreadable_head_cache_entry_is_fitted_again(workspace, small_data, o
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(b"half a file")
     model = build_model("tiny_vit", 100)
-    prepared = prepare(open_run(workspace), model, small_data, spec, 0, 32, "fp32",
-                       whole_train_split(small_data), cache)
+    prepared = prepare(
+        open_run(workspace), model, small_data, spec, 0, 32, "fp32", whole_train_split(small_data), cache
+    )
     stored = torch.load(cache, weights_only=True)
     assert torch.equal(stored["weight"], model.head.weight.detach())
     assert stored["info"]["logit_scale"] == prepared.info["logit_scale"]
@@ -230,26 +304,46 @@ def test_fedavg_runs_that_differ_only_in_training_share_one_cached_head(workspac
 
 def test_a_head_chosen_on_validation_has_its_own_cache_entry():
     chosen = head_cache_path("/r", FineTuneSpec(head="ridge", ridge_lambda=None), model="tiny_vit")
-    fixed = {head_cache_path("/r", FineTuneSpec(head="ridge", ridge_lambda=lam), model="tiny_vit")
-             for lam in RIDGE_LAMBDAS}
+    fixed = {
+        head_cache_path("/r", FineTuneSpec(head="ridge", ridge_lambda=lam), model="tiny_vit")
+        for lam in RIDGE_LAMBDAS
+    }
     assert chosen not in fixed and len(fixed) == len(RIDGE_LAMBDAS)
-    assert chosen == head_cache_path("/r", FineTuneSpec(head="ridge", ridge_lambda=None, mask_rule="random"),
-                                     model="tiny_vit")
+    assert chosen == head_cache_path(
+        "/r", FineTuneSpec(head="ridge", ridge_lambda=None, mask_rule="random"), model="tiny_vit"
+    )
 
 
 def test_prepare_chooses_the_penalty_on_validation_never_on_test(workspace, small_data, open_run):
     no_test = dataclasses.replace(small_data, test=None)  # the test split must never be read
     chosen_model, fixed_model = build_model("tiny_vit", 100), build_model("tiny_vit", 100)
     spec = FineTuneSpec(head="ridge", ridge_lambda=None)
-    chosen = prepare(open_run(workspace, "chosen"), chosen_model, no_test, spec, 0, 32, "fp32",
-                     client_shards(small_data), None)
+    chosen = prepare(
+        open_run(workspace, "chosen"),
+        chosen_model,
+        no_test,
+        spec,
+        0,
+        32,
+        "fp32",
+        client_shards(small_data),
+        None,
+    )
     accuracies = chosen.info["val_accuracy_per_lambda"]
     assert list(accuracies) == [f"{lam:g}" for lam in RIDGE_LAMBDAS]
     assert chosen.info["ridge_lambda"] == choose_ridge_lambda(RIDGE_LAMBDAS, list(accuracies.values()))
     assert json.loads(json.dumps(chosen.info)) == chosen.info
-    fixed = prepare(open_run(workspace, "fixed"), fixed_model, no_test,
-                    FineTuneSpec(head="ridge", ridge_lambda=chosen.info["ridge_lambda"]), 0, 32, "fp32",
-                    client_shards(small_data), None)
+    fixed = prepare(
+        open_run(workspace, "fixed"),
+        fixed_model,
+        no_test,
+        FineTuneSpec(head="ridge", ridge_lambda=chosen.info["ridge_lambda"]),
+        0,
+        32,
+        "fp32",
+        client_shards(small_data),
+        None,
+    )
     assert fixed.info["logit_scale"] == chosen.info["logit_scale"]
     assert "val_accuracy_per_lambda" not in fixed.info
     torch.testing.assert_close(chosen_model.head.weight, fixed_model.head.weight, atol=1e-6, rtol=1e-6)
@@ -258,9 +352,17 @@ def test_prepare_chooses_the_penalty_on_validation_never_on_test(workspace, smal
 
 def test_a_fixed_penalty_never_reads_the_validation_split(workspace, small_data, open_run):
     no_val = dataclasses.replace(small_data, val=None, test=None)
-    prepared = prepare(open_run(workspace), build_model("tiny_vit", 100), no_val,
-                       FineTuneSpec(head="ridge", ridge_lambda=0.1), 0, 32, "fp32",
-                       whole_train_split(small_data), None)
+    prepared = prepare(
+        open_run(workspace),
+        build_model("tiny_vit", 100),
+        no_val,
+        FineTuneSpec(head="ridge", ridge_lambda=0.1),
+        0,
+        32,
+        "fp32",
+        whole_train_split(small_data),
+        None,
+    )
     assert prepared.info["ridge_lambda"] == 0.1
 
 

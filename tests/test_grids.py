@@ -22,10 +22,26 @@ from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.training import CentralizedConfig, run_centralized
 from fedta_utils.workspace import setup_workspace
 
-FL = dict(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, participation=0.2, local_steps=1,
-          batch_size=16, rounds=2, eval_points=1, eval_subset=100)
-SPARSE = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=1,
-                      calibration_samples=40, max_grad_norm=1.0)
+FL = dict(
+    dataset="synthetic",
+    model="tiny_vit",
+    img_size=32,
+    num_clients=10,
+    participation=0.2,
+    local_steps=1,
+    batch_size=16,
+    rounds=2,
+    eval_points=1,
+    eval_subset=100,
+)
+SPARSE = FineTuneSpec(
+    head="ridge",
+    mask_rule="least_sensitive",
+    sparsity=0.9,
+    calibration_rounds=1,
+    calibration_samples=40,
+    max_grad_norm=1.0,
+)
 PARAMS = {"eval_batch_size": 128}
 
 
@@ -43,13 +59,27 @@ def attempts(run_dir) -> int:
 
 # --------------------------------------------------------------------------- tables from the grid that ran
 
+
 def test_two_executions_at_different_lrs_give_tables_of_the_second_grid_only(workspace, tiny_data, capsys):
     for lr in (0.05, 0.01):  # notebook 02 run twice into one results folder, with -p lr 0.05, then 0.01
-        params = {**FL, "seeds": [0, 1], "lr": lr, "weight_decay": 0.0, "momentum": 0.9, "lr_schedule": "constant",
-                  "server_lr": 1.0, "server_momentum": 0.0, "precision": "auto", **PARAMS}
+        params = {
+            **FL,
+            "seeds": [0, 1],
+            "lr": lr,
+            "weight_decay": 0.0,
+            "momentum": 0.9,
+            "lr_schedule": "constant",
+            "server_lr": 1.0,
+            "server_momentum": 0.0,
+            "precision": "auto",
+            **PARAMS,
+        }
         configs = experiments.fedavg_iid_configs(**params)
         run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, configs, params, wait=False)
-    assert "2 complete runs of an earlier 02_fedavg_iid grid are not part of this grid" in capsys.readouterr().out
+    assert (
+        "2 complete runs of an earlier 02_fedavg_iid grid are not part of this grid"
+        in capsys.readouterr().out
+    )
     assert len(list((workspace.root / runs.RUNS_DIR).iterdir())) == 4  # both grids stay in the store
     table = figures.fedavg_table(workspace.root)
     assert table["n"].tolist() == [2]  # n = 4 when a table averaged the folder
@@ -70,12 +100,14 @@ def test_a_configuration_two_grids_name_is_trained_once_and_read_by_both(workspa
 def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspace, tiny_data):
     search = [FedAvgConfig(**FL, lr=lr, evaluate_test=False) for lr in (0.01, 0.05)]
     params = {**PARAMS, "lr": 0.2, "weight_decay": None}  # the notebook set lr itself
-    used = experiments.run_search(run_fedavg, workspace, tiny_data, experiments.FEDAVG_LR_SEARCH, search, params,
-                                  "fedavg")
+    used = experiments.run_search(
+        run_fedavg, workspace, tiny_data, experiments.FEDAVG_LR_SEARCH, search, params, "fedavg"
+    )
     stored = workspace.load_hparams()
     assert used["lr"] == 0.2 and stored["fedavg_lr"] == 0.2  # later notebooks read the lr 02 trained with
     assert stored["fedavg_search_lr"] in (0.01, 0.05) and stored["fedavg_search_weight_decay"] == FL.get(
-        "weight_decay", FedAvgConfig.weight_decay)
+        "weight_decay", FedAvgConfig.weight_decay
+    )
     assert used["weight_decay"] == stored["fedavg_weight_decay"] == stored["fedavg_search_weight_decay"]
     assert workspace.chosen("lr") == 0.2
 
@@ -97,8 +129,16 @@ print("final", repr(result.summary["final_val_acc"]), repr(result.summary["final
 @pytest.mark.slow
 def test_two_processes_racing_on_one_run_train_it_once_and_both_read_it(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    racers = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     outputs = [racer.communicate(timeout=600)[0] for racer in racers]
     assert [racer.returncode for racer in racers] == [0, 0], outputs
     [run_dir] = (tmp_path / "smoke" / runs.RUNS_DIR).iterdir()
@@ -108,7 +148,8 @@ def test_two_processes_racing_on_one_run_train_it_once_and_both_read_it(tmp_path
 
 
 def test_a_run_whose_holder_stops_without_finishing_it_is_trained_by_the_process_that_waited(
-        workspace, tiny_data, monkeypatch, capsys):
+    workspace, tiny_data, monkeypatch, capsys
+):
     from fedta_utils import team
 
     monkeypatch.setattr(team, "WAIT_POLL", 0.01)
@@ -127,8 +168,14 @@ def test_a_run_whose_holder_stops_without_finishing_it_is_trained_by_the_process
         raise runs.RunLockedError("in use by pid 1 on another host")
 
     with pytest.raises(team.WaitTimeout, match=r"gave up after waiting 0 s \(wait_limit\): in use by pid 1"):
-        run_grid(always_locked, workspace, tiny_data, experiments.FEDAVG_IID, [FedAvgConfig(**FL, seed=1)],
-                 {**PARAMS, "wait_limit": 0})
+        run_grid(
+            always_locked,
+            workspace,
+            tiny_data,
+            experiments.FEDAVG_IID,
+            [FedAvgConfig(**FL, seed=1)],
+            {**PARAMS, "wait_limit": 0},
+        )
 
 
 def test_run_folders_of_the_older_layout_are_named_in_a_warning(tmp_path):
@@ -144,17 +191,28 @@ def test_run_folders_of_the_older_layout_are_named_in_a_warning(tmp_path):
 
 # --------------------------------------------------------------------------- the precision, resolved
 
+
 def test_no_identity_holds_auto_and_heads_are_keyed_by_the_resolved_precision(workspace, tiny_data):
     fed = FedAvgConfig(**FL, precision="auto", finetune=FineTuneSpec(head="ridge"))
-    central = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=1, batch_size=64,
-                                eval_points=1, precision="auto")
-    made = [run_fedavg(workspace, tiny_data, fed, progress=False),
-            run_centralized(workspace, tiny_data, central, progress=False),
-            run_head_only(workspace, tiny_data, fed)]
+    central = CentralizedConfig(
+        dataset="synthetic",
+        model="tiny_vit",
+        img_size=32,
+        epochs=1,
+        batch_size=64,
+        eval_points=1,
+        precision="auto",
+    )
+    made = [
+        run_fedavg(workspace, tiny_data, fed, progress=False),
+        run_centralized(workspace, tiny_data, central, progress=False),
+        run_head_only(workspace, tiny_data, fed),
+    ]
     assert [json.loads((r.run.dir / "config.json").read_text())["precision"] for r in made] == ["fp32"] * 3
     assert fed.head_cache(workspace) == replace(fed, precision="fp32").head_cache(workspace)
     assert replace(fed, precision="fp16").head_cache(workspace) != replace(fed, precision="bf16").head_cache(
-        workspace)
+        workspace
+    )
 
 
 def test_a_run_another_device_started_at_its_precision_is_refused_naming_both(workspace, tiny_data):
@@ -162,8 +220,11 @@ def test_a_run_another_device_started_at_its_precision_is_refused_naming_both(wo
     on_a_t4 = workspace.run(config.run_name(), {**config.to_dict(), "precision": "fp16"})
     with on_a_t4:  # a T4 resolved 'auto' to fp16 and started the run there
         pass
-    with pytest.raises(ConfigError, match=r"holds this run at precision fp16, started on another device, and "
-                                          r"this device resolves precision='auto' to fp32.*precision='fp16'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds this run at precision fp16, started on another device, and "
+        r"this device resolves precision='auto' to fp32.*precision='fp16'",
+    ):
         run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, [config], PARAMS)
     assert [p.name for p in (workspace.root / runs.RUNS_DIR).iterdir()] == [on_a_t4.dir.name]  # nothing new
     explicit = run_fedavg(workspace, tiny_data, replace(config, precision="fp32"), progress=False)
@@ -171,6 +232,7 @@ def test_a_run_another_device_started_at_its_precision_is_refused_naming_both(wo
 
 
 # --------------------------------------------------------------------------- checkpoints sized for Drive
+
 
 def saved_steps(monkeypatch) -> list:
     """The steps of every checkpoint written from now on, with its bytes."""
@@ -184,8 +246,9 @@ def saved_steps(monkeypatch) -> list:
     return saved
 
 
-def test_by_default_a_run_checkpoints_when_the_clock_says_15_minutes_passed(workspace, tiny_data,
-                                                                             monkeypatch):
+def test_by_default_a_run_checkpoints_when_the_clock_says_15_minutes_passed(
+    workspace, tiny_data, monkeypatch
+):
     minutes = iter(range(0, 1000, 6))  # the fake clock: each reading is 6 minutes after the last
     monkeypatch.setattr(runs, "wall_clock", lambda: 60.0 * next(minutes))
     saved = saved_steps(monkeypatch)
@@ -194,8 +257,13 @@ def test_by_default_a_run_checkpoints_when_the_clock_says_15_minutes_passed(work
     assert [step for step, _ in saved] == [3, 6]  # none at round 8, the last: the run finishes there
     monkeypatch.setattr(runs, "wall_clock", lambda: 60.0 * next(minutes))
     saved.clear()
-    run_fedavg(workspace, tiny_data, FedAvgConfig(**{**FL, "rounds": 8, "seed": 1}), checkpoint_every=3,
-               progress=False)
+    run_fedavg(
+        workspace,
+        tiny_data,
+        FedAvgConfig(**{**FL, "rounds": 8, "seed": 1}),
+        checkpoint_every=3,
+        progress=False,
+    )
     assert [step for step, _ in saved] == [3, 6]  # the round-count option, whatever the clock
 
 
@@ -219,12 +287,21 @@ class Killed(Exception):
     """Stands for a process killed mid-run."""
 
 
-def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entries(tmp_path, tiny_data,
-                                                                                   monkeypatch):
+def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entries(
+    tmp_path, tiny_data, monkeypatch
+):
     from fedta_utils import training
 
-    config = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=3, batch_size=64,
-                               eval_points=3, warmup_epochs=0.5, finetune=SPARSE)  # 9 steps an epoch
+    config = CentralizedConfig(
+        dataset="synthetic",
+        model="tiny_vit",
+        img_size=32,
+        epochs=3,
+        batch_size=64,
+        eval_points=3,
+        warmup_epochs=0.5,
+        finetune=SPARSE,
+    )  # 9 steps an epoch
     ws_a, ws_b = (setup_workspace("smoke", tmp_path / name, device="cpu", download=False) for name in "ab")
     reference = run_centralized(ws_a, tiny_data, config, save_weights=True, progress=False)
     real_evaluate, calls = training.evaluate_splits, []
@@ -252,18 +329,27 @@ def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entri
 @pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "sparse", "centralized", "centralized_sparse"])
 def test_the_dry_run_knows_the_bytes_of_each_checkpoint(kind, workspace, tiny_data, monkeypatch):
     fed = FedAvgConfig(**{**FL, "rounds": 3})
-    central = CentralizedConfig(dataset="synthetic", model="tiny_vit", img_size=32, epochs=2, batch_size=64,
-                                eval_points=1)
-    config = {"fedavg": fed, "fedavgm": replace(fed, server_momentum=0.9), "sparse": replace(fed, finetune=SPARSE),
-              "centralized": central, "centralized_sparse": replace(central, finetune=SPARSE)}[kind]
+    central = CentralizedConfig(
+        dataset="synthetic", model="tiny_vit", img_size=32, epochs=2, batch_size=64, eval_points=1
+    )
+    config = {
+        "fedavg": fed,
+        "fedavgm": replace(fed, server_momentum=0.9),
+        "sparse": replace(fed, finetune=SPARSE),
+        "centralized": central,
+        "centralized_sparse": replace(central, finetune=SPARSE),
+    }[kind]
     saved = saved_steps(monkeypatch)
     runner = run_centralized if kind.startswith("centralized") else run_fedavg
     runner(workspace, tiny_data, config, checkpoint_every=1, progress=False)
-    assert saved and all(size == pytest.approx(pipeline.checkpoint_bytes(config), rel=0.05) for _, size in saved)
+    assert saved and all(
+        size == pytest.approx(pipeline.checkpoint_bytes(config), rel=0.05) for _, size in saved
+    )
 
 
-def test_a_sparse_fedavg_checkpoint_holds_only_the_entries_its_mask_lets_change(workspace, tiny_data,
-                                                                                monkeypatch):
+def test_a_sparse_fedavg_checkpoint_holds_only_the_entries_its_mask_lets_change(
+    workspace, tiny_data, monkeypatch
+):
     dense, sparse = FedAvgConfig(**{**FL, "rounds": 3}), FedAvgConfig(**{**FL, "rounds": 3}, finetune=SPARSE)
     saved = saved_steps(monkeypatch)
     run_fedavg(workspace, tiny_data, dense, checkpoint_every=1, progress=False)
@@ -273,7 +359,8 @@ def test_a_sparse_fedavg_checkpoint_holds_only_the_entries_its_mask_lets_change(
 
 @pytest.mark.slow
 def test_with_the_round_count_option_the_dry_run_predicts_the_checkpoint_bytes_a_smoke_notebook_writes(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """Notebook 02's smoke grids, one seed, a checkpoint every round: the dry-run's bytes, then a run's."""
     overrides = {"seeds": [0], "checkpoint_every": 1, "results_dir": str(tmp_path)}
     groups = pipeline.grids("smoke", ["02"], overrides)
@@ -284,8 +371,15 @@ def test_with_the_round_count_option_the_dry_run_predicts_the_checkpoint_bytes_a
     namespace = {**groups[0]["params"], "lr": None, "weight_decay": None}
     ws, data, params = setup_notebook("02", namespace, device="cpu")
     saved = saved_steps(monkeypatch)
-    params = experiments.run_search(run_fedavg, ws, data, experiments.FEDAVG_LR_SEARCH,
-                                    experiments.fedavg_search_configs(**params), params, "fedavg")
+    params = experiments.run_search(
+        run_fedavg,
+        ws,
+        data,
+        experiments.FEDAVG_LR_SEARCH,
+        experiments.fedavg_search_configs(**params),
+        params,
+        "fedavg",
+    )
     run_grid(run_fedavg, ws, data, experiments.FEDAVG_IID, experiments.fedavg_iid_configs(**params), params)
     assert len(saved) == sum(pipeline.checkpoint_count(run, 0.0) for _, run in planned.iterrows())
     assert sum(size for _, size in saved) == pytest.approx(expected, rel=0.05)

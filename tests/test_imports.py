@@ -24,20 +24,28 @@ def package_imports() -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def test_no_module_imports_another_modules_private_names():
-    private = [(module, target, name) for module, edges in package_imports().items()
-               for target, names in edges for name in names if name.startswith("_")]
+    private = [
+        (module, target, name)
+        for module, edges in package_imports().items()
+        for target, names in edges
+        for name in names
+        if name.startswith("_")
+    ]
     assert private == []
 
 
 def test_the_package_has_no_import_cycles():
-    graph = {module: {target for target, _ in edges if target != module} for module, edges in package_imports().items()}
+    graph = {
+        module: {target for target, _ in edges if target != module}
+        for module, edges in package_imports().items()
+    }
     state, cycles = {}, []
 
     def visit(module, path):
         state[module] = "open"
         for target in graph.get(module, ()):
             if state.get(target) == "open":
-                cycles.append(path[path.index(target):] + [target] if target in path else [module, target])
+                cycles.append(path[path.index(target) :] + [target] if target in path else [module, target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"
@@ -50,6 +58,9 @@ def test_the_package_has_no_import_cycles():
 
 def test_the_checker_sees_function_level_imports(tmp_path):
     source = "def f():\n    from .pipeline import _helper\n"
-    edges = [(node.module, [a.name for a in node.names]) for node in ast.walk(ast.parse(source))
-             if isinstance(node, ast.ImportFrom)]
+    edges = [
+        (node.module, [a.name for a in node.names])
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom)
+    ]
     assert edges == [("pipeline", ["_helper"])]

@@ -31,8 +31,15 @@ def random_masks(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Ten
     return {name: torch.rand(shape, generator=generator) < 0.5 for name, shape in shapes.items()}
 
 
-ODD_SHAPES = {"scalar": (), "empty": (0, 3), "one": (1,), "seven": (7,), "odd_matrix": (3, 5),
-              "four_d": (2, 3, 3, 3), "many": (1000, 3)}
+ODD_SHAPES = {
+    "scalar": (),
+    "empty": (0, 3),
+    "one": (1,),
+    "seven": (7,),
+    "odd_matrix": (3, 5),
+    "four_d": (2, 3, 3, 3),
+    "many": (1000, 3),
+}
 
 
 def test_count_trainable_and_sparsity_of_hand_made_masks():
@@ -61,13 +68,16 @@ def test_density_table_parses_block_index_and_kind():
     assert table["kind"].tolist() == ["attn.qkv.weight", "mlp.fc1.bias", "cls_token"]
 
 
-@pytest.mark.parametrize("name, block, kind", [
-    ("blocks.3.attn.qkv.weight", 3, "attn.qkv.weight"),
-    ("blocks.10.norm1.bias", 10, "norm1.bias"),
-    ("patch_embed.proj.weight", -1, "patch_embed.proj.weight"),
-    ("pos_embed", -1, "pos_embed"),
-    ("model.blocks.3.attn.qkv.weight", -1, "model.blocks.3.attn.qkv.weight"),  # prefix only at the start
-])
+@pytest.mark.parametrize(
+    "name, block, kind",
+    [
+        ("blocks.3.attn.qkv.weight", 3, "attn.qkv.weight"),
+        ("blocks.10.norm1.bias", 10, "norm1.bias"),
+        ("patch_embed.proj.weight", -1, "patch_embed.proj.weight"),
+        ("pos_embed", -1, "pos_embed"),
+        ("model.blocks.3.attn.qkv.weight", -1, "model.blocks.3.attn.qkv.weight"),  # prefix only at the start
+    ],
+)
 def test_density_table_splits_the_block_index_from_the_kind(name, block, kind):
     row = mask_density_by_parameter({name: torch.ones(2, dtype=torch.bool)}).iloc[0]
     assert (row["block"], row["kind"]) == (block, kind)

@@ -46,8 +46,9 @@ def test_parameter_name_helpers_split_head_and_backbone():
     model = build_model("tiny_vit", 10)
     assert models.head_parameter_names(model) == ["head.weight", "head.bias"]
     assert "cls_token" in models.backbone_parameter_names(model)
-    assert len(models.head_parameter_names(model)) + len(models.backbone_parameter_names(model)) == \
-        len(list(model.parameters()))
+    assert len(models.head_parameter_names(model)) + len(models.backbone_parameter_names(model)) == len(
+        list(model.parameters())
+    )
 
 
 def test_dino_weights_load_from_a_local_dino_checkpoint(tmp_path, dino_like_state):
@@ -72,8 +73,9 @@ def test_torch_hub_is_the_fallback_when_timm_cannot_download(monkeypatch, dino_l
 
     calls = []
     monkeypatch.setattr(models.timm, "create_model", offline_create)
-    monkeypatch.setattr(models.torch.hub, "load",
-                        lambda repo, name, **kw: calls.append((repo, name)) or HubModel())
+    monkeypatch.setattr(
+        models.torch.hub, "load", lambda repo, name, **kw: calls.append((repo, name)) or HubModel()
+    )
     model = build_model("dino_vits16", 100)
     assert calls == [(models.HUB_REPO, models.HUB_MODEL)]
     assert backbone_equals(model, dino_like_state)
@@ -103,15 +105,18 @@ def test_a_wrong_weights_file_is_refused(tmp_path):
         build_model("dino_vits16", 100, weights_path=path)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "resnet50"}, "model='resnet50'"),
-    ({"num_classes": 1}, "num_classes"),
-    ({"weights_path": "/nonexistent/dino.pth"}, "weights_path"),
-    ({"name": "dino_vits16", "img_size": 150}, "img_size=150 .*multiple of 16"),
-    ({"name": "dino_vits16", "img_size": 0}, "img_size=0 is too small"),
-    ({"name": "dino_vits16", "img_size": "160"}, "img_size must be an integer"),
-    ({"img_size": 30}, "img_size=30 .*multiple of 4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "resnet50"}, "model='resnet50'"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"weights_path": "/nonexistent/dino.pth"}, "weights_path"),
+        ({"name": "dino_vits16", "img_size": 150}, "img_size=150 .*multiple of 16"),
+        ({"name": "dino_vits16", "img_size": 0}, "img_size=0 is too small"),
+        ({"name": "dino_vits16", "img_size": "160"}, "img_size must be an integer"),
+        ({"img_size": 30}, "img_size=30 .*multiple of 4"),
+    ],
+)
 def test_build_model_rejects_bad_arguments(kwargs, message):
     arguments = {"name": "tiny_vit", "num_classes": 10, "pretrained": False, **kwargs}
     with pytest.raises(ConfigError, match=message):
@@ -119,6 +124,7 @@ def test_build_model_rejects_bad_arguments(kwargs, message):
 
 
 # ------------------------------------------------------------------ input size
+
 
 def test_input_size_is_native_unless_asked():
     assert models.input_size("dino_vits16") == 224 and models.input_size("tiny_vit") == 32
@@ -141,8 +147,9 @@ def test_a_224_backbone_loads_into_a_160_model_with_resampled_position_embedding
     stored = dino_like_state["pos_embed"]
     timm_loaded = checkpoint_filter_fn(dict(dino_like_state), model)["pos_embed"]  # what pretrained=True gets
     assert torch.allclose(model.pos_embed, timm_loaded, rtol=0, atol=1e-6)
-    assert torch.allclose(model.pos_embed, resample_abs_pos_embed(stored, [10, 10], num_prefix_tokens=1),
-                          rtol=0, atol=1e-6)
+    assert torch.allclose(
+        model.pos_embed, resample_abs_pos_embed(stored, [10, 10], num_prefix_tokens=1), rtol=0, atol=1e-6
+    )
     assert torch.equal(model.pos_embed[:, 0], stored[:, 0])  # the class token's embedding is kept
     assert backbone_equals(model, {k: v for k, v in dino_like_state.items() if k != "pos_embed"})
 
@@ -175,6 +182,7 @@ def test_a_ridge_head_fitted_at_one_size_is_not_shared_with_another(tmp_path):
 
 
 # ------------------------------------------------------------------ precision
+
 
 def test_precision_is_fp32_on_a_cpu():
     assert models.resolve_precision("auto", "cpu") == "fp32"

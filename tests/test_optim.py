@@ -76,8 +76,9 @@ def _valid_sgd_configs():
     for momentum, dampening, nesterov in itertools.product([0.0, 0.9], [0.0, 0.5], [False, True]):
         if nesterov and (momentum <= 0 or dampening != 0):
             continue  # torch.optim.SGD rejects these
-        for weight_decay, maximize, foreach in itertools.product([0.0, 1e-2], [False, True],
-                                                                 [False, True, None]):
+        for weight_decay, maximize, foreach in itertools.product(
+            [0.0, 1e-2], [False, True], [False, True, None]
+        ):
             yield dict(
                 momentum=momentum,
                 dampening=dampening,
@@ -92,8 +93,11 @@ SGD_CONFIGS = list(_valid_sgd_configs())
 
 
 def _config_id(cfg: dict) -> str:
-    return ("mom{momentum}-damp{dampening}-nest{nesterov:d}-wd{weight_decay}-max{maximize:d}-fe{foreach}"
-            .format(**cfg))
+    return (
+        "mom{momentum}-damp{dampening}-nest{nesterov:d}-wd{weight_decay}-max{maximize:d}-fe{foreach}".format(
+            **cfg
+        )
+    )
 
 
 def dense_equivalent_masks(kind: str, model: nn.Module):
@@ -101,15 +105,18 @@ def dense_equivalent_masks(kind: str, model: nn.Module):
     if kind == "none":
         return None
     if kind == "ones":  # bool and float all-ones masks
-        return [torch.ones_like(p, dtype=torch.bool) if i % 2 else torch.ones_like(p)
-                for i, p in enumerate(params)]
+        return [
+            torch.ones_like(p, dtype=torch.bool) if i % 2 else torch.ones_like(p)
+            for i, p in enumerate(params)
+        ]
     if kind == "mix":
         return [torch.ones_like(p, dtype=torch.bool) if i % 2 == 0 else None for i, p in enumerate(params)]
     raise AssertionError(kind)
 
 
-def reference_masked_sgd(params, grads_list, masks, bufs, t, *, lr, momentum, dampening, nesterov,
-                         weight_decay, maximize):
+def reference_masked_sgd(
+    params, grads_list, masks, bufs, t, *, lr, momentum, dampening, nesterov, weight_decay, maximize
+):
     """Hand-written torch.optim.SGD pseudo-code with a mask (frozen: no gradient, no decay, no momentum)."""
     for i, (theta, grad) in enumerate(zip(params, grads_list)):
         m = torch.ones_like(theta) if masks[i] is None else masks[i].to(theta.dtype)
@@ -178,8 +185,16 @@ def test_frozen_entries_never_move_and_their_momentum_stays_zero(nesterov, forea
     model = make_model()
     init = [p.detach().clone() for p in model.parameters()]
     masks = random_masks(model)
-    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.1, nesterov=nesterov,
-                     foreach=foreach, maximize=maximize, masks=masks)
+    opt = SparseSGDM(
+        model.parameters(),
+        lr=LR,
+        momentum=0.9,
+        weight_decay=0.1,
+        nesterov=nesterov,
+        foreach=foreach,
+        maximize=maximize,
+        masks=masks,
+    )
     sign = -1.0 if maximize else 1.0  # maximize a bounded objective
     for t, batch in enumerate(make_batches(60)):
         opt.zero_grad(set_to_none=True)
@@ -203,7 +218,12 @@ def test_partial_mask_equals_sgd_on_masked_gradient_with_masked_decay(nesterov, 
     masks[1] = None  # one dense parameter next to masked ones
     ref = torch.optim.SGD(model_ref.parameters(), lr=LR, momentum=0.9, nesterov=nesterov, foreach=foreach)
     opt = SparseSGDM(
-        model.parameters(), lr=LR, momentum=0.9, weight_decay=wd, nesterov=nesterov, foreach=foreach,
+        model.parameters(),
+        lr=LR,
+        momentum=0.9,
+        weight_decay=wd,
+        nesterov=nesterov,
+        foreach=foreach,
         masks=masks,
     )
     for t, batch in enumerate(make_batches(30)):
@@ -366,8 +386,9 @@ def test_masks_align_with_parameters_across_param_groups():
 
 def test_step_does_not_write_into_masked_gradients():
     model = make_model()
-    opt = SparseSGDM(model.parameters(), lr=LR, momentum=0.9, nesterov=True, foreach=True,
-                     masks=random_masks(model))
+    opt = SparseSGDM(
+        model.parameters(), lr=LR, momentum=0.9, nesterov=True, foreach=True, masks=random_masks(model)
+    )
     for t, batch in enumerate(make_batches(3)):
         backward(model, opt, batch, t)
         grads = [p.grad.clone() for p in model.parameters()]
@@ -527,8 +548,9 @@ def test_wrong_mask_count_is_rejected():
 def test_wrong_mask_shape_is_rejected_naming_the_parameter():
     model = make_model()
     masks = [None, None, torch.ones(8, 3), None]
-    with pytest.raises(ValueError,
-                       match=r"masks\[2\] has shape \(8, 3\) but its parameter has shape \(3, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"masks\[2\] has shape \(8, 3\) but its parameter has shape \(3, 8\)"
+    ):
         SparseSGDM(model.parameters(), masks=masks)
 
 
@@ -674,7 +696,9 @@ def test_first_clipped_step_moves_the_trainable_entries_by_at_most_lr_times_the_
     assert raw_grad_norm(model) > 0.1  # far above the bound
     opt.step()
     with torch.no_grad():
-        step = torch.linalg.vector_norm(torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before)]))
+        step = torch.linalg.vector_norm(
+            torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before)])
+        )
     assert LR * 1e-3 * (1 - 1e-4) <= float(step) <= LR * 1e-3 * (1 + 1e-9)
 
 

@@ -55,8 +55,10 @@ def test_parameters_passed_to_a_notebook_are_only_those_it_declares(tmp_path):
     assert "rounds" not in values and "model" not in values
 
 
-@pytest.mark.parametrize("text, value", [("3", 3), ("0.5", 0.5), ("[0, 1]", [0, 1]), ("True", True),
-                                         ("None", None), ("cifar100", "cifar100")])
+@pytest.mark.parametrize(
+    "text, value",
+    [("3", 3), ("0.5", 0.5), ("[0, 1]", [0, 1]), ("True", True), ("None", None), ("cifar100", "cifar100")],
+)
 def test_p_values_are_python_literals_or_strings(text, value):
     assert pipeline.parse_value(text) == value
 
@@ -73,7 +75,9 @@ def test_unknown_notebook_is_rejected(tmp_path):
 
 
 def test_cli_reports_errors_with_a_non_zero_exit(tmp_path, capsys):
-    code = pipeline.main(["--profile", "smoke", "--only", "00", "--results-dir", str(tmp_path), "-p", "nope", "1"])
+    code = pipeline.main(
+        ["--profile", "smoke", "--only", "00", "--results-dir", str(tmp_path), "-p", "nope", "1"]
+    )
     assert code == 1
     assert "-p nope" in capsys.readouterr().err
 
@@ -82,14 +86,25 @@ def test_cli_reports_errors_with_a_non_zero_exit(tmp_path, capsys):
 def test_a_failing_notebook_stops_the_pipeline_showing_its_cell_and_error(tmp_path):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    for name, source in [("00_ok.ipynb", "x = 1"), ("01_broken.ipynb", "raise ValueError('rounds must be > 0')"),
-                         ("02_never.ipynb", "open('never-ran', 'w')")]:
-        notebook = new_notebook(cells=[new_code_cell('profile = "full"\nresults_dir = "results"'), new_code_cell(source)])
+    for name, source in [
+        ("00_ok.ipynb", "x = 1"),
+        ("01_broken.ipynb", "raise ValueError('rounds must be > 0')"),
+        ("02_never.ipynb", "open('never-ran', 'w')"),
+    ]:
+        notebook = new_notebook(
+            cells=[new_code_cell('profile = "full"\nresults_dir = "results"'), new_code_cell(source)]
+        )
         notebook.cells[0].metadata["tags"] = ["parameters"]
-        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        notebook.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
         nbformat.write(notebook, notebooks / name)
-    with pytest.raises(pipeline.NotebookFailed, match="(?s)01_broken.ipynb failed in cell.*raise ValueError.*"
-                                                     "ValueError: rounds must be > 0"):
+    with pytest.raises(
+        pipeline.NotebookFailed,
+        match="(?s)01_broken.ipynb failed in cell.*raise ValueError.*ValueError: rounds must be > 0",
+    ):
         pipeline.run_pipeline("smoke", results_dir=tmp_path / "results", notebook_dir=notebooks)
     assert (tmp_path / "results" / "smoke" / "notebooks" / "00_ok.ipynb").exists()
     assert not (tmp_path / "results" / "smoke" / "notebooks" / "02_never.ipynb").exists()
@@ -105,8 +120,18 @@ def test_smoke_pipeline_runs_every_notebook_without_an_error_output(smoke_result
         assert not [o for o in outputs if o["output_type"] == "error"], path.name
 
 
-EXPERIMENTS = ("01_lr_search", "01_centralized", "02_lr_search", "02_fedavg_iid", "03_heterogeneity",
-               "04_head_only", "04_lr_search", "04_sparse_fl", "04_sparse_centralized", "05_mask_rules")
+EXPERIMENTS = (
+    "01_lr_search",
+    "01_centralized",
+    "02_lr_search",
+    "02_fedavg_iid",
+    "03_heterogeneity",
+    "04_head_only",
+    "04_lr_search",
+    "04_sparse_fl",
+    "04_sparse_centralized",
+    "05_mask_rules",
+)
 
 
 @pytest.mark.slow
@@ -128,7 +153,9 @@ def test_the_smoke_study_trains_no_configuration_twice(smoke_results):
     named = {experiment: set(runs.read_grid(root, experiment)["runs"]) for experiment in EXPERIMENTS}
     store = {folder.name for folder in (root / runs.RUNS_DIR).iterdir()}
     assert store == set().union(*named.values())  # one folder per configuration, whichever grids name it
-    assert len(named["03_heterogeneity"] & named["02_fedavg_iid"]) == len(SMOKE["seeds"])  # iid at the first J
+    assert len(named["03_heterogeneity"] & named["02_fedavg_iid"]) == len(
+        SMOKE["seeds"]
+    )  # iid at the first J
     assert len(named["05_mask_rules"] & named["04_sparse_fl"]) == 2 * len(SMOKE["seeds"])  # least-sensitive
     trained = [len((root / runs.RUNS_DIR / name / "attempts.log").read_text().splitlines()) for name in store]
     assert trained == [1] * len(store)  # each trained by one attempt, then read back by every other grid
@@ -152,9 +179,11 @@ def test_smoke_sparse_fine_tuning_under_the_chosen_head_ends_no_lower_than_the_h
     hparams = json.loads((root / "hparams.json").read_text())
     sparse = figures.load_runs(root, experiments.SPARSE_FL).query(
         "sharding == 'iid' and `finetune.mask_rule` == 'least_sensitive' and `finetune.sparsity` == 0.9 "
-        "and `finetune.calibration_rounds` == 2")
+        "and `finetune.calibration_rounds` == 2"
+    )
     assert (sparse["lr"] == hparams["sparse_lr"]).all() and sparse["ridge_lambda"].equals(
-        heads["ridge_lambda"].set_axis(sparse.index))  # under the same head, at the lr 04 chose
+        heads["ridge_lambda"].set_axis(sparse.index)
+    )  # under the same head, at the lr 04 chose
     assert len(sparse) == len(heads) == len(SMOKE["seeds"])
     assert sparse["final_val_acc"].mean() >= heads["final_val_acc"].mean()
 
@@ -183,11 +212,19 @@ def test_smoke_profile_is_one_parameters_file_that_the_pipeline_and_papermill_re
     assert profile_values("smoke") == yaml.safe_load((NOTEBOOK_DIR / "smoke.yaml").read_text())
     values = pipeline.notebook_parameters(NOTEBOOKS["01"], "smoke", tmp_path, {})
     assert {k: v for k, v in values.items() if k != "results_dir"} == {
-        k: v for k, v in SMOKE.items() if k in declared_parameters(NOTEBOOKS["01"])}
+        k: v for k, v in SMOKE.items() if k in declared_parameters(NOTEBOOKS["01"])
+    }
 
 
-@pytest.mark.parametrize("profile, name, value", [("smoke", "dataset", "cifar100"), ("smoke", "model", "dino_vits16"),
-                                                  ("full", "dataset", "synthetic"), ("full", "model", "tiny_vit")])
+@pytest.mark.parametrize(
+    "profile, name, value",
+    [
+        ("smoke", "dataset", "cifar100"),
+        ("smoke", "model", "dino_vits16"),
+        ("full", "dataset", "synthetic"),
+        ("full", "model", "tiny_vit"),
+    ],
+)
 def test_a_notebook_refuses_a_profile_that_disagrees_with_what_it_loads(profile, name, value, tmp_path):
     from fedta_utils.workspace import setup_notebook
 
@@ -213,7 +250,9 @@ def test_every_copy_of_the_repository_url_is_the_packages_one():
         first_code = next(c for c in cells if c["cell_type"] == "code")
         assert f'REPO_URL = "{REPO_URL}"' in "".join(first_code["source"]), path.name
         badge = "".join(cells[0]["source"])
-        assert f"colab.research.google.com/github/{REPO_URL.removeprefix('https://github.com/')}/blob" in badge
+        assert (
+            f"colab.research.google.com/github/{REPO_URL.removeprefix('https://github.com/')}/blob" in badge
+        )
 
 
 @pytest.mark.slow
@@ -223,13 +262,22 @@ def test_the_readme_papermill_command_runs_notebook_00_offline(tmp_path):
     import sys
 
     repo = NOTEBOOKS["00"].parent.parent
-    command = ["papermill", "notebooks/00_data_splits.ipynb", str(tmp_path / "out.ipynb"),
-               "-f", "notebooks/smoke.yaml", "-p", "results_dir", str(tmp_path / "results")]
+    command = [
+        "papermill",
+        "notebooks/00_data_splits.ipynb",
+        str(tmp_path / "out.ipynb"),
+        "-f",
+        "notebooks/smoke.yaml",
+        "-p",
+        "results_dir",
+        str(tmp_path / "results"),
+    ]
     assert " ".join(command[:2] + ["out.ipynb"] + command[3:5]) in (repo / "README.md").read_text()
     executable = shutil.which("papermill", path=str(Path(sys.executable).parent)) or "papermill"
-    for attempt in (1, 2):  # the background smoke pipeline starts kernels too: they may race for a port
-        done = subprocess.run([executable, *command[1:]], cwd=repo, capture_output=True, text=True,
-                              timeout=600)
+    for _attempt in (1, 2):  # the background smoke pipeline starts kernels too: they may race for a port
+        done = subprocess.run(
+            [executable, *command[1:]], cwd=repo, capture_output=True, text=True, timeout=600
+        )
         if done.returncode == 0 or pipeline.KERNEL_DIED not in done.stderr:
             break
     assert done.returncode == 0, done.stderr[-3000:]
@@ -248,7 +296,9 @@ def test_a_parameter_left_none_takes_the_value_the_notebook_that_searched_it_sto
     from fedta_utils.workspace import setup_notebook
 
     namespace = {k: ast.literal_eval(v["default"]) for k, v in declared_parameters(NOTEBOOKS["05"]).items()}
-    namespace.update({k: v for k, v in SMOKE.items() if k in namespace}, results_dir=str(tmp_path / "results"))
+    namespace.update(
+        {k: v for k, v in SMOKE.items() if k in namespace}, results_dir=str(tmp_path / "results")
+    )
     (tmp_path / "results" / "smoke").mkdir(parents=True)
     hparams = tmp_path / "results" / "smoke" / "hparams.json"
     hparams.write_text(json.dumps({"fedavg_lr": 0.1, "fedavg_weight_decay": 1e-4}))
@@ -267,12 +317,16 @@ def test_a_search_fills_only_what_it_chose_and_what_was_left_none():
     best = {"lr": 0.003, "weight_decay": 0.0}  # the config the search chose
     assert with_choice({"sparse_lr": None, "lr": 0.1}, best, "sparse") == {"sparse_lr": 0.003, "lr": 0.1}
     assert with_choice({"sparse_lr": 0.02}, best, "sparse") == {"sparse_lr": 0.02}
-    assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {"lr": 0.003, "weight_decay": 1e-4}
+    assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {
+        "lr": 0.003,
+        "weight_decay": 1e-4,
+    }
     assert with_choice({}, best, "central") == {"lr": 0.003, "weight_decay": 0.0}  # notebook 01 sets neither
 
 
 def test_a_kernel_that_dies_at_start_up_is_started_again_and_other_errors_are_not_retried(
-        monkeypatch, tmp_path, capsys):
+    monkeypatch, tmp_path, capsys
+):
     import papermill
 
     calls = []

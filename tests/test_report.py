@@ -15,24 +15,46 @@ import pandas as pd
 import papermill
 import pytest
 import torch
+from conftest import needs_tex
 
 from fedta_utils import figures, report, runs
-from fedta_utils.experiments import (CENTRALIZED, FEDAVG_IID, FEDAVG_LR_SEARCH, HEAD_ONLY, HETEROGENEITY,
-                                     LR_SEARCH, MASK_RULES, SPARSE_CENTRAL, SPARSE_FL, SPARSE_LR_SEARCH)
+from fedta_utils.experiments import (
+    CENTRALIZED,
+    FEDAVG_IID,
+    FEDAVG_LR_SEARCH,
+    HEAD_ONLY,
+    HETEROGENEITY,
+    LR_SEARCH,
+    MASK_RULES,
+    SPARSE_CENTRAL,
+    SPARSE_FL,
+    SPARSE_LR_SEARCH,
+)
 from fedta_utils.runs import rows_to_csv
-
-from conftest import needs_tex
 
 REPO = Path(__file__).resolve().parent.parent
 LATEX_COMMANDS = {"Cref", "FloatBarrier", "Phi"}  # capitalised commands of LaTeX and its packages in main.tex
-DRIFT = {"mean_client_delta_norm": 1.0, "avg_delta_norm": 0.5, "mean_pairwise_cosine": 0.2,
-         "sign_conflict_fraction": 0.3, "sign_agreement": 0.6}
+DRIFT = {
+    "mean_client_delta_norm": 1.0,
+    "avg_delta_norm": 0.5,
+    "mean_pairwise_cosine": 0.2,
+    "sign_conflict_fraction": 0.3,
+    "sign_agreement": 0.6,
+}
 FL = {"dataset": "synthetic", "model": "tiny_vit", "num_clients": 10, "participation": 0.5, "batch_size": 64}
 # Per-block masks of two rules (block 0: 4 entries, block 1: 4 entries, patch embedding: 2 entries).
-MASKS = {"least_sensitive": {"blocks.0.attn.qkv.weight": [1, 1, 1, 1],
-                             "blocks.1.mlp.fc1.weight": [0, 0, 0, 0], "patch_embed.proj.weight": [1, 0]},
-         "random": {"blocks.0.attn.qkv.weight": [1, 1, 0, 0],
-                    "blocks.1.mlp.fc1.weight": [1, 1, 0, 0], "patch_embed.proj.weight": [1, 1]}}
+MASKS = {
+    "least_sensitive": {
+        "blocks.0.attn.qkv.weight": [1, 1, 1, 1],
+        "blocks.1.mlp.fc1.weight": [0, 0, 0, 0],
+        "patch_embed.proj.weight": [1, 0],
+    },
+    "random": {
+        "blocks.0.attn.qkv.weight": [1, 1, 0, 0],
+        "blocks.1.mlp.fc1.weight": [1, 1, 0, 0],
+        "patch_embed.proj.weight": [1, 1],
+    },
+}
 
 
 def add_to_grid(root, experiment, folder, part="runs") -> None:
@@ -52,38 +74,89 @@ def write_run(root, experiment, name, config, summary, metrics, masks=None, part
     (run_dir / "metrics.csv").write_bytes(rows_to_csv(metrics))
     (run_dir / "summary.json").write_text(json.dumps(summary))
     if masks is not None:  # as the runs store them: bit-packed, one entry per parameter
-        packed = {name: {"shape": [len(bits)], "bits": torch.from_numpy(np.packbits(np.array(bits, bool)))}
-                  for name, bits in masks.items()}
+        packed = {
+            name: {"shape": [len(bits)], "bits": torch.from_numpy(np.packbits(np.array(bits, bool)))}
+            for name, bits in masks.items()
+        }
         torch.save({"masks": packed}, run_dir / "prepared.pt")
 
 
 def write_centralized(root, scheduler, val, test, lr=0.1, part="runs") -> None:
     for seed, (v, t) in enumerate(zip(val, test)):
-        config = {"dataset": "synthetic", "model": "tiny_vit", "seed": seed, "epochs": 2, "batch_size": 64,
-                  "lr": lr, "weight_decay": 0.0, "scheduler": scheduler, "warmup_epochs": 0.5,
-                  "finetune": {"head": "train", "mask_rule": None}}
-        metrics = [{"epoch": 1, "test_loss": 2.0, "test_acc": t / 2, "val_acc": v / 2},
-                   {"epoch": 2, "test_loss": 1.0, "test_acc": t, "val_acc": v}]
-        write_run(root, CENTRALIZED, f"{scheduler}-lr{lr}-s{seed}", config,
-                  {"final_val_acc": v, "final_test_acc": t}, metrics, part=part)
+        config = {
+            "dataset": "synthetic",
+            "model": "tiny_vit",
+            "seed": seed,
+            "epochs": 2,
+            "batch_size": 64,
+            "lr": lr,
+            "weight_decay": 0.0,
+            "scheduler": scheduler,
+            "warmup_epochs": 0.5,
+            "finetune": {"head": "train", "mask_rule": None},
+        }
+        metrics = [
+            {"epoch": 1, "test_loss": 2.0, "test_acc": t / 2, "val_acc": v / 2},
+            {"epoch": 2, "test_loss": 1.0, "test_acc": t, "val_acc": v},
+        ]
+        write_run(
+            root,
+            CENTRALIZED,
+            f"{scheduler}-lr{lr}-s{seed}",
+            config,
+            {"final_val_acc": v, "final_test_acc": t},
+            metrics,
+            part=part,
+        )
 
 
-def write_fl(root, experiment, name, seed, val, test, rounds=4, local_steps=2, nc=None, finetune=None,
-             summary=(), masks=None) -> None:
-    config = {**FL, "seed": seed, "rounds": rounds, "local_steps": local_steps,
-              "sharding": "iid" if nc is None else "non_iid",
-              "finetune": finetune or {"head": "train", "mask_rule": None}}
+def write_fl(
+    root,
+    experiment,
+    name,
+    seed,
+    val,
+    test,
+    rounds=4,
+    local_steps=2,
+    nc=None,
+    finetune=None,
+    summary=(),
+    masks=None,
+) -> None:
+    config = {
+        **FL,
+        "seed": seed,
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "sharding": "iid" if nc is None else "non_iid",
+        "finetune": finetune or {"head": "train", "mask_rule": None},
+    }
     if nc is not None:
         config["classes_per_client"] = nc
-    metrics = [{"round": r, **DRIFT, "test_loss": 1.0, "test_acc": test * r / rounds}
-               for r in range(1, rounds + 1)]
-    write_run(root, experiment, f"{name}-s{seed}", config,
-              {"final_val_acc": val, "final_test_acc": test, **dict(summary)}, metrics, masks)
+    metrics = [
+        {"round": r, **DRIFT, "test_loss": 1.0, "test_acc": test * r / rounds} for r in range(1, rounds + 1)
+    ]
+    write_run(
+        root,
+        experiment,
+        f"{name}-s{seed}",
+        config,
+        {"final_val_acc": val, "final_test_acc": test, **dict(summary)},
+        metrics,
+        masks,
+    )
 
 
 def sparse_spec(sparsity, rounds=2, rule="least_sensitive") -> dict:
-    return {"head": "ridge", "mask_rule": rule, "sparsity": sparsity, "calibration_rounds": rounds,
-            "calibration_samples": 100, "ridge_lambda": 1.0}
+    return {
+        "head": "ridge",
+        "mask_rule": rule,
+        "sparsity": sparsity,
+        "calibration_rounds": rounds,
+        "calibration_samples": 100,
+        "ridge_lambda": 1.0,
+    }
 
 
 def write_study(root) -> None:
@@ -91,23 +164,49 @@ def write_study(root) -> None:
     data = Path(root) / figures.DATA
     data.mkdir(parents=True)
     (data / "split_sizes.csv").write_text("split,images\ntrain,900\nvalidation,100\ntest,500\n")
-    (data / "shard_stats.csv").write_text("client,samples,classes,largest_class_share,scheme\n"
-                                          "0,90,10,0.1,iid\n1,90,10,0.1,iid\n"
-                                          "0,80,5,0.3,Nc=5\n1,100,5,0.2,Nc=5\n")
+    (data / "shard_stats.csv").write_text(
+        "client,samples,classes,largest_class_share,scheme\n"
+        "0,90,10,0.1,iid\n1,90,10,0.1,iid\n"
+        "0,80,5,0.3,Nc=5\n1,100,5,0.2,Nc=5\n"
+    )
     for lr, val in ((0.01, 0.30), (0.1, 0.40)):
-        write_run(root, LR_SEARCH, f"search-lr{lr}", {"seed": 0, "epochs": 1, "lr": lr, "weight_decay": 0.0},
-                  {"final_val_acc": val}, [{"epoch": 1, "val_acc": val}])
+        write_run(
+            root,
+            LR_SEARCH,
+            f"search-lr{lr}",
+            {"seed": 0, "epochs": 1, "lr": lr, "weight_decay": 0.0},
+            {"final_val_acc": val},
+            [{"epoch": 1, "val_acc": val}],
+        )
     for lr, val in ((0.01, 0.45), (0.03, 0.35)):
-        write_run(root, FEDAVG_LR_SEARCH, f"search-lr{lr}", {**FL, "seed": 0, "rounds": 3, "lr": lr,
-                                                            "weight_decay": 0.0}, {"final_val_acc": val},
-                  [{"round": 3, "val_acc": val}])
+        write_run(
+            root,
+            FEDAVG_LR_SEARCH,
+            f"search-lr{lr}",
+            {**FL, "seed": 0, "rounds": 3, "lr": lr, "weight_decay": 0.0},
+            {"final_val_acc": val},
+            [{"round": 3, "val_acc": val}],
+        )
     for lr, val in ((0.003, 0.42), (0.01, 0.38)):  # notebook 04's lr search under the frozen head
-        write_run(root, SPARSE_LR_SEARCH, f"search-lr{lr}", {**FL, "seed": 0, "rounds": 3, "lr": lr,
-                                                            "weight_decay": 0.0, "finetune": sparse_spec(0.9)},
-                  {"final_val_acc": val}, [{"round": 3, "val_acc": val}])
-    (Path(root) / "hparams.json").write_text(json.dumps({"central_lr": 0.1, "central_weight_decay": 0.0,
-                                                         "fedavg_lr": 0.01, "fedavg_weight_decay": 0.0,
-                                                         "sparse_lr": 0.003}))
+        write_run(
+            root,
+            SPARSE_LR_SEARCH,
+            f"search-lr{lr}",
+            {**FL, "seed": 0, "rounds": 3, "lr": lr, "weight_decay": 0.0, "finetune": sparse_spec(0.9)},
+            {"final_val_acc": val},
+            [{"round": 3, "val_acc": val}],
+        )
+    (Path(root) / "hparams.json").write_text(
+        json.dumps(
+            {
+                "central_lr": 0.1,
+                "central_weight_decay": 0.0,
+                "fedavg_lr": 0.01,
+                "fedavg_weight_decay": 0.0,
+                "sparse_lr": 0.003,
+            }
+        )
+    )
     write_centralized(root, "cosine", val=[0.60, 0.62, 0.64], test=[0.80, 0.82, 0.84])
     write_centralized(root, "step", val=[0.50, 0.52, 0.54], test=[0.90, 0.92, 0.94])
     write_centralized(root, "cosine", val=[0.99], test=[0.99], lr=0.01, part="earlier")  # an earlier grid's
@@ -115,24 +214,65 @@ def write_study(root) -> None:
         write_fl(root, FEDAVG_IID, "iid", seed, 0.5, 0.6 + 0.02 * seed)
         add_to_grid(root, HETEROGENEITY, f"{FEDAVG_IID}-iid-s{seed}")  # iid at J=2: notebook 02's very runs
         for nc, local_steps, acc in ((None, 4, 0.55), (1, 2, 0.2), (5, 2, 0.4)):
-            write_fl(root, HETEROGENEITY, f"{nc}-J{local_steps}", seed, acc, acc, local_steps=local_steps,
-                     nc=nc)
+            write_fl(
+                root, HETEROGENEITY, f"{nc}-J{local_steps}", seed, acc, acc, local_steps=local_steps, nc=nc
+            )
         for nc in (None, 5):
             tag = "iid" if nc is None else "nc5"
             write_fl(root, SPARSE_FL, f"{tag}-dense", seed, 0.50, 0.50, nc=nc)
-            write_fl(root, HEAD_ONLY, f"{tag}-head", seed, 0.30, 0.30, rounds=1, nc=nc,
-                     finetune={"head": "ridge", "mask_rule": None})
+            write_fl(
+                root,
+                HEAD_ONLY,
+                f"{tag}-head",
+                seed,
+                0.30,
+                0.30,
+                rounds=1,
+                nc=nc,
+                finetune={"head": "ridge", "mask_rule": None},
+            )
             for sparsity, val, test in ((0.9, 0.70, 0.55), (0.99, 0.60, 0.65)):
-                write_fl(root, SPARSE_FL, f"{tag}-{sparsity}", seed, val, test, nc=nc,
-                         finetune=sparse_spec(sparsity), summary={"thresholds": [1e-6, 2e-6 * (seed + 1)],
-                                                                   "achieved_sparsity": sparsity})
+                write_fl(
+                    root,
+                    SPARSE_FL,
+                    f"{tag}-{sparsity}",
+                    seed,
+                    val,
+                    test,
+                    nc=nc,
+                    finetune=sparse_spec(sparsity),
+                    summary={"thresholds": [1e-6, 2e-6 * (seed + 1)], "achieved_sparsity": sparsity},
+                )
             for rule, val, test in (("least_sensitive", 0.40, 0.70), ("random", 0.60, 0.50)):
-                write_fl(root, MASK_RULES, f"{tag}-{rule}", seed, val, test, nc=nc,
-                         finetune=sparse_spec(0.9, 2, rule), masks=MASKS[rule])
-    config = {"dataset": "synthetic", "model": "tiny_vit", "seed": 0, "epochs": 1, "lr": 0.1,
-              "weight_decay": 0.0, "scheduler": "cosine", "finetune": sparse_spec(0.9, 4)}
-    write_run(root, SPARSE_CENTRAL, "sparse-central", config, {"final_val_acc": 0.6, "final_test_acc": 0.7},
-              [{"epoch": 1, "test_acc": 0.7}])
+                write_fl(
+                    root,
+                    MASK_RULES,
+                    f"{tag}-{rule}",
+                    seed,
+                    val,
+                    test,
+                    nc=nc,
+                    finetune=sparse_spec(0.9, 2, rule),
+                    masks=MASKS[rule],
+                )
+    config = {
+        "dataset": "synthetic",
+        "model": "tiny_vit",
+        "seed": 0,
+        "epochs": 1,
+        "lr": 0.1,
+        "weight_decay": 0.0,
+        "scheduler": "cosine",
+        "finetune": sparse_spec(0.9, 4),
+    }
+    write_run(
+        root,
+        SPARSE_CENTRAL,
+        "sparse-central",
+        config,
+        {"final_val_acc": 0.6, "final_test_acc": 0.7},
+        [{"epoch": 1, "test_acc": 0.7}],
+    )
 
 
 def numbers(report_dir) -> dict:
@@ -159,6 +299,7 @@ def centralized_only(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- statistics and selection
+
 
 def test_mean_std_uses_ddof_1_and_gives_0_for_one_seed(study):
     table = figures.centralized_table(study[0])
@@ -247,6 +388,7 @@ def test_block_density_is_the_trainable_fraction_per_transformer_block(study):
 
 # --------------------------------------------------------------------------- numbers.tex
 
+
 def test_numbers_tex_defines_every_macro_once_and_parses_back(study):
     text = (study[1] / "generated" / "numbers.tex").read_text()
     names = re.findall(r"\\newcommand\{\\([A-Za-z]+)\}", text)
@@ -257,7 +399,9 @@ def test_numbers_tex_defines_every_macro_once_and_parses_back(study):
 def test_the_client_searches_report_their_validation_choices(study):
     values = numbers(study[1])
     assert (values["FedAvgChosenLr"], values["SparseChosenLr"]) == ("0.01", "0.003")
-    assert values["SparseSearchGrid"].startswith(r"client learning rates \{0.003, 0.01\} at 02's weight decay")
+    assert values["SparseSearchGrid"].startswith(
+        r"client learning rates \{0.003, 0.01\} at 02's weight decay"
+    )
     assert "ridge penalty 1 (fixed)" in values["SparseSetting"]  # the study's heads fix the penalty at 1.0
 
 
@@ -270,7 +414,11 @@ def test_the_report_names_the_values_the_runs_used_when_a_notebook_set_its_own(s
         assert report.used(study[0], "fedavg_lr", 0.01) == 0.2
         assert report.used(study[0], "no_such_key", 0.01) == 0.01  # nothing recorded: the search's choice
         values = report._client_searches(study[0], "smoke") | report._search(study[0], "smoke")
-        assert (values["FedAvgChosenLr"], values["SparseChosenLr"], values["ChosenLr"]) == ("0.2", "0.05", "0.3")
+        assert (values["FedAvgChosenLr"], values["SparseChosenLr"], values["ChosenLr"]) == (
+            "0.2",
+            "0.05",
+            "0.3",
+        )
     finally:
         hparams.write_text(json.dumps(stored))
 
@@ -307,6 +455,7 @@ def test_a_full_build_has_no_notice(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- tables and figures
 
+
 def test_tables_are_booktabs_and_mark_the_configuration_chosen_on_validation(study):
     table = (study[1] / "tables" / "centralized.tex").read_text()
     assert table.startswith("\\begin{tabular}{lrrrr}\n\\toprule") and "\\midrule" in table
@@ -321,12 +470,17 @@ def test_table_cells_from_results_are_latex_escaped(centralized_only):
 
 def test_latex_escape_escapes_every_special_character():
     assert report.escape("a_b & 5% #1 {x} $ ~ ^ \\") == (
-        r"a\_b \& 5\% \#1 \{x\} \$ \textasciitilde{} \textasciicircum{} \textbackslash{}")
+        r"a\_b \& 5\% \#1 \{x\} \$ \textasciitilde{} \textasciicircum{} \textbackslash{}"
+    )
 
 
 def test_sharding_labels_become_latex():
     assert [report.sharding_tex(label) for label in ("iid", "Nc=5", "Dir(alpha=0.1)", "Dir(0.1)")] == [
-        "iid", "$N_c{=}5$", "Dir($\\alpha{=}0.1$)", "Dir($\\alpha{=}0.1$)"]
+        "iid",
+        "$N_c{=}5$",
+        "Dir($\\alpha{=}0.1$)",
+        "Dir($\\alpha{=}0.1$)",
+    ]
 
 
 def test_figures_are_saved_as_pdf_with_embedded_truetype_fonts_and_png(study):
@@ -345,6 +499,7 @@ def test_figure_titles_name_the_profile_and_the_seed_count(study):
 
 
 # --------------------------------------------------------------------------- missing results
+
 
 def test_a_missing_experiment_gives_a_warning_naming_it(centralized_only):
     warnings = centralized_only[1]
@@ -368,8 +523,17 @@ def test_a_sharding_without_sparse_runs_leaves_only_its_own_macros_na(tmp_path, 
     write_fl(tmp_path, SPARSE_FL, "iid-dense", 0, 0.5, 0.5)
     write_fl(tmp_path, SPARSE_FL, "iid-sparse", 0, 0.6, 0.6, finetune=sparse_spec(0.9))
     for nc in (None, 5):  # the head alone ran on both shardings, sparse FedAvg only on iid so far
-        write_fl(tmp_path, HEAD_ONLY, f"{nc}-head", 0, 0.3, 0.3, rounds=1, nc=nc,
-                 finetune={"head": "ridge", "mask_rule": None})
+        write_fl(
+            tmp_path,
+            HEAD_ONLY,
+            f"{nc}-head",
+            0,
+            0.3,
+            0.3,
+            rounds=1,
+            nc=nc,
+            finetune={"head": "ridge", "mask_rule": None},
+        )
     warnings = report.write_report(tmp_path, tmp_path / "report", "smoke")
     values = numbers(tmp_path / "report")
     assert values["SparseIidBestAcc"] == r"60.0\,$\pm$\,0.0\,\%" and values["SparseIidBestGap"] == "$+10.0$"
@@ -413,6 +577,7 @@ def test_a_figure_that_fails_becomes_a_placeholder_and_a_warning(study, tmp_path
 
 # --------------------------------------------------------------------------- building
 
+
 def test_page_counts_read_the_latex_log_and_the_body_label(tmp_path):
     (tmp_path / "main.log").write_text("...\nOutput written on main.pdf (9 pages, 285121 bytes).\n")
     (tmp_path / "main.aux").write_text("\\newlabel{LastBodyPage}{{5}{8}{Conclusion}{section.5}{}}\n")
@@ -431,6 +596,7 @@ def test_notebook_06_declares_the_parameters_the_pipeline_passes():
 
 
 # --------------------------------------------------------------------------- end to end (smoke pipeline)
+
 
 @needs_tex
 @pytest.mark.slow
@@ -455,8 +621,11 @@ def test_smoke_numbers_say_they_come_from_the_smoke_profile(smoke_results):
 def test_smoke_pipeline_fills_every_number_and_table(smoke_results):
     report_dir = smoke_results["report_dir"]
     missing = [name for name, value in numbers(report_dir).items() if value == report.NA]
-    placeholders = [name for name in report.TABLES
-                    if "No results yet" in (report_dir / "tables" / f"{name}.tex").read_text()]
+    placeholders = [
+        name
+        for name in report.TABLES
+        if "No results yet" in (report_dir / "tables" / f"{name}.tex").read_text()
+    ]
     assert missing == [] and placeholders == []
 
 
@@ -469,19 +638,36 @@ def test_archives_hold_an_overleaf_project_and_the_runs_without_checkpoints(tmp_
     import zipfile
 
     report_dir, root = tmp_path / "report", tmp_path / "results" / "smoke"
-    for path in (report_dir / "main.tex", report_dir / "refs.bib", report_dir / "figures" / "drift.pdf",
-                 report_dir / "tables" / "fedavg.tex", report_dir / "generated" / "numbers.tex",
-                 report_dir / "main.aux", root / "hparams.json",
-                 root / "runs" / "iid-s0-ab" / "config.json", root / "runs" / "iid-s0-ab" / "metrics.csv",
-                 root / "runs" / "iid-s0-ab" / "summary.json", root / "runs" / "iid-s1-cd" / "checkpoint-000003.pt",
-                 root / "runs" / "other-s0-ef" / "summary.json"):  # a run no grid names
+    for path in (
+        report_dir / "main.tex",
+        report_dir / "refs.bib",
+        report_dir / "figures" / "drift.pdf",
+        report_dir / "tables" / "fedavg.tex",
+        report_dir / "generated" / "numbers.tex",
+        report_dir / "main.aux",
+        root / "hparams.json",
+        root / "runs" / "iid-s0-ab" / "config.json",
+        root / "runs" / "iid-s0-ab" / "metrics.csv",
+        root / "runs" / "iid-s0-ab" / "summary.json",
+        root / "runs" / "iid-s1-cd" / "checkpoint-000003.pt",
+        root / "runs" / "other-s0-ef" / "summary.json",
+    ):  # a run no grid names
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     add_to_grid(root, "02_fedavg_iid", "iid-s0-ab")
     add_to_grid(root, "02_fedavg_iid", "iid-s1-cd")  # named, not complete: nothing of it is archived
     report_zip, results_zip = report.archive(report_dir, root)
     assert sorted(zipfile.ZipFile(report_zip).namelist()) == [
-        "figures/drift.pdf", "generated/numbers.tex", "main.tex", "refs.bib", "tables/fedavg.tex"]
+        "figures/drift.pdf",
+        "generated/numbers.tex",
+        "main.tex",
+        "refs.bib",
+        "tables/fedavg.tex",
+    ]
     assert sorted(zipfile.ZipFile(results_zip).namelist()) == [
-        "grids/02_fedavg_iid.json", "hparams.json", "runs/iid-s0-ab/config.json", "runs/iid-s0-ab/metrics.csv",
-        "runs/iid-s0-ab/summary.json"]
+        "grids/02_fedavg_iid.json",
+        "hparams.json",
+        "runs/iid-s0-ab/config.json",
+        "runs/iid-s0-ab/metrics.csv",
+        "runs/iid-s0-ab/summary.json",
+    ]

@@ -19,8 +19,8 @@ and the slowed-down writes that make a kill inside a write possible.
 from __future__ import annotations
 
 import json
-import pickle
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -40,7 +40,7 @@ from fedta_utils.training import eval_steps
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("resume_worker.py")
-WRITE_SECONDS = 0.15   # every file write takes this long in the children (8 chunks), like a slow Drive
+WRITE_SECONDS = 0.15  # every file write takes this long in the children (8 chunks), like a slow Drive
 POLL_SECONDS = 0.005
 ATTEMPT_TIMEOUT = 240  # seconds a child may take before the test gives up on it
 KILL_SEED = 20240607
@@ -48,16 +48,21 @@ KILL_SEED = 20240607
 sys.path.insert(0, str(WORKER.parent))
 import resume_worker  # noqa: E402  (the experiments' configs and run folders)
 
-
 # --------------------------------------------------------------------------- the zygote and its children
+
 
 class Zygote:
     """A process that has imported torch once and forks a fresh child per run."""
 
     def __init__(self):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen([sys.executable, str(WORKER), "--zygote"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), "--zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.unreaped: set[int] = set()
 
     def _ask(self, request: dict) -> dict:
@@ -142,8 +147,12 @@ class Runner:
         self.count += 1
         events = self.scratch / f"events-{self.count}"
         log = self.scratch / f"log-{self.count}"
-        spec = {"experiment": self.experiment, "results_dir": str(self.results_dir), "events": str(events),
-                "write_seconds": WRITE_SECONDS}
+        spec = {
+            "experiment": self.experiment,
+            "results_dir": str(self.results_dir),
+            "events": str(events),
+            "write_seconds": WRITE_SECONDS,
+        }
         return Attempt(self.zygote.start(spec, log), events, log)
 
     def finish(self, attempt: Attempt) -> None:
@@ -197,6 +206,7 @@ def phase_at_kill(events: list[Event]) -> str:
 
 
 # --------------------------------------------------------------------------- what must hold after a kill
+
 
 def assert_every_file_complete(root: Path) -> None:
     """Every file under `root` outside .staging/ parses or loads; metrics.csv matches a checkpoint."""
@@ -266,6 +276,7 @@ def assert_same_tensors(actual, expected, where="") -> None:
 
 # --------------------------------------------------------------------------- reference runs
 
+
 @pytest.fixture(scope="module")
 def references(zygote, tmp_path_factory):
     """Uninterrupted runs, made on first use: experiment -> (run folder, its events)."""
@@ -284,10 +295,11 @@ def references(zygote, tmp_path_factory):
 
 # --------------------------------------------------------------------------- kill plans
 
+
 @dataclass
 class Kill:
-    kind: str     # setup | prepare | random | eval | checkpoint | metrics | final
-    round: int    # the (0-based) round or epoch it targets; -1 before the first
+    kind: str  # setup | prepare | random | eval | checkpoint | metrics | final
+    round: int  # the (0-based) round or epoch it targets; -1 before the first
     delay: float  # seconds after its trigger event
 
     def trigger(self, event: Event) -> bool:
@@ -307,8 +319,13 @@ class Kill:
 
     def expected_phase(self) -> str | None:
         """The phase this kill is aimed at (None: a random moment, anything goes)."""
-        return {"prepare": "prepare", "eval": "eval", "checkpoint": "write checkpoint-",
-                "metrics": "write metrics.csv", "final": "write model.pt"}.get(self.kind)
+        return {
+            "prepare": "prepare",
+            "eval": "eval",
+            "checkpoint": "write checkpoint-",
+            "metrics": "write metrics.csv",
+            "final": "write model.pt",
+        }.get(self.kind)
 
 
 PLANS = {
@@ -338,8 +355,9 @@ def plan_kills(experiment: str, reference_events: list[Event], rng: random.Rando
     free = set(range(rounds))
     kills = []
     # the most constrained kinds choose their round first
-    for kind in sorted(kinds, key=lambda k: ["setup", "prepare", "final", "eval", "checkpoint", "metrics",
-                                             "random"].index(k)):
+    for kind in sorted(
+        kinds, key=lambda k: ["setup", "prepare", "final", "eval", "checkpoint", "metrics", "random"].index(k)
+    ):
         if kind == "setup":
             kills.append(Kill(kind, -1, rng.uniform(0.05, 0.95) * round_start[0]))
             continue
@@ -360,6 +378,7 @@ def plan_kills(experiment: str, reference_events: list[Event], rng: random.Rando
 
 
 # --------------------------------------------------------------------------- the torture test
+
 
 @pytest.mark.parametrize("experiment", ["fedavg", "sparse", "centralized"])
 def test_killed_at_random_moments_and_resumed_ends_bit_identical(experiment, zygote, references, tmp_path):
@@ -400,6 +419,7 @@ def test_killed_at_random_moments_and_resumed_ends_bit_identical(experiment, zyg
 
 
 # --------------------------------------------------------------------------- damaged files and locks
+
 
 def test_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(zygote, references, tmp_path):
     reference_dir, _ = references("fedavg")

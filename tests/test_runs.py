@@ -17,8 +17,20 @@ import pytest
 import torch
 
 from fedta_utils import runs
-from fedta_utils.runs import (Checkpoint, CodeVersionChanged, Run, RunLock, RunLockedError, atomic_torch_save,
-                              atomic_write_bytes, atomic_write_json, clear_staging, config_id, read_metrics, rows_to_csv)
+from fedta_utils.runs import (
+    Checkpoint,
+    CodeVersionChanged,
+    Run,
+    RunLock,
+    RunLockedError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    clear_staging,
+    config_id,
+    read_metrics,
+    rows_to_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +52,7 @@ def age(path, seconds):
 
 
 # --------------------------------------------------------------------------- atomic writes
+
 
 def test_atomic_writes_stage_in_the_results_root_and_leave_only_the_final_file(tmp_path, monkeypatch):
     (tmp_path / ".staging").mkdir()
@@ -88,6 +101,7 @@ def test_opening_a_run_clears_the_staging_folder(tmp_path):
 
 # --------------------------------------------------------------------------- CSV and identity
 
+
 def test_config_id_is_stable_and_order_independent():
     assert config_id({"a": 1, "b": [1, 2]}) == config_id({"b": [1, 2], "a": 1})
     assert config_id({"a": 1}) != config_id({"a": 2})
@@ -129,14 +143,17 @@ def test_metrics_of_a_run_without_rows_are_an_empty_frame(tmp_path):
 
 # --------------------------------------------------------------------------- runs and checkpoints
 
+
 def test_checkpoint_round_trip_and_keep_last_two(tmp_path):
     run = make_run(tmp_path)
     with run:
         for step in range(1, 5):
             rows = [{"epoch": e, "loss": 1.0 / e} for e in range(1, step + 1)]
             run.save_checkpoint(Checkpoint(step, {"w": torch.full((3,), float(step))}, rows, rows))
-    assert [p.name for p in sorted(run.dir.glob("checkpoint-*.pt"))] == ["checkpoint-000003.pt",
-                                                                         "checkpoint-000004.pt"]
+    assert [p.name for p in sorted(run.dir.glob("checkpoint-*.pt"))] == [
+        "checkpoint-000003.pt",
+        "checkpoint-000004.pt",
+    ]
     loaded = make_run(tmp_path).load_checkpoint()
     assert loaded.step == 4 and torch.equal(loaded.state["w"], torch.full((3,), 4.0))
     assert loaded.rows[-1] == {"epoch": 4, "loss": 0.25}
@@ -245,8 +262,11 @@ def test_a_complete_run_drops_checkpoints_left_by_a_late_kill(tmp_path):
 
 def test_writes_need_the_lock(tmp_path):
     run = make_run(tmp_path)
-    for write in (lambda: run.save_checkpoint(Checkpoint(1, {}, [], [])), lambda: run.finish({}, [], []),
-                  lambda: run.save_artifact("model.pt", {})):
+    for write in (
+        lambda: run.save_checkpoint(Checkpoint(1, {}, [], [])),
+        lambda: run.finish({}, [], []),
+        lambda: run.save_artifact("model.pt", {}),
+    ):
         with pytest.raises(RuntimeError, match="with run"):
             write()
 
@@ -255,7 +275,11 @@ def test_config_mismatch_in_an_existing_folder_is_refused_and_the_lock_released(
     run = make_run(tmp_path)
     with run:
         pass
-    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1, "seed": 0, "code_version": "unknown"}
+    assert json.loads((run.dir / "config.json").read_text()) == {
+        "lr": 0.1,
+        "seed": 0,
+        "code_version": "unknown",
+    }
     (run.dir / "config.json").write_text(json.dumps({"lr": 99}))
     with pytest.raises(RuntimeError, match="another config"):
         with make_run(tmp_path):
@@ -265,12 +289,16 @@ def test_config_mismatch_in_an_existing_folder_is_refused_and_the_lock_released(
 
 # --------------------------------------------------------------------------- lock
 
+
 def test_a_second_writer_is_refused_while_the_first_is_alive(tmp_path):
     first = make_run(tmp_path)
     with first:
         holder = json.loads((first.dir / "lock.json").read_text())
-        with pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()} on {socket.gethostname()} "
-                                                 rf"\(started {holder['started']}\).*taken over at once"):
+        with pytest.raises(
+            RunLockedError,
+            match=f"in use by pid {os.getpid()} on {socket.gethostname()} "
+            rf"\(started {holder['started']}\).*taken over at once",
+        ):
             with make_run(tmp_path):
                 pass
     assert not (first.dir / "lock.json").exists()
@@ -281,9 +309,17 @@ def test_a_second_writer_is_refused_while_the_first_is_alive(tmp_path):
 def test_a_live_process_holds_the_lock_until_it_dies_then_it_is_taken_over(tmp_path):
     run = make_run(tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fedta_utils.runs import Run; "
-         f"run = Run({str(tmp_path)!r}, 'name', {{'lr': 0.1, 'seed': 0}}); run.__enter__(); "
-         "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fedta_utils.runs import Run; "
+            f"run = Run({str(tmp_path)!r}, 'name', {{'lr': 0.1, 'seed': 0}}); run.__enter__(); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert holder.stdout.readline() == "ready\n"
         with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid} "):
@@ -394,7 +430,7 @@ def test_threads_racing_to_take_over_a_stale_lock_end_with_one_holder(tmp_path):
             path.write_text(stale)
             locks, held, barrier = [RunLock(path) for _ in range(4)], [], threading.Barrier(4)
 
-            def contend(lock):
+            def contend(lock, barrier=barrier, held=held):
                 barrier.wait()
                 with contextlib.suppress(RunLockedError):
                     lock.acquire()
@@ -428,8 +464,10 @@ def test_resuming_work_other_code_started_is_refused_naming_both_versions(tmp_pa
     with Run(tmp_path, "a", {"lr": 0.1}, code_version="abc1234") as run:
         run.save_artifact(work, {"step": 1})
     newer = Run(tmp_path, "a", {"lr": 0.1}, code_version="def5678")
-    with pytest.raises(CodeVersionChanged, match="started by code abc1234 and this is code def5678.*"
-                                                 "allow_code_change=True.*new results_dir"):
+    with pytest.raises(
+        CodeVersionChanged,
+        match="started by code abc1234 and this is code def5678.*allow_code_change=True.*new results_dir",
+    ):
         newer.__enter__()
     assert not (run.dir / "lock.json").exists()  # released: the refusal leaves the run as it was
     assert run.last_code_version() == "abc1234"
@@ -458,19 +496,37 @@ def test_a_fresh_run_and_a_complete_one_open_under_any_code_version(tmp_path):
 
 @pytest.mark.parametrize("kind", ["fedavg", "centralized", "head_only"])
 def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_back_not_retrained(
-        kind, workspace, small_data, monkeypatch):
+    kind, workspace, small_data, monkeypatch
+):
     from fedta_utils.experiments import run_head_only
     from fedta_utils.fedavg import FedAvgConfig, run_fedavg
     from fedta_utils.finetune import FineTuneSpec
     from fedta_utils.training import CentralizedConfig, run_centralized
 
-    fedavg = FedAvgConfig(dataset="synthetic", model="tiny_vit", num_clients=10, rounds=2, local_steps=1,
-                          eval_points=1, eval_subset=100, precision="fp32")
+    fedavg = FedAvgConfig(
+        dataset="synthetic",
+        model="tiny_vit",
+        num_clients=10,
+        rounds=2,
+        local_steps=1,
+        eval_points=1,
+        eval_subset=100,
+        precision="fp32",
+    )
     runner, config = {
         "fedavg": (run_fedavg, fedavg),
-        "centralized": (run_centralized, CentralizedConfig(dataset="synthetic", model="tiny_vit", epochs=1,
-                                                           batch_size=256, eval_points=1, eval_subset=100,
-                                                           precision="fp32")),
+        "centralized": (
+            run_centralized,
+            CentralizedConfig(
+                dataset="synthetic",
+                model="tiny_vit",
+                epochs=1,
+                batch_size=256,
+                eval_points=1,
+                eval_subset=100,
+                precision="fp32",
+            ),
+        ),
         "head_only": (run_head_only, replace(fedavg, finetune=FineTuneSpec(head="ridge", ridge_lambda=1e-3))),
     }[kind]
     first = runner(workspace, small_data, config, eval_batch_size=128)

@@ -35,8 +35,13 @@ def tiny_vit(dtype: torch.dtype = torch.float32) -> nn.Module:
 def image_batches(sizes=(7, 5), dtype=torch.float32, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """Batches of 32x32 images with labels in [0, 10); uneven sizes exercise partial chunks."""
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 32, 32, generator=generator, dtype=dtype),
-             torch.randint(0, 10, (size,), generator=generator)) for size in sizes]
+    return [
+        (
+            torch.randn(size, 3, 32, 32, generator=generator, dtype=dtype),
+            torch.randint(0, 10, (size,), generator=generator),
+        )
+        for size in sizes
+    ]
 
 
 def scores_with(fisher_function, model, batches, label_mode, seed=3, **options):
@@ -79,8 +84,10 @@ class ToyParameters(nn.Module):
 def toy_scores(seed: int = 1) -> dict[str, torch.Tensor]:
     """Continuous (tie-free) positive scores for ToyParameters."""
     generator = torch.Generator().manual_seed(seed)
-    return {"first": torch.rand(3, 4, generator=generator) + 0.01,
-            "second": torch.rand(6, generator=generator) + 0.01}
+    return {
+        "first": torch.rand(3, 4, generator=generator) + 0.01,
+        "second": torch.rand(6, generator=generator) + 0.01,
+    }
 
 
 def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,23 +128,37 @@ FISHER_FUNCTIONS = [fisher_sums, fisher_sums_loop]
 def test_vmap_matches_the_per_sample_loop_in_float64(label_mode):
     model = tiny_vit(torch.float64)
     batches = image_batches(dtype=torch.float64)
-    assert_scores_close(scores_with(fisher_sums, model, batches, label_mode),
-                        scores_with(fisher_sums_loop, model, batches, label_mode), rtol=1e-5, atol=1e-18)
+    assert_scores_close(
+        scores_with(fisher_sums, model, batches, label_mode),
+        scores_with(fisher_sums_loop, model, batches, label_mode),
+        rtol=1e-5,
+        atol=1e-18,
+    )
 
 
 def test_vmap_matches_the_per_sample_loop_in_float32():
     model = tiny_vit()
     batches = image_batches()
-    assert_scores_close(scores_with(fisher_sums, model, batches, "sampled"),
-                        scores_with(fisher_sums_loop, model, batches, "sampled"), rtol=1e-4, atol=1e-12)
+    assert_scores_close(
+        scores_with(fisher_sums, model, batches, "sampled"),
+        scores_with(fisher_sums_loop, model, batches, "sampled"),
+        rtol=1e-4,
+        atol=1e-12,
+    )
 
 
 def test_default_scores_cover_every_parameter_including_tokens_conv_norms_and_head():
     model = tiny_vit()
     scores = fisher_scores(model, image_batches(sizes=(4,)))
     assert list(scores) == [n for n, _ in model.named_parameters()]
-    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "norm.bias",
-                 "head.weight"):
+    for name in (
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.0.norm1.weight",
+        "norm.bias",
+        "head.weight",
+    ):
         assert scores[name].abs().max() > 0, name
 
 
@@ -255,8 +276,10 @@ def test_fisher_scores_are_the_sums_divided_by_the_sample_count():
 
 def test_fisher_sums_of_two_clients_add_up_to_the_sums_of_their_union():
     model = tiny_vit(torch.float64)
-    client_a, client_b = image_batches(sizes=(5,), dtype=torch.float64, seed=1), image_batches(
-        sizes=(4, 3), dtype=torch.float64, seed=2)
+    client_a, client_b = (
+        image_batches(sizes=(5,), dtype=torch.float64, seed=1),
+        image_batches(sizes=(4, 3), dtype=torch.float64, seed=2),
+    )
     sums_a, count_a = fisher_sums(model, client_a, "true")
     sums_b, count_b = fisher_sums(model, client_b, "true")
     union, count = fisher_sums(model, client_a + client_b, "true")
@@ -392,7 +415,10 @@ def test_least_sensitive_keeps_the_lowest_fisher_scores_trainable():
 def test_magnitude_rules_rank_weights_not_fisher_scores():
     model = ToyParameters()
     weights = {n: p.detach() for n, p in model.named_parameters()}
-    inverse_fisher = lambda m: {n: 1.0 / weights[n].abs() for n in ("first", "second")}  # opposite order
+
+    def inverse_fisher(model):  # the opposite order
+        return {n: 1.0 / weights[n].abs() for n in ("first", "second")}
+
     lowest = calibrate(model, never_called, "lowest_magnitude", 0.5).masks
     expected = lowest_k(flat(weights).abs(), 9)
     assert torch.equal(flat(lowest), expected)
@@ -411,7 +437,7 @@ def test_the_threshold_is_global_so_a_uniformly_more_sensitive_tensor_freezes_fi
 
 def test_entries_frozen_in_an_earlier_round_never_come_back():
     first_round = toy_scores()
-    kept_after_round_1 = lowest_k(flat(first_round), round(0.5 ** 0.5 * 18))
+    kept_after_round_1 = lowest_k(flat(first_round), round(0.5**0.5 * 18))
     calls = []
 
     def scores_that_tempt_frozen_entries_back(model):
@@ -422,8 +448,9 @@ def test_entries_frozen_in_an_earlier_round_never_come_back():
         tempting[~kept_after_round_1] = 0.0  # the lowest score there is
         return {"first": tempting[:12].reshape(3, 4), "second": tempting[12:]}
 
-    result = calibrate(ToyParameters(), scores_that_tempt_frozen_entries_back, "least_sensitive", 0.5,
-                       rounds=2)
+    result = calibrate(
+        ToyParameters(), scores_that_tempt_frozen_entries_back, "least_sensitive", 0.5, rounds=2
+    )
     masks = result.masks
     kept = flat(masks)
     assert int(kept.sum()) == 9
@@ -538,8 +565,11 @@ BAD_CALIBRATION_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("parameter, overrides", BAD_CALIBRATION_INPUTS,
-                         ids=[f"{p}={list(o.values())[0]!r}" for p, o in BAD_CALIBRATION_INPUTS])
+@pytest.mark.parametrize(
+    "parameter, overrides",
+    BAD_CALIBRATION_INPUTS,
+    ids=[f"{p}={list(o.values())[0]!r}" for p, o in BAD_CALIBRATION_INPUTS],
+)
 def test_calibrate_masks_refuses_bad_input_naming_the_parameter(parameter, overrides):
     arguments = dict(rule="least_sensitive", sparsity=0.5) | overrides
     with pytest.raises(ConfigError, match=parameter):
@@ -552,12 +582,15 @@ def test_calibrate_masks_refuses_a_one_shot_generator_of_batches():
         calibrate_masks(tiny_vit(), batches, "least_sensitive", 0.5, rounds=2)
 
 
-@pytest.mark.parametrize("parameter, overrides", [
-    ("label_mode", dict(label_mode="foo")),
-    ("chunk_size", dict(chunk_size=0)),
-    ("chunk_size", dict(chunk_size=2.5)),
-    ("no.such.weight", dict(param_names=["no.such.weight"])),
-])
+@pytest.mark.parametrize(
+    "parameter, overrides",
+    [
+        ("label_mode", dict(label_mode="foo")),
+        ("chunk_size", dict(chunk_size=0)),
+        ("chunk_size", dict(chunk_size=2.5)),
+        ("no.such.weight", dict(param_names=["no.such.weight"])),
+    ],
+)
 def test_fisher_scores_refuses_bad_input_naming_the_parameter(parameter, overrides):
     with pytest.raises(ConfigError, match=parameter):
         fisher_scores(tiny_vit(), image_batches(sizes=(2,)), **overrides)

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from fedta_utils.checks import ConfigError
-from fedta_utils.sharding import (dirichlet_shards, iid_shards, label_histogram, make_shards,
-                                  non_iid_shards, shard_stats)
+from fedta_utils.sharding import (
+    dirichlet_shards,
+    iid_shards,
+    label_histogram,
+    make_shards,
+    non_iid_shards,
+    shard_stats,
+)
 
 
 def assert_partition(shards, num_samples):
@@ -59,7 +65,7 @@ def test_non_iid_class_sets_are_random_subsets_not_clusters(cifar_like_labels, c
     shards = non_iid_shards(cifar_like_labels, 100, classes_per_client, seed=seed)
     sets = [frozenset(np.unique(cifar_like_labels[s])) for s in shards]
     assert len(set(sets)) == 100
-    largest_overlap = max(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    largest_overlap = max(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
     assert largest_overlap <= 0.8 * classes_per_client
 
 
@@ -78,11 +84,14 @@ def test_non_iid_shards_with_uneven_classes_keep_exact_class_counts():
     assert all(len(np.unique(labels[s])) == 4 for s in shards)
 
 
-@pytest.mark.parametrize("function, kwargs", [
-    (iid_shards, {}),
-    (non_iid_shards, {"classes_per_client": 5}),
-    (dirichlet_shards, {"alpha": 0.5}),
-])
+@pytest.mark.parametrize(
+    "function, kwargs",
+    [
+        (iid_shards, {}),
+        (non_iid_shards, {"classes_per_client": 5}),
+        (dirichlet_shards, {"alpha": 0.5}),
+    ],
+)
 def test_shards_are_deterministic_under_a_seed_and_change_with_it(cifar_like_labels, function, kwargs):
     first = function(cifar_like_labels, 100, seed=7, **kwargs)
     again = function(cifar_like_labels, 100, seed=7, **kwargs)

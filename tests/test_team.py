@@ -24,29 +24,43 @@ SKIPPED = {"notebooks", "cache", "splits", "workers", "slurm", "00_data", ".stag
 def run_metrics(results_dir: Path) -> dict[str, bytes]:
     """metrics.csv of every complete run under <results_dir>/smoke, by '<experiment>/<run folder>'."""
     root = Path(results_dir) / "smoke"
-    return {f"{path.parent.parent.name}/{path.parent.name}": (path.parent / "metrics.csv").read_bytes()
-            for path in sorted(root.glob("*/*/summary.json")) if path.parent.parent.name not in SKIPPED}
+    return {
+        f"{path.parent.parent.name}/{path.parent.name}": (path.parent / "metrics.csv").read_bytes()
+        for path in sorted(root.glob("*/*/summary.json"))
+        if path.parent.parent.name not in SKIPPED
+    }
 
 
 def attempts(results_dir: Path) -> dict[str, int]:
     """How many times each run was started or resumed (lines of its attempts.log)."""
     root = Path(results_dir) / "smoke"
-    return {f"{p.parent.parent.name}/{p.parent.name}": len(p.read_text().splitlines())
-            for p in root.glob("*/*/attempts.log")}
+    return {
+        f"{p.parent.parent.name}/{p.parent.name}": len(p.read_text().splitlines())
+        for p in root.glob("*/*/attempts.log")
+    }
 
 
 def mtimes(root: Path, experiment: str, name: str) -> list[float]:
     """When file `name` of each run the experiment's recorded grid names was last written."""
-    return [(root / runs.RUNS_DIR / run / name).stat().st_mtime for run in runs.read_grid(root, experiment)["runs"]]
+    return [
+        (root / runs.RUNS_DIR / run / name).stat().st_mtime
+        for run in runs.read_grid(root, experiment)["runs"]
+    ]
 
 
 def pipeline_process(*args: str, threads: str | None = "1", **kwargs) -> subprocess.Popen:
     """The smoke pipeline in a process of its own; `threads` per process (None: torch's default), the same
     for every process compared, so their results can be bit-identical."""
     env = {**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})}
-    return subprocess.Popen([sys.executable, "-m", "fedta_utils.pipeline", "--profile", "smoke", *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedta_utils.pipeline", "--profile", "smoke", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **kwargs,
+    )
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -57,8 +71,10 @@ def finish(process: subprocess.Popen) -> str:
 
 # --------------------------------------------------------------------------- shares
 
-@pytest.mark.parametrize("worker, expected", [("1/1", (1, 1)), ("2/3", (2, 3)), (" 3/3 ", (3, 3)), ("", None),
-                                              (None, None)])
+
+@pytest.mark.parametrize(
+    "worker, expected", [("1/1", (1, 1)), ("2/3", (2, 3)), (" 3/3 ", (3, 3)), ("", None), (None, None)]
+)
 def test_a_worker_is_i_of_n_counted_from_one(worker, expected):
     assert team.parse_worker(worker) == expected
 
@@ -73,8 +89,10 @@ def test_a_bad_worker_is_refused_by_name(worker):
 def test_shares_cover_every_full_grid_exactly_and_are_balanced_within_the_largest_run(workers):
     for group in pipeline.grids("full"):
         head_only = group["function"] is experiments.head_only_configs
-        costs = [sum(team.run_work(c, group["params"], head_only)[k] for k in ("train", "eval"))
-                 for c in group["configs"]]
+        costs = [
+            sum(team.run_work(c, group["params"], head_only)[k] for k in ("train", "eval"))
+            for c in group["configs"]
+        ]
         owners = team.assign(costs, workers)
         assert len(owners) == len(costs) and set(owners) <= set(range(1, workers + 1))  # one share each
         loads = [sum(c for c, o in zip(costs, owners) if o == w) for w in range(1, workers + 1)]
@@ -102,12 +120,15 @@ def test_a_bad_worker_in_a_notebook_is_refused_before_anything_loads(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--worker", "3/2"], "worker='3/2' is not allowed"),
-    (["--worker", "a/b"], "worker='a/b' is not allowed"),
-    (["--workers", "0"], "--workers 0: the number of workers must be >= 1"),
-    (["--slurm", "0"], "--slurm 0: the number of workers must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--worker", "3/2"], "worker='3/2' is not allowed"),
+        (["--worker", "a/b"], "worker='a/b' is not allowed"),
+        (["--workers", "0"], "--workers 0: the number of workers must be >= 1"),
+        (["--slurm", "0"], "--slurm 0: the number of workers must be >= 1"),
+    ],
+)
 def test_bad_team_options_are_refused_before_any_compute(argv, message, tmp_path, capsys):
     assert pipeline.main(["--profile", "smoke", "--results-dir", str(tmp_path / "r"), *argv]) == 1
     assert message in capsys.readouterr().err
@@ -151,8 +172,9 @@ def smoke_choices(smoke_results: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(smoke_pipeline, tmp_path,
-                                                                              monkeypatch):
+def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(
+    smoke_pipeline, tmp_path, monkeypatch
+):
     submitit = pytest.importorskip("submitit")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it, as the reference did
     results = tmp_path / "results"
@@ -160,8 +182,10 @@ def test_a_slurm_job_at_its_time_limit_is_requeued_and_resumes_bit_identical(smo
     # Slurm sends before the limit (USR2); submitit's hook requeues, and the next attempt resumes.
     executor = submitit.LocalExecutor(folder=tmp_path / "slurm", max_num_timeout=30)
     executor.update_parameters(timeout_min=0.5, signal_delay_s=5)
-    job = executor.submit(pipeline.PipelineJob(), ["--profile", "smoke", "--only", "02", "03", *SEED_0, *NC_1,
-                                                   "--results-dir", str(results)])
+    job = executor.submit(
+        pipeline.PipelineJob(),
+        ["--profile", "smoke", "--only", "02", "03", *SEED_0, *NC_1, "--results-dir", str(results)],
+    )
     job.result()
     assert "timed-out" in job.stderr() and "Requeued job" in job.stdout()  # 02 and 03 take over 25 s
     made = run_metrics(results)
@@ -185,8 +209,19 @@ def test_slurm_local_workers_end_with_the_single_process_results(smoke_pipeline,
 @pytest.mark.slow
 def test_three_workers_train_every_run_once_and_match_a_single_process(smoke_pipeline, tmp_path):
     results = tmp_path / "results"
-    args = ("--only", "01", "02", "03", "--results-dir", str(results), *SEED_0, *NC_1,
-            "-p", "schedulers", "['cosine']")
+    args = (
+        "--only",
+        "01",
+        "02",
+        "03",
+        "--results-dir",
+        str(results),
+        *SEED_0,
+        *NC_1,
+        "-p",
+        "schedulers",
+        "['cosine']",
+    )
     workers = [pipeline_process(*args, "--worker", f"{i}/3") for i in (1, 2, 3)]
     for process in workers:
         finish(process)
@@ -209,9 +244,20 @@ def test_three_workers_train_every_run_once_and_match_a_single_process(smoke_pip
 def test_a_killed_worker_started_again_finishes_its_share_bit_identical(smoke_results, tmp_path):
     chosen = smoke_choices(smoke_results)  # 02's choice, as -p values
     results = tmp_path / "results"
-    args = ("--only", "03", "--results-dir", str(results), *SEED_0, *NC_1,
-            "-p", "lr", repr(chosen["fedavg_lr"]),
-            "-p", "weight_decay", repr(chosen["fedavg_weight_decay"]))
+    args = (
+        "--only",
+        "03",
+        "--results-dir",
+        str(results),
+        *SEED_0,
+        *NC_1,
+        "-p",
+        "lr",
+        repr(chosen["fedavg_lr"]),
+        "-p",
+        "weight_decay",
+        repr(chosen["fedavg_weight_decay"]),
+    )
     victim = pipeline_process(*args, "--worker", "1/2", start_new_session=True)
     deadline = time.monotonic() + 600
     while not (in_flight := [p.parent for p in (results / "smoke").glob("*/*/checkpoint-*.pt")]):
@@ -237,15 +283,24 @@ def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
     grid, the centralized baseline, the mask rules; then the final pass, which reads every run back and
     plots (and trains nothing again)."""
     chosen = smoke_choices(smoke_results)  # 01's and 02's choices, as -p values
-    one_value = {"lr": chosen["fedavg_lr"], "weight_decay": chosen["fedavg_weight_decay"],
-                 "central_lr": chosen["central_lr"], "central_weight_decay": chosen["central_weight_decay"],
-                 "sparse_search_lrs": [chosen["sparse_lr"]], "sparsities": [0.9],
-                 "calibration_rounds_grid": [2], "rules": ["least_sensitive", "random"]}
+    one_value = {
+        "lr": chosen["fedavg_lr"],
+        "weight_decay": chosen["fedavg_weight_decay"],
+        "central_lr": chosen["central_lr"],
+        "central_weight_decay": chosen["central_weight_decay"],
+        "sparse_search_lrs": [chosen["sparse_lr"]],
+        "sparsities": [0.9],
+        "calibration_rounds_grid": [2],
+        "rules": ["least_sensitive", "random"],
+    }
     values = [item for name, value in one_value.items() for item in ("-p", name, repr(value))]
     results = tmp_path / "results"
     started = time.perf_counter()
-    out = finish(pipeline_process("--only", "04", "05", "--results-dir", str(results), "--workers", "2",
-                                  *SEED_0, *values))
+    out = finish(
+        pipeline_process(
+            "--only", "04", "05", "--results-dir", str(results), "--workers", "2", *SEED_0, *values
+        )
+    )
     print(f"--workers 2, notebooks 04 and 05 at seed 0: {time.perf_counter() - started:.0f} s")
     assert "[worker 1/2]" in out and "[worker 2/2]" in out
     assert (results / "smoke" / "workers" / "worker-2-of-2.log").is_file()
@@ -259,18 +314,29 @@ def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
     assert set(attempts(results).values()) == {1}  # trained once each: the final pass read them back
 
 
-def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(workspace, small_data, capsys,
-                                                                            monkeypatch):
+def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(
+    workspace, small_data, capsys, monkeypatch
+):
     from fedta_utils import experiments, figures
     from fedta_utils.fedavg import FedAvgConfig, run_fedavg
 
-    base = FedAvgConfig(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, rounds=1,
-                        local_steps=1, eval_points=1, eval_subset=100, precision="fp32")
+    base = FedAvgConfig(
+        dataset="synthetic",
+        model="tiny_vit",
+        img_size=32,
+        num_clients=10,
+        rounds=1,
+        local_steps=1,
+        eval_points=1,
+        eval_subset=100,
+        precision="fp32",
+    )
     configs = [replace(base, seed=0), replace(base, seed=1)]
     monkeypatch.setattr(team, "PENDING", {})  # this process's record, restored after the test
     params = {"worker": "1/2", "wait_limit": 0.1, "eval_batch_size": 128}
-    done = experiments.run_grid(run_fedavg, workspace, small_data, experiments.HETEROGENEITY, configs, params,
-                                wait=False)
+    done = experiments.run_grid(
+        run_fedavg, workspace, small_data, experiments.HETEROGENEITY, configs, params, wait=False
+    )
     assert [r.run.config["seed"] for r in done] == [0]  # worker 1 trained its share only
     table = capsys.readouterr().out
     assert "complete" in table and "not started" in table and "worker" in table

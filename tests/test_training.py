@@ -22,7 +22,8 @@ def test_centralized_metrics_have_a_row_per_epoch_with_every_split(workspace, sm
     metrics = result.metrics
     assert metrics["epoch"].tolist() == [1, 2]
     assert {"lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "wall_s"} <= set(
-        metrics.columns)
+        metrics.columns
+    )
     assert result.summary["final_test_acc"] == metrics["test_acc"].iloc[-1]
     timing = pd.read_csv(result.run.dir / "timing.csv")
     assert timing.columns.tolist() == ["epoch", "train_s", "eval_s", "wall_s"]
@@ -58,8 +59,13 @@ def test_a_run_interrupted_after_an_epoch_resumes_to_bit_identical_results(tmp_p
 
     small_data = prepare_data("synthetic", synthetic_train_size=1000, synthetic_test_size=100)  # 900 to train
     config = CentralizedConfig(**TINY, warmup_epochs=0.5)  # the scheduler state is restored too
-    reference = run_centralized(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
-                                small_data, config, save_weights=True, progress=False)
+    reference = run_centralized(
+        setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
+        small_data,
+        config,
+        save_weights=True,
+        progress=False,
+    )
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
     real_evaluate, calls = training.evaluate_splits, []
 
@@ -82,10 +88,12 @@ def test_a_run_interrupted_after_an_epoch_resumes_to_bit_identical_results(tmp_p
 
 
 def test_sparse_centralized_fine_tuning_moves_only_trainable_entries(workspace, small_data):
-    spec = FineTuneSpec(head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=2,
-                        calibration_samples=64)
-    result = run_centralized(workspace, small_data, CentralizedConfig(**TINY, finetune=spec),
-                             save_weights=True, progress=False)
+    spec = FineTuneSpec(
+        head="ridge", mask_rule="least_sensitive", sparsity=0.9, calibration_rounds=2, calibration_samples=64
+    )
+    result = run_centralized(
+        workspace, small_data, CentralizedConfig(**TINY, finetune=spec), save_weights=True, progress=False
+    )
     final = torch.load(result.run.dir / "model.pt", weights_only=True)
     initial = workspace.build_model("tiny_vit", 100, head_seed=0).state_dict()
     for name, mask in load_prepared(result.run.dir).masks.items():
@@ -104,14 +112,23 @@ def test_config_rejects_a_mismatched_dataset(workspace, small_data):
 
 # ------------------------------------------------------------------ schedules
 
+
 def test_fine_tuning_under_a_frozen_ridge_head_does_not_collapse(workspace, small_data):
     """A weakly regularised ridge head once made every frozen-head run diverge to chance (1 %)."""
     from fedta_utils.experiments import run_head_only
     from fedta_utils.fedavg import FedAvgConfig
 
-    head_only = run_head_only(workspace, small_data, FedAvgConfig(
-        dataset="synthetic", model="tiny_vit", num_clients=1, participation=1.0,
-        finetune=FineTuneSpec(head="ridge")))
+    head_only = run_head_only(
+        workspace,
+        small_data,
+        FedAvgConfig(
+            dataset="synthetic",
+            model="tiny_vit",
+            num_clients=1,
+            participation=1.0,
+            finetune=FineTuneSpec(head="ridge"),
+        ),
+    )
     config = CentralizedConfig(**{**TINY, "epochs": 3, "lr": 0.1}, finetune=FineTuneSpec(head="ridge"))
     tuned = run_centralized(workspace, small_data, config, progress=False)
     assert head_only.summary["final_test_acc"] > 0.1
@@ -125,13 +142,29 @@ def test_centralized_training_clips_to_the_specs_max_grad_norm(workspace, small_
     steps = math.ceil(1800 / 64)  # one epoch
 
     def change(max_grad_norm):
-        config = CentralizedConfig(**{**TINY, "epochs": 1}, weight_decay=0.0, evaluate_test=False,
-                                   finetune=FineTuneSpec(head="ridge", max_grad_norm=max_grad_norm))
-        final = torch.load(run_centralized(workspace, small_data, config, save_weights=True,
-                                           progress=False).run.dir / "model.pt", weights_only=True)
+        config = CentralizedConfig(
+            **{**TINY, "epochs": 1},
+            weight_decay=0.0,
+            evaluate_test=False,
+            finetune=FineTuneSpec(head="ridge", max_grad_norm=max_grad_norm),
+        )
+        final = torch.load(
+            run_centralized(workspace, small_data, config, save_weights=True, progress=False).run.dir
+            / "model.pt",
+            weights_only=True,
+        )
         initial = workspace.build_model("tiny_vit", 100, head_seed=0).state_dict()
-        return float(torch.linalg.vector_norm(torch.cat([(final[n].double() - initial[n].double()).flatten()
-                                                         for n in initial if not n.startswith("head.")])))
+        return float(
+            torch.linalg.vector_norm(
+                torch.cat(
+                    [
+                        (final[n].double() - initial[n].double()).flatten()
+                        for n in initial
+                        if not n.startswith("head.")
+                    ]
+                )
+            )
+        )
 
     bound = 0.05 * 10 * steps * 1e-5
     assert change(1e-5) <= bound
@@ -145,11 +178,17 @@ def test_eval_steps_are_evenly_spaced_and_end_at_the_last_step():
     assert training.eval_steps(3, 10) == [1, 2, 3]  # never more points than steps
 
 
-def test_evaluations_fall_mid_epoch_on_the_subsets_and_the_last_on_the_full_splits(workspace, small_data,
-                                                                                   monkeypatch):
+def test_evaluations_fall_mid_epoch_on_the_subsets_and_the_last_on_the_full_splits(
+    workspace, small_data, monkeypatch
+):
     sizes, real_evaluate = [], training.evaluate
-    monkeypatch.setattr(training, "evaluate", lambda model, image_set, *rest: sizes.append(len(image_set))
-                        or real_evaluate(model, image_set, *rest))
+    monkeypatch.setattr(
+        training,
+        "evaluate",
+        lambda model, image_set, *rest: (
+            sizes.append(len(image_set)) or real_evaluate(model, image_set, *rest)
+        ),
+    )
     config = CentralizedConfig(**{**TINY, "eval_points": 5, "eval_subset": 100})
     metrics = run_centralized(workspace, small_data, config, progress=False).metrics
     steps = training.eval_steps(2 * 29, 5)  # 1,800 images / 64 = 29 steps per epoch
@@ -164,8 +203,9 @@ def test_a_run_killed_between_mid_epoch_evaluations_resumes_bit_identical(tmp_pa
 
     data = prepare_data("synthetic", synthetic_train_size=1000, synthetic_test_size=100)
     config = CentralizedConfig(**{**TINY, "eval_points": 3})  # 15 steps per epoch: evaluations at 10, 20, 30
-    reference = run_centralized(setup_workspace("smoke", tmp_path / "a", device="cpu", download=False), data,
-                                config, progress=False)
+    reference = run_centralized(
+        setup_workspace("smoke", tmp_path / "a", device="cpu", download=False), data, config, progress=False
+    )
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
     real_evaluate, calls = training.evaluate_splits, []
 
