@@ -312,13 +312,17 @@ def interference_table(root) -> pd.DataFrame:
     return drift.groupby(["sharding_label", "sparsity", "rule"], sort=False).mean().reset_index()
 
 
-def _rule_masks(root) -> dict:
-    """rule -> {parameter name: bool mask} of notebook 05's iid runs at its smallest sparsity and seed."""
+def mask_runs(root) -> pd.DataFrame:
+    """Notebook 05's iid runs at its smallest sparsity and seed: the runs whose masks are compared."""
     runs = _runs(root, MASK_RULES).query("sharding_label == 'iid'")
-    runs = runs[(runs["sparsity"] == runs["sparsity"].min()) & (runs["seed"] == runs["seed"].min())]
+    return runs[(runs["sparsity"] == runs["sparsity"].min()) & (runs["seed"] == runs["seed"].min())]
+
+
+def _rule_masks(root) -> dict:
+    """rule -> {parameter name: bool mask} of the mask_runs."""
     return {
         run.rule: unpack_masks(torch.load(Path(run.run_dir, "prepared.pt"), weights_only=True)["masks"])
-        for run in runs.itertuples()
+        for run in mask_runs(root).itertuples()
     }
 
 

@@ -15,6 +15,7 @@ chosen on validation and reported on test, by figures.choose.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -602,13 +603,16 @@ def archive(report_dir, root) -> list[Path]:
     """<root>/report.zip, a project Overleaf opens as it is, and <root>/results.zip, the evidence behind it.
 
     results.zip holds the recorded grids and, under runs/<run id>/, the config, metrics and summary of
-    every run they name (the runs the tables' numbers come from), and no checkpoint.
+    every run they name (the runs the tables' numbers come from), the masks (prepared.pt) of the runs
+    the mask tables compare, and no checkpoint.
     """
     for name, patterns in ARCHIVED.items():
         base = Path(report_dir) if name == "report.zip" else Path(root)
         files = {f for pattern in patterns for f in base.glob(pattern)}
         if name == "results.zip":
             files |= {folder / file for folder in grid_folders(root) for file in RUN_FILES}
+            with contextlib.suppress(NoResults):  # no mask-rule runs yet
+                files |= {Path(run_dir, "prepared.pt") for run_dir in figures.mask_runs(root)["run_dir"]}
         with zipfile.ZipFile(Path(root) / name, "w", zipfile.ZIP_DEFLATED) as bundle:
             for file in sorted(f for f in files if f.is_file()):
                 bundle.write(file, file.relative_to(base))

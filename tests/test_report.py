@@ -634,6 +634,14 @@ def test_smoke_results_draw_every_figure_without_warnings(smoke_results, tmp_pat
     assert report.write_report(smoke_results["results_dir"] / "smoke", tmp_path, "smoke") == []
 
 
+def test_results_zip_holds_the_masks_the_mask_tables_compare(study):
+    import zipfile
+
+    _, results_zip = report.archive(study[1], study[0])
+    masks = sorted(name for name in zipfile.ZipFile(results_zip).namelist() if name.endswith("prepared.pt"))
+    assert masks == [f"runs/{MASK_RULES}-iid-{rule}-s0/prepared.pt" for rule in ("least_sensitive", "random")]
+
+
 def test_archives_hold_an_overleaf_project_and_the_runs_without_checkpoints(tmp_path):
     import zipfile
 
