@@ -342,25 +342,23 @@ class FedAvgRun:
         self.scaler_state = models.grad_scaler(self.device, self.precision).state_dict()
         # With a global mask only its trainable entries change and travel (the server knows the mask), and
         # only they are checkpointed: the others stay at the values every resume starts from.
-        self.moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
-        dense = self.moving is None
-        self.entries_sent = len(self.global_weights) if dense else int(self.moving.sum())
+        moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
+        self.entries = slice(None) if moving is None else moving  # indexes the flat vectors
+        self.entries_sent = len(self.global_weights[self.entries])
 
     def state(self) -> dict:
         """What a resume needs: w_t and the server velocity (their changing entries), the scaler state."""
-        entries = slice(None) if self.moving is None else self.moving
-        velocity = None if self.velocity is None else self.velocity[entries]
+        velocity = None if self.velocity is None else self.velocity[self.entries]
         return {
-            "global_weights": self.global_weights[entries],
+            "global_weights": self.global_weights[self.entries],
             "server_velocity": velocity,
             "grad_scaler": self.scaler_state,
         }
 
     def restore(self, state: dict) -> None:
-        entries = slice(None) if self.moving is None else self.moving
-        self.global_weights[entries] = state["global_weights"].to(self.device)
+        self.global_weights[self.entries] = state["global_weights"].to(self.device)
         if self.velocity is not None:
-            self.velocity[entries] = state["server_velocity"].to(self.device)
+            self.velocity[self.entries] = state["server_velocity"].to(self.device)
         # {} from a run that started without fp16 keeps the fresh state
         self.scaler_state = state["grad_scaler"] or self.scaler_state
 

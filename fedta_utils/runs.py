@@ -274,10 +274,10 @@ class Run:
     def last_code_version(self) -> str | None:
         """The code version of the run's last attempt (attempts.log), None if it recorded none."""
         log = self.dir / "attempts.log"
-        if not log.is_file() or not log.read_text().strip():
+        lines = log.read_text().splitlines() if log.is_file() else []
+        if not lines:
             return None
-        last = log.read_text().splitlines()[-1]
-        _, marker, version = last.rpartition(" code ")
+        _, marker, version = lines[-1].rpartition(" code ")
         return version if marker else None
 
     def __exit__(self, *exc) -> None:
