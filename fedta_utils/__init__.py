@@ -8,14 +8,15 @@ One small package that the numbered notebooks import. Modules by concept, in imp
     sharding      iid, non-iid (random sets of exactly Nc classes) and Dirichlet client shards
     models        DINO ViT-S/16 (local file, timm or torch.hub) and tiny_vit; mixed precision
     optim         SparseSGDM (SGD that never moves frozen entries) and learning-rate schedules
-    sensitivity   diagonal Fisher (vmap and a per-sample reference), TaLoS calibration, masks
-    heads         the closed-form ridge head, federated exactly
-    finetune      steps 0 and 1 of sparse fine-tuning: a frozen head and a federated mask
+    fisher        the diagonal Fisher from per-sample gradients (vmap, and a per-sample reference loop)
+    masks         mask rules, TaLoS multi-round calibration, mask statistics and storage
+    prepare       steps 0 and 1 of sparse fine-tuning: the federated ridge head and the federated mask
     training      training and evaluation steps, the centralized run
     fedavg        FedAvg / FedAvgM: client update, server update, rounds, drift statistics
     workspace     profiles, results folder, device, data, tuned values; setup_notebook
     experiments   the grids each notebook runs
-    figures       one loader per experiment, one function per table and figure
+    results       run loaders, statistics over seeds, the selection rule, one function per table
+    figures       one function per figure, drawn from the tables of results
     report        the LaTeX report's numbers, tables, PDF and archives
     pipeline      the notebooks through papermill, and the dry-run's cost
     bench         throughput and correctness benchmark, --gpu-check

@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from . import models
 from .data import DataBundle, augmentation_generator, make_batch, synthetic_cifar100
 from .fedavg import FedAvgConfig, client_update, run_fedavg, server_update
-from .finetune import FineTuneSpec
+from .fisher import DEFAULT_CHUNK, fisher_sums, fisher_sums_loop
 from .optim import SparseSGDM
+from .prepare import FineTuneSpec
 from .runs import Run
-from .sensitivity import DEFAULT_CHUNK, fisher_sums, fisher_sums_loop
 from .training import CentralizedConfig, load_flat, read_flat, run_centralized, train_steps
 from .workspace import resolve_device, setup_workspace
 
@@ -90,7 +90,7 @@ def synthetic_bundle(device, train: int, test: int) -> DataBundle:
 
 
 def train_step_seconds(
-    name, device, precision, batch_size, steps, repeats, compile_model=False, img_size=None
+    name, device, precision, batch_size, *, steps, repeats, compile_model=False, img_size=None
 ) -> float:
     """Seconds per bare training step on a batch already at the input size (None: the model's native)."""
     reset_peak(device)
@@ -105,15 +105,18 @@ def train_step_seconds(
     ] * steps
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = models.grad_scaler(device, precision)
-    seconds = best_time(lambda: train_steps(forward, optimizer, scaler, batches, precision), device, repeats)
+    seconds = best_time(
+        lambda: train_steps(forward, optimizer, scaler, batches, precision=precision), device, repeats
+    )
     return seconds / steps
 
 
-def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_size, repeats) -> float:
+def fedavg_round_seconds(name, device, precision, clients, *, local_steps, batch_size, repeats) -> float:
     """Seconds of one FedAvg round (data path, fresh optimizers, J steps each, aggregation), no evaluation."""
     model = random_model(name, device)
     data = synthetic_bundle(device, max(2000, clients * batch_size * 2), 100)
-    size, params = models.input_size(name), list(model.parameters())
+    size = models.input_size(name)
+    params = list(model.parameters())
     global_weights = read_flat(params)
 
     def one_round():
@@ -123,15 +126,17 @@ def fedavg_round_seconds(name, device, precision, clients, local_steps, batch_si
             generator = augmentation_generator(0, client, device=device)
             batches = (make_batch(data.train, i, size, generator) for i in index.view(local_steps, -1))
             optimizer = SparseSGDM(params, lr=1e-3, momentum=0.9)
-            delta, count, *_ = client_update(model, params, global_weights, batches, optimizer, precision)
-            delta_sum.add_(delta, alpha=count)
-        server_update(global_weights, delta_sum, clients * local_steps * batch_size, None, 1.0, 0.0)
+            update = client_update(
+                model, params, global_weights, batches, optimizer=optimizer, precision=precision
+            )
+            delta_sum.add_(update.delta, alpha=update.samples)
+        server_update(global_weights, delta_sum / (clients * local_steps * batch_size))
 
     return best_time(one_round, device, repeats)
 
 
 def evaluation_seconds(
-    name, device, precision, images: int, batch_size: int, repeats: int, img_size=None
+    name, device, precision, images: int, *, batch_size: int, repeats: int, img_size=None
 ) -> float:
     """Seconds per evaluated image (inference under autocast, no augmentation)."""
     reset_peak(device)
@@ -148,9 +153,10 @@ def evaluation_seconds(
     return best_time(evaluate, device, repeats) / images
 
 
-def data_path_seconds(name, device, batch_size, steps, repeats) -> float:
+def data_path_seconds(name, device, batch_size, steps, *, repeats) -> float:
     data = synthetic_bundle(device, 2000, 100)
-    generator, index = augmentation_generator(0, device=device), torch.arange(batch_size, device=device)
+    generator = augmentation_generator(0, device=device)
+    index = torch.arange(batch_size, device=device)
     return (
         best_time(
             lambda: [make_batch(data.train, index, models.input_size(name), generator) for _ in range(steps)],
@@ -161,7 +167,7 @@ def data_path_seconds(name, device, batch_size, steps, repeats) -> float:
     )
 
 
-def fisher_seconds(name, device, samples, reference: bool, img_size=None) -> tuple[float, str]:
+def fisher_seconds(name, device, samples, reference: bool, *, img_size=None) -> tuple[float, str]:
     """(seconds per sample, peak GPU memory note) of the vectorised Fisher or its per-sample loop."""
     size = models.input_size(name, img_size)
     model = random_model(name, device, size)
@@ -198,7 +204,8 @@ def correctness_checks(device) -> dict[str, bool]:
     """SparseSGDM == SGD with all-ones masks; frozen entries bit-identical under fp16/bf16; Fisher == loop."""
     model = random_model("tiny_vit", device)
     params = list(model.parameters())
-    inputs, labels = torch.randn(8, 3, 32, 32, device=device), torch.randint(0, 100, (8,), device=device)
+    inputs = torch.randn(8, 3, 32, 32, device=device)
+    labels = torch.randint(0, 100, (8,), device=device)
     start = [p.detach().clone() for p in params]
     results = {}
     for precision in ("fp32", "bf16") + (("fp16",) if device.type == "cuda" else ()):
@@ -206,7 +213,7 @@ def correctness_checks(device) -> dict[str, bool]:
         load_flat(params, torch.cat([s.reshape(-1) for s in start]))
         optimizer = SparseSGDM(params, lr=0.1, momentum=0.9, weight_decay=1e-3, masks=masks)
         scaler = models.grad_scaler(device, precision)
-        train_steps(model, optimizer, scaler, [(inputs, labels)] * 3, precision)
+        train_steps(model, optimizer, scaler, [(inputs, labels)] * 3, precision=precision)
         results[f"check_frozen_exact_{precision}"] = all(
             torch.equal(p[~m], s[~m]) for p, m, s in zip(params, masks, start)
         )
@@ -215,7 +222,9 @@ def correctness_checks(device) -> dict[str, bool]:
     for optimizer_class, options in ((torch.optim.SGD, {}), (SparseSGDM, {"masks": ones})):
         load_flat(params, torch.cat([s.reshape(-1) for s in start]))
         optimizer = optimizer_class(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, **options)
-        train_steps(model, optimizer, models.grad_scaler(device, "fp32"), [(inputs, labels)] * 3, "fp32")
+        train_steps(
+            model, optimizer, models.grad_scaler(device, "fp32"), [(inputs, labels)] * 3, precision="fp32"
+        )
         trajectories.append(read_flat(params))
     results["check_all_ones_equals_sgd"] = torch.equal(*trajectories)
     names = models.backbone_parameter_names(model)
@@ -234,6 +243,7 @@ def unit_seconds(
     precision: str = "auto",
     eval_batch_size: int = 256,
     device: str = "auto",
+    *,
     img_size: int | None = None,
 ) -> tuple[dict, str]:
     """Seconds per trained image, evaluated image and Fisher sample here at `img_size` (None: native).
@@ -244,9 +254,14 @@ def unit_seconds(
     device = resolve_device(device)
     precision = models.resolve_precision(precision, device)
     slow = device.type == "cpu" and size >= 160  # ViT-S/16 (or a big grid) on a CPU: seconds per step
-    steps, batch = (1, 32) if slow else (5, 32)
-    train = train_step_seconds(name, device, precision, batch, steps, 1 if slow else 2, img_size=size) / batch
-    evaluation = evaluation_seconds(name, device, precision, 64 if slow else 512, eval_batch_size, 1, size)
+    batch = 32
+    steps = 1 if slow else 5
+    repeats = 1 if slow else 2
+    per_step = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats, img_size=size)
+    train = per_step / batch
+    evaluation = evaluation_seconds(
+        name, device, precision, 64 if slow else 512, batch_size=eval_batch_size, repeats=1, img_size=size
+    )
     fisher, _ = fisher_seconds(name, device, 8 if slow else 32, reference=False, img_size=size)
     return {"train": train, "eval": evaluation, "fisher": fisher}, describe(name, device, precision, size)
 
@@ -261,22 +276,33 @@ def describe(name, device, precision, img_size: int | None = None) -> str:
     )
 
 
-def measurements(name, device, precision, quick: bool, eval_batch_size: int = 256):
+def timing_lengths(quick: bool) -> tuple[int, int]:
+    """(steps per timed block, timed repetitions): --quick times the least that still warms up."""
+    if quick:
+        return 2, 2
+    return 10, 3
+
+
+def measurements(name, device, precision, quick: bool, *, eval_batch_size: int = 256):
     """(metric, value, unit, note) rows, yielded as each is measured."""
-    steps, repeats = (2, 2) if quick else (10, 3)
+    steps, repeats = timing_lengths(quick)
     clients, local_steps = (2, 2) if quick else (10, 4)
     batches = (32,) if device.type == "cpu" else (32, 128)
     step = {}
     for batch in batches:
-        step[batch] = train_step_seconds(name, device, precision, batch, steps, repeats)
+        step[batch] = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats)
         yield f"train_step_b{batch}", batch / step[batch], "images/s", f"batch {batch}{peak_memory(device)}"
-    round_seconds = fedavg_round_seconds(name, device, precision, clients, local_steps, 32, repeats)
+    round_seconds = fedavg_round_seconds(
+        name, device, precision, clients, local_steps=local_steps, batch_size=32, repeats=repeats
+    )
     images = clients * local_steps * 32
     yield "fedavg_round", images / round_seconds, "images/s", f"{clients} clients x J={local_steps} x B=32"
     yield "fedavg_over_bare", images / round_seconds / (32 / step[32]), "ratio", "simulation overhead"
-    evaluation = evaluation_seconds(name, device, precision, 256 if quick else 1024, eval_batch_size, repeats)
+    evaluation = evaluation_seconds(
+        name, device, precision, 256 if quick else 1024, batch_size=eval_batch_size, repeats=repeats
+    )
     yield "evaluation", 1 / evaluation, "images/s", f"batch {eval_batch_size}{peak_memory(device)}"
-    data_path = data_path_seconds(name, device, 32, steps, repeats)
+    data_path = data_path_seconds(name, device, 32, steps, repeats=repeats)
     yield "data_path_share", data_path / step[32], "fraction of step", "crop+flip, normalise, resize"
     samples = 8 if quick else 32
     for reference, label in ((False, "fisher_vmap"), (True, "fisher_loop")):
@@ -300,13 +326,14 @@ def fedsgd_identity_holds(device) -> bool:
     delta_sum = torch.zeros_like(start)
     for batch in shards:
         optimizer = torch.optim.SGD(params, lr=0.1)
-        delta, count, *_ = client_update(model, params, start, [batch], optimizer, "fp32")
-        delta_sum.add_(delta, alpha=count)
+        update = client_update(model, params, start, [batch], optimizer=optimizer, precision="fp32")
+        delta_sum.add_(update.delta, alpha=update.samples)
     fedavg = start.clone()
-    server_update(fedavg, delta_sum, 16, None, 1.0, 0.0)
+    server_update(fedavg, delta_sum / 16)
     load_flat(params, start)
     model.train()
-    inputs, labels = torch.cat([x for x, _ in shards]), torch.cat([y for _, y in shards])
+    inputs = torch.cat([x for x, _ in shards])  # the union of the shards: one full batch
+    labels = torch.cat([y for _, y in shards])
     gradients = torch.autograd.grad(F.cross_entropy(model(inputs), labels), params)
     step = start - 0.1 * torch.cat([g.reshape(-1) for g in gradients])
     return torch.allclose(fedavg, step, rtol=1e-4, atol=1e-6)
@@ -337,10 +364,9 @@ def run_interrupted(interrupt: bool, runner, *args, **kwargs):
     return runner(*args, **kwargs)
 
 
-def rehearsal(name, device, quick: bool):
-    """(kind, resumed metrics equal an uninterrupted run's, largest difference, seconds) per code path."""
-    torch.use_deterministic_algorithms(True, warn_only=True)  # bit-identical where the kernels allow it
-    images = 600 if quick else 5000
+def rehearsal_plans(name: str, quick: bool) -> list[tuple]:
+    """(kind, runner, config) of each code path the rehearsal runs: a centralized run, a dense FedAvg
+    run and a sparse one whose mask needs calibration rounds."""
     common = dict(dataset="synthetic", model=name, seed=0, precision="auto", lr=0.01)
     fed = dict(
         common,
@@ -357,61 +383,96 @@ def rehearsal(name, device, quick: bool):
         calibration_rounds=2,
         calibration_samples=100 if quick else 320,
     )
-    plans = [
+    return [
         ("centralized", run_centralized, CentralizedConfig(**common, epochs=2, batch_size=128)),
         ("fedavg", run_fedavg, FedAvgConfig(**fed)),
         ("sparse_fedavg", run_fedavg, FedAvgConfig(**fed, finetune=sparse)),
     ]
-    for kind, runner, config in plans:
-        started, metrics = time.perf_counter(), []
-        for interrupt in (False, True):
-            with tempfile.TemporaryDirectory() as folder:
-                ws = setup_workspace("smoke", folder, device=str(device), download=False)
-                ws.pretrained = False  # random weights: the same FLOPs, no download
-                data = ws.load_data("synthetic", 0.1, 0, images, 200)
-                result = run_interrupted(
-                    interrupt, runner, ws, data, config, checkpoint_every=1, progress=False
-                )
-                metrics.append(result.metrics)
-        columns = [c for c in metrics[0].columns if not c.endswith("_s")]  # wall times differ by nature
-        a, b = (m[columns].select_dtypes("number").to_numpy(float) for m in metrics)
-        yield (
-            kind,
-            metrics[0][columns].equals(metrics[1][columns]),
-            float(abs(a - b).max()),
-            time.perf_counter() - started,
-        )
 
 
-def gpu_check(name, device, quick: bool):
-    """The rows only --gpu-check measures (see the module docstring)."""
-    steps, repeats = (2, 2) if quick else (10, 3)
-    for precision in ("bf16", "fp16") if device.type == "cuda" else ("fp32",):
-        for batch in (32,) if quick else (32, 128):
-            seconds = train_step_seconds(name, device, precision, batch, steps, repeats)
+def rehearsal_metrics(runner, config, device, images: int) -> list[pd.DataFrame]:
+    """The metrics of `config` run straight through, then of `config` interrupted and resumed, each in a
+    fresh workspace on `images` synthetic training images."""
+    metrics = []
+    for interrupt in (False, True):
+        with tempfile.TemporaryDirectory() as folder:
+            ws = setup_workspace("smoke", folder, device=str(device), download=False)
+            ws.pretrained = False  # random weights: the same FLOPs, no download
+            data = ws.load_data("synthetic", 0.1, 0, images, synthetic_test_size=200)
+            result = run_interrupted(interrupt, runner, ws, data, config, checkpoint_every=1, progress=False)
+            metrics.append(result.metrics)
+    return metrics
+
+
+def compare_metrics(straight: pd.DataFrame, resumed: pd.DataFrame) -> tuple[bool, float]:
+    """(the two metrics tables are equal, the largest difference between their numbers), wall times apart."""
+    columns = [c for c in straight.columns if not c.endswith("_s")]  # wall times differ by nature
+    a = straight[columns].select_dtypes("number").to_numpy(float)
+    b = resumed[columns].select_dtypes("number").to_numpy(float)
+    return straight[columns].equals(resumed[columns]), float(abs(a - b).max())
+
+
+def rehearsal(name, device, quick: bool):
+    """(kind, resumed metrics equal an uninterrupted run's, largest difference, seconds) per code path."""
+    torch.use_deterministic_algorithms(True, warn_only=True)  # bit-identical where the kernels allow it
+    images = 600 if quick else 5000
+    for kind, runner, config in rehearsal_plans(name, quick):
+        started = time.perf_counter()
+        straight, resumed = rehearsal_metrics(runner, config, device, images)
+        equal, difference = compare_metrics(straight, resumed)
+        yield kind, equal, difference, time.perf_counter() - started
+
+
+def precision_step_rows(name, device, quick: bool):
+    """Training-step rows in bf16 and in fp16 with a GradScaler (fp32 on a CPU, where neither pays)."""
+    steps, repeats = timing_lengths(quick)
+    precisions = ("bf16", "fp16") if device.type == "cuda" else ("fp32",)
+    batches = (32,) if quick else (32, 128)
+    for precision in precisions:
+        for batch in batches:
+            seconds = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats)
             yield (
                 f"train_step_b{batch}_{precision}",
                 batch / seconds,
                 "images/s",
                 f"batch {batch}{peak_memory(device)}",
             )
+
+
+def compiled_step_row(name, device, quick: bool) -> tuple:
+    """The torch.compile'd training step; the note gives the warm-up, which includes the compilation."""
+    steps, repeats = timing_lengths(quick)
     started = time.perf_counter()
     precision = models.resolve_precision("auto", device)
-    seconds = train_step_seconds(name, device, precision, 32, steps, repeats, compile_model=True)
-    yield (
+    seconds = train_step_seconds(
+        name, device, precision, 32, steps=steps, repeats=repeats, compile_model=True
+    )
+    return (
         "train_step_b32_compiled",
         32 / seconds,
         "images/s",
         f"torch.compile, {precision}; warm-up with compilation {time.perf_counter() - started:.0f} s",
     )
-    chunk_gb = DEFAULT_CHUNK * sum(p.numel() for p in random_model(name, device).parameters()) * 4 / 2**30
+
+
+def fisher_default_chunk_row(name, device) -> tuple:
+    """The vectorised Fisher at its default chunk, whose per-sample gradients bound its memory."""
+    entries = sum(p.numel() for p in random_model(name, device).parameters())
+    chunk_gb = DEFAULT_CHUNK * entries * 4 / 2**30  # fp32 gradients of DEFAULT_CHUNK samples at once
     seconds, memory = fisher_seconds(name, device, DEFAULT_CHUNK, reference=False)
-    yield (
+    return (
         "fisher_vmap_default_chunk",
         1 / seconds,
         "samples/s",
         f"chunk {DEFAULT_CHUNK}: bound {chunk_gb:.2f} GB of gradients + activations{memory}",
     )
+
+
+def gpu_check(name, device, quick: bool):
+    """The rows only --gpu-check measures (see the module docstring)."""
+    yield from precision_step_rows(name, device, quick)
+    yield compiled_step_row(name, device, quick)
+    yield fisher_default_chunk_row(name, device)
     yield "check_fedsgd_identity", float(fedsgd_identity_holds(device)), "1 = holds", "on this device"
     for kind, equal, difference, seconds in rehearsal(name, device, quick):
         yield (
@@ -446,9 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = describe(name, device, precision)
     print(header, flush=True)
-    started, rows = time.perf_counter(), []
+    started = time.perf_counter()
+    rows = []
     extra = gpu_check(name, device, args.quick) if args.gpu_check else ()
-    rows_measured = measurements(name, device, precision, args.quick, args.eval_batch_size)
+    rows_measured = measurements(name, device, precision, args.quick, eval_batch_size=args.eval_batch_size)
     for row in itertools.chain(rows_measured, extra):
         rows.append(row)
         print(f"{row[0]:>38} {row[1]:12.4g} {row[2]:<18} {row[3]}", flush=True)

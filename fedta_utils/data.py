@@ -41,18 +41,19 @@ class ImageSet:
     labels: torch.Tensor
 
     def __post_init__(self):
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(
-                f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {list(self.images.shape)}"
-            )
-        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+        images = self.images
+        labels = self.labels
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
             raise ValueError("labels must be int64 [N] aligned with images")
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def subset(self, indices) -> "ImageSet":
-        index = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=self.labels.device)
+        positions = np.asarray(indices)
+        index = torch.as_tensor(positions, dtype=torch.long, device=self.labels.device)
         return ImageSet(self.images[index], self.labels[index])
 
     def to(self, device) -> "ImageSet":
@@ -84,9 +85,11 @@ class DataBundle:
         if size >= len(image_set):
             return image_set
         labels = image_set.labels.cpu().numpy()
-        order = numpy_rng(0, "eval-subset", split).permutation(len(labels))
+        rng = numpy_rng(0, "eval-subset", split)  # seed 0: the same subset for every run
+        order = rng.permutation(len(labels))
+        shuffled = labels[order]
         per_class = max(1, size // self.num_classes)
-        keep = np.concatenate([order[labels[order] == c][:per_class] for c in range(self.num_classes)])
+        keep = np.concatenate([order[shuffled == c][:per_class] for c in range(self.num_classes)])
         return image_set.subset(np.sort(keep))
 
     def check_is(self, dataset: str) -> None:
@@ -102,13 +105,21 @@ class DataBundle:
 # what the killed run would have drawn, and runs that share a seed share e.g. the sampled clients.
 
 
+def _tag_number(tag: int | str) -> int:
+    """A stream tag as the integer SeedSequence takes: a string's CRC-32, a number itself."""
+    if isinstance(tag, str):
+        return zlib.crc32(tag.encode())
+    return int(tag)
+
+
 def derive_seed(seed: int, *tags: int | str) -> int:
     """A 63-bit seed for the stream named by `tags` under the run `seed`."""
     # The tag count goes first: SeedSequence pads with zeros, so (s, a) and (s, a, 0) would collide.
-    entropy = [len(tags)] + [zlib.crc32(t.encode()) if isinstance(t, str) else int(t) for t in (seed, *tags)]
+    entropy = [len(tags)] + [_tag_number(t) for t in (seed, *tags)]
     if min(entropy) < 0:
         raise ValueError(f"seed tags must be non-negative, got {(seed, *tags)}")
-    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    sequence = np.random.SeedSequence(entropy)
+    state = sequence.generate_state(1, dtype=np.uint64)[0]
     return int(state >> np.uint64(1))  # torch.Generator.manual_seed wants < 2**63
 
 
@@ -117,7 +128,11 @@ def numpy_rng(seed: int, *tags: int | str) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, *tags))
 
 
-def torch_generator(seed: int, *tags: int | str, device: torch.device | str = "cpu") -> torch.Generator:
+def torch_generator(
+    seed: int,
+    *tags: int | str,
+    device: torch.device | str = "cpu",
+) -> torch.Generator:
     """A torch.Generator on `device` for the stream (seed, *tags)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(seed, *tags))
@@ -144,13 +159,14 @@ def load_cifar100(root: str | Path, download: bool = False) -> tuple[ImageSet, I
             f"CIFAR-100 is not available under data_dir={str(root)!r} ({error}); "
             f"{hint}, or point data_dir at a folder that holds cifar-100-python/"
         ) from error
-    return tuple(
-        ImageSet(
-            torch.from_numpy(np.ascontiguousarray(split.data, dtype=np.uint8)),
-            torch.as_tensor(np.asarray(split.targets), dtype=torch.int64),
-        )
-        for split in (train, test)
-    )
+    return _torchvision_image_set(train), _torchvision_image_set(test)
+
+
+def _torchvision_image_set(split) -> ImageSet:
+    """A torchvision CIFAR split (numpy images [N, 32, 32, 3], a list of labels) as an ImageSet."""
+    images = np.ascontiguousarray(split.data, dtype=np.uint8)
+    labels = np.asarray(split.targets)
+    return ImageSet(torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.int64))
 
 
 def synthetic_cifar100(
@@ -173,7 +189,8 @@ def synthetic_cifar100(
     num_train = check_int("synthetic_train_size", num_train, minimum=num_classes)
     num_test = check_int("synthetic_test_size", num_test, minimum=num_classes)
     rng = numpy_rng(seed, "synthetic-data")
-    colours = torch.from_numpy(rng.random((num_classes, 3), dtype=np.float32))[:, :, None, None]
+    colour_values = rng.random((num_classes, 3), dtype=np.float32)
+    colours = torch.from_numpy(colour_values)[:, :, None, None]  # [C, 3, 1, 1]: broadcast over pixels
     patterns = _smooth_patterns(rng, num_classes)
     train = _synthetic_split(rng, colours, patterns, num_train)
     test = _synthetic_split(rng, colours, patterns, num_test)
@@ -181,8 +198,8 @@ def synthetic_cifar100(
 
 
 def _smooth_patterns(rng: np.random.Generator, count: int) -> torch.Tensor:
-    coarse = torch.from_numpy(rng.random((count, 3, 4, 4), dtype=np.float32))
-    return F.interpolate(coarse, size=CIFAR_SIZE, mode="bilinear", align_corners=False)
+    coarse = rng.random((count, 3, 4, 4), dtype=np.float32)
+    return F.interpolate(torch.from_numpy(coarse), size=CIFAR_SIZE, mode="bilinear", align_corners=False)
 
 
 def _synthetic_split(rng: np.random.Generator, colours, patterns, size: int) -> ImageSet:
@@ -193,10 +210,12 @@ def _synthetic_split(rng: np.random.Generator, colours, patterns, size: int) -> 
     for start in range(0, size, 4096):  # bounded memory for 50k images
         chunk = torch.from_numpy(labels[start : start + 4096])
         own = _smooth_patterns(rng, len(chunk))
-        noise = torch.from_numpy(rng.normal(0.0, 0.08, size=own.shape).astype(np.float32))
-        mixed = 0.4 * colours[chunk] + 0.2 * patterns[chunk] + 0.4 * own + noise
-        images.append((mixed.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
-    return ImageSet(torch.cat(images).contiguous(), torch.from_numpy(labels.astype(np.int64)))
+        noise = rng.normal(0.0, 0.08, size=own.shape).astype(np.float32)
+        mixed = 0.4 * colours[chunk] + 0.2 * patterns[chunk] + 0.4 * own + torch.from_numpy(noise)
+        pixels = (mixed.clamp(0, 1) * 255).round().to(torch.uint8)
+        images.append(pixels.permute(0, 2, 3, 1))  # channels last, as CIFAR stores them
+    all_images = torch.cat(images).contiguous()
+    return ImageSet(all_images, torch.from_numpy(labels.astype(np.int64)))
 
 
 # --------------------------------------------------------------------------- splits
@@ -223,21 +242,29 @@ def train_val_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray,
         raise ConfigError(f"val_fraction={val_fraction:g} leaves no validation sample of {len(labels)}")
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[val_idx] = False
-    return np.flatnonzero(train_mask).astype(np.int64), val_idx
+    train_idx = np.flatnonzero(train_mask).astype(np.int64)
+    return train_idx, val_idx
 
 
-def load_or_create_split(labels, val_fraction: float, seed: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_or_create_split(
+    labels,
+    val_fraction: float,
+    seed: int,
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray]:
     """The split stored at `path` (created once), so every notebook uses the same one.
 
     The file records the parameters and a checksum of the labels; a stored
     split made for other data or other parameters is an error, not reused.
     """
     labels = np.asarray(labels)
+    weights = np.arange(len(labels)) % 9973  # labels weighted by position: moving one changes the sum
+    checksum = int(np.sum(labels.astype(np.int64) * weights))
     meta = {
         "val_fraction": float(val_fraction),
         "seed": int(seed),
         "num_samples": int(len(labels)),
-        "labels_checksum": int(np.sum(labels.astype(np.int64) * (np.arange(len(labels)) % 9973))),
+        "labels_checksum": checksum,
     }
     path = Path(path)
     if path.exists():
@@ -261,6 +288,7 @@ def prepare_data(
     data_dir: str | Path = "data",
     download: bool = False,
     val_fraction: float = 0.1,
+    *,
     split_seed: int = 0,
     split_path: str | Path | None = None,
     device: torch.device | str = "cpu",
@@ -302,13 +330,15 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     """
     batch, height, width, _ = images.shape
     device = images.device
-    padded = F.pad(images, (0, 0, padding, padding, padding, padding))
-    offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
-    offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
+    padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # pads H and W, not channels
+    offsets = 2 * padding + 1  # how many crop offsets: 0..2*padding pixels into the padded image
+    offset_y = torch.randint(0, offsets, (batch,), generator=generator, device=device)
+    offset_x = torch.randint(0, offsets, (batch,), generator=generator, device=device)
     flip = torch.rand(batch, generator=generator, device=device) < 0.5
     rows = offset_y[:, None] + torch.arange(height, device=device)
     columns = torch.arange(width, device=device).expand(batch, width)
-    columns = torch.where(flip[:, None], columns.flip(1), columns) + offset_x[:, None]
+    columns = torch.where(flip[:, None], columns.flip(1), columns)  # a flip reads the columns backwards
+    columns = columns + offset_x[:, None]
     batch_index = torch.arange(batch, device=device)[:, None, None]
     return padded[batch_index, rows[:, :, None], columns[:, None, :]]
 
@@ -324,8 +354,9 @@ def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize_resize(images: torch.Tensor, img_size: int) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, img_size, img_size], ImageNet-normalised."""
     mean, std = _imagenet_stats(images.device)
-    x = images.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
-    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W] in [0, 1]
+    x = x.sub_(mean).div_(std)
+    if x.shape[-2:] != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     return x
 
@@ -347,19 +378,26 @@ def make_batch(
     return normalize_resize(images, img_size), image_set.labels[index]
 
 
-def epoch_batches(num_samples: int, batch_size: int, seed: int, *tags, device="cpu") -> list[torch.Tensor]:
+def epoch_batches(
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    *tags,
+    device="cpu",
+) -> list[torch.Tensor]:
     """Index tensors of one shuffled pass over `num_samples` (last batch may be short).
 
     The permutation comes from the stream (seed, *tags) and is moved to the
     device in one transfer.
     """
-    order = torch.from_numpy(numpy_rng(seed, *tags).permutation(num_samples))
-    return list(order.to(device).split(batch_size))
+    order = numpy_rng(seed, *tags).permutation(num_samples)
+    return list(torch.from_numpy(order).to(device).split(batch_size))
 
 
 def sequential_batches(num_samples: int, batch_size: int, device="cpu") -> list[torch.Tensor]:
     """Index tensors 0..num_samples-1 in order, for evaluation."""
-    return list(torch.arange(num_samples, device=device).split(batch_size))
+    positions = torch.arange(num_samples, device=device)
+    return list(positions.split(batch_size))
 
 
 def augmentation_generator(seed: int, *tags, device="cpu") -> torch.Generator:

@@ -1,15 +1,21 @@
 """The grids each notebook runs, and the run of notebook 04's step-0 head alone.
 
 Each `*_configs` function turns a notebook's parameters (same names as in its
-parameters cell) into the list of run configs the notebook executes. The
-notebook calls it, and so does `pipeline --dry-run` to count runs and
-estimate their cost, so the budget always describes what will really run.
+parameters cell) into the list of run configs the notebook executes; NOTEBOOK_GRIDS
+names it for every experiment. A notebook cell names only the experiment:
+
+    experiments.grid_table(experiments.CENTRALIZED, params)     # the runs about to run
+    experiments.run(ws, data, experiments.CENTRALIZED, params)  # runs them
+
+and `pipeline --dry-run` builds the same grids to count runs and estimate their
+cost, so the budget always describes what will really run.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -17,6 +23,7 @@ import pandas as pd
 from . import team
 from .checks import (
     ConfigError,
+    check_choice,
     check_choice_list,
     check_float,
     check_float_list,
@@ -24,11 +31,11 @@ from .checks import (
     check_int_list,
     check_seeds,
 )
-from .fedavg import FedAvgConfig, FedAvgRun
-from .finetune import FineTuneSpec
+from .fedavg import FedAvgConfig, FedAvgRun, run_fedavg
+from .masks import RULES
 from .optim import SCHEDULERS
+from .prepare import FineTuneSpec
 from .runs import RunLockedError, record_grid
-from .sensitivity import RULES
 from .sharding import make_shards, shard_stats
 from .training import (
     CentralizedConfig,
@@ -36,6 +43,7 @@ from .training import (
     check_run_options,
     evaluate_splits,
     read_complete,
+    run_centralized,
     run_folder,
     summarize,
 )
@@ -108,6 +116,7 @@ def search_configs(
     model,
     search_lrs,
     search_weight_decays,
+    *,
     search_epochs,
     batch_size,
     momentum,
@@ -152,6 +161,7 @@ def scheduler_configs(
     model,
     seeds,
     epochs,
+    *,
     batch_size,
     lr,
     weight_decay,
@@ -192,7 +202,7 @@ SEARCHED = {
 }
 
 
-def run_search(runner, ws, data, experiment: str, configs: list, params: dict, regime: str) -> dict:
+def run_search(runner, ws, data, experiment: str, *, configs: list, params: dict, regime: str) -> dict:
     """A search stage (every worker's share done first); returns `params` with its choice where they
     are None (with_choice).
 
@@ -202,7 +212,7 @@ def run_search(runner, ws, data, experiment: str, configs: list, params: dict, r
     value this notebook uses, its own where the notebook set one. Regime 'central' (notebook 01),
     'fedavg' (02) or 'sparse' (04)."""
     top = max(
-        run_grid(runner, ws, data, experiment, configs, params),
+        run_grid(runner, ws, data, experiment, configs=configs, params=params),
         key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]),
     )
     params = with_choice(params, top.run.config, regime)
@@ -231,6 +241,7 @@ def fedavg_base(
     model,
     num_clients,
     participation,
+    *,
     batch_size,
     lr,
     weight_decay,
@@ -264,6 +275,7 @@ def fedavg_search_configs(
     fedavg_search_weight_decays,
     fedavg_search_rounds,
     local_steps,
+    *,
     search_seed: int = 0,
     **params,
 ) -> list[FedAvgConfig]:
@@ -302,7 +314,7 @@ def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> 
 
 
 def heterogeneity_configs(
-    seeds, classes_per_client_grid, local_steps_grid, base_rounds, include_iid: bool = True, **params
+    seeds, classes_per_client_grid, local_steps_grid, base_rounds, *, include_iid: bool = True, **params
 ) -> list[FedAvgConfig]:
     """Notebook 03: (iid + non-iid Nc) x J, rounds scaled so rounds * J is constant."""
     seeds = check_seeds(seeds)
@@ -351,7 +363,7 @@ def sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_r
 
 
 def sweeps(table: pd.DataFrame) -> dict:
-    """Notebook 04's two sweeps in figures.sparse_table's rows of one sharding: {'sparsity': rows at the
+    """Notebook 04's two sweeps in results.sparse_table's rows of one sharding: {'sparsity': rows at the
     default R, 'calibration_rounds': rows at the default sparsity}; a default is the value the other
     sweep holds fixed."""
     sparse = table[table["method"] == "sparse"]
@@ -385,6 +397,7 @@ def sparse_fl_configs(
     sparsities,
     calibration_rounds_grid,
     sparsity,
+    *,
     calibration_rounds,
     sparse_classes_per_client,
     local_steps,
@@ -435,6 +448,7 @@ def sparse_central_configs(
     model,
     seeds,
     epochs,
+    *,
     warmup_epochs,
     central_batch_size,
     central_lr,
@@ -479,6 +493,7 @@ def mask_rule_configs(
     rules,
     rule_sparsities,
     rule_calibration_rounds,
+    *,
     sparse_classes_per_client,
     local_steps,
     rounds,
@@ -580,7 +595,7 @@ def check_against_data(configs: list, data) -> None:
 
 
 def run_grid(
-    runner, ws, data, experiment: str, configs: list, params: dict, wait: bool = True
+    runner, ws, data, experiment: str, *, configs: list, params: dict, wait: bool = True
 ) -> list[RunResult]:
     """Check every config against the data first, record the grid as `experiment`, then run (or resume,
     or read back) each run in order.
@@ -622,7 +637,7 @@ def run_grid(
     if team.parse_worker(params.get("worker")) is None:
         return [run_one(i) for i in range(len(configs))]
     costs = [sum(team.run_work(c, params, head_only)[k] for k in ("train", "eval")) for c in configs]
-    return team.run_share(run_one, runs, costs, params, wait, experiment)
+    return team.run_share(run_one, runs, costs, params, wait=wait, experiment=experiment)
 
 
 def head_only_run(ws, config: FedAvgConfig):
@@ -663,10 +678,102 @@ def run_head_only(
         row = {
             "round": 0,
             **evaluate_splits(
-                fed.model, data, fed.img_size, eval_batch_size, fed.precision, config.evaluate_test
+                fed.model,
+                data,
+                fed.img_size,
+                eval_batch_size,
+                precision=fed.precision,
+                evaluate_test=config.evaluate_test,
             ),
         }
         timing = [{"round": 0, "wall_s": time.perf_counter() - started}]
         summary = {**summarize([row], timing, fed.precision, fed.device), **fed.prepared.info}
         run.finish(summary, [row], timing)
     return RunResult(run, summary, run.metrics())
+
+
+# --------------------------------------------------------------------------- a notebook's cells
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """How `run` executes one experiment of NOTEBOOK_GRIDS: the function that trains (or reads back)
+    one run, and for a search the regime of SEARCHED whose choice it stores (None: not a search).
+    `wait`: in worker mode, wait for the other workers' shares before the next cell (a search always
+    waits: the cells after it use its choice)."""
+
+    runner: Callable
+    search: str | None = None
+    wait: bool = False
+
+
+# Experiment -> how it runs; its configs come from its function in NOTEBOOK_GRIDS.
+EXPERIMENTS = {
+    LR_SEARCH: Experiment(run_centralized, search="central"),
+    CENTRALIZED: Experiment(run_centralized),
+    FEDAVG_LR_SEARCH: Experiment(run_fedavg, search="fedavg"),
+    FEDAVG_IID: Experiment(run_fedavg),
+    HETEROGENEITY: Experiment(run_fedavg),
+    HEAD_ONLY: Experiment(run_head_only, wait=True),
+    SPARSE_LR_SEARCH: Experiment(run_fedavg, search="sparse"),
+    SPARSE_FL: Experiment(run_fedavg),
+    SPARSE_CENTRAL: Experiment(run_centralized),
+    MASK_RULES: Experiment(run_fedavg),
+}
+# Columns grid_table shows even when every run shares their value (the others: only when they vary).
+GRID_TABLE_FIELDS = ("epochs", "rounds", "local_steps", "lr", "weight_decay")
+
+
+def grid_configs(experiment: str, params: dict) -> list:
+    """The configs of `experiment`, in run order, built from a notebook's parameters by the function
+    NOTEBOOK_GRIDS names for it (the function pipeline --dry-run counts)."""
+    functions = {name: function for grids in NOTEBOOK_GRIDS.values() for _, function, name in grids}
+    check_choice("experiment", experiment, functions)
+    return functions[experiment](**params)
+
+
+def grid_table(experiment: str, params: dict) -> pd.DataFrame:
+    """The runs `run(ws, data, experiment, params)` is about to make, one row per config in run order
+    (index `run`, from 1): the config fields that vary across the grid, plus GRID_TABLE_FIELDS (what
+    every run shares: its length and lr). Fine-tuning fields lose their `finetune.` prefix; a field a
+    run does not have (the mask of a dense run) is empty."""
+    configs = grid_configs(experiment, params)
+    table = pd.json_normalize([config.to_dict() for config in configs])
+    table.columns = [name.removeprefix("finetune.") for name in table.columns]
+    table = table[grid_table_columns(table)].convert_dtypes()  # integers stay integers beside an empty cell
+    table.index = pd.RangeIndex(1, len(table) + 1, name="run")
+    return table
+
+
+def grid_table_columns(table: pd.DataFrame) -> list[str]:
+    """The columns grid_table shows: GRID_TABLE_FIELDS, and every column whose value differs between
+    runs, except one with a single value that is empty exactly where a column already shown is (the
+    calibration details of the sparse runs, once mask_rule shows which runs are sparse)."""
+    shown, patterns = [], set()
+    for name in table.columns:
+        column = table[name]
+        pattern = tuple(column.isna())
+        varies = column.nunique(dropna=False) > 1
+        repeats = column.nunique() == 1 and pattern in patterns
+        if name in GRID_TABLE_FIELDS or (varies and not repeats):
+            shown.append(name)
+            patterns.add(pattern)
+    return shown
+
+
+def run(ws, data, experiment: str, params: dict) -> None:
+    """Run `experiment` (a key of EXPERIMENTS, e.g. CENTRALIZED) from the notebook's parameters: its
+    configs (grid_configs, as grid_table shows them), its runner and wait policy (EXPERIMENTS), then
+    run_grid; tables and figures read what it records.
+
+    A search (LR_SEARCH, FEDAVG_LR_SEARCH, SPARSE_LR_SEARCH) goes through run_search, which stores its
+    choice in hparams.json for later notebooks; the cells after it see the choice because `params` is
+    updated in place: each parameter it searched (SEARCHED) that is None, or absent, takes the chosen
+    value (with_choice); a value set in the parameters cell stays."""
+    configs = grid_configs(experiment, params)
+    how = EXPERIMENTS[experiment]
+    if how.search is None:
+        run_grid(how.runner, ws, data, experiment, configs=configs, params=params, wait=how.wait)
+        return
+    used = run_search(how.runner, ws, data, experiment, configs=configs, params=params, regime=how.search)
+    params.update(used)

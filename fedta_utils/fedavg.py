@@ -27,27 +27,25 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import models
 from .checks import check_bool, check_choice, check_float, check_int
 from .data import DataBundle, augmentation_generator, numpy_rng
-from .finetune import FineTuneSpec, head_cache_path, prepare
 from .optim import lr_multiplier
-from .runs import Checkpoint, CheckpointSchedule
+from .prepare import FineTuneSpec, head_cache_path
+from .runs import CheckpointSchedule
 from .sharding import SHARDINGS, make_shards
 from .training import (
     RunResult,
+    TrainingRun,
     check_run_fields,
     checked_run,
     eval_steps,
-    evaluate_splits,
     load_flat,
     make_optimizer,
     moving_entries,
-    read_complete,
     read_flat,
-    summarize,
+    read_or_train,
     train_steps,
     training_batches,
 )
@@ -130,8 +128,8 @@ class FedAvgConfig:
             self.sharding,
             self.num_clients,
             self.seed,
-            self.classes_per_client,
-            self.dirichlet_alpha,
+            classes_per_client=self.classes_per_client,
+            dirichlet_alpha=self.dirichlet_alpha,
         )
 
     def head_cache(self, ws):
@@ -166,7 +164,7 @@ def sample_clients(seed: int, round_index: int, num_clients: int, participation:
 
 
 def client_batch_indices(
-    shard: np.ndarray, local_steps: int, batch_size: int, seed: int, round_index: int, client: int
+    shard: np.ndarray, local_steps: int, batch_size: int, seed: int, *, round_index: int, client: int
 ) -> np.ndarray:
     """[J, B'] positions for one client's round, B' = min(B, shard size).
 
@@ -183,19 +181,32 @@ def client_batch_indices(
 # --------------------------------------------------------------------------- the algorithm
 
 
-def client_update(model, params, global_weights, batches, optimizer, precision, scaler_state=None) -> tuple:
-    """One client's local training from w_t and the round's loss-scaler state (None: a fresh scaler).
+@dataclass
+class ClientUpdate:
+    """What one client's local training returns to the server, and what the run logs of it."""
 
-    Returns (delta w_k - w_t, samples seen, summed loss, skipped steps, the scaler's end state).
-    `params` are the model's trainable parameters (the flat layout of `global_weights`),
-    `batches` the client's J lazily built (inputs, labels) pairs, `optimizer` a fresh one.
+    delta: torch.Tensor  # w_k - w_t, flat over the trainable parameters
+    samples: int  # images seen in the J steps
+    loss_sum: float  # summed per-sample training loss
+    skipped_steps: int  # steps the fp16 loss scaler skipped
+    scaler_state: dict  # the loss scaler's state after the last step ({} when disabled)
+
+
+def client_update(model, params, global_weights, batches, *, optimizer, precision, scaler_state=None):
+    """ClientUpdate(w_k - w_t, ...) of one client's J local steps from w_t (McMahan et al., 2017, Alg. 1).
+
+    model: the one simulated model; params: its trainable parameters, the flat layout of `global_weights`
+    (w_t); batches: the client's J (inputs, labels) pairs, built lazily; optimizer: a fresh one over
+    `params`; precision: 'fp32', 'bf16' or 'fp16'; scaler_state: the run's fp16 loss-scaler state that
+    every client of a round starts from (None or {}: a fresh scaler).
     """
     load_flat(params, global_weights)
     scaler = models.grad_scaler(global_weights.device, precision)
     if scaler_state:  # a disabled scaler (bf16, fp32) has the empty state and ignores any
         scaler.load_state_dict(scaler_state)
-    loss_sum, count, skipped = train_steps(model, optimizer, scaler, batches, precision)
-    return read_flat(params).sub_(global_weights), count, loss_sum.item(), skipped, scaler.state_dict()
+    loss_sum, samples, skipped = train_steps(model, optimizer, scaler, batches, precision=precision)
+    delta = read_flat(params).sub_(global_weights)
+    return ClientUpdate(delta, samples, loss_sum.item(), skipped, scaler.state_dict())
 
 
 def merge_scaler_states(states: list[dict]) -> dict:
@@ -217,11 +228,18 @@ def merge_scaler_states(states: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def server_update(global_weights, delta_sum, weight_sum, velocity, server_lr, server_momentum) -> None:
-    """In place: avg = delta_sum / weight_sum; v <- beta v + avg (FedAvgM); w <- w + eta_s * (v or avg)."""
-    step = delta_sum / weight_sum
+def server_update(global_weights, average_delta, velocity=None, *, server_lr=1.0, server_momentum=0.0):
+    """The server's step, in place (FedAvg: McMahan et al., 2017; FedAvgM: Hsu et al., 2019).
+
+        v <- beta * v + average_delta         (FedAvgM; velocity None: plain FedAvg, v = average_delta)
+        w <- w + eta_s * v
+
+    global_weights: w_t, flat; average_delta: sum_k (n_k / n) (w_k - w_t); velocity: the server's
+    momentum buffer v, updated in place, or None; server_lr: eta_s; server_momentum: beta.
+    """
+    step = average_delta
     if velocity is not None:
-        step = velocity.mul_(server_momentum).add_(step)
+        step = velocity.mul_(server_momentum).add_(average_delta)
     global_weights.add_(step, alpha=server_lr)
 
 
@@ -283,6 +301,39 @@ class DeltaStats:
         }
 
 
+class RoundLog:
+    """What a round logs beside the algorithm: it sees each client's update as the client finishes.
+
+    The training loss over the round's samples, the fp16 steps skipped, the loss-scaler state the run
+    continues with (merge_scaler_states), and the drift and interference statistics (DeltaStats).
+    """
+
+    def __init__(self, size: int, device):
+        self.drift = DeltaStats(size, device)
+        self.loss_sum = 0.0
+        self.samples = 0
+        self.skipped_steps = 0
+        self.scaler_states = []
+
+    def saw(self, update: ClientUpdate) -> None:
+        self.drift.add(update.delta)
+        self.loss_sum += update.loss_sum
+        self.samples += update.samples
+        self.skipped_steps += update.skipped_steps
+        self.scaler_states.append(update.scaler_state)
+
+    def scaler_state(self) -> dict:
+        return merge_scaler_states(self.scaler_states)
+
+    def row(self, average_delta: torch.Tensor) -> dict:
+        """train_loss, the five DeltaStats columns and skipped_steps, in metrics.csv's column order."""
+        return {
+            "train_loss": self.loss_sum / self.samples,
+            **self.drift.summary(average_delta),
+            "skipped_steps": self.skipped_steps,
+        }
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -301,42 +352,32 @@ def run_fedavg(
 
     Checkpoints: every `checkpoint_every` rounds, or with None after `checkpoint_minutes` of wall time
     (runs.CheckpointSchedule)."""
-    run = checked_run(ws, data, config, eval_batch_size, checkpoint_every, checkpoint_minutes)
+    run = checked_run(
+        ws,
+        data,
+        config,
+        eval_batch_size,
+        checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
+    )
     shards = config.shards(data)  # impossible requests fail here, before the run folder exists
-    if run.is_complete:
-        return read_complete(run)
-    with run:
-        if run.is_complete:  # finished by another process between the check above and taking its lock
-            return read_complete(run)
-        schedule = CheckpointSchedule(checkpoint_every, checkpoint_minutes)
-        return FedAvgRun(ws, data, config, run, shards, eval_batch_size).train(
-            schedule, save_weights, progress
-        )
+    return read_or_train(
+        run,
+        lambda: FedAvgRun(ws, data, config, run, shards, eval_batch_size),
+        CheckpointSchedule(checkpoint_every, checkpoint_minutes),
+        save_weights=save_weights,
+        progress=progress,
+    )
 
 
-class FedAvgRun:
-    """One FedAvg run's state between rounds: the model, w_t, the server velocity, the mask."""
+class FedAvgRun(TrainingRun):
+    """One FedAvg run's state between rounds: the model, w_t, the server velocity, the loss-scaler state."""
+
+    label = "FedAvg"
 
     def __init__(self, ws, data, config, run, shards, eval_batch_size):
-        self.data, self.config, self.run, self.shards = data, config, run, shards
-        self.eval_batch_size, self.device = eval_batch_size, data.device
-        self.precision = models.resolve_precision(config.precision, self.device)
-        self.img_size = models.input_size(config.model, config.img_size)
-        self.model = ws.build_model(config.model, data.num_classes, config.seed, self.img_size)
-        self.model.to(self.device)
-        self.prepared = prepare(
-            run,
-            self.model,
-            data,
-            config.finetune,
-            config.seed,
-            self.img_size,
-            self.precision,
-            shards,
-            config.head_cache(ws),
-        )
-        named = dict(self.model.named_parameters())
-        self.params = [named[n] for n in self.prepared.trainable_names]
+        super().__init__(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
+        self.shards = shards
         self.global_weights = read_flat(self.params)
         self.velocity = torch.zeros_like(self.global_weights) if config.server_momentum > 0 else None
         self.scaler_state = models.grad_scaler(self.device, self.precision).state_dict()
@@ -345,6 +386,7 @@ class FedAvgRun:
         moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
         self.entries = slice(None) if moving is None else moving  # indexes the flat vectors
         self.entries_sent = len(self.global_weights[self.entries])
+        self.eval_rounds = eval_steps(config.rounds, config.eval_points)
 
     def state(self) -> dict:
         """What a resume needs: w_t and the server velocity (their changing entries), the scaler state."""
@@ -362,109 +404,94 @@ class FedAvgRun:
         # {} from a run that started without fp16 keeps the fresh state
         self.scaler_state = state["grad_scaler"] or self.scaler_state
 
-    def train(self, schedule: CheckpointSchedule, save_weights: bool, progress: bool) -> RunResult:
-        config, rows, timing, start = self.config, [], [], 0
-        checkpoint = self.run.load_checkpoint(map_location=self.device)
-        if checkpoint is not None:
-            self.restore(checkpoint.state)
-            rows, timing, start = checkpoint.rows, checkpoint.timing, checkpoint.step
-        elapsed = timing[-1]["wall_s"] if timing else 0.0
-        bar = tqdm(
-            range(start, config.rounds),
-            desc=f"FedAvg {self.run.dir.name}",
-            initial=start,
-            total=config.rounds,
-            disable=not progress,
-        )
-        for round_index in bar:
-            row, times = self.round(round_index)
-            elapsed += sum(times.values())
-            rows.append(row)
-            timing.append({"round": round_index + 1, **times, "wall_s": elapsed})
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_acc") if k in row})
-            done = round_index + 1
-            if done < config.rounds and schedule.due(done):
-                self.run.save_checkpoint(Checkpoint(done, self.state(), rows, timing))
-        summary = {
-            **summarize(rows, timing, self.precision, self.device),
-            **self.prepared.info,
-            "trainable_entries": self.entries_sent,
-        }
-        load_flat(self.params, self.global_weights)
-        if save_weights:
-            weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            self.run.save_artifact("model.pt", weights)
-        self.run.finish(summary, rows, timing)
-        return RunResult(self.run, summary, self.run.metrics())
+    def units(self) -> int:
+        return self.config.rounds
 
-    def round(self, round_index: int) -> tuple[dict, dict]:
-        """One communication round; returns its metrics row and its phase timings (s)."""
-        config, started = self.config, time.perf_counter()
-        lr = config.lr * (
-            lr_multiplier("cosine", round_index, config.rounds) if config.lr_schedule == "cosine" else 1.0
-        )
+    def train_unit(self, round_index: int) -> None:
+        """One round and, at the rounds eval_steps names, an evaluation; logs the row and phase times (s)."""
+        started = time.perf_counter()
+        row = self.round(round_index)
+        times = {"train_s": time.perf_counter() - started, "eval_s": 0.0}
+        if round_index + 1 in self.eval_rounds:
+            started = time.perf_counter()
+            load_flat(self.params, self.global_weights)
+            row.update(self.evaluate(last=round_index + 1 == self.config.rounds))
+            times["eval_s"] = time.perf_counter() - started
+        elapsed = self.timing[-1]["wall_s"] if self.timing else 0.0
+        self.rows.append(row)
+        self.timing.append({"round": round_index + 1, **times, "wall_s": elapsed + sum(times.values())})
+
+    def round(self, round_index: int) -> dict:
+        """One communication round of FedAvg (McMahan et al., 2017, Alg. 1); returns its metrics row."""
+        config = self.config
         clients = sample_clients(config.seed, round_index, config.num_clients, config.participation)
-        stats = DeltaStats(len(self.global_weights), self.device)
-        delta_sum, weight_sum, loss_sum, samples = torch.zeros_like(self.global_weights), 0, 0.0, 0
-        skipped, end_states = 0, []
+        lr = self.client_lr(round_index)
+        log = RoundLog(len(self.global_weights), self.device)
+        delta_sum = torch.zeros_like(self.global_weights)
+        weight_sum = 0
         for client in clients:
-            delta, count, loss, skips, end_state = client_update(
-                self.model,
-                self.params,
-                self.global_weights,
-                self.client_batches(round_index, int(client)),
-                self.client_optimizer(lr),
-                self.precision,
-                self.scaler_state,
-            )
-            n_k = len(self.shards[client])  # FedAvg weighs by the client's data size
-            delta_sum.add_(delta, alpha=n_k)
+            update = self.client_update(round_index, int(client), lr)
+            n_k = len(self.shards[client])  # FedAvg weighs a client by its data size
+            delta_sum.add_(update.delta, alpha=n_k)
             weight_sum += n_k
-            stats.add(delta)
-            loss_sum, samples = loss_sum + loss, samples + count
-            skipped, end_states = skipped + skips, end_states + [end_state]
-        self.scaler_state = merge_scaler_states(end_states)
+            log.saw(update)
+        average_delta = delta_sum / weight_sum
         server_update(
             self.global_weights,
-            delta_sum,
-            weight_sum,
+            average_delta,
             self.velocity,
-            config.server_lr,
-            config.server_momentum,
+            server_lr=config.server_lr,
+            server_momentum=config.server_momentum,
         )
-        row = {
+        self.scaler_state = log.scaler_state()
+        return {
             "round": round_index + 1,
             "clients": " ".join(str(int(c)) for c in clients),
             "lr": lr,
-            "train_loss": loss_sum / samples,
-            **stats.summary(delta_sum / weight_sum),
-            "skipped_steps": skipped,
-            "bytes_down": len(clients) * BYTES_PER_ENTRY * self.entries_sent,
-            "bytes_up": len(clients) * BYTES_PER_ENTRY * self.entries_sent,
+            **log.row(average_delta),
+            **self.traffic(len(clients)),
         }
-        times = {"train_s": time.perf_counter() - started, "eval_s": 0.0}
-        if round_index + 1 in eval_steps(config.rounds, config.eval_points):
-            started = time.perf_counter()
-            load_flat(self.params, self.global_weights)
-            row.update(
-                evaluate_splits(
-                    self.model,
-                    self.data,
-                    self.img_size,
-                    self.eval_batch_size,
-                    self.precision,
-                    config.evaluate_test,
-                    None if round_index + 1 == config.rounds else config.eval_subset,
-                )
-            )
-            times["eval_s"] = time.perf_counter() - started
-        return row, times
+
+    def client_update(self, round_index: int, client: int, lr: float) -> ClientUpdate:
+        """`client_update` of one client of the round, from w_t and the run's loss-scaler state."""
+        return client_update(
+            self.model,
+            self.params,
+            self.global_weights,
+            self.client_batches(round_index, client),
+            optimizer=self.client_optimizer(lr),
+            precision=self.precision,
+            scaler_state=self.scaler_state,
+        )
+
+    def client_lr(self, round_index: int) -> float:
+        """The clients' lr in this round: constant, or cosine over the rounds."""
+        if self.config.lr_schedule == "constant":
+            return self.config.lr
+        return self.config.lr * lr_multiplier("cosine", round_index, self.config.rounds)
+
+    def traffic(self, clients: int) -> dict:
+        """Bytes sent to and from the round's clients: the trainable entries, as float32."""
+        bytes_per_client = BYTES_PER_ENTRY * self.entries_sent
+        return {"bytes_down": clients * bytes_per_client, "bytes_up": clients * bytes_per_client}
+
+    def summary(self) -> dict:
+        return {**super().summary(), "trainable_entries": self.entries_sent}
+
+    def finish(self, save_weights: bool) -> RunResult:
+        load_flat(self.params, self.global_weights)  # the model holds the final global weights
+        return super().finish(save_weights)
 
     def client_batches(self, round_index: int, client: int):
         """The client's J augmented batches, from its own seed stream (seed, round, client)."""
         config = self.config
         positions = client_batch_indices(
-            self.shards[client], config.local_steps, config.batch_size, config.seed, round_index, client
+            self.shards[client],
+            config.local_steps,
+            config.batch_size,
+            config.seed,
+            round_index=round_index,
+            client=client,
         )
         generator = (
             augmentation_generator(config.seed, "round", round_index, "client", client, device=self.device)
@@ -482,7 +509,7 @@ class FedAvgRun:
             self.prepared.trainable_names,
             self.prepared.masks,
             lr,
-            config.momentum,
-            config.weight_decay,
-            config.finetune.max_grad_norm,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.finetune.max_grad_norm,
         )

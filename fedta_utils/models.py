@@ -64,6 +64,7 @@ def build_model(
     num_classes: int = 100,
     pretrained: bool = True,
     weights_path: str | Path | None = None,
+    *,
     head_seed: int = 0,
     img_size: int | None = None,
 ) -> nn.Module:

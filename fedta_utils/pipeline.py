@@ -39,8 +39,8 @@ import torch
 from . import experiments, team
 from .checks import ConfigError, check_choice
 from .fedavg import FedAvgConfig
-from .finetune import eligible_names
 from .models import build_model, head_parameter_names
+from .prepare import eligible_names
 from .team import parse_worker, run_work, split_sizes
 from .workspace import NOTEBOOK_DIR, PROFILES, declared_parameters, discover_notebooks, profile_values
 
@@ -92,11 +92,38 @@ def notebook_parameters(path: Path, profile: str, results_dir: Path, overrides: 
     return {name: value for name, value in values.items() if name in declared_parameters(path)}
 
 
+def checked_selection(profile: str, only: list[str] | None, overrides: dict, notebook_dir: Path) -> dict:
+    """The notebooks of `notebook_dir` that --only selects, once the profile and every -p name are checked
+    (before anything runs)."""
+    check_choice("profile", profile, PROFILES)
+    selected = select_notebooks(only, discover_notebooks(notebook_dir))
+    if not selected:
+        raise ConfigError(f"no numbered notebooks found in {notebook_dir}")
+    check_overrides(overrides, selected)
+    return selected
+
+
+def notebook_output_dir(results_dir: Path, profile: str, worker: str) -> Path:
+    """<results_dir>/<profile>/notebooks (a worker's: its own folder in it), created now, so that a results
+    folder one cannot write to stops the pipeline before its first notebook."""
+    output_dir = results_dir / profile / "notebooks"
+    if worker:
+        output_dir = output_dir / f"worker-{worker.replace('/', '-of-')}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"results_dir={str(results_dir)!r} is not writable ({error}); choose a folder you can write to"
+        ) from error
+    return output_dir
+
+
 def run_pipeline(
     profile: str,
     only: list[str] | None = None,
     results_dir: str | Path = "results",
     overrides: dict | None = None,
+    *,
     notebook_dir: Path = NOTEBOOK_DIR,
     worker: str = "",
 ):
@@ -104,24 +131,13 @@ def run_pipeline(
     `worker` ('I/N') reaches every notebook that declares it (the grid notebooks)."""
     from papermill.exceptions import PapermillExecutionError
 
-    check_choice("profile", profile, PROFILES)
     overrides = overrides or {}
-    selected = select_notebooks(only, discover_notebooks(notebook_dir))
-    if not selected:
-        raise ConfigError(f"no numbered notebooks found in {notebook_dir}")
-    check_overrides(overrides, selected)
+    selected = checked_selection(profile, only, overrides, notebook_dir)
     if parse_worker(worker):  # a worker runs the grid notebooks; the final pass runs the others
         overrides = {**overrides, "worker": worker}
         selected = {key: path for key, path in selected.items() if "worker" in declared_parameters(path)}
     results_dir = Path(results_dir).resolve()
-    output_dir = results_dir / profile / "notebooks"
-    output_dir = output_dir / f"worker-{worker.replace('/', '-of-')}" if worker else output_dir
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(
-            f"results_dir={str(results_dir)!r} is not writable ({error}); choose a folder you can write to"
-        ) from error
+    output_dir = notebook_output_dir(results_dir, profile, worker)
     records = []
     for path in selected.values():
         parameters = notebook_parameters(path, profile, results_dir, overrides)
@@ -233,7 +249,9 @@ def run_table(groups: list[dict]) -> pd.DataFrame:
     backbone pass over the train split (counted as evaluated images) and another over validation to
     choose its penalty, once per distinct head: runs that share it read it from the head cache.
     """
-    rows, heads, seen = [], set(), set()
+    rows = []
+    heads = set()  # the step-0 heads counted so far
+    seen = set()  # the runs counted so far
     for group in groups:
         params = group["params"]
         head_only = group["function"] is experiments.head_only_configs
@@ -319,37 +337,95 @@ def checkpoint_count(run, seconds: float) -> int:
     return int(min(before_the_end, by_time))
 
 
-def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.DataFrame:
-    """Count the runs, calibrate this device, then print per group and notebook the images, the estimated
-    hours and the gigabytes written to the results folder (checkpoints apart)."""
-    groups = grids(profile, only, overrides)  # bad input stops here, before any compute
-    table, runs = work_table(groups), run_table(groups)
-    if table.empty or not table["runs"].sum():
-        print("The selected notebooks train nothing: 0 runs.")
-        return table
-    from .bench import unit_seconds
+WRITTEN = ["checkpoints", "checkpoint GB", "written GB"]  # what the runs write to the results folder
+
+
+def work_seconds(work: pd.DataFrame, seconds: dict) -> pd.Series:
+    """Seconds of each row's work (its WORK columns) at the measured `seconds` per unit of each."""
+    return sum(work[kind] * seconds[kind] for kind in WORK)
+
+
+def add_hours(table: pd.DataFrame, groups: list[dict]) -> tuple[dict, str]:
+    """Calibrate this device and add each group's hours to `table` (and its hours at the cheaper sizes);
+    returns the seconds per unit of work and the text that says where they were measured."""
+    from .bench import unit_seconds  # torch timing code, loaded only when there is work to price
 
     configs = [c for g in groups for c in g["configs"]]
     models_used = sorted({c.model for c in configs})
-    if len(models_used) != 1:
+    if len(models_used) != 1:  # the calibration measures one model
         raise ConfigError(f"the selected notebooks use the models {models_used}; estimate one at a time")
-    started = time.perf_counter()
-    eval_batch = groups[0]["params"].get("eval_batch_size", 256)
+    model = models_used[0]
+    precision = configs[0].precision
     size = configs[0].img_size
-    cheaper = [SMALL_IMG_SIZE] if models_used == ["dino_vits16"] and size in (None, 224) else []
-    seconds, setup = unit_seconds(models_used[0], configs[0].precision, eval_batch, img_size=size)
-    table["hours"] = sum(table[kind] * seconds[kind] for kind in WORK) / 3600
+    eval_batch = groups[0]["params"].get("eval_batch_size", 256)
+    # DINO ViT-S/16 at its native 224 px is also priced at the cheaper SMALL_IMG_SIZE.
+    cheaper = [SMALL_IMG_SIZE] if model == "dino_vits16" and size in (None, 224) else []
+    seconds, setup = unit_seconds(model, precision, eval_batch, img_size=size)
+    table["hours"] = work_seconds(table, seconds) / 3600
     for cheaper_size in cheaper:
-        measured, _ = unit_seconds(models_used[0], configs[0].precision, eval_batch, img_size=cheaper_size)
-        table[f"hours at {cheaper_size} px"] = sum(table[kind] * measured[kind] for kind in WORK) / 3600
-    run_seconds = sum(runs[kind] * seconds[kind] for kind in WORK)
+        measured, _ = unit_seconds(model, precision, eval_batch, img_size=cheaper_size)
+        table[f"hours at {cheaper_size} px"] = work_seconds(table, measured) / 3600
+    return seconds, setup
+
+
+def add_written(table: pd.DataFrame, runs: pd.DataFrame, seconds: dict) -> pd.DataFrame:
+    """`table` with each group's WRITTEN columns: the checkpoints its runs write in the time they take at
+    `seconds` per unit of work, and the gigabytes of those and of every run's prepared.pt."""
+    run_seconds = work_seconds(runs, seconds)
     counts = [checkpoint_count(run, s) for (_, run), s in zip(runs.iterrows(), run_seconds)]
     runs["checkpoints"] = counts
     runs["checkpoint GB"] = runs["checkpoints"] * runs["state_bytes"] / 1e9
     runs["written GB"] = runs["checkpoint GB"] + runs["prepared_bytes"] / 1e9
-    bytes_columns = ["checkpoints", "checkpoint GB", "written GB"]
-    written = runs.groupby(["notebook", "group"], sort=False)[bytes_columns].sum()
-    table = table.merge(written.reset_index(), how="left").fillna(0)
+    written = runs.groupby(["notebook", "group"], sort=False)[WRITTEN].sum()
+    return table.merge(written.reset_index(), how="left").fillna(0)
+
+
+def notebook_totals(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per notebook and a last one, 'total': the runs, work, hours and WRITTEN of its groups."""
+    hours = [c for c in table.columns if c.startswith("hours")]
+    sums = ["runs", *WORK, *hours, *WRITTEN]
+    totals = table.groupby("notebook", sort=False)[sums].sum()
+    totals.loc["total"] = totals.sum()
+    return totals
+
+
+def print_notebook_totals(totals: pd.DataFrame) -> None:
+    """`totals` with the work in millions of images and thousands of Fisher samples."""
+    shown = totals.assign(
+        train=totals["train"] / 1e6,
+        eval=totals["eval"] / 1e6,
+        fisher=totals["fisher"] / 1e3,
+    )
+    units = {"train": "trained images (M)", "eval": "evaluated images (M)", "fisher": "Fisher samples (k)"}
+    print(shown.rename(columns=units).to_string(float_format="{:,.2f}".format))
+
+
+def print_total(total: pd.Series, kind: str) -> None:
+    """The last lines: runs and hours (also at the cheaper sizes), then what the runs write."""
+    cheaper_hours = [c for c in total.index if c.startswith("hours at")]
+    print(
+        f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine",
+        *(f"({total[c]:,.2f} {c})" for c in cheaper_hours),
+    )
+    print(
+        f"written to the results folder: {total['written GB']:,.2f} GB, of which checkpoints "
+        f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} of them, each emptied, then deleted, "
+        "when no longer needed)"
+    )
+
+
+def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.DataFrame:
+    """Count the runs, calibrate this device, then print per group and notebook the images, the estimated
+    hours and the gigabytes written to the results folder (checkpoints apart)."""
+    groups = grids(profile, only, overrides)  # bad input stops here, before any compute
+    table = work_table(groups)
+    runs = run_table(groups)
+    if table.empty or not table["runs"].sum():
+        print("The selected notebooks train nothing: 0 runs.")
+        return table
+    started = time.perf_counter()
+    seconds, setup = add_hours(table, groups)
+    table = add_written(table, runs, seconds)
     kind = "GPU" if "cuda" in setup else "CPU"
     print(f"Estimated cost of the '{profile}' profile in {kind}-hours on this machine: {setup}")
     print(
@@ -357,37 +433,15 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
         f"{seconds['train']:.2e}, per evaluated image {seconds['eval']:.2e}, per Fisher sample "
         f"{seconds['fisher']:.2e}"
     )
-    hours = [c for c in table.columns if c.startswith("hours")]
-    sums = ["runs", *WORK, *hours, "checkpoints", "checkpoint GB", "written GB"]
-    totals = table.groupby("notebook", sort=False)[sums].sum()
-    totals.loc["total"] = totals.sum()
-    shown = totals.assign(
-        train=totals["train"] / 1e6, eval=totals["eval"] / 1e6, fisher=totals["fisher"] / 1e3
-    )
+    totals = notebook_totals(table)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
-    print(
-        shown.rename(
-            columns={
-                "train": "trained images (M)",
-                "eval": "evaluated images (M)",
-                "fisher": "Fisher samples (k)",
-            }
-        ).to_string(float_format="{:,.2f}".format)
-    )
-    total = totals.loc["total"]
-    print(
-        f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine",
-        *(f"({total[c]:,.2f} {c})" for c in hours if c != "hours"),
-    )
-    print(
-        f"written to the results folder: {total['written GB']:,.2f} GB, of which checkpoints "
-        f"{total['checkpoint GB']:,.2f} GB ({int(total['checkpoints'])} of them, each emptied, then deleted, "
-        "when no longer needed)"
-    )
+    print_notebook_totals(totals)
+    print_total(totals.loc["total"], kind)
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line: what to run and with which parameters, and how a team of workers shares it."""
     parser = argparse.ArgumentParser(
         prog="python -m fedta_utils.pipeline",
         description=__doc__,
@@ -410,11 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print the runs, images and estimated hours per notebook; run nothing",
     )
-    team = parser.add_argument_group("running as a team (README, 'Running as a team')")
-    team.add_argument("--worker", default="", metavar="I/N", help="run worker I's share of N")
-    team.add_argument("--workers", type=int, metavar="N", help="start N workers here (a GPU each), then plot")
-    team.add_argument("--slurm", type=int, metavar="N", help="submit N workers and the final pass to Slurm")
-    team.add_argument(
+    group = parser.add_argument_group("running as a team (README, 'Running as a team')")
+    group.add_argument("--worker", default="", metavar="I/N", help="run worker I's share of N")
+    group.add_argument(
+        "--workers", type=int, metavar="N", help="start N workers here (a GPU each), then plot"
+    )
+    group.add_argument("--slurm", type=int, metavar="N", help="submit N workers and the final pass to Slurm")
+    group.add_argument(
         "--slurm-option",
         nargs=2,
         action="append",
@@ -422,35 +478,49 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("NAME", "VALUE"),
         help=f"a submitit option, e.g. slurm_partition gpu (defaults: {SLURM_DEFAULTS})",
     )
-    args = parser.parse_args(argv)
-    overrides = {name: parse_value(value) for name, value in args.parameter}
+    return parser
+
+
+def worker_argv(args) -> list[str]:
+    """The arguments every worker (and the final pass) runs with: this command's, less the team options."""
     only = ["--only", *args.only] if args.only else []
-    common = [
-        "--profile",
-        args.profile,
-        "--results-dir",
-        args.results_dir,
-        *only,
-        *[item for pair in args.parameter for item in ("-p", *pair)],
-    ]  # what every worker runs
+    parameters = [item for pair in args.parameter for item in ("-p", *pair)]
+    return ["--profile", args.profile, "--results-dir", args.results_dir, *only, *parameters]
+
+
+def check_team_options(args) -> None:
+    """--worker must read I/N, and --workers and --slurm must ask for at least one worker."""
+    parse_worker(args.worker)
+    for name in ("workers", "slurm"):
+        count = getattr(args, name)
+        if count is not None and count < 1:
+            raise ConfigError(f"--{name} {count}: the number of workers must be >= 1")
+
+
+def run_command(args, overrides: dict) -> int:
+    """What the command line asks for: the dry-run, Slurm jobs, or the notebooks (by N workers first)."""
+    check_team_options(args)
+    if args.dry_run:
+        print_budget(args.profile, args.only, overrides)
+        return 0
+    if args.slurm:
+        return submit_slurm(args, worker_argv(args))
+    if args.workers:
+        run_workers(args.workers, worker_argv(args), Path(args.results_dir) / args.profile / "workers")
+    records = run_pipeline(args.profile, args.only, args.results_dir, overrides, worker=args.worker)
+    print(f"[pipeline] {len(records)} notebooks in {sum(r['seconds'] for r in records):.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
+    overrides = {name: parse_value(value) for name, value in args.parameter}
     try:
-        parse_worker(args.worker)
-        for name in ("workers", "slurm"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ConfigError(f"--{name} {getattr(args, name)}: the number of workers must be >= 1")
-        if args.dry_run:
-            print_budget(args.profile, args.only, overrides)
-            return 0
-        if args.slurm:
-            return submit_slurm(args, common)
-        if args.workers:
-            run_workers(args.workers, common, Path(args.results_dir) / args.profile / "workers")
-        records = run_pipeline(args.profile, args.only, args.results_dir, overrides, worker=args.worker)
+        return run_command(args, overrides)
+    # Expected failures (bad input, a failing notebook or worker) end with a message, not a traceback.
     except (ConfigError, NotebookFailed, WorkersFailed) as error:
         print(f"[pipeline] error: {error}", file=sys.stderr)
         return 1
-    print(f"[pipeline] {len(records)} notebooks in {sum(r['seconds'] for r in records):.1f} s")
-    return 0
 
 
 class WorkersFailed(RuntimeError):
@@ -464,7 +534,9 @@ def run_workers(count: int, argv: list[str], log_dir: Path) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     workers = []
     for i in range(1, count + 1):
-        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i - 1)} if gpus >= count else {})}
+        env = dict(os.environ)
+        if gpus >= count:  # a GPU each
+            env["CUDA_VISIBLE_DEVICES"] = str(i - 1)
         command = [sys.executable, "-m", "fedta_utils.pipeline", *argv, "--worker", f"{i}/{count}"]
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -518,7 +590,8 @@ def submit_slurm(args, argv: list[str]) -> int:
             "(or pip install submitit)"
         ) from None
     options = {**SLURM_DEFAULTS, **{name: parse_value(value) for name, value in args.slurm_option}}
-    cluster, count = options.pop("cluster"), args.slurm
+    cluster = options.pop("cluster")
+    count = args.slurm
     executor = submitit.AutoExecutor(folder=Path(args.results_dir) / args.profile / "slurm", cluster=cluster)
     executor.update_parameters(name="fedta", **options)
     workers = [
@@ -528,7 +601,8 @@ def submit_slurm(args, argv: list[str]) -> int:
         print(f"[pipeline] worker {i}/{count}: job {job.job_id}, log {job.paths.stdout}", flush=True)
     try:  # submitit's errors name the failed job and its log files
         if cluster == "local":
-            [job.result() for job in workers]
+            for job in workers:
+                job.result()
         else:
             executor.update_parameters(slurm_dependency="afterok:" + ":".join(job.job_id for job in workers))
         final = executor.submit(PipelineJob(), argv)

@@ -10,7 +10,7 @@ write_report calls the same figures.py functions the notebooks call, and writes
 An experiment without results, or a figure, table or section of macros that fails, becomes a hatched
 placeholder figure, a placeholder table or "n/a" macros and a warning in the returned list, never an
 exception: the report still builds and the gap shows in the PDF. Every "best" the macros quote is
-chosen on validation and reported on test, by figures.choose.
+chosen on validation and reported on test, by results.choose.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from . import figures
+from . import figures, results
 from .experiments import (
     CENTRALIZED,
     FEDAVG_IID,
@@ -42,7 +42,7 @@ from .experiments import (
     SPARSE_LR_SEARCH,
     sweeps,
 )
-from .figures import NoResults
+from .results import NoResults
 from .runs import GRIDS_DIR, grid_runs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def _setting(row) -> str:
 
 
 def _shards_tex(root) -> str:
-    t = figures.shard_table(root)
+    t = results.shard_table(root)
     return booktabs(
         pd.DataFrame(
             {
@@ -216,7 +216,7 @@ def _shards_tex(root) -> str:
 
 
 def _centralized_tex(root) -> str:
-    t = figures.centralized_table(root)
+    t = results.centralized_table(root)
     return booktabs(
         pd.DataFrame(
             {
@@ -231,7 +231,7 @@ def _centralized_tex(root) -> str:
 
 
 def _fedavg_tex(root) -> str:
-    t = figures.fedavg_table(root)
+    t = results.fedavg_table(root)
     return booktabs(
         pd.DataFrame(
             {
@@ -248,7 +248,7 @@ def _fedavg_tex(root) -> str:
 
 def _sparse_tex(root) -> str:
     """Dense references and the sparse setting chosen on validation, a column per sharding."""
-    t = figures.sparse_table(root)
+    t = results.sparse_table(root)
     labels = list(t["sharding_label"].unique())
     rows = [
         [escape(m), *[cell(_row(t, sharding_label=label, method=m)) for label in labels]]
@@ -262,7 +262,7 @@ def _sparse_tex(root) -> str:
 
 def _rules_tex(root) -> str:
     """A row per rule; a column per sharding and sparsity."""
-    t = figures.rules_table(root)
+    t = results.rules_table(root)
     columns = [(label, s) for label in t["sharding_label"].unique() for s in sorted(t["sparsity"].unique())]
     rows = [
         [
@@ -278,7 +278,7 @@ def _rules_tex(root) -> str:
 
 def _interference_tex(root) -> str:
     """Mean pairwise cosine and sign agreement of client deltas per rule and sharding, at RulesSparsity."""
-    t = figures.interference_table(root)
+    t = results.interference_table(root)
     wide = t[t["sparsity"] == t["sparsity"].min()].pivot_table(
         index="rule", columns="sharding_label", values=["mean_pairwise_cosine", "sign_agreement"], sort=False
     )
@@ -299,20 +299,20 @@ def _overview(root, profile: str) -> dict:
 
 
 def _data(root, profile: str) -> dict:
-    images = figures.split_table(root).set_index("split")["images"]
+    images = results.split_table(root).set_index("split")["images"]
     held_out = images["validation"] / (images["train"] + images["validation"])
     return {
         "TrainSize": integer(images["train"]),
         "ValSize": integer(images["validation"]),
         "TestSize": integer(images["test"]),
         "ValFraction": f"{held_out * 100:.0f}\\,\\%",
-        "NumClients": integer(figures.shard_table(root)["clients"].max()),
+        "NumClients": integer(results.shard_table(root)["clients"].max()),
         "DataProvenance": f"profile {escape(profile)}, shards of one seed",
     }
 
 
 def _search(root, profile: str) -> dict:
-    table, runs = figures.lr_search_table(root), figures.load_runs(root, LR_SEARCH)
+    table, runs = results.lr_search_table(root), results.load_runs(root, LR_SEARCH)
     best = _row(table, chosen=True)
     return {
         "SearchGrid": f"learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
@@ -339,8 +339,8 @@ def _client_searches(root, profile: str) -> dict:
         ("FedAvg", FEDAVG_LR_SEARCH, "fedavg"),
         ("Sparse", SPARSE_LR_SEARCH, "sparse"),
     ):
-        if not (runs := figures.load_runs(root, experiment)).empty:
-            best = _row(figures.lr_search_table(root, experiment), chosen=True)
+        if not (runs := results.load_runs(root, experiment)).empty:
+            best = _row(results.lr_search_table(root, experiment), chosen=True)
             lr = used(root, f"{regime}_lr", best["lr"])
             decays = "and weight decays" if prefix == "FedAvg" else "at 02's weight decay"
             values.update(
@@ -358,7 +358,7 @@ def _client_searches(root, profile: str) -> dict:
 
 
 def _centralized(root, profile: str) -> dict:
-    table, runs = figures.centralized_table(root), figures.load_runs(root, CENTRALIZED)
+    table, runs = results.centralized_table(root), results.load_runs(root, CENTRALIZED)
     best = _row(table, chosen=True)
     return {
         "CentralizedSetting": f"{listing(runs['epochs'])} epochs of batch {listing(runs['batch_size'])}, "
@@ -370,7 +370,7 @@ def _centralized(root, profile: str) -> dict:
 
 
 def _fedavg(root, profile: str) -> dict:
-    table, runs = figures.fedavg_table(root), figures.load_runs(root, FEDAVG_IID)
+    table, runs = results.fedavg_table(root), results.load_runs(root, FEDAVG_IID)
     per_round = np.maximum(1, np.round(runs["participation"] * runs["num_clients"]))
     return {
         "FedAvgSetting": f"$K{{=}}{listing(runs['num_clients'])}$ clients, "
@@ -385,7 +385,7 @@ def _fedavg(root, profile: str) -> dict:
 
 
 def _heterogeneity(root, profile: str) -> dict:
-    table, runs = figures.heterogeneity_table(root), figures.load_runs(root, HETEROGENEITY)
+    table, runs = results.heterogeneity_table(root), results.load_runs(root, HETEROGENEITY)
     return {
         "HeteroGrid": f"$N_c \\in \\{{{listing(runs.get('classes_per_client'))}\\}}$ and "
         f"$J \\in \\{{{listing(runs['local_steps'])}\\}}$, rounds $\\times J = "
@@ -395,7 +395,7 @@ def _heterogeneity(root, profile: str) -> dict:
 
 
 def _sparse(root, profile: str) -> dict:
-    table, runs = figures.sparse_table(root), figures.load_runs(root, SPARSE_FL)
+    table, runs = results.sparse_table(root), results.load_runs(root, SPARSE_FL)
     sweep = sweeps(table[table["sharding_label"] == "iid"])
     at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
     heads = runs[runs["finetune.head"] == "ridge"]
@@ -422,12 +422,12 @@ def _sparse(root, profile: str) -> dict:
 
 
 def _sparse_central(root, profile: str) -> dict:
-    row = figures.sparse_central_table(root).iloc[0]
+    row = results.sparse_central_table(root).iloc[0]
     return {"SparseCentralAcc": percent(row), "SparseCentralSetting": _setting(row)}
 
 
 def _rules(root, profile: str) -> dict:
-    table, runs = figures.rules_table(root), figures.load_runs(root, MASK_RULES)
+    table, runs = results.rules_table(root), results.load_runs(root, MASK_RULES)
     sparsity = table["sparsity"].min()
     values = {
         "RulesSetting": f"sparsity $s \\in \\{{{listing(table['sparsity'])}\\}}$, "
@@ -495,10 +495,10 @@ def write_report(root, report_dir, profile: str) -> list[str]:
     warnings = [
         f"no results for {e} under {root}: its figures, tables and numbers are placeholders"
         for e in EXPERIMENTS
-        if figures.load_runs(root, e).empty
+        if results.load_runs(root, e).empty
     ]
-    if not (root / figures.DATA / "shard_stats.csv").is_file():
-        warnings.append(f"no results for {figures.DATA} under {root}: its table and numbers are placeholders")
+    if not (root / results.DATA / "shard_stats.csv").is_file():
+        warnings.append(f"no results for {results.DATA} under {root}: its table and numbers are placeholders")
     for name, draw in FIGURES.items():
         fig = _attempt(draw, f"figure {name}", root, warnings, profile)
         if fig is None:
@@ -590,7 +590,7 @@ def build_pdf(report_dir, timeout: int = 600) -> dict:
 
 ARCHIVED = {
     "report.zip": ("main.tex", "refs.bib", "figures/*.pdf", "tables/*.tex", "generated/*.tex"),
-    "results.zip": ("hparams.json", f"{figures.DATA}/*.csv", "grids/*.json"),
+    "results.zip": ("hparams.json", f"{results.DATA}/*.csv", "grids/*.json"),
 }
 RUN_FILES = (
     "config.json",
@@ -612,7 +612,7 @@ def archive(report_dir, root) -> list[Path]:
         if name == "results.zip":
             files |= {folder / file for folder in grid_folders(root) for file in RUN_FILES}
             with contextlib.suppress(NoResults):  # no mask-rule runs yet
-                files |= {Path(run_dir, "prepared.pt") for run_dir in figures.mask_runs(root)["run_dir"]}
+                files |= {Path(run_dir, "prepared.pt") for run_dir in results.mask_runs(root)["run_dir"]}
         with zipfile.ZipFile(Path(root) / name, "w", zipfile.ZIP_DEFLATED) as bundle:
             for file in sorted(f for f in files if f.is_file()):
                 bundle.write(file, file.relative_to(base))

@@ -27,7 +27,9 @@ from .training import eval_steps
 WAIT_POLL = 5.0  # seconds between two looks at the shared folder
 # experiment -> run folders of this process's worker grids not complete when last listed (figures mark them)
 PENDING: dict[str, list[str]] = {}
-CIFAR_TRAIN, CIFAR_TEST, CLASSES = 50_000, 10_000, 100
+CIFAR_TRAIN = 50_000
+CIFAR_TEST = 10_000
+CLASSES = 100
 
 
 class WaitTimeout(RuntimeError):
@@ -50,10 +52,13 @@ def parse_worker(worker) -> tuple[int, int] | None:
 def assign(costs: list[float], workers: int) -> list[int]:
     """The worker (1..N) of each run: costliest first, each to the least-loaded worker (ties: grid order,
     lowest worker), so the largest and smallest shares differ by at most the costliest run."""
-    loads, owners = [0.0] * workers, [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        worker = loads.index(min(loads))
-        owners[index], loads[worker] = worker + 1, loads[worker] + costs[index]
+    loads = [0.0] * workers
+    owners = [0] * len(costs)
+    costliest_first = sorted(range(len(costs)), key=lambda i: -costs[i])  # a stable sort: ties in grid order
+    for index in costliest_first:
+        worker = loads.index(min(loads))  # the first of the least-loaded: the lowest worker
+        owners[index] = worker + 1
+        loads[worker] += costs[index]
     return owners
 
 
@@ -62,29 +67,45 @@ def assign(costs: list[float], workers: int) -> list[int]:
 
 def split_sizes(config, params: dict) -> tuple[int, int, int, int]:
     """(train, validation, test (0 when the run never tests), subset evaluation) images of a config."""
-    synthetic = config.dataset != "cifar100"
-    full = params.get("synthetic_train_size", CIFAR_TRAIN) if synthetic else CIFAR_TRAIN
-    test = params.get("synthetic_test_size", CIFAR_TEST) if synthetic else CIFAR_TEST
-    val, test = round(full * params.get("val_fraction", 0.1)), test if config.evaluate_test else 0
-    subset = max(1, config.eval_subset // CLASSES) * CLASSES  # DataBundle.eval_subset
+    full = CIFAR_TRAIN
+    test = CIFAR_TEST
+    if config.dataset != "cifar100":
+        full = params.get("synthetic_train_size", CIFAR_TRAIN)
+        test = params.get("synthetic_test_size", CIFAR_TEST)
+    if not config.evaluate_test:
+        test = 0
+    val = round(full * params.get("val_fraction", 0.1))
+    per_class = max(1, config.eval_subset // CLASSES)  # DataBundle.eval_subset: whole classes, at least one
+    subset = per_class * CLASSES
     return full - val, val, test, min(val, subset) + min(test, subset)
+
+
+def fisher_samples(config) -> int:
+    """Per-sample Fisher gradients a run computes: only a sensitivity mask rule scores entries, with
+    calibration_samples per calibration round, split over the clients (each rounds its share up)."""
+    spec = config.finetune
+    if not spec.is_sparse or spec.mask_rule not in ("least_sensitive", "most_sensitive"):
+        return 0
+    clients = config.num_clients if isinstance(config, FedAvgConfig) else 1
+    per_client = -(-spec.calibration_samples // clients)  # ceiling division
+    return spec.calibration_rounds * clients * per_client
 
 
 def run_work(config, params: dict, head_only: bool = False) -> dict:
     """Images one run trains on and evaluates, and the per-sample Fisher gradients it computes."""
     train, val, test, subset = split_sizes(config, params)
-    spec, fisher = config.finetune, 0
-    if spec.is_sparse and spec.mask_rule in ("least_sensitive", "most_sensitive"):
-        clients = config.num_clients if isinstance(config, FedAvgConfig) else 1
-        fisher = spec.calibration_rounds * clients * -(-spec.calibration_samples // clients)
+    fisher = fisher_samples(config)
     if head_only:
         return {"train": 0, "eval": val + test, "fisher": fisher}
     if isinstance(config, FedAvgConfig):
-        batch = min(config.batch_size, train // config.num_clients)
-        trained, steps = config.rounds * config.clients_per_round * config.local_steps * batch, config.rounds
+        batch = min(config.batch_size, train // config.num_clients)  # a client's shard may be smaller
+        trained = config.rounds * config.clients_per_round * config.local_steps * batch
+        steps = config.rounds
     else:
-        trained, steps = config.epochs * train, config.epochs * -(-train // config.batch_size)
-    evaluated = (len(eval_steps(steps, config.eval_points)) - 1) * subset + val + test  # subsets, then full
+        trained = config.epochs * train
+        steps = config.epochs * -(-train // config.batch_size)  # the last batch of an epoch may be short
+    evaluations = len(eval_steps(steps, config.eval_points))
+    evaluated = (evaluations - 1) * subset + val + test  # subsets, then the full splits at the end
     return {"train": trained, "eval": evaluated, "fisher": fisher}
 
 
@@ -96,10 +117,15 @@ def status(runs: list, owners: list[int]) -> pd.DataFrame:
     partial run, its newest metrics row."""
     rows = []
     for run, owner in zip(runs, owners):
-        partial = not run.is_complete and (run.dir / "metrics.csv").is_file()
-        newest = read_metrics(run.dir).tail(1).to_dict("records") if partial else []
-        state = "complete" if run.is_complete else "partial" if partial else "not started"
-        rows.append({"run": run.dir.name, "worker": owner, "state": state, **(newest[0] if newest else {})})
+        row = {"run": run.dir.name, "worker": owner, "state": "not started"}
+        if run.is_complete:
+            row["state"] = "complete"
+        elif (run.dir / "metrics.csv").is_file():
+            row["state"] = "partial"
+            newest = read_metrics(run.dir).tail(1).to_dict("records")
+            if newest:  # a metrics file may hold only its header
+                row.update(newest[0])
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -114,7 +140,13 @@ def wait_for(missing, limit: float, poll: float = WAIT_POLL) -> None:
         time.sleep(poll)
 
 
-def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool, experiment: str):
+def owed_runs(runs: list, owners: list[int], workers: int) -> str:
+    """The runs not complete yet, each with the worker that owes it ('' once every run is)."""
+    owed = [f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners) if not r.is_complete]
+    return ", ".join(owed)
+
+
+def run_share(run_one, runs: list, costs: list[float], params: dict, *, wait: bool, experiment: str):
     """Worker mode of experiments.run_grid: run_one(i) for this worker's share of the grid's `runs`, then,
     with `wait`, wait for every other share and return every result; without, print the grid's status
     (once a first run is complete, so there is something to plot) and return the complete results."""
@@ -126,12 +158,7 @@ def run_share(run_one, runs: list, costs: list[float], params: dict, wait: bool,
             print(f"[worker {me}/{workers}] {experiment}: {run.dir.name}", flush=True)
             run_one(index)
     if wait:
-        wait_for(
-            lambda: ", ".join(
-                f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners) if not r.is_complete
-            ),
-            limit,
-        )
+        wait_for(lambda: owed_runs(runs, owners, workers), limit)
     else:
         wait_for(lambda: "" if any(r.is_complete for r in runs) else "a first complete run", limit)
         print(status(runs, owners).to_string(index=False), flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -31,8 +31,8 @@ from .data import (
     make_batch,
     sequential_batches,
 )
-from .finetune import FineTuneSpec, Prepared, head_cache_path, prepare
 from .optim import SCHEDULERS, SparseSGDM, make_scheduler
+from .prepare import FineTuneSpec, head_cache_path, prepare
 from .runs import Checkpoint, CheckpointSchedule, Run
 
 
@@ -73,6 +73,20 @@ class CentralizedConfig:
     def run_name(self) -> str:
         name = f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}"
         return f"{name}{self.finetune.short_name()}-s{self.seed}"
+
+    def head_cache(self, ws):
+        """Where this config's step-0 head is shared with every centralized run of the same data and seed."""
+        return head_cache_path(
+            ws.root,
+            self.finetune,
+            model=self.model,
+            weights=ws.weights_path,
+            dataset=self.dataset,
+            seed=self.seed,
+            centralized=True,
+            img_size=models.input_size(self.model, self.img_size),
+            precision=models.resolve_precision(self.precision, ws.device),
+        )
 
 
 def check_run_fields(config, counts: tuple[str, ...]) -> None:
@@ -115,6 +129,7 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
     precision: str,
     scheduler=None,
 ) -> tuple[torch.Tensor, int, int]:
@@ -144,7 +159,7 @@ def train_steps(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, image_set: ImageSet, img_size: int, batch_size: int, precision: str
+    model: nn.Module, image_set: ImageSet, img_size: int, batch_size: int, *, precision: str
 ) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy on `image_set`, without augmentation."""
     was_training = model.training
@@ -162,14 +177,14 @@ def evaluate(
 
 
 def evaluate_splits(
-    model, data: DataBundle, img_size, batch_size, precision, evaluate_test, subset: int | None = None
+    model, data: DataBundle, img_size, batch_size, *, precision, evaluate_test, subset: int | None = None
 ) -> dict:
     """{'val_loss', 'val_acc'[, 'test_loss', 'test_acc']} of the model as it is, on the full splits or,
     with `subset`, on their fixed stratified subsets of about that many images (DataBundle.eval_subset)."""
     row = {}
     for split in ("val", "test") if evaluate_test else ("val",):
         image_set = getattr(data, split) if subset is None else data.eval_subset(split, subset)
-        result = evaluate(model, image_set, img_size, batch_size, precision)
+        result = evaluate(model, image_set, img_size, batch_size, precision=precision)
         row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["acc"]
     return row
 
@@ -208,6 +223,7 @@ def make_optimizer(
     names: list[str],
     masks: dict | None,
     lr: float,
+    *,
     momentum: float,
     weight_decay: float,
     max_grad_norm: float | None = None,
@@ -286,6 +302,7 @@ def checked_run(
     data: DataBundle,
     config,
     eval_batch_size: int,
+    *,
     checkpoint_every: int | None,
     checkpoint_minutes: float,
 ) -> Run:
@@ -308,6 +325,113 @@ def check_run_options(eval_batch_size=256, checkpoint_every=None, checkpoint_min
     check_float("checkpoint_minutes", checkpoint_minutes, 0.0, None, low_open=True)
 
 
+def read_or_train(run: Run, start_training: Callable[[], TrainingRun], schedule, *, save_weights, progress):
+    """A complete run read back; otherwise trained under its lock, resuming from its last checkpoint.
+
+    start_training builds the run's trainer; it is called only under the lock, since it writes the run's
+    step-0/1 preparation.
+    """
+    if run.is_complete:
+        return read_complete(run)
+    with run:
+        if run.is_complete:  # finished by another process between the check above and taking its lock
+            return read_complete(run)
+        return start_training().train(schedule, save_weights, progress)
+
+
+class TrainingRun:
+    """What a centralized and a FedAvg run share: the model after steps 0 and 1 (prepare), resuming from a
+    checkpoint, the loop over epochs or rounds with its checkpoints, and the results it leaves.
+
+    A subclass says how many epochs or rounds there are (`units`), trains one (`train_unit`, which appends
+    the metrics and timing rows) and says what a checkpoint holds (`state`, `restore`).
+    """
+
+    label = "run"  # the progress bar's name
+
+    def __init__(self, ws, data: DataBundle, config, run: Run, *, shards, eval_batch_size):
+        self.data = data
+        self.config = config
+        self.run = run
+        self.eval_batch_size = eval_batch_size
+        self.device = data.device
+        self.img_size = models.input_size(config.model, config.img_size)
+        self.precision = models.resolve_precision(config.precision, self.device)
+        self.model = ws.build_model(config.model, data.num_classes, config.seed, self.img_size)
+        self.model.to(self.device)
+        self.prepared = prepare(
+            run,
+            self.model,
+            data,
+            config.finetune,
+            seed=config.seed,
+            img_size=self.img_size,
+            precision=self.precision,
+            shards=shards,
+            head_cache=config.head_cache(ws),
+        )
+        named = dict(self.model.named_parameters())
+        self.params = [named[n] for n in self.prepared.trainable_names]
+        self.rows = []  # metrics.csv
+        self.timing = []  # timing.csv
+
+    def train(self, schedule: CheckpointSchedule, save_weights: bool, progress: bool) -> RunResult:
+        """From the last checkpoint (or the start) to the last epoch or round, then the run's results."""
+        start = self.resume()
+        total = self.units()
+        bar = tqdm(
+            range(start, total),
+            desc=f"{self.label} {self.run.dir.name}",
+            initial=start,
+            total=total,
+            disable=not progress,
+        )
+        for index in bar:
+            self.train_unit(index)
+            if self.rows:  # a centralized epoch may end without an evaluation row
+                shown = {k: f"{v:.3f}" for k, v in self.rows[-1].items() if k in ("train_loss", "val_acc")}
+                bar.set_postfix(shown)
+            done = index + 1
+            if done < total and schedule.due(done):
+                self.run.save_checkpoint(Checkpoint(done, self.state(), self.rows, self.timing))
+        return self.finish(save_weights)
+
+    def resume(self) -> int:
+        """The epochs or rounds done, restored from the run's checkpoint (0 without one)."""
+        checkpoint = self.run.load_checkpoint(map_location=self.device)
+        if checkpoint is None:
+            return 0
+        self.restore(checkpoint.state)
+        self.rows = checkpoint.rows
+        self.timing = checkpoint.timing
+        return checkpoint.step
+
+    def evaluate(self, last: bool) -> dict:
+        """Validation (and test) loss and accuracy of the model: the full splits at the end, else subsets."""
+        return evaluate_splits(
+            self.model,
+            self.data,
+            self.img_size,
+            self.eval_batch_size,
+            precision=self.precision,
+            evaluate_test=self.config.evaluate_test,
+            subset=None if last else self.config.eval_subset,
+        )
+
+    def summary(self) -> dict:
+        """summary.json: the last evaluated values, the best validation accuracy, the preparation's info."""
+        return {**summarize(self.rows, self.timing, self.precision, self.device), **self.prepared.info}
+
+    def finish(self, save_weights: bool) -> RunResult:
+        """summary.json, metrics.csv and timing.csv (and model.pt with save_weights): the run is complete."""
+        summary = self.summary()
+        if save_weights:
+            weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            self.run.save_artifact("model.pt", weights)
+        self.run.finish(summary, self.rows, self.timing)
+        return RunResult(self.run, summary, self.run.metrics())
+
+
 def run_centralized(
     ws,
     data: DataBundle,
@@ -323,140 +447,149 @@ def run_centralized(
 
     Checkpoints: every `checkpoint_every` epochs, or with None after `checkpoint_minutes` of wall time
     (runs.CheckpointSchedule)."""
-    run = checked_run(ws, data, config, eval_batch_size, checkpoint_every, checkpoint_minutes)
-    if run.is_complete:
-        return read_complete(run)
-    with run:
-        if run.is_complete:  # finished by another process between the check above and taking its lock
-            return read_complete(run)
-        schedule = CheckpointSchedule(checkpoint_every, checkpoint_minutes)
-        return train_centralized(ws, data, config, run, eval_batch_size, schedule, save_weights, progress)
-
-
-def train_centralized(ws, data, config, run, eval_batch_size, schedule, save_weights, progress):
-    device, img_size = data.device, models.input_size(config.model, config.img_size)
-    precision = models.resolve_precision(config.precision, device)
-    model = ws.build_model(config.model, data.num_classes, config.seed, img_size).to(device)
-    cache = head_cache_path(
-        ws.root,
-        config.finetune,
-        model=config.model,
-        weights=ws.weights_path,
-        dataset=config.dataset,
-        seed=config.seed,
-        centralized=True,
-        img_size=img_size,
-        precision=precision,
-    )
-    prepared: Prepared = prepare(
-        run,
-        model,
+    run = checked_run(
+        ws,
         data,
-        config.finetune,
-        config.seed,
-        img_size,
-        precision,
-        [np.arange(len(data.train))],
-        cache,
+        config,
+        eval_batch_size,
+        checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
     )
-    named = dict(model.named_parameters())
-    params = [named[n] for n in prepared.trainable_names]
-    optimizer = make_optimizer(
-        params,
-        prepared.trainable_names,
-        prepared.masks,
-        config.lr,
-        config.momentum,
-        config.weight_decay,
-        config.finetune.max_grad_norm,
+    return read_or_train(
+        run,
+        lambda: CentralizedRun(ws, data, config, run, eval_batch_size),
+        CheckpointSchedule(checkpoint_every, checkpoint_minutes),
+        save_weights=save_weights,
+        progress=progress,
     )
-    steps_per_epoch = -(-len(data.train) // config.batch_size)
-    scheduler = make_scheduler(
-        optimizer,
-        config.scheduler,
-        config.epochs * steps_per_epoch,
-        round(config.warmup_epochs * steps_per_epoch),
-    )
-    scaler = models.grad_scaler(device, precision)
-    parts = {"scheduler": scheduler, "scaler": scaler}
-    # A sparse run checkpoints only the entries its masks let change (sparse_state), a dense one everything.
-    moving = moving_entries(prepared.trainable_names, params, prepared.masks)
-    if moving is None:
-        parts.update(model=model, optimizer=optimizer)
-    # Carried from row to row (and through checkpoints): the train loss sum, samples and train seconds since
-    # the last evaluation row, and the run's wall seconds so far.
-    rows, timing, start, carry = [], [], 0, {"loss": 0.0, "samples": 0, "train_s": 0.0, "wall_s": 0.0}
-    checkpoint = run.load_checkpoint(map_location=device)
-    if checkpoint is not None:
-        for key, part in parts.items():
-            part.load_state_dict(checkpoint.state[key])
-        if moving is not None:
-            load_sparse_state(checkpoint.state["sparse"], params, optimizer, moving)
-        rows, timing, start = checkpoint.rows, checkpoint.timing, checkpoint.step
-        carry = checkpoint.state["carry"]
-    total = config.epochs * steps_per_epoch
-    points = eval_steps(total, config.eval_points)
-    bar = tqdm(
-        range(start, config.epochs),
-        desc=f"centralized {run.dir.name}",
-        initial=start,
-        total=config.epochs,
-        disable=not progress,
-    )
-    for epoch in bar:
-        clock, first, done = time.perf_counter(), epoch * steps_per_epoch, 0
-        batches = training_batches(
-            data.train,
-            img_size,
-            epoch_batches(len(data.train), config.batch_size, config.seed, "epoch", epoch, device=device),
-            augmentation_generator(config.seed, "epoch", epoch, device=device),
+
+
+class CentralizedRun(TrainingRun):
+    """One centralized run's state between epochs: the model, optimizer, lr scheduler and loss scaler.
+
+    An epoch is a loop over the steps of one pass over the train split; it stops at the steps eval_steps
+    names to evaluate and log a row, and a checkpoint may follow it.
+    """
+
+    label = "centralized"
+
+    def __init__(self, ws, data, config, run, eval_batch_size):
+        shards = [np.arange(len(data.train))]  # one client holding the whole train split
+        super().__init__(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
+        self.steps_per_epoch = -(-len(data.train) // config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.optimizer, self.scheduler = self.optimizer_and_scheduler()
+        self.scaler = models.grad_scaler(self.device, self.precision)
+        self.eval_points = eval_steps(self.total_steps, config.eval_points)
+        # A sparse run checkpoints only the entries its masks let change (sparse_state), a dense one all.
+        self.moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
+        # Carried from row to row (and through checkpoints): the train loss sum, samples and train seconds
+        # since the last evaluation row, and the run's wall seconds so far.
+        self.carry = {"loss": 0.0, "samples": 0, "train_s": 0.0, "wall_s": 0.0}
+
+    def units(self) -> int:
+        return self.config.epochs
+
+    def optimizer_and_scheduler(self) -> tuple[SparseSGDM, torch.optim.lr_scheduler.LRScheduler]:
+        """SGD with momentum over the trainable parameters, and its lr schedule over all the steps."""
+        config = self.config
+        optimizer = make_optimizer(
+            self.params,
+            self.prepared.trainable_names,
+            self.prepared.masks,
+            config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.finetune.max_grad_norm,
         )
-        cuts = [p - first for p in points if first < p <= first + steps_per_epoch]  # this epoch's evaluations
-        for cut in cuts + ([steps_per_epoch] if cuts[-1:] != [steps_per_epoch] else []):
-            loss_sum, count, _ = train_steps(
-                model, optimizer, scaler, islice(batches, cut - done), precision, scheduler
-            )
-            carry["loss"], carry["samples"] = carry["loss"] + loss_sum.item(), carry["samples"] + count
-            done = cut
-            trained = time.perf_counter()
-            carry["train_s"] += trained - clock
-            if cut in cuts:
-                row = {
-                    "epoch": (first + cut) / steps_per_epoch,
-                    "lr": scheduler.get_last_lr()[0],
-                    "train_loss": carry["loss"] / carry["samples"],
-                    **evaluate_splits(
-                        model,
-                        data,
-                        img_size,
-                        eval_batch_size,
-                        precision,
-                        config.evaluate_test,
-                        None if first + cut == total else config.eval_subset,
-                    ),
-                }
-                rows.append(row)
-                carry["wall_s"] += time.perf_counter() - clock
-                timing.append(
-                    {
-                        "epoch": row["epoch"],
-                        "train_s": carry["train_s"],
-                        "eval_s": time.perf_counter() - trained,
-                        "wall_s": carry["wall_s"],
-                    }
-                )
-                carry.update(loss=0.0, samples=0, train_s=0.0)
-                bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
-            else:
-                carry["wall_s"] += trained - clock
-            clock = time.perf_counter()
-        if epoch + 1 < config.epochs and schedule.due(epoch + 1):
-            state = {**{key: part.state_dict() for key, part in parts.items()}, "carry": carry}
-            if moving is not None:
-                state["sparse"] = sparse_state(params, optimizer, moving)
-            run.save_checkpoint(Checkpoint(epoch + 1, state, rows, timing))
-    summary = {**summarize(rows, timing, precision, device), **prepared.info}
-    if save_weights:
-        run.save_artifact("model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    run.finish(summary, rows, timing)
-    return RunResult(run, summary, run.metrics())
+        warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
+        scheduler = make_scheduler(optimizer, config.scheduler, self.total_steps, warmup_steps)
+        return optimizer, scheduler
+
+    def parts(self) -> dict:
+        """The objects whose state_dict a checkpoint holds whole."""
+        parts = {"scheduler": self.scheduler, "scaler": self.scaler}
+        if self.moving is None:
+            parts.update(model=self.model, optimizer=self.optimizer)
+        return parts
+
+    def state(self) -> dict:
+        """What a resume needs after an epoch."""
+        state = {key: part.state_dict() for key, part in self.parts().items()}
+        state["carry"] = self.carry
+        if self.moving is not None:
+            state["sparse"] = sparse_state(self.params, self.optimizer, self.moving)
+        return state
+
+    def restore(self, state: dict) -> None:
+        for key, part in self.parts().items():
+            part.load_state_dict(state[key])
+        if self.moving is not None:
+            load_sparse_state(state["sparse"], self.params, self.optimizer, self.moving)
+        self.carry = state["carry"]
+
+    def train_unit(self, epoch: int) -> None:
+        """One pass over the train split, in stretches of steps that end at its evaluation points."""
+        first = epoch * self.steps_per_epoch  # steps before this epoch
+        batches = self.epoch_batches(epoch)
+        done = 0
+        for end in self.stretch_ends(first):
+            started = time.perf_counter()
+            self.train_stretch(islice(batches, end - done))
+            done = end
+            train_s = time.perf_counter() - started
+            self.carry["train_s"] += train_s
+            self.carry["wall_s"] += train_s
+            if first + end in self.eval_points:
+                self.log_row(first + end)
+
+    def stretch_ends(self, first: int) -> list[int]:
+        """The epoch's evaluation points, then its last step if no evaluation ends it (steps within it)."""
+        ends = [p - first for p in self.eval_points if first < p <= first + self.steps_per_epoch]
+        if ends[-1:] != [self.steps_per_epoch]:
+            ends.append(self.steps_per_epoch)
+        return ends
+
+    def epoch_batches(self, epoch: int):
+        """The epoch's augmented batches, from its own seed streams (seed, epoch)."""
+        config = self.config
+        order = epoch_batches(
+            len(self.data.train), config.batch_size, config.seed, "epoch", epoch, device=self.device
+        )
+        generator = augmentation_generator(config.seed, "epoch", epoch, device=self.device)
+        return training_batches(self.data.train, self.img_size, order, generator)
+
+    def train_stretch(self, batches) -> None:
+        """One optimizer step per batch; the loss sum and samples join the carry."""
+        loss_sum, samples, _ = train_steps(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            batches,
+            precision=self.precision,
+            scheduler=self.scheduler,
+        )
+        self.carry["loss"] += loss_sum.item()
+        self.carry["samples"] += samples
+
+    def log_row(self, step: int) -> None:
+        """Evaluates and logs the row after `step` (the full splits at the last step, else subsets)."""
+        started = time.perf_counter()
+        row = {
+            "epoch": step / self.steps_per_epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": self.carry["loss"] / self.carry["samples"],
+            **self.evaluate(last=step == self.total_steps),
+        }
+        eval_s = time.perf_counter() - started
+        self.carry["wall_s"] += eval_s
+        self.rows.append(row)
+        self.timing.append(
+            {
+                "epoch": row["epoch"],
+                "train_s": self.carry["train_s"],
+                "eval_s": eval_s,
+                "wall_s": self.carry["wall_s"],
+            }
+        )
+        self.carry.update(loss=0.0, samples=0, train_s=0.0)

@@ -13,6 +13,7 @@ the same way. A profile changes values, never code paths.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
@@ -42,6 +43,28 @@ PROFILE_INPUTS = {
     "smoke": {"dataset": "synthetic", "model": "tiny_vit"},
     "full": {"dataset": "cifar100", "model": "dino_vits16"},
 }
+# The workspace block that ends every parameters cell, in this order, after the experiment's own knobs (a
+# notebook declares those it uses; notebooks 01-05 all of them).
+WORKSPACE_PARAMETERS = (
+    "profile",
+    "results_dir",
+    "drive_dir",
+    "data_dir",
+    "dataset",
+    "val_fraction",
+    "split_seed",
+    "synthetic_train_size",
+    "synthetic_test_size",
+    "model",
+    "weights_path",
+    "precision",
+    "eval_batch_size",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "allow_code_change",
+    "worker",
+    "wait_limit",
+)
 # A parameter left None takes the value an earlier notebook chose on validation: name -> (hparams.json
 # key, the notebook whose search stores it). FedAvg's client lr is tuned for FedAvg, not reused from 01;
 # fine-tuning under a frozen head gets its own (sparse_lr), since the head sets its gradients' scale.
@@ -80,10 +103,40 @@ def discover_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> dict[str, Path]:
 
 
 def declared_parameters(path: Path) -> dict[str, dict]:
-    """A notebook's parameters cell: name -> {'default': source text, 'inferred_type_name', 'help'}."""
-    import papermill
+    """A notebook's parameters cell, in cell order: name -> {'name', 'inferred_type_name' (the
+    annotation), 'default' (source text), 'help' (the line's comment)}, the entries of
+    papermill.inspect_notebook. Read with ast, since papermill's own pattern skips a parameter
+    annotated `float | None` (papermill still injects its value)."""
+    cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
+    tagged = [cell for cell in cells if "parameters" in cell["metadata"].get("tags", [])]
+    source = "".join(tagged[0]["source"]) if tagged else ""
+    declared = {}
+    for statement in ast.parse(source).body:
+        entry = parameter_entry(statement, source)
+        if entry is not None:
+            declared[entry["name"]] = entry
+    return declared
 
-    return papermill.inspect_notebook(str(path))
+
+def parameter_entry(statement: ast.stmt, source: str) -> dict | None:
+    """declared_parameters' entry for one statement of a parameters cell; None for anything but
+    `name = value` or `name: annotation = value`."""
+    if isinstance(statement, ast.AnnAssign):
+        target, annotation = statement.target, ast.get_source_segment(source, statement.annotation)
+    elif isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+        target, annotation = statement.targets[0], "None"
+    else:
+        return None
+    if not isinstance(target, ast.Name) or statement.value is None:
+        return None
+    last_line = source.splitlines()[statement.end_lineno - 1].encode("utf-8")
+    comment = last_line[statement.end_col_offset :].decode("utf-8").strip()  # offsets count bytes
+    return {
+        "name": target.id,
+        "inferred_type_name": annotation,
+        "default": ast.get_source_segment(source, statement.value),
+        "help": comment.removeprefix("#").strip(),
+    }
 
 
 def profile_values(profile: str) -> dict:
@@ -155,6 +208,7 @@ class Workspace:
         val_fraction: float = 0.1,
         split_seed: int = 0,
         synthetic_train_size: int = 50_000,
+        *,
         synthetic_test_size: int = 10_000,
     ) -> DataBundle:
         """The dataset on `self.device`, split once per results folder and cached in memory."""
@@ -169,11 +223,11 @@ class Workspace:
                 self.data_dir,
                 self.download,
                 val_fraction,
-                split_seed,
-                split_path,
-                self.device,
-                synthetic_train_size,
-                synthetic_test_size,
+                split_seed=split_seed,
+                split_path=split_path,
+                device=self.device,
+                synthetic_train_size=synthetic_train_size,
+                synthetic_test_size=synthetic_test_size,
             )
         return self._data_cache[key]
 
@@ -185,6 +239,7 @@ class Workspace:
 
     @property
     def hparams_path(self) -> Path:
+        """<root>/hparams.json: the values chosen on validation so far."""
         return self.root / "hparams.json"
 
     def save_hparams(self, values: dict) -> None:
@@ -212,6 +267,7 @@ def setup_workspace(
     results_dir: str | Path = "results",
     drive_dir=None,
     data_dir: str | Path = "data",
+    *,
     device: str = "auto",
     weights_path=None,
     download: bool = True,
@@ -259,54 +315,73 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     with synthetic data or tiny_vit) is refused before anything is loaded.
     """
     params = {name: namespace[name] for name in declared_parameters(discover_notebooks()[key])}
-    profile = params["profile"]
-    check_choice("profile", profile, PROFILES)
+    check_profile_inputs(params)
+    worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything is written
+    check_float("wait_limit", params.get("wait_limit", 3600), 0.0, None, low_open=True)
+    ws = setup_workspace(
+        params["profile"],
+        params["results_dir"],
+        params.get("drive_dir") or None,
+        params.get("data_dir", "data"),
+        device=device,
+        weights_path=params.get("weights_path") or None,
+    )
+    ws.allow_code_change = check_bool("allow_code_change", params.get("allow_code_change", False))
+    # Every grid the notebook runs, before anything loads or waits (a chosen value not read yet: a stand-in).
+    grids = experiments.check_notebook(key, params)
+    read_chosen(ws, key, params, wait=worker is not None)
+    data = load_notebook_data(ws, params)
+    for grid in grids:  # shards the data cannot make (Nc above its classes), before the first run
+        experiments.check_against_data(grid["configs"], data)
+    return ws, data, params
+
+
+def check_profile_inputs(params: dict) -> None:
+    """Refuse a profile that disagrees with the dataset or model the notebook would load (PROFILE_INPUTS)."""
+    profile = check_choice("profile", params["profile"], PROFILES)
     for name, expected in PROFILE_INPUTS[profile].items():
         if name in params and params[name] != expected:
             raise ConfigError(
                 f"profile={profile!r} with {name}={params[name]!r}: profile {profile!r} loads "
                 f"{name}={expected!r}; change one of them so results are labelled correctly"
             )
-    worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything is written
-    check_float("wait_limit", params.get("wait_limit", 3600), 0.0, None, low_open=True)
-    ws = setup_workspace(
-        profile,
-        params["results_dir"],
-        params.get("drive_dir") or None,
-        params.get("data_dir", "data"),
-        device,
-        params.get("weights_path") or None,
-    )
-    ws.allow_code_change = check_bool("allow_code_change", params.get("allow_code_change", False))
-    # Every grid the notebook runs, before anything loads or waits (a chosen value not read yet: a stand-in).
-    grids = experiments.check_notebook(key, params)
+
+
+def read_chosen(ws: Workspace, key: str, params: dict, *, wait: bool) -> None:
+    """Set each parameter of CHOSEN that notebook `key` left None to the value an earlier notebook chose
+    (Workspace.chosen), in place; one that `key` chooses itself stays None until its search runs.
+    `wait` (a worker): wait up to wait_limit for another worker still running that search."""
     for name, (stored, source) in CHOSEN.items():
-        if name in params and params[name] is None and source != key:  # notebook `source` chooses it itself
-            if worker:  # another worker may still be running that search
+        if name not in params or params[name] is not None or source == key:
+            continue
+        if wait:
 
-                def missing(stored=stored, source=source) -> str:
-                    if stored in ws.load_hparams():
-                        return ""
-                    return f"{stored} in hparams.json (notebook {source}'s search, all workers)"
+            def missing(stored=stored, source=source) -> str:
+                """What is still missing: the stored choice, or nothing."""
+                if stored in ws.load_hparams():
+                    return ""
+                return f"{stored} in hparams.json (notebook {source}'s search, all workers)"
 
-                team.wait_for(missing, params.get("wait_limit", 3600))
-            params[name] = ws.chosen(name)
-    data = None
-    if "dataset" in params:
-        data = ws.load_data(
-            params["dataset"],
-            params["val_fraction"],
-            params["split_seed"],
-            params["synthetic_train_size"],
-            params["synthetic_test_size"],
-        )
-        print(
-            f"results: {ws.root} | device: {ws.device} | train/val/test: "
-            f"{len(data.train)}/{len(data.val)}/{len(data.test)}"
-        )
-    for grid in grids:  # shards the data cannot make (Nc above its classes), before the first run
-        experiments.check_against_data(grid["configs"], data)
-    return ws, data, params
+            team.wait_for(missing, params.get("wait_limit", 3600))
+        params[name] = ws.chosen(name)
+
+
+def load_notebook_data(ws: Workspace, params: dict) -> DataBundle | None:
+    """The data set the parameters name (None for a notebook without `dataset`), its sizes printed."""
+    if "dataset" not in params:
+        return None
+    data = ws.load_data(
+        params["dataset"],
+        params["val_fraction"],
+        params["split_seed"],
+        params["synthetic_train_size"],
+        synthetic_test_size=params["synthetic_test_size"],
+    )
+    print(
+        f"results: {ws.root} | device: {ws.device} | train/val/test: "
+        f"{len(data.train)}/{len(data.val)}/{len(data.test)}"
+    )
+    return data
 
 
 def resolve_device(device: str) -> torch.device:
@@ -325,6 +400,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def mount_drive(drive_dir: Path) -> Path:
+    """`drive_dir`, created; on Colab, Google Drive mounted first when it is a Drive path."""
     if str(drive_dir).startswith(COLAB_DRIVE_MOUNT):
         try:
             from google.colab import drive  # only on Colab

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from fedta_utils import fedavg, runs, training  # noqa: E402
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg  # noqa: E402
-from fedta_utils.finetune import FineTuneSpec  # noqa: E402
+from fedta_utils.prepare import FineTuneSpec  # noqa: E402
 from fedta_utils.training import CentralizedConfig, run_centralized  # noqa: E402
 from fedta_utils.workspace import setup_workspace  # noqa: E402
 
@@ -167,14 +167,12 @@ def instrument(events: Events, write_seconds: float) -> None:
 
         setattr(module, attribute, wrapper)
 
-    # `from .finetune import prepare` binds the name in each importing module: patch it there
-    phase(fedavg, "prepare", "prepare")
+    # `from .prepare import prepare` binds the name in the importing module (training): patch it there
     phase(training, "prepare", "prepare")
     phase(fedavg.FedAvgRun, "round", "round", set_round=lambda self, round_index: round_index)
     phase(fedavg, "client_update", "train")
     phase(training, "epoch_batches", "round", set_round=lambda n, b, seed, tag, epoch, **_: epoch)
     phase(training, "train_steps", "train")
-    phase(fedavg, "evaluate_splits", "eval")
     phase(training, "evaluate_splits", "eval")
 
 
@@ -195,7 +193,7 @@ def run(spec: dict) -> None:
         device="cpu",
         download=False,
     )
-    data = ws.load_data("synthetic", 0.1, 0, TRAIN_SIZE, TEST_SIZE)
+    data = ws.load_data("synthetic", 0.1, 0, TRAIN_SIZE, synthetic_test_size=TEST_SIZE)
     events("ready")
     try:
         runner(ws, data, config, checkpoint_every=checkpoint_every, save_weights=True, progress=False)

@@ -6,7 +6,7 @@ the wrong type ("0.1" as a string, 2.5 or True for an integer), unknown
 names, impossible sharding, the dataset missing while offline, an unwritable
 results_dir. Each case asserts the message and, where something could have
 been written, that nothing was. SparseSGDM and fisher_scores /
-calibrate_masks have their own cases in test_optim.py and test_sensitivity.py.
+calibrate_masks have their own cases in test_optim.py and test_fisher.py.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from fedta_utils import experiments, pipeline, runs
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import prepare_data, train_val_split
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
-from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.models import build_model
 from fedta_utils.pipeline import NotebookFailed, run_pipeline
+from fedta_utils.prepare import FineTuneSpec
 from fedta_utils.sharding import dirichlet_shards, iid_shards, make_shards, non_iid_shards
 from fedta_utils.training import CentralizedConfig, run_centralized
 from fedta_utils.workspace import declared_parameters, discover_notebooks, setup_notebook, setup_workspace
@@ -726,7 +726,7 @@ def test_run_grid_checks_every_config_against_the_data_before_the_first_run(work
     )
     assert configs[0].sharding == "iid"  # a valid run comes first and must not start
     with raises("classes_per_client=200 is too large; it must be <= 100"):
-        experiments.run_grid(run_fedavg, workspace, small_data, "grid", configs, {})
+        experiments.run_grid(run_fedavg, workspace, small_data, "grid", configs=configs, params={})
     assert not (workspace.root / "grid").exists()
 
 

@@ -21,7 +21,7 @@ from fedta_utils.fedavg import (
     sample_clients,
     server_update,
 )
-from fedta_utils.finetune import FineTuneSpec, load_prepared
+from fedta_utils.prepare import FineTuneSpec, load_prepared
 
 TINY = dict(dataset="synthetic", model="tiny_vit")
 
@@ -104,9 +104,9 @@ def test_the_server_averages_client_deltas_weighted_by_their_shard_sizes(workspa
     generator = torch.Generator().manual_seed(0)
     deltas = []
 
-    def hand_made_update(model, params, global_weights, batches, optimizer, precision, scaler_state):
+    def hand_made_update(model, params, global_weights, batches, *, optimizer, precision, scaler_state):
         deltas.append(torch.randn(global_weights.shape, generator=generator))
-        return deltas[-1].clone(), 1, 0.0, 0, scaler_state
+        return fedavg.ClientUpdate(deltas[-1].clone(), 1, 0.0, 0, scaler_state)
 
     monkeypatch.setattr(fedavg, "client_update", hand_made_update)
     with open_fedavg(workspace, small_data, config, shards) as fed:
@@ -119,25 +119,23 @@ def test_the_server_averages_client_deltas_weighted_by_their_shard_sizes(workspa
     torch.testing.assert_close(fed.global_weights - start, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_server_update_divides_the_weighted_sum_by_the_total_weight():
-    weights = torch.zeros(3, dtype=torch.float64)
-    deltas = {100: [1.0, 0.0, -2.0], 300: [0.0, 4.0, 2.0], 50: [8.0, 8.0, 8.0]}
-    delta_sum = sum(n * torch.tensor(d, dtype=torch.float64) for n, d in deltas.items())
-    server_update(weights, delta_sum, 450, None, server_lr=1.0, server_momentum=0.0)
-    expected = (100 * np.array(deltas[100]) + 300 * np.array(deltas[300]) + 50 * np.array(deltas[50])) / 450
-    np.testing.assert_allclose(weights.numpy(), expected, rtol=0, atol=1e-15)
+def test_plain_fedavg_steps_by_the_average_delta():
+    weights = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    average = torch.tensor([0.25, 2.0, -0.5], dtype=torch.float64)
+    server_update(weights, average)  # eta_s = 1, no velocity: w + average
+    assert torch.equal(weights, torch.tensor([1.25, 1.0, 0.0], dtype=torch.float64))
 
 
 def test_server_learning_rate_scales_the_step():
     weights = torch.ones(2)
-    server_update(weights, torch.tensor([2.0, -2.0]), 2, None, server_lr=0.5, server_momentum=0.0)
+    server_update(weights, torch.tensor([1.0, -1.0]), None, server_lr=0.5, server_momentum=0.0)
     assert torch.equal(weights, torch.tensor([1.5, 0.5]))
 
 
 def test_server_momentum_accumulates_like_fedavgm():
     weights, velocity = torch.zeros(1), torch.zeros(1)
     for delta in (1.0, 1.0, -1.0):
-        server_update(weights, torch.tensor([delta]), 1, velocity, server_lr=1.0, server_momentum=0.5)
+        server_update(weights, torch.tensor([delta]), velocity, server_lr=1.0, server_momentum=0.5)
     # v: 1, 1.5, -0.25; w: 1, 2.5, 2.25
     assert velocity.item() == pytest.approx(-0.25) and weights.item() == pytest.approx(2.25)
 
@@ -148,9 +146,9 @@ def test_local_steps_count_optimizer_steps_not_epochs(workspace, small_data, mon
     steps, counts = [], []
     real_update = fedavg.client_update
 
-    def counted_update(*args):
-        result = real_update(*args)
-        counts.append(result[1])
+    def counted_update(*args, **kwargs):
+        result = real_update(*args, **kwargs)
+        counts.append(result.samples)
         return result
 
     monkeypatch.setattr(fedavg, "client_update", counted_update)
@@ -176,9 +174,9 @@ def test_every_client_starts_from_the_global_weights_with_a_fresh_optimizer(
     deltas = []
     real_update = fedavg.client_update
 
-    def recording(*args):
-        result = real_update(*args)
-        deltas.append(result[0].clone())
+    def recording(*args, **kwargs):
+        result = real_update(*args, **kwargs)
+        deltas.append(result.delta.clone())
         return result
 
     monkeypatch.setattr(fedavg, "client_update", recording)
@@ -221,9 +219,9 @@ def record_client_updates(monkeypatch) -> list:
     """(round's scaler state passed in, client's result) for each client update, in call order."""
     calls, real_update = [], fedavg.client_update
 
-    def recording(*args):
-        result = real_update(*args)
-        calls.append((dict(args[-1]), result))
+    def recording(*args, **kwargs):
+        result = real_update(*args, **kwargs)
+        calls.append((dict(kwargs["scaler_state"]), result))
         return result
 
     monkeypatch.setattr(fedavg, "client_update", recording)
@@ -251,13 +249,13 @@ def test_every_client_starts_from_the_runs_scale_and_the_run_keeps_the_smallest_
     for round_index in range(3):
         clients = calls[2 * round_index : 2 * round_index + 2]
         assert all(start == states[round_index] for start, _ in clients)
-        ends = [result[4] for _, result in clients]
+        ends = [result.scaler_state for _, result in clients]
         assert states[round_index + 1] == {
             **ends[0],
             "scale": min(e["scale"] for e in ends),
             "_growth_tracker": min(e["_growth_tracker"] for e in ends),
         }
-    ends = [result[4]["scale"] for _, result in calls]
+    ends = [result.scaler_state["scale"] for _, result in calls]
     assert any(a != b for a, b in zip(ends[::2], ends[1::2])), "some round's clients end at different scales"
     assert len({s["scale"] for s in states}) > 2, "the scale carries over between rounds"
 
@@ -282,10 +280,17 @@ def test_client_order_does_not_change_a_round_under_loss_scaling(tmp_path, small
     )
     calls, reversed_calls = calls[:3], calls[3:][::-1]
     assert len(reversed_calls) == 3
-    assert all(result[4] != start for start, result in calls), "the scale moves during each client's steps"
+    assert all(result.scaler_state != start for start, result in calls), (
+        "the scale moves during each client's steps"
+    )
     for (start, result), (reversed_start, reversed_result) in zip(calls, reversed_calls):
-        assert start == reversed_start and result[1:] == reversed_result[1:]
-        assert torch.equal(result[0], reversed_result[0])
+        assert start == reversed_start and result.scaler_state == reversed_result.scaler_state
+        assert (result.samples, result.loss_sum, result.skipped_steps) == (
+            reversed_result.samples,
+            reversed_result.loss_sum,
+            reversed_result.skipped_steps,
+        )
+        assert torch.equal(result.delta, reversed_result.delta)
     assert states == reversed_states
     torch.testing.assert_close(weights, reversed_weights, rtol=0, atol=1e-7)
 
@@ -295,7 +300,7 @@ def test_skipped_steps_are_logged_per_round(workspace, small_data, monkeypatch):
     calls = record_client_updates(monkeypatch)
     config = tiny_config(participation=0.34, local_steps=3, rounds=3, evaluate_test=False)  # 2 clients
     result = run_fedavg(workspace, small_data, config, progress=False)
-    skips = [r[3] for _, r in calls]
+    skips = [r.skipped_steps for _, r in calls]
     assert result.metrics["skipped_steps"].tolist() == [a + b for a, b in zip(skips[::2], skips[1::2])]
     assert sum(skips) > 0
 
@@ -311,10 +316,13 @@ def test_a_skipped_step_still_uses_its_batch_and_counts_toward_j(workspace, smal
     calls = record_client_updates(monkeypatch)
     with open_fedavg(workspace, small_data, config) as fed:
         start = fed.global_weights.clone()
-        row, _ = fed.round(0)
+        row = fed.round(0)
         assert torch.equal(fed.global_weights, start)
-    assert [(r[1], r[3]) for _, r in calls] == [(4 * 32, 4), (4 * 32, 4)]  # J batches seen, J steps skipped
-    assert all(torch.count_nonzero(r[0]) == 0 for _, r in calls)
+    assert [(r.samples, r.skipped_steps) for _, r in calls] == [
+        (4 * 32, 4),
+        (4 * 32, 4),
+    ]  # J batches seen, J steps skipped
+    assert all(torch.count_nonzero(r.delta) == 0 for _, r in calls)
     assert row["skipped_steps"] == 8
 
 
@@ -473,8 +481,8 @@ def test_evaluations_are_evenly_spaced_on_the_subsets_and_the_last_on_the_full_s
     monkeypatch.setattr(
         training,
         "evaluate",
-        lambda model, image_set, *rest: (
-            sizes.append(len(image_set)) or real_evaluate(model, image_set, *rest)
+        lambda model, image_set, *rest, **kwargs: (
+            sizes.append(len(image_set)) or real_evaluate(model, image_set, *rest, **kwargs)
         ),
     )
     config = tiny_config(rounds=5, eval_points=3, eval_subset=100)

@@ -14,13 +14,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedta_utils import experiments, figures, pipeline, runs
+from fedta_utils import experiments, pipeline, results, runs
 from fedta_utils.checks import ConfigError
 from fedta_utils.experiments import run_grid, run_head_only
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
-from fedta_utils.finetune import FineTuneSpec
+from fedta_utils.prepare import FineTuneSpec
 from fedta_utils.training import CentralizedConfig, run_centralized
-from fedta_utils.workspace import setup_workspace
+from fedta_utils.workspace import discover_notebooks, setup_workspace
 
 FL = dict(
     dataset="synthetic",
@@ -75,33 +75,51 @@ def test_two_executions_at_different_lrs_give_tables_of_the_second_grid_only(wor
             **PARAMS,
         }
         configs = experiments.fedavg_iid_configs(**params)
-        run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, configs, params, wait=False)
+        run_grid(
+            run_fedavg,
+            workspace,
+            tiny_data,
+            experiments.FEDAVG_IID,
+            configs=configs,
+            params=params,
+            wait=False,
+        )
     assert (
         "2 complete runs of an earlier 02_fedavg_iid grid are not part of this grid"
         in capsys.readouterr().out
     )
     assert len(list((workspace.root / runs.RUNS_DIR).iterdir())) == 4  # both grids stay in the store
-    table = figures.fedavg_table(workspace.root)
+    table = results.fedavg_table(workspace.root)
     assert table["n"].tolist() == [2]  # n = 4 when a table averaged the folder
-    assert figures.load_runs(workspace.root, experiments.FEDAVG_IID)["lr"].tolist() == [0.01, 0.01]
+    assert results.load_runs(workspace.root, experiments.FEDAVG_IID)["lr"].tolist() == [0.01, 0.01]
     record = runs.read_grid(workspace.root, experiments.FEDAVG_IID)
     assert record["params"]["lr"] == 0.01 and len(record["earlier"]) == 2
 
 
 def test_a_configuration_two_grids_name_is_trained_once_and_read_by_both(workspace, tiny_data):
     shared, other = FedAvgConfig(**FL), FedAvgConfig(**FL, seed=1)
-    first = run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, [shared], PARAMS)
-    second = run_grid(run_fedavg, workspace, tiny_data, experiments.HETEROGENEITY, [shared, other], PARAMS)
+    first = run_grid(
+        run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, configs=[shared], params=PARAMS
+    )
+    second = run_grid(
+        run_fedavg, workspace, tiny_data, experiments.HETEROGENEITY, configs=[shared, other], params=PARAMS
+    )
     assert second[0].run.dir == first[0].run.dir and attempts(first[0].run.dir) == 1  # read back
     assert len(list((workspace.root / runs.RUNS_DIR).iterdir())) == 2
-    assert len(figures.load_runs(workspace.root, experiments.HETEROGENEITY)) == 2
+    assert len(results.load_runs(workspace.root, experiments.HETEROGENEITY)) == 2
 
 
 def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspace, tiny_data):
     search = [FedAvgConfig(**FL, lr=lr, evaluate_test=False) for lr in (0.01, 0.05)]
     params = {**PARAMS, "lr": 0.2, "weight_decay": None}  # the notebook set lr itself
     used = experiments.run_search(
-        run_fedavg, workspace, tiny_data, experiments.FEDAVG_LR_SEARCH, search, params, "fedavg"
+        run_fedavg,
+        workspace,
+        tiny_data,
+        experiments.FEDAVG_LR_SEARCH,
+        configs=search,
+        params=params,
+        regime="fedavg",
     )
     stored = workspace.load_hparams()
     assert used["lr"] == 0.2 and stored["fedavg_lr"] == 0.2  # later notebooks read the lr 02 trained with
@@ -112,16 +130,134 @@ def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspac
     assert workspace.chosen("lr") == 0.2
 
 
+# --------------------------------------------------------------------------- notebook cells: grid_table, run
+
+# How each experiment ran when the notebooks called run_grid / run_search themselves: the runner, the
+# function that built its configs, the search regime (None: not a search) and, for a grid, `wait`.
+AS_THE_NOTEBOOKS_RAN = {
+    experiments.LR_SEARCH: (run_centralized, experiments.search_configs, "central", None),
+    experiments.CENTRALIZED: (run_centralized, experiments.scheduler_configs, None, False),
+    experiments.FEDAVG_LR_SEARCH: (run_fedavg, experiments.fedavg_search_configs, "fedavg", None),
+    experiments.FEDAVG_IID: (run_fedavg, experiments.fedavg_iid_configs, None, False),
+    experiments.HETEROGENEITY: (run_fedavg, experiments.heterogeneity_configs, None, False),
+    experiments.HEAD_ONLY: (run_head_only, experiments.head_only_configs, None, True),
+    experiments.SPARSE_LR_SEARCH: (run_fedavg, experiments.sparse_search_configs, "sparse", None),
+    experiments.SPARSE_FL: (run_fedavg, experiments.sparse_fl_configs, None, False),
+    experiments.SPARSE_CENTRAL: (run_centralized, experiments.sparse_central_configs, None, False),
+    experiments.MASK_RULES: (run_fedavg, experiments.mask_rule_configs, None, False),
+}
+SMOKE_GRIDS = pipeline.grids("smoke")  # every notebook's grids from its smoke parameters (stand-ins chosen)
+
+
+def test_every_experiment_a_notebook_runs_has_one_way_to_run():
+    named = [experiment for grids in experiments.NOTEBOOK_GRIDS.values() for _, _, experiment in grids]
+    assert (
+        sorted(named) == sorted(set(named)) == sorted(experiments.EXPERIMENTS) == sorted(AS_THE_NOTEBOOKS_RAN)
+    )
+
+
+@pytest.mark.parametrize("group", SMOKE_GRIDS, ids=[g["experiment"] for g in SMOKE_GRIDS])
+def test_run_looks_up_the_runner_configs_search_and_wait_the_notebook_passed_before(group, monkeypatch):
+    calls = []
+
+    def grid(runner, ws, data, experiment, *, configs, params, wait=True):
+        calls.append({"runner": runner, "experiment": experiment, "configs": configs, "wait": wait})
+
+    def search(runner, ws, data, experiment, *, configs, params, regime):
+        calls.append({"runner": runner, "experiment": experiment, "configs": configs, "regime": regime})
+        return {**params, "chosen": True}
+
+    monkeypatch.setattr(experiments, "run_grid", grid)
+    monkeypatch.setattr(experiments, "run_search", search)
+    params = dict(group["params"])
+    experiments.run("ws", "data", group["experiment"], params)
+    runner, function, regime, wait = AS_THE_NOTEBOOKS_RAN[group["experiment"]]
+    [call] = calls
+    assert call["runner"] is runner and call["experiment"] == group["experiment"]
+    assert call["configs"] == function(**group["params"]) == group["configs"]  # same runs, same order
+    if regime is None:
+        assert call["wait"] is wait and "chosen" not in params
+    else:  # a search's choice reaches the caller's own dict
+        assert call["regime"] == regime and params == {**group["params"], "chosen": True}
+
+
+@pytest.mark.parametrize("group", SMOKE_GRIDS, ids=[g["experiment"] for g in SMOKE_GRIDS])
+def test_grid_table_shows_one_row_per_run_in_run_order(group):
+    table = experiments.grid_table(group["experiment"], group["params"])
+    configs = group["configs"]
+    assert len(table) == len(configs) and table.index.tolist() == list(range(1, len(configs) + 1))
+    assert {"dataset", "model", "precision"}.isdisjoint(table.columns)  # what every run shares: left out
+    fields = [config.to_dict() for config in configs]
+    for name in ("seed", "sharding", "scheduler", "local_steps", "rounds", "epochs", "lr"):
+        values = [f[name] for f in fields if name in f]
+        if len(values) == len(configs) and (len(set(values)) > 1 or name in experiments.GRID_TABLE_FIELDS):
+            assert table[name].tolist() == values, name
+
+
+def test_grid_table_shows_what_varies_and_leaves_out_what_repeats_it():
+    [group] = [g for g in SMOKE_GRIDS if g["experiment"] == experiments.SPARSE_FL]
+    table = experiments.grid_table(experiments.SPARSE_FL, group["params"])
+    assert {"head", "mask_rule", "sparsity", "calibration_rounds", "max_grad_norm"} <= set(table.columns)
+    assert {"calibration_samples", "label_mode", "eligible"}.isdisjoint(table.columns)  # sparse runs only
+    dense = table[table["mask_rule"].isna()]
+    assert dense["sparsity"].isna().all() and len(dense) == 2 * 2 * len(group["params"]["seeds"])
+    [group] = [g for g in SMOKE_GRIDS if g["experiment"] == experiments.CENTRALIZED]
+    table = experiments.grid_table(experiments.CENTRALIZED, group["params"])
+    assert list(table.columns) == ["seed", "epochs", "lr", "weight_decay", "scheduler"]
+
+
+def test_an_unknown_experiment_is_refused_naming_the_experiments():
+    with pytest.raises(
+        ConfigError, match=r"experiment='01_lr' is not allowed; choose one of \['01_lr_search'"
+    ):
+        experiments.grid_table("01_lr", {})
+    with pytest.raises(ConfigError, match="experiment='01_lr' is not allowed"):
+        experiments.run("ws", "data", "01_lr", {})
+
+
+def test_a_search_run_from_a_notebook_cell_leaves_its_choice_in_params_for_the_next_cells(
+    workspace, tiny_data
+):
+    tiny = {
+        "num_clients": 10,
+        "participation": 0.2,
+        "batch_size": 16,
+        "local_steps": 1,
+        "fedavg_search_lrs": [0.01, 0.05],
+        "fedavg_search_weight_decays": [0.0],
+        "fedavg_search_rounds": 1,
+        "rounds": 1,
+        "seeds": [0],
+        "eval_points": 1,
+        "eval_subset": 100,
+        **PARAMS,
+    }
+    params = pipeline.notebook_values(discover_notebooks()["02"], "smoke", tiny)
+    params["weight_decay"] = 1e-4  # set in the parameters cell: stays
+    cell_globals = {"params": params}
+    experiments.run(workspace, tiny_data, experiments.FEDAVG_LR_SEARCH, cell_globals["params"])
+    chosen = workspace.load_hparams()
+    assert (
+        cell_globals["params"] is params and params["lr"] == chosen["fedavg_search_lr"] == chosen["fedavg_lr"]
+    )
+    assert params["weight_decay"] == chosen["fedavg_weight_decay"] == 1e-4
+    assert runs.read_grid(workspace.root, experiments.FEDAVG_LR_SEARCH)["params"]["lr"] is None  # as it ran
+    table = experiments.grid_table(experiments.FEDAVG_IID, params)  # the next cell sees the choice
+    assert table["lr"].tolist() == [chosen["fedavg_search_lr"]]
+    assert table["weight_decay"].tolist() == [1e-4]
+
+
 RACE = """
 import sys
 from fedta_utils import experiments
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
-from fedta_utils.workspace import setup_workspace
+from fedta_utils.workspace import discover_notebooks, setup_workspace
 ws = setup_workspace("smoke", sys.argv[1], device="cpu", download=False)
 data = ws.load_data("synthetic", 0.1, 0, 1000, 200)
 config = FedAvgConfig(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, participation=0.2,
                       local_steps=2, batch_size=16, rounds=4, eval_points=2, eval_subset=100)
-[result] = experiments.run_grid(run_fedavg, ws, data, "race", [config], {"eval_batch_size": 128})
+[result] = experiments.run_grid(run_fedavg, ws, data, "race", configs=[config],
+                                params={"eval_batch_size": 128})
 print("final", repr(result.summary["final_val_acc"]), repr(result.summary["final_train_loss"]))
 """
 
@@ -160,7 +296,9 @@ def test_a_run_whose_holder_stops_without_finishing_it_is_trained_by_the_process
             raise held.pop()
         return run_fedavg(ws, data, config, **options)
 
-    [result] = run_grid(runner, workspace, tiny_data, experiments.FEDAVG_IID, [FedAvgConfig(**FL)], PARAMS)
+    [result] = run_grid(
+        runner, workspace, tiny_data, experiments.FEDAVG_IID, configs=[FedAvgConfig(**FL)], params=PARAMS
+    )
     assert result.run.is_complete and attempts(result.run.dir) == 1
     assert "which another process holds" in capsys.readouterr().out
 
@@ -173,8 +311,8 @@ def test_a_run_whose_holder_stops_without_finishing_it_is_trained_by_the_process
             workspace,
             tiny_data,
             experiments.FEDAVG_IID,
-            [FedAvgConfig(**FL, seed=1)],
-            {**PARAMS, "wait_limit": 0},
+            configs=[FedAvgConfig(**FL, seed=1)],
+            params={**PARAMS, "wait_limit": 0},
         )
 
 
@@ -225,7 +363,7 @@ def test_a_run_another_device_started_at_its_precision_is_refused_naming_both(wo
         match=r"holds this run at precision fp16, started on another device, and "
         r"this device resolves precision='auto' to fp32.*precision='fp16'",
     ):
-        run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, [config], PARAMS)
+        run_grid(run_fedavg, workspace, tiny_data, experiments.FEDAVG_IID, configs=[config], params=PARAMS)
     assert [p.name for p in (workspace.root / runs.RUNS_DIR).iterdir()] == [on_a_t4.dir.name]  # nothing new
     explicit = run_fedavg(workspace, tiny_data, replace(config, precision="fp32"), progress=False)
     assert explicit.run.config["precision"] == "fp32"  # a precision set by name is the user's choice
@@ -306,11 +444,11 @@ def test_a_sparse_centralized_run_resumes_bit_identical_from_its_trainable_entri
     reference = run_centralized(ws_a, tiny_data, config, save_weights=True, progress=False)
     real_evaluate, calls = training.evaluate_splits, []
 
-    def die_in_the_second_evaluation(*args):
+    def die_in_the_second_evaluation(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise Killed("during epoch 2's evaluation, after epoch 1's checkpoint")
-        return real_evaluate(*args)
+        return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(training, "evaluate_splits", die_in_the_second_evaluation)
     saved = saved_steps(monkeypatch)
@@ -376,10 +514,17 @@ def test_with_the_round_count_option_the_dry_run_predicts_the_checkpoint_bytes_a
         ws,
         data,
         experiments.FEDAVG_LR_SEARCH,
-        experiments.fedavg_search_configs(**params),
-        params,
-        "fedavg",
+        configs=experiments.fedavg_search_configs(**params),
+        params=params,
+        regime="fedavg",
     )
-    run_grid(run_fedavg, ws, data, experiments.FEDAVG_IID, experiments.fedavg_iid_configs(**params), params)
+    run_grid(
+        run_fedavg,
+        ws,
+        data,
+        experiments.FEDAVG_IID,
+        configs=experiments.fedavg_iid_configs(**params),
+        params=params,
+    )
     assert len(saved) == sum(pipeline.checkpoint_count(run, 0.0) for _, run in planned.iterrows())
     assert sum(size for _, size in saved) == pytest.approx(expected, rel=0.05)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedta_utils.finetune import (
+from fedta_utils.prepare import (
     LAMBDA_TOLERANCE,
     LOGIT_SCALES,
     RIDGE_LAMBDAS,
@@ -181,7 +181,7 @@ def test_client_features_are_the_head_inputs(small_data):
 
     model = build_model("tiny_vit", 100, head_seed=1)
     index = np.arange(40, 80)
-    feats = client_features(model, small_data.train, index, 32, "fp32", batch_size=16)
+    feats = client_features(model, small_data.train, index, 32, precision="fp32", batch_size=16)
     inputs, _ = make_batch(small_data.train, torch.as_tensor(index), 32)
     assert feats.shape == (40, model.num_features) and feats.dtype == torch.float32
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Specifications of the mask utilities in fedta_utils.sensitivity: counts, tables, overlap, storage."""
+"""Specifications of the mask utilities in fedta_utils.masks: counts, tables, overlap, storage."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from fedta_utils.sensitivity import (
+from fedta_utils.masks import (
     count_trainable,
     jaccard,
     mask_density_by_parameter,

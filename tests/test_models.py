@@ -11,8 +11,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from fedta_utils import models
 from fedta_utils.checks import ConfigError
 from fedta_utils.fedavg import FedAvgConfig
-from fedta_utils.finetune import FineTuneSpec
 from fedta_utils.models import build_model
+from fedta_utils.prepare import FineTuneSpec
 from fedta_utils.training import CentralizedConfig
 
 

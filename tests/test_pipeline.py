@@ -170,14 +170,14 @@ def test_no_smoke_identity_holds_an_unresolved_precision(smoke_results):
 
 @pytest.mark.slow
 def test_smoke_sparse_fine_tuning_under_the_chosen_head_ends_no_lower_than_the_head_alone(smoke_results):
-    from fedta_utils import experiments, figures
+    from fedta_utils import experiments, results
 
     root = smoke_results["results_dir"] / "smoke"
-    heads = figures.load_runs(root, experiments.HEAD_ONLY).query("sharding == 'iid'")
+    heads = results.load_runs(root, experiments.HEAD_ONLY).query("sharding == 'iid'")
     assert heads["finetune.ridge_lambda"].isna().all()  # the penalty was chosen on validation ...
     assert (heads["ridge_lambda"] < 1.0).all()  # ... and the choice is not the old fixed default
     hparams = json.loads((root / "hparams.json").read_text())
-    sparse = figures.load_runs(root, experiments.SPARSE_FL).query(
+    sparse = results.load_runs(root, experiments.SPARSE_FL).query(
         "sharding == 'iid' and `finetune.mask_rule` == 'least_sensitive' and `finetune.sparsity` == 0.9 "
         "and `finetune.calibration_rounds` == 2"
     )
@@ -191,15 +191,15 @@ def test_smoke_sparse_fine_tuning_under_the_chosen_head_ends_no_lower_than_the_h
 def test_smoke_no_fine_tuning_under_the_chosen_head_diverges(smoke_results):
     """Unclipped, the dense backbone and sparsity 0.5 under the chosen head (penalty 1e-4) reached
     train losses of 80-250 and chance accuracy (0-1 %); every run of 04 and 05 under it clips."""
-    from fedta_utils import experiments, figures
+    from fedta_utils import experiments, results
 
     root = smoke_results["results_dir"] / "smoke"
     folders = (experiments.SPARSE_LR_SEARCH, experiments.SPARSE_FL, experiments.MASK_RULES)
-    runs = pd.concat([figures.load_runs(root, folder) for folder in folders], ignore_index=True)
+    runs = pd.concat([results.load_runs(root, folder) for folder in folders], ignore_index=True)
     under_head = runs[runs["finetune.head"] == "ridge"]
     assert len(under_head) > 20 and (under_head["finetune.max_grad_norm"] == 1.0).all()
     assert (under_head["method"] == "dense + ridge head").any() and (under_head["sparsity"] == 0.5).any()
-    losses = pd.concat([figures.load_curves(root, folder, ["finetune.head"]) for folder in folders])
+    losses = pd.concat([results.load_curves(root, folder, ["finetune.head"]) for folder in folders])
     assert losses.loc[losses["finetune.head"] == "ridge", "train_loss"].max() < 20  # ln(100) = 4.6
     assert (under_head["final_val_acc"] >= 0.1).all()  # ten times chance
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import needs_tex
 
-from fedta_utils import figures, report, runs
+from fedta_utils import figures, report, results, runs
 from fedta_utils.experiments import (
     CENTRALIZED,
     FEDAVG_IID,
@@ -161,7 +161,7 @@ def sparse_spec(sparsity, rounds=2, rule="least_sensitive") -> dict:
 
 def write_study(root) -> None:
     """Every experiment; wherever configurations compete, the validation best is not the test best."""
-    data = Path(root) / figures.DATA
+    data = Path(root) / results.DATA
     data.mkdir(parents=True)
     (data / "split_sizes.csv").write_text("split,images\ntrain,900\nvalidation,100\ntest,500\n")
     (data / "shard_stats.csv").write_text(
@@ -302,10 +302,10 @@ def centralized_only(tmp_path_factory):
 
 
 def test_mean_std_uses_ddof_1_and_gives_0_for_one_seed(study):
-    table = figures.centralized_table(study[0])
+    table = results.centralized_table(study[0])
     cosine = table.set_index("scheduler").loc["cosine"]
     assert cosine["mean"] == pytest.approx(0.82) and cosine["std"] == pytest.approx(0.02) and cosine["n"] == 3
-    single = figures.mean_std(figures.load_runs(study[0], LR_SEARCH), ["lr"])
+    single = results.mean_std(results.load_runs(study[0], LR_SEARCH), ["lr"])
     assert list(single["std"]) == [0.0, 0.0]
 
 
@@ -316,7 +316,7 @@ def test_the_best_scheduler_is_chosen_on_validation_and_reported_on_test(study):
 
 
 def test_the_best_sparse_setting_is_chosen_on_validation_with_its_gap_to_fedavg(study):
-    table = figures.sparse_table(study[0])
+    table = results.sparse_table(study[0])
     chosen = table[table["chosen"]]
     assert list(chosen["sparsity"]) == [0.9, 0.9] and list(chosen["sharding_label"]) == ["iid", "Nc=5"]
     values = numbers(study[1])
@@ -331,26 +331,26 @@ def test_the_best_mask_rule_is_chosen_on_validation(study):
 
 
 def test_the_learning_rate_search_choice_is_the_validation_best(study):
-    table = figures.lr_search_table(study[0])
+    table = results.lr_search_table(study[0])
     assert list(table.loc[table["chosen"], "lr"]) == [0.1]
     assert numbers(study[1])["ChosenLr"] == "0.1" and numbers(study[1])["SearchValAcc"] == r"40.0\,\%"
 
 
 def test_ties_on_validation_go_to_the_first_configuration_in_table_order():
-    table = figures.choose(pd.DataFrame({"lr": [0.01, 0.1], "val": [0.5, 0.5]}))
+    table = results.choose(pd.DataFrame({"lr": [0.01, 0.1], "val": [0.5, 0.5]}))
     assert list(table["chosen"]) == [True, False]
 
 
 def test_scheduler_runs_at_other_learning_rates_are_left_out(study):
-    assert figures.centralized_table(study[0]).set_index("scheduler").loc["cosine", "n"] == 3
+    assert results.centralized_table(study[0]).set_index("scheduler").loc["cosine", "n"] == 3
 
 
 def test_epochs_to_99_percent_is_the_first_epoch_within_1_percent_of_the_final_accuracy(study):
-    assert list(figures.centralized_table(study[0])["epochs_to_99"]) == [2, 2]
+    assert list(results.centralized_table(study[0])["epochs_to_99"]) == [2, 2]
 
 
 def test_fedavg_and_centralized_are_compared_at_the_images_both_processed(study):
-    table = figures.fedavg_table(study[0]).set_index("method")
+    table = results.fedavg_table(study[0]).set_index("method")
     # FedAvg: a round is m=5 clients x J=2 steps x B=64 images = 640, 4 rounds 2,560; centralized: 2 x 900.
     assert table["budget"].tolist() == [1800, 1800]
     assert table.loc["centralized (cosine)", "acc_at_budget"] == pytest.approx(0.82)
@@ -359,29 +359,29 @@ def test_fedavg_and_centralized_are_compared_at_the_images_both_processed(study)
 
 
 def test_sharding_labels_order_iid_first_then_by_classes_per_client(study):
-    assert list(figures.heterogeneity_table(study[0])["sharding_label"].unique()) == ["iid", "Nc=1", "Nc=5"]
+    assert list(results.heterogeneity_table(study[0])["sharding_label"].unique()) == ["iid", "Nc=1", "Nc=5"]
 
 
 def test_drift_table_averages_the_diagnostics_over_rounds(study):
-    drift = figures.drift_table(study[0])
+    drift = results.drift_table(study[0])
     assert drift["mean_pairwise_cosine"].tolist() == pytest.approx([0.2] * len(drift))
     assert drift["update_efficiency"].tolist() == pytest.approx([0.5] * len(drift))
 
 
 def test_the_threshold_is_the_seed_mean_of_the_last_calibration_round(study):
-    table = figures.sparse_table(study[0])
+    table = results.sparse_table(study[0])
     assert table.loc[table["chosen"], "threshold"].tolist() == pytest.approx([3e-6, 3e-6])
 
 
 def test_mask_overlap_is_the_jaccard_index_of_the_trainable_sets(study):
-    overlap = figures.mask_overlap_table(study[0])
+    overlap = results.mask_overlap_table(study[0])
     # least: {b0: 4, p: 1} = 5 entries; random: {b0: 2, b1: 2, p: 2} = 6; shared: b0 2 + p 1 = 3.
     assert overlap.loc["least_sensitive", "random"] == pytest.approx(3 / 8)
     assert overlap.loc["random", "random"] == 1.0
 
 
 def test_block_density_is_the_trainable_fraction_per_transformer_block(study):
-    density = figures.block_density_table(study[0]).set_index(["rule", "block"])["density"]
+    density = results.block_density_table(study[0]).set_index(["rule", "block"])["density"]
     assert density[("least_sensitive", 0)] == 1.0 and density[("least_sensitive", 1)] == 0.0
     assert density[("least_sensitive", -1)] == 0.5 and density[("random", 1)] == 0.5
 
@@ -549,8 +549,8 @@ def test_a_figure_without_results_is_a_placeholder_of_its_size(tmp_path):
 
 
 def test_a_table_without_results_raises_no_results(tmp_path):
-    with pytest.raises(figures.NoResults, match=HETEROGENEITY):
-        figures.heterogeneity_table(tmp_path)
+    with pytest.raises(results.NoResults, match=HETEROGENEITY):
+        results.heterogeneity_table(tmp_path)
 
 
 def test_an_empty_results_root_writes_every_asset_without_raising(tmp_path):

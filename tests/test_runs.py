@@ -500,7 +500,7 @@ def test_a_run_another_process_finished_while_this_one_took_its_lock_is_read_bac
 ):
     from fedta_utils.experiments import run_head_only
     from fedta_utils.fedavg import FedAvgConfig, run_fedavg
-    from fedta_utils.finetune import FineTuneSpec
+    from fedta_utils.prepare import FineTuneSpec
     from fedta_utils.training import CentralizedConfig, run_centralized
 
     fedavg = FedAvgConfig(

@@ -335,7 +335,13 @@ def test_a_worker_lists_its_grid_and_its_figures_name_the_runs_not_complete(
     monkeypatch.setattr(team, "PENDING", {})  # this process's record, restored after the test
     params = {"worker": "1/2", "wait_limit": 0.1, "eval_batch_size": 128}
     done = experiments.run_grid(
-        run_fedavg, workspace, small_data, experiments.HETEROGENEITY, configs, params, wait=False
+        run_fedavg,
+        workspace,
+        small_data,
+        experiments.HETEROGENEITY,
+        configs=configs,
+        params=params,
+        wait=False,
     )
     assert [r.run.config["seed"] for r in done] == [0]  # worker 1 trained its share only
     table = capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedta_utils import training
-from fedta_utils.finetune import FineTuneSpec, load_prepared
+from fedta_utils.prepare import FineTuneSpec, load_prepared
 from fedta_utils.training import CentralizedConfig, run_centralized
 
 TINY = dict(dataset="synthetic", model="tiny_vit", epochs=2, batch_size=64, lr=0.05, eval_points=2)
@@ -69,17 +69,19 @@ def test_a_run_interrupted_after_an_epoch_resumes_to_bit_identical_results(tmp_p
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
     real_evaluate, calls = training.evaluate_splits, []
 
-    def evaluate_then_die(*args):
+    def evaluate_then_die(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise Killed("during the second epoch's evaluation")
-        return real_evaluate(*args)
+        return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(training, "evaluate_splits", evaluate_then_die)
     with pytest.raises(Killed):
         run_centralized(ws, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
     calls.clear()
-    monkeypatch.setattr(training, "evaluate_splits", lambda *args: calls.append(1) or real_evaluate(*args))
+    monkeypatch.setattr(
+        training, "evaluate_splits", lambda *args, **kwargs: calls.append(1) or real_evaluate(*args, **kwargs)
+    )
     resumed = run_centralized(ws, small_data, config, checkpoint_every=1, save_weights=True, progress=False)
     assert len(calls) == 1  # epoch 2 only: epoch 1 comes from its checkpoint
     assert (resumed.run.dir / "metrics.csv").read_bytes() == (reference.run.dir / "metrics.csv").read_bytes()
@@ -185,8 +187,8 @@ def test_evaluations_fall_mid_epoch_on_the_subsets_and_the_last_on_the_full_spli
     monkeypatch.setattr(
         training,
         "evaluate",
-        lambda model, image_set, *rest: (
-            sizes.append(len(image_set)) or real_evaluate(model, image_set, *rest)
+        lambda model, image_set, *rest, **kwargs: (
+            sizes.append(len(image_set)) or real_evaluate(model, image_set, *rest, **kwargs)
         ),
     )
     config = CentralizedConfig(**{**TINY, "eval_points": 5, "eval_subset": 100})
@@ -209,11 +211,11 @@ def test_a_run_killed_between_mid_epoch_evaluations_resumes_bit_identical(tmp_pa
     ws = setup_workspace("smoke", tmp_path / "b", device="cpu", download=False)
     real_evaluate, calls = training.evaluate_splits, []
 
-    def evaluate_then_die(*args):
+    def evaluate_then_die(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:  # epoch 2's second evaluation: its train loss carries from epoch 1's last steps
             raise Killed("mid-run")
-        return real_evaluate(*args)
+        return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(training, "evaluate_splits", evaluate_then_die)
     with pytest.raises(Killed):
@@ -230,10 +232,10 @@ def test_train_steps_counts_the_steps_the_loss_scaler_skips_and_each_still_uses_
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     # zero weights: the gradient is [[-500, 0], [500, 0]], so scales of 2^125..2^127 overflow float32
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
-    loss_sum, count, skipped = training.train_steps(model, optimizer, scaler, [batch] * 3, "fp32")
+    loss_sum, count, skipped = training.train_steps(model, optimizer, scaler, [batch] * 3, precision="fp32")
     assert (count, skipped) == (12, 3) and scaler.get_scale() == 2.0**124  # halved once per skip
     assert loss_sum.item() == pytest.approx(12 * math.log(2), abs=1e-5)  # every batch was used
     assert torch.equal(model.weight, torch.zeros(2, 2))
     disabled = torch.amp.GradScaler("cpu", enabled=False)
-    loss_sum, count, skipped = training.train_steps(model, optimizer, disabled, [batch] * 3, "fp32")
+    loss_sum, count, skipped = training.train_steps(model, optimizer, disabled, [batch] * 3, precision="fp32")
     assert (count, skipped) == (12, 0) and model.weight.abs().sum() > 0

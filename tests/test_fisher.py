@@ -1,4 +1,4 @@
-"""Specifications of fedta_utils.sensitivity: diagonal Fisher scores and TaLoS mask calibration."""
+"""Specifications of fedta_utils.fisher and fedta_utils.masks: Fisher scores and TaLoS calibration."""
 
 from __future__ import annotations
 
@@ -11,19 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedta_utils.checks import ConfigError
+from fedta_utils.fisher import DEFAULT_CHUNK, fisher_scores, fisher_sums, fisher_sums_loop
+from fedta_utils.masks import ATTENUATION, RULES, calibrate, calibrate_masks, count_trainable, mask_sparsity
 from fedta_utils.models import backbone_parameter_names, build_model
-from fedta_utils.sensitivity import (
-    ATTENUATION,
-    DEFAULT_CHUNK,
-    RULES,
-    calibrate,
-    calibrate_masks,
-    count_trainable,
-    fisher_scores,
-    fisher_sums,
-    fisher_sums_loop,
-    mask_sparsity,
-)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -367,7 +357,7 @@ def test_scoring_leaves_weights_grads_flags_and_modes_exactly_as_they_were(fishe
 @pytest.mark.parametrize("rule", RULES)
 def test_achieved_sparsity_is_the_target_within_one_entry(rule, sparsity, rounds):
     model = ToyParameters()
-    result = calibrate(model, lambda m: toy_scores(), rule, sparsity, rounds)
+    result = calibrate(model, lambda m: toy_scores(), rule, sparsity, rounds=rounds)
     total = 18
     assert count_trainable(result.masks) == round((1 - sparsity) * total)
     assert result.achieved_sparsity == pytest.approx(mask_sparsity(result.masks))

@@ -2,7 +2,7 @@
 
     head='train'   the random linear head is trained with the backbone (plain fine-tuning)
     head='ridge'   closed-form ridge head on frozen features, then frozen
-    mask_rule      None (dense) or a calibration rule (sensitivity.RULES)
+    mask_rule      None (dense) or a calibration rule (masks.RULES)
 
 Nothing is pooled in FL: every client computes its head statistics and its Fisher sums on its
 own shard with the global model; the server adds them (the statistics of the union) and
@@ -43,13 +43,14 @@ from tqdm.auto import tqdm
 
 from .checks import check_choice, check_float, check_int
 from .data import DataBundle, ImageSet, make_batch, numpy_rng, sequential_batches, torch_generator
+from .fisher import LABEL_MODES, fisher_sums
+from .masks import RULES, Calibration, calibrate, pack_masks, unpack_masks
 from .models import autocast, backbone_parameter_names, head_parameter_names
 from .runs import atomic_torch_save, config_id
-from .sensitivity import LABEL_MODES, RULES, calibrate, fisher_sums, pack_masks, unpack_masks
 
 HEAD_MODES = ("train", "ridge")
 ELIGIBLE_SETS = ("backbone", "blocks", "matrices")
-FISHER_CHUNK = 32  # samples per Fisher forward/backward (see sensitivity.DEFAULT_CHUNK for the memory)
+FISHER_CHUNK = 32  # samples per Fisher forward/backward (see fisher.DEFAULT_CHUNK for the memory)
 
 
 # --------------------------------------------------------------------------- step 0: the ridge head
@@ -61,7 +62,7 @@ LAMBDA_TOLERANCE = 0.01  # validation accuracy given up for a larger, steadier p
 
 @torch.inference_mode()
 def client_features(
-    model: nn.Module, image_set: ImageSet, indices, img_size: int, precision: str, batch_size: int = 256
+    model: nn.Module, image_set: ImageSet, indices, img_size: int, *, precision: str, batch_size: int = 256
 ) -> torch.Tensor:
     """Frozen-backbone features [n, D] (float32) of positions `indices`, no augmentation."""
     model.eval()
@@ -116,6 +117,7 @@ def federated_ridge_head(
     client_labels: list[torch.Tensor],
     num_classes: int,
     ridge_lambda: float | None,
+    *,
     scales: tuple[float, ...] = LOGIT_SCALES,
     val_feats: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
@@ -165,7 +167,7 @@ class FineTuneSpec:
 
     head: str = "train"  # 'train' | 'ridge' (frozen after step 0)
     ridge_lambda: float | None = 1.0  # relative ridge penalty (solve_ridge); None: chosen on validation
-    mask_rule: str | None = None  # None = dense; else one of sensitivity.RULES
+    mask_rule: str | None = None  # None = dense; else one of masks.RULES
     sparsity: float = 0.9  # fraction of eligible entries frozen
     calibration_rounds: int = 4  # R in TaLoS: density d^(r/R) in round r
     calibration_samples: int = 1600  # samples scored per round in total (split evenly over clients)
@@ -226,6 +228,7 @@ def prepare(
     model: nn.Module,
     data: DataBundle,
     spec: FineTuneSpec,
+    *,
     seed: int,
     img_size: int,
     precision: str,
@@ -237,29 +240,48 @@ def prepare(
         return load_prepared(run.dir, model, data.device)
     info = {}
     if spec.head == "ridge":
-        weight, bias, info = fit_ridge_head(model, data, spec, img_size, precision, shards, head_cache)
+        weight, bias, info = fit_ridge_head(
+            model, data, spec, img_size, precision=precision, shards=shards, cache=head_cache
+        )
         install_head(model, weight, bias)
     names = backbone_parameter_names(model) + (head_parameter_names(model) if spec.head == "train" else [])
     prepared = Prepared(names, info=dict(info))
     if spec.is_sparse:
-        eligible = eligible_names(model, spec.eligible)
-        score_fn = federated_fisher(
-            data,
-            calibration_samples(shards, spec.calibration_samples, seed),
-            img_size,
-            spec.label_mode,
-            eligible,
-            seed,
-        )
-        result = calibrate(
-            model, score_fn, spec.mask_rule, spec.sparsity, spec.calibration_rounds, eligible, seed
-        )
+        result = calibrate_mask(model, data, spec, img_size, shards=shards, seed=seed)
         prepared.masks = result.masks
         prepared.info.update(
             achieved_sparsity=result.achieved_sparsity,
             thresholds=result.thresholds,
             round_densities=result.densities,
         )
+    save_prepared(run, model, prepared)
+    return prepared
+
+
+def calibrate_mask(model, data, spec, img_size, *, shards, seed) -> Calibration:
+    """Step 1: the spec's mask, calibrated on the federated Fisher of the clients' calibration samples."""
+    eligible = eligible_names(model, spec.eligible)
+    score_fn = federated_fisher(
+        data,
+        calibration_samples(shards, spec.calibration_samples, seed),
+        img_size,
+        spec.label_mode,
+        names=eligible,
+        seed=seed,
+    )
+    return calibrate(
+        model,
+        score_fn,
+        spec.mask_rule,
+        spec.sparsity,
+        rounds=spec.calibration_rounds,
+        param_names=eligible,
+        seed=seed,
+    )
+
+
+def save_prepared(run, model: nn.Module, prepared: Prepared) -> None:
+    """prepared.pt: the trainable names, the step-0 head, the bit-packed masks and the info."""
     head = model.get_classifier()
     run.save_artifact(
         "prepared.pt",
@@ -270,7 +292,6 @@ def prepare(
             "masks": pack_masks(prepared.masks) if prepared.masks is not None else None,
         },
     )
-    return prepared
 
 
 def load_prepared(run_dir: str | Path, model: nn.Module | None = None, device="cpu") -> Prepared:
@@ -305,7 +326,7 @@ def head_cache_path(root: str | Path, spec: FineTuneSpec, **context) -> Path | N
     return Path(root) / "cache" / f"head-{config_id({**context, 'ridge_lambda': ridge})}.pt"
 
 
-def fit_ridge_head(model, data, spec, img_size, precision, shards, cache: Path | None):
+def fit_ridge_head(model, data, spec, img_size, *, precision, shards, cache: Path | None):
     """(weight, bias, info) of the federated ridge head, read from `cache` when another run fitted it.
 
     A penalty chosen on validation costs one more feature pass, over the server's validation split.
@@ -317,7 +338,7 @@ def fit_ridge_head(model, data, spec, img_size, precision, shards, cache: Path |
         except Exception:  # an unreadable cache entry is recomputed, never trusted
             pass
     feats = [
-        client_features(model, data.train, idx, img_size, precision)
+        client_features(model, data.train, idx, img_size, precision=precision)
         for idx in tqdm(shards, desc="step 0: client features", leave=False)
     ]
     labels = [data.train.labels[torch.as_tensor(idx, device=data.device)] for idx in shards]
@@ -325,7 +346,9 @@ def fit_ridge_head(model, data, spec, img_size, precision, shards, cache: Path |
         {}
         if spec.ridge_lambda is not None
         else {
-            "val_feats": client_features(model, data.val, np.arange(len(data.val)), img_size, precision),
+            "val_feats": client_features(
+                model, data.val, np.arange(len(data.val)), img_size, precision=precision
+            ),
             "val_labels": data.val.labels,
         }
     )
@@ -356,7 +379,7 @@ def calibration_samples(shards, total: int, seed: int) -> list[np.ndarray]:
     ]
 
 
-def federated_fisher(data, samples: list[np.ndarray], img_size, label_mode, names, seed):
+def federated_fisher(data, samples: list[np.ndarray], img_size, label_mode, *, names, seed):
     """score_fn(model) for calibrate(): every client's Fisher sums on its own samples, added.
 
     Each call is one calibration round; labels come from a stream per (seed, round, client), so

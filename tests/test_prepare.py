@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedta_utils import finetune
+from fedta_utils import prepare as preparation
 from fedta_utils.checks import ConfigError
 from fedta_utils.data import make_batch
-from fedta_utils.finetune import (
+from fedta_utils.fisher import fisher_scores
+from fedta_utils.masks import mask_sparsity
+from fedta_utils.models import backbone_parameter_names, build_model
+from fedta_utils.prepare import (
     RIDGE_LAMBDAS,
     FineTuneSpec,
     choose_ridge_lambda,
@@ -20,8 +23,6 @@ from fedta_utils.finetune import (
     load_prepared,
     prepare,
 )
-from fedta_utils.models import backbone_parameter_names, build_model
-from fedta_utils.sensitivity import fisher_scores, mask_sparsity
 from fedta_utils.sharding import non_iid_shards
 
 
@@ -112,9 +113,9 @@ def test_a_gradient_norm_bound_is_part_of_the_identity_only_when_set():
 def test_eligible_sets_narrow_the_backbone_to_blocks_and_their_matrices():
     model = build_model("tiny_vit", 10)
     params = dict(model.named_parameters())
-    backbone = finetune.eligible_names(model, "backbone")
-    blocks = finetune.eligible_names(model, "blocks")
-    matrices = finetune.eligible_names(model, "matrices")
+    backbone = preparation.eligible_names(model, "backbone")
+    blocks = preparation.eligible_names(model, "blocks")
+    matrices = preparation.eligible_names(model, "matrices")
     assert backbone == backbone_parameter_names(model) and "cls_token" in backbone
     assert blocks == [n for n in backbone if n.startswith("blocks.")]
     assert matrices == [n for n in blocks if params[n].ndim == 2]
@@ -128,7 +129,7 @@ def test_federated_fisher_is_the_fisher_of_the_union_of_client_samples(small_dat
     model = build_model("tiny_vit", 100)
     names = backbone_parameter_names(model)
     samples = [np.arange(0, 40), np.arange(500, 530), np.arange(1000, 1050)]
-    federated = finetune.federated_fisher(small_data, samples, 32, "true", names, seed=0)(model)
+    federated = preparation.federated_fisher(small_data, samples, 32, "true", names=names, seed=0)(model)
     union = torch.as_tensor(np.concatenate(samples))
     central = fisher_scores(model, [make_batch(small_data.train, union, 32)], "true", names)
     for name in names:
@@ -137,7 +138,7 @@ def test_federated_fisher_is_the_fisher_of_the_union_of_client_samples(small_dat
 
 def test_calibration_samples_come_from_each_clients_own_shard(small_data):
     shards = client_shards(small_data)
-    samples = finetune.calibration_samples(shards, total=95, seed=0)
+    samples = preparation.calibration_samples(shards, total=95, seed=0)
     assert len(samples) == 20
     for shard, chosen in zip(shards, samples):
         assert len(chosen) == 5 and len(set(chosen)) == 5 and set(chosen) <= set(shard)
@@ -154,22 +155,22 @@ def test_federated_ridge_head_equals_the_centralized_ridge_head(workspace, small
         central_model,
         small_data,
         spec,
-        0,
-        32,
-        "fp32",
-        whole_train_split(small_data),
-        None,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=whole_train_split(small_data),
+        head_cache=None,
     )
     prepare(
         open_run(workspace, "fed"),
         fed_model,
         small_data,
         spec,
-        0,
-        32,
-        "fp32",
-        client_shards(small_data),
-        None,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=None,
     )
     torch.testing.assert_close(central_model.head.weight, fed_model.head.weight, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(central_model.head.bias, fed_model.head.bias, atol=1e-4, rtol=1e-4)
@@ -184,11 +185,11 @@ def test_global_masks_reach_the_target_sparsity_and_freeze_the_head(workspace, s
         build_model("tiny_vit", 100),
         small_data,
         spec,
-        0,
-        32,
-        "fp32",
-        client_shards(small_data),
-        None,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=None,
     )
     assert mask_sparsity(prepared.masks) == pytest.approx(0.7, abs=1e-5)
     assert prepared.info["achieved_sparsity"] == pytest.approx(0.7, abs=1e-5)
@@ -203,11 +204,11 @@ def test_a_trained_head_is_trainable_and_untouched_by_prepare(workspace, small_d
         model,
         small_data,
         FineTuneSpec(head="train"),
-        0,
-        32,
-        "fp32",
-        whole_train_split(small_data),
-        None,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=whole_train_split(small_data),
+        head_cache=None,
     )
     assert prepared.trainable_names == [n for n, _ in model.named_parameters()] and prepared.masks is None
     assert torch.equal(model.head.weight, before)
@@ -219,11 +220,31 @@ def test_a_resumed_run_reads_prepared_pt_back_without_calibrating(
     spec = FineTuneSpec(head="ridge", mask_rule="random", sparsity=0.5, calibration_rounds=1)
     run = open_run(workspace)
     first_model = build_model("tiny_vit", 100)
-    first = prepare(run, first_model, small_data, spec, 0, 32, "fp32", client_shards(small_data), None)
-    monkeypatch.setattr(finetune, "calibrate", refuse)
-    monkeypatch.setattr(finetune, "federated_ridge_head", refuse)
+    first = prepare(
+        run,
+        first_model,
+        small_data,
+        spec,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=None,
+    )
+    monkeypatch.setattr(preparation, "calibrate", refuse)
+    monkeypatch.setattr(preparation, "federated_ridge_head", refuse)
     model = build_model("tiny_vit", 100)
-    again = prepare(run, model, small_data, spec, 0, 32, "fp32", client_shards(small_data), None)
+    again = prepare(
+        run,
+        model,
+        small_data,
+        spec,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=None,
+    )
     assert again.trainable_names == first.trainable_names and again.info == first.info
     assert all(torch.equal(first.masks[n], again.masks[n]) for n in first.masks)
     assert torch.equal(model.head.weight, first_model.head.weight)
@@ -241,25 +262,25 @@ def test_a_ridge_head_is_fitted_once_and_shared_through_the_head_cache(
         first_model,
         small_data,
         spec,
-        0,
-        32,
-        "fp32",
-        client_shards(small_data),
-        cache,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=cache,
     )
     assert cache.is_file()
-    monkeypatch.setattr(finetune, "federated_ridge_head", refuse)
+    monkeypatch.setattr(preparation, "federated_ridge_head", refuse)
     other_masks = FineTuneSpec(head="ridge", mask_rule="random", sparsity=0.5, calibration_rounds=1)
     prepare(
         open_run(workspace, "second"),
         second_model,
         small_data,
         other_masks,
-        0,
-        32,
-        "fp32",
-        client_shards(small_data),
-        cache,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=cache,
     )
     assert torch.equal(second_model.head.weight, first_model.head.weight)
     assert torch.equal(second_model.head.bias, first_model.head.bias)
@@ -272,7 +293,15 @@ def test_an_unreadable_head_cache_entry_is_fitted_again(workspace, small_data, o
     cache.write_bytes(b"half a file")
     model = build_model("tiny_vit", 100)
     prepared = prepare(
-        open_run(workspace), model, small_data, spec, 0, 32, "fp32", whole_train_split(small_data), cache
+        open_run(workspace),
+        model,
+        small_data,
+        spec,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=whole_train_split(small_data),
+        head_cache=cache,
     )
     stored = torch.load(cache, weights_only=True)
     assert torch.equal(stored["weight"], model.head.weight.detach())
@@ -323,11 +352,11 @@ def test_prepare_chooses_the_penalty_on_validation_never_on_test(workspace, smal
         chosen_model,
         no_test,
         spec,
-        0,
-        32,
-        "fp32",
-        client_shards(small_data),
-        None,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=None,
     )
     accuracies = chosen.info["val_accuracy_per_lambda"]
     assert list(accuracies) == [f"{lam:g}" for lam in RIDGE_LAMBDAS]
@@ -338,11 +367,11 @@ def test_prepare_chooses_the_penalty_on_validation_never_on_test(workspace, smal
         fixed_model,
         no_test,
         FineTuneSpec(head="ridge", ridge_lambda=chosen.info["ridge_lambda"]),
-        0,
-        32,
-        "fp32",
-        client_shards(small_data),
-        None,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=client_shards(small_data),
+        head_cache=None,
     )
     assert fixed.info["logit_scale"] == chosen.info["logit_scale"]
     assert "val_accuracy_per_lambda" not in fixed.info
@@ -357,11 +386,11 @@ def test_a_fixed_penalty_never_reads_the_validation_split(workspace, small_data,
         build_model("tiny_vit", 100),
         no_val,
         FineTuneSpec(head="ridge", ridge_lambda=0.1),
-        0,
-        32,
-        "fp32",
-        whole_train_split(small_data),
-        None,
+        seed=0,
+        img_size=32,
+        precision="fp32",
+        shards=whole_train_split(small_data),
+        head_cache=None,
     )
     assert prepared.info["ridge_lambda"] == 0.1
 
