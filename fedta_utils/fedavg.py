@@ -33,19 +33,18 @@ from .checks import check_bool, check_choice, check_float, check_int
 from .data import DataBundle, augmentation_generator, numpy_rng
 from .optim import lr_multiplier
 from .prepare import FineTuneSpec, head_cache_path
-from .runs import CheckpointSchedule
+from .runs import Run
 from .sharding import SHARDINGS, make_shards
 from .training import (
     RunResult,
     TrainingRun,
     check_run_fields,
-    checked_run,
     eval_steps,
     load_flat,
     make_optimizer,
     moving_entries,
     read_flat,
-    read_or_train,
+    train_or_read,
     train_steps,
     training_batches,
 )
@@ -132,7 +131,7 @@ class FedAvgConfig:
             dirichlet_alpha=self.dirichlet_alpha,
         )
 
-    def head_cache(self, ws):
+    def head_cache(self, ws, device=None):
         """Where this config's step-0 head is shared with every run that has the same shards."""
         return head_cache_path(
             ws.root,
@@ -144,7 +143,7 @@ class FedAvgConfig:
             num_clients=self.num_clients,
             seed=self.seed,
             img_size=models.input_size(self.model, self.img_size),
-            precision=models.resolve_precision(self.precision, ws.device),
+            precision=models.resolve_precision(self.precision, device or ws.device),
         )
 
 
@@ -193,7 +192,8 @@ class ClientUpdate:
 
 
 def client_update(model, params, global_weights, batches, *, optimizer, precision, scaler_state=None):
-    """ClientUpdate(w_k - w_t, ...) of one client's J local steps from w_t (McMahan et al., 2017, Alg. 1).
+    """ClientUpdate(w_k - w_t, ...) of one client's local training from w_t: J optimizer steps (not E
+    epochs, as in McMahan et al., 2017, Alg. 1).
 
     model: the one simulated model; params: its trainable parameters, the flat layout of `global_weights`
     (w_t); batches: the client's J (inputs, labels) pairs, built lazily; optimizer: a fresh one over
@@ -247,7 +247,7 @@ class DeltaStats:
     """Drift and interference of one round's client deltas, accumulated as clients finish.
 
         mean_client_delta_norm   mean_k ||d_k||
-        avg_delta_norm           || sum_k (n_k / n) d_k ||   (the server's step before eta_s)
+        avg_delta_norm           || sum_k (n_k / n) d_k ||   (plain FedAvg's step before eta_s)
         mean_pairwise_cosine     mean over k != l of cos(d_k, d_l)
         sign_conflict_fraction   among entries some client moved, the share moved both ways
         sign_agreement           among moved entries, mean |sum_k sign(d_k)| / movers: 1 when all
@@ -337,37 +337,19 @@ class RoundLog:
 # --------------------------------------------------------------------------- the run
 
 
-def run_fedavg(
-    ws,
-    data: DataBundle,
-    config: FedAvgConfig,
-    *,
-    eval_batch_size: int = 256,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float = 15,
-    save_weights: bool = False,
-    progress: bool = True,
-) -> RunResult:
+def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, **options) -> RunResult:
     """Run (or resume, or just read back) a FedAvg experiment; returns its summary and metrics.
 
-    Checkpoints: every `checkpoint_every` rounds, or with None after `checkpoint_minutes` of wall time
-    (runs.CheckpointSchedule)."""
-    run = checked_run(
-        ws,
-        data,
-        config,
-        eval_batch_size,
-        checkpoint_every=checkpoint_every,
-        checkpoint_minutes=checkpoint_minutes,
-    )
+    options: eval_batch_size, checkpoint_every, checkpoint_minutes, save_weights, progress
+    (training.train_or_read).
+    """
+    data.check_is(config.dataset)  # the wrong data is named as such, before the shards are drawn from it
     shards = config.shards(data)  # impossible requests fail here, before the run folder exists
-    return read_or_train(
-        run,
-        lambda: FedAvgRun(ws, data, config, run, shards, eval_batch_size),
-        CheckpointSchedule(checkpoint_every, checkpoint_minutes),
-        save_weights=save_weights,
-        progress=progress,
-    )
+
+    def start_training(run: Run, eval_batch_size: int) -> FedAvgRun:
+        return FedAvgRun(ws, data, config, run, shards, eval_batch_size)
+
+    return train_or_read(ws, data, config, start_training, **options)
 
 
 class FedAvgRun(TrainingRun):
@@ -422,7 +404,8 @@ class FedAvgRun(TrainingRun):
         self.timing.append({"round": round_index + 1, **times, "wall_s": elapsed + sum(times.values())})
 
     def round(self, round_index: int) -> dict:
-        """One communication round of FedAvg (McMahan et al., 2017, Alg. 1); returns its metrics row."""
+        """One communication round of FedAvg (McMahan et al., 2017, Alg. 1, with J local steps instead of E
+        epochs); returns its metrics row."""
         config = self.config
         clients = sample_clients(config.seed, round_index, config.num_clients, config.participation)
         lr = self.client_lr(round_index)

@@ -1,6 +1,6 @@
 """Diagonal Fisher information of a model's parameters, from per-sample gradients.
 
-Diagonal Fisher scores, multi-round mask calibration (TaLoS) and mask utilities.
+The scores that the sensitivity rules of `masks` calibrate masks with.
 
 Why: sparse fine-tuning for task arithmetic updates only the parameters the
 pre-trained model is least sensitive to, so that the fine-tuned weights move
@@ -87,53 +87,34 @@ def fisher_sums(
     The model is scored in eval mode; its weights, .grad, requires_grad flags
     and train/eval modes are left exactly as they were.
     """
-    return _fisher_sums(
-        model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype, _add_squares_vmap
-    )
+    options = {"generator": generator, "chunk_size": chunk_size, "autocast_dtype": autocast_dtype}
+    return _fisher_sums(model, batches, label_mode, param_names, _add_squares_vmap, **options)
 
 
-def fisher_sums_loop(
-    model: nn.Module,
-    batches: Iterable,
-    label_mode: str = "sampled",
-    param_names: list[str] | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    autocast_dtype: torch.dtype | None = None,
-) -> Sums:
-    """`fisher_sums` by one forward and backward per sample: the slow, plain reference."""
-    return _fisher_sums(
-        model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype, _add_squares_loop
-    )
+def fisher_sums_loop(model, batches, label_mode="sampled", param_names=None, **options) -> Sums:
+    """`fisher_sums` by one forward and backward per sample: the slow, plain reference (same options)."""
+    return _fisher_sums(model, batches, label_mode, param_names, _add_squares_loop, **options)
 
 
-def fisher_scores(
-    model: nn.Module,
-    batches: Iterable,
-    label_mode: str = "sampled",
-    param_names: list[str] | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    autocast_dtype: torch.dtype | None = None,
-) -> Tensors:
-    """Diagonal Fisher: `fisher_sums` divided by the sample count."""
-    sums, n = fisher_sums(
-        model,
-        batches,
-        label_mode,
-        param_names,
-        generator=generator,
-        chunk_size=chunk_size,
-        autocast_dtype=autocast_dtype,
-    )
+def fisher_scores(model, batches, label_mode="sampled", param_names=None, **options) -> Tensors:
+    """Diagonal Fisher: `fisher_sums` (same options) divided by the sample count."""
+    sums, n = fisher_sums(model, batches, label_mode, param_names, **options)
     if n == 0:
         raise ConfigError("batches holds no samples; the Fisher needs at least one")
     return {name: total / n for name, total in sums.items()}
 
 
-def _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size, autocast_dtype, add_squares):
+def _fisher_sums(
+    model,
+    batches,
+    label_mode,
+    param_names,
+    add_squares,
+    *,
+    generator=None,
+    chunk_size=DEFAULT_CHUNK,
+    autocast_dtype=None,
+):
     check_choice("label_mode", label_mode, LABEL_MODES)
     check_int("chunk_size", chunk_size, minimum=1)
     names = resolve_names(model, param_names, default=[n for n, _ in model.named_parameters()])
@@ -154,6 +135,7 @@ def _fisher_sums(model, batches, label_mode, param_names, generator, chunk_size,
 
 
 def resolve_names(model: nn.Module, param_names: list[str] | None, default: list[str]) -> list[str]:
+    """The named parameters to score, checked against the model; `default` when param_names is None."""
     if param_names is None:
         return list(default)
     if isinstance(param_names, str):

@@ -74,7 +74,7 @@ class CentralizedConfig:
         name = f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}"
         return f"{name}{self.finetune.short_name()}-s{self.seed}"
 
-    def head_cache(self, ws):
+    def head_cache(self, ws, device=None):
         """Where this config's step-0 head is shared with every centralized run of the same data and seed."""
         return head_cache_path(
             ws.root,
@@ -85,7 +85,7 @@ class CentralizedConfig:
             seed=self.seed,
             centralized=True,
             img_size=models.input_size(self.model, self.img_size),
-            precision=models.resolve_precision(self.precision, ws.device),
+            precision=models.resolve_precision(self.precision, device or ws.device),
         )
 
 
@@ -297,21 +297,6 @@ def load_sparse_state(state: dict, params: list[torch.Tensor], optimizer, moving
 # --------------------------------------------------------------------------- centralized run
 
 
-def checked_run(
-    ws,
-    data: DataBundle,
-    config,
-    eval_batch_size: int,
-    *,
-    checkpoint_every: int | None,
-    checkpoint_minutes: float,
-) -> Run:
-    """The run of `config`, after the checks every runner makes before any compute (no folder yet)."""
-    check_run_options(eval_batch_size, checkpoint_every, checkpoint_minutes)
-    data.check_is(config.dataset)
-    return run_folder(ws, config)
-
-
 def run_folder(ws, config) -> Run:
     """The run of a centralized or FedAvg config in the run store, named by the config."""
     return ws.run(config.run_name(), config.to_dict())
@@ -325,18 +310,36 @@ def check_run_options(eval_batch_size=256, checkpoint_every=None, checkpoint_min
     check_float("checkpoint_minutes", checkpoint_minutes, 0.0, None, low_open=True)
 
 
-def read_or_train(run: Run, start_training: Callable[[], TrainingRun], schedule, *, save_weights, progress):
-    """A complete run read back; otherwise trained under its lock, resuming from its last checkpoint.
+def train_or_read(
+    ws,
+    data: DataBundle,
+    config,
+    start_training: Callable[[Run, int], TrainingRun],
+    *,
+    eval_batch_size: int = 256,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float = 15,
+    save_weights: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """The run of `config` read back if complete; otherwise trained under its lock, from its last checkpoint.
 
-    start_training builds the run's trainer; it is called only under the lock, since it writes the run's
-    step-0/1 preparation.
+    start_training(run, eval_batch_size) builds the run's TrainingRun; it is called only under the lock,
+    since it writes the run's step-0/1 preparation. Checkpoints: every `checkpoint_every` epochs or rounds,
+    or with None after `checkpoint_minutes` of wall time (runs.CheckpointSchedule); save_weights: also
+    model.pt; progress: a progress bar.
     """
+    check_run_options(eval_batch_size, checkpoint_every, checkpoint_minutes)
+    data.check_is(config.dataset)
+    run = run_folder(ws, config)
     if run.is_complete:
         return read_complete(run)
     with run:
         if run.is_complete:  # finished by another process between the check above and taking its lock
             return read_complete(run)
-        return start_training().train(schedule, save_weights, progress)
+        schedule = CheckpointSchedule(checkpoint_every, checkpoint_minutes)  # its clock counts preparation
+        trainer = start_training(run, eval_batch_size)
+        return trainer.train(schedule, save_weights, progress)
 
 
 class TrainingRun:
@@ -368,7 +371,7 @@ class TrainingRun:
             img_size=self.img_size,
             precision=self.precision,
             shards=shards,
-            head_cache=config.head_cache(ws),
+            head_cache=config.head_cache(ws, self.device),  # keyed by the precision it trains at
         )
         named = dict(self.model.named_parameters())
         self.params = [named[n] for n in self.prepared.trainable_names]
@@ -432,36 +435,16 @@ class TrainingRun:
         return RunResult(self.run, summary, self.run.metrics())
 
 
-def run_centralized(
-    ws,
-    data: DataBundle,
-    config: CentralizedConfig,
-    *,
-    eval_batch_size: int = 256,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float = 15,
-    save_weights: bool = False,
-    progress: bool = True,
-) -> RunResult:
+def run_centralized(ws, data: DataBundle, config: CentralizedConfig, **options) -> RunResult:
     """Fine-tune centrally for `config.epochs`, resuming from a checkpoint; a complete run is read back.
 
-    Checkpoints: every `checkpoint_every` epochs, or with None after `checkpoint_minutes` of wall time
-    (runs.CheckpointSchedule)."""
-    run = checked_run(
-        ws,
-        data,
-        config,
-        eval_batch_size,
-        checkpoint_every=checkpoint_every,
-        checkpoint_minutes=checkpoint_minutes,
-    )
-    return read_or_train(
-        run,
-        lambda: CentralizedRun(ws, data, config, run, eval_batch_size),
-        CheckpointSchedule(checkpoint_every, checkpoint_minutes),
-        save_weights=save_weights,
-        progress=progress,
-    )
+    options: eval_batch_size, checkpoint_every, checkpoint_minutes, save_weights, progress (train_or_read).
+    """
+
+    def start_training(run: Run, eval_batch_size: int) -> CentralizedRun:
+        return CentralizedRun(ws, data, config, run, eval_batch_size)
+
+    return train_or_read(ws, data, config, start_training, **options)
 
 
 class CentralizedRun(TrainingRun):
@@ -531,10 +514,10 @@ class CentralizedRun(TrainingRun):
     def train_unit(self, epoch: int) -> None:
         """One pass over the train split, in stretches of steps that end at its evaluation points."""
         first = epoch * self.steps_per_epoch  # steps before this epoch
+        started = time.perf_counter()  # building the epoch's batch order counts as training time
         batches = self.epoch_batches(epoch)
         done = 0
         for end in self.stretch_ends(first):
-            started = time.perf_counter()
             self.train_stretch(islice(batches, end - done))
             done = end
             train_s = time.perf_counter() - started
@@ -542,6 +525,7 @@ class CentralizedRun(TrainingRun):
             self.carry["wall_s"] += train_s
             if first + end in self.eval_points:
                 self.log_row(first + end)
+            started = time.perf_counter()
 
     def stretch_ends(self, first: int) -> list[int]:
         """The epoch's evaluation points, then its last step if no evaluation ends it (steps within it)."""
