@@ -112,6 +112,23 @@ def choose_ridge_lambda(lambdas, val_accuracies, tolerance: float = LAMBDA_TOLER
     return max(lam for lam, acc in zip(lambdas, val_accuracies) if acc >= best - tolerance)
 
 
+def head_accuracy(
+    head: tuple[torch.Tensor, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor
+) -> float:
+    """Top-1 accuracy of a linear head (weight, bias) on features."""
+    weight, bias = head
+    logits = feats.double() @ weight.T + bias
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def scaled_losses(head: tuple[torch.Tensor, torch.Tensor], feats, labels, scales) -> torch.Tensor:
+    """One client's summed cross-entropy of a linear head (weight, bias) at each logit scale s."""
+    weight, bias = head
+    logits = feats.double() @ weight.T + bias
+    losses = [F.cross_entropy(scale * logits, labels, reduction="sum") for scale in scales]
+    return torch.stack(losses)
+
+
 def federated_ridge_head(
     client_feats: list[torch.Tensor],
     client_labels: list[torch.Tensor],
@@ -129,19 +146,20 @@ def federated_ridge_head(
     of loss sums leaves client k.
     """
     stats = [ridge_statistics(f, y, num_classes) for f, y in zip(client_feats, client_labels)]
-    a_sum, b_sum = sum(a for a, _ in stats), sum(b for _, b in stats)
+    a_sum = sum(a for a, _ in stats)
+    b_sum = sum(b for _, b in stats)
     chosen = {}
     if ridge_lambda is None:
-        heads = [solve_ridge(a_sum, b_sum, lam) for lam in RIDGE_LAMBDAS]
         accuracies = [
-            float(((val_feats.double() @ w.T + c).argmax(1) == val_labels).double().mean()) for w, c in heads
+            head_accuracy(solve_ridge(a_sum, b_sum, lam), val_feats, val_labels) for lam in RIDGE_LAMBDAS
         ]
         ridge_lambda = choose_ridge_lambda(RIDGE_LAMBDAS, accuracies)
         chosen = {"val_accuracy_per_lambda": {f"{lam:g}": acc for lam, acc in zip(RIDGE_LAMBDAS, accuracies)}}
     weight, bias = solve_ridge(a_sum, b_sum, ridge_lambda)
+    # Each client sends its training loss at every candidate scale; the server adds them up.
     losses = sum(
-        torch.stack([F.cross_entropy(s * (f.double() @ weight.T + bias), y, reduction="sum") for s in scales])
-        for f, y in zip(client_feats, client_labels)
+        scaled_losses((weight, bias), feats, labels, scales)
+        for feats, labels in zip(client_feats, client_labels)
     )
     best = int(torch.argmin(losses))
     info = {
@@ -399,8 +417,12 @@ def federated_fisher(data, samples: list[np.ndarray], img_size, label_mode, *, n
             sums, n = fisher_sums(
                 model, batches, label_mode, names, generator=generator, chunk_size=FISHER_CHUNK
             )
-            totals = sums if totals is None else {k: totals[k].add_(sums[k]) for k in totals}
+            if totals is None:
+                totals = sums
+            else:
+                for name, client_sum in sums.items():  # the server adds the client's sums
+                    totals[name].add_(client_sum)
             count += n
-        return {k: v / count for k, v in totals.items()}
+        return {name: total / count for name, total in totals.items()}
 
     return score_fn
