@@ -22,17 +22,20 @@ def notebook_params(key: str, profile: str) -> dict:
     return experiments.with_stand_ins(pipeline.notebook_values(discover_notebooks()[key], profile, {}))
 
 
-def test_the_budget_builds_each_grid_with_the_functions_its_notebook_calls():
+def test_the_budget_counts_the_grids_each_notebook_runs_in_their_order():
     for key in discover_notebooks():
-        called = set(re.findall(r"experiments\.(\w+_configs)\(", notebook_code(key)))
-        counted = {function.__name__ for _, function, _ in experiments.NOTEBOOK_GRIDS.get(key, [])}
-        assert counted == called, f"notebook {key}"
+        constants = re.findall(
+            r"experiments\.run\(ws, data, experiments\.(\w+), params\)", notebook_code(key)
+        )
+        run = [getattr(experiments, constant) for constant in constants]
+        counted = [name for _, _, name in experiments.NOTEBOOK_GRIDS.get(key, [])]
+        assert run == counted, f"notebook {key}"
 
 
 def test_notebooks_pass_their_whole_parameter_dict_to_each_grid():
-    for key, groups in experiments.NOTEBOOK_GRIDS.items():
-        for _, function, _ in groups:
-            assert re.search(rf"experiments\.{function.__name__}\(\*\*params\)", notebook_code(key)), key
+    for key in discover_notebooks():
+        calls = re.findall(r"experiments\.run\((.*)\)", notebook_code(key))
+        assert all(call.endswith(", params") for call in calls), key
 
 
 @pytest.mark.parametrize("profile", ["smoke", "full"])

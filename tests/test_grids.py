@@ -251,9 +251,9 @@ RACE = """
 import sys
 from fedta_utils import experiments
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
-from fedta_utils.workspace import discover_notebooks, setup_workspace
+from fedta_utils.workspace import setup_workspace
 ws = setup_workspace("smoke", sys.argv[1], device="cpu", download=False)
-data = ws.load_data("synthetic", 0.1, 0, 1000, 200)
+data = ws.load_data("synthetic", 0.1, 0, 1000, synthetic_test_size=200)
 config = FedAvgConfig(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, participation=0.2,
                       local_steps=2, batch_size=16, rounds=4, eval_points=2, eval_subset=100)
 [result] = experiments.run_grid(run_fedavg, ws, data, "race", configs=[config],
