@@ -91,12 +91,24 @@ def fisher_sums(
     return _fisher_sums(model, batches, label_mode, param_names, _add_squares_vmap, **options)
 
 
-def fisher_sums_loop(model, batches, label_mode="sampled", param_names=None, **options) -> Sums:
+def fisher_sums_loop(
+    model,
+    batches,
+    label_mode="sampled",
+    param_names=None,
+    **options,
+) -> Sums:
     """`fisher_sums` by one forward and backward per sample: the slow, plain reference (same options)."""
     return _fisher_sums(model, batches, label_mode, param_names, _add_squares_loop, **options)
 
 
-def fisher_scores(model, batches, label_mode="sampled", param_names=None, **options) -> Tensors:
+def fisher_scores(
+    model,
+    batches,
+    label_mode="sampled",
+    param_names=None,
+    **options,
+) -> Tensors:
     """Diagonal Fisher: `fisher_sums` (same options) divided by the sample count."""
     sums, n = fisher_sums(model, batches, label_mode, param_names, **options)
     if n == 0:
@@ -117,14 +129,15 @@ def _fisher_sums(
 ):
     check_choice("label_mode", label_mode, LABEL_MODES)
     check_int("chunk_size", chunk_size, minimum=1)
-    names = resolve_names(model, param_names, default=[n for n, _ in model.named_parameters()])
+    every_name = [n for n, _ in model.named_parameters()]
+    names = resolve_names(model, param_names, default=every_name)
     generator = torch_generator(DEFAULT_LABEL_SEED, "fisher-labels") if generator is None else generator
     params = dict(model.named_parameters())
     # float32 at least (bf16/fp16 models), float64 for float64 models
-    sums = {
-        n: torch.zeros_like(params[n], dtype=torch.promote_types(params[n].dtype, torch.float32))
-        for n in names
-    }
+    sums = {}
+    for name in names:
+        dtype = torch.promote_types(params[name].dtype, torch.float32)
+        sums[name] = torch.zeros_like(params[name], dtype=dtype)
     num_samples = 0
     with _scoring_state(model, names):
         for inputs, labels in _chunks(batches, chunk_size, params[names[0]].device):
@@ -134,7 +147,11 @@ def _fisher_sums(
     return sums, num_samples
 
 
-def resolve_names(model: nn.Module, param_names: list[str] | None, default: list[str]) -> list[str]:
+def resolve_names(
+    model: nn.Module,
+    param_names: list[str] | None,
+    default: list[str],
+) -> list[str]:
     """The named parameters to score, checked against the model; `default` when param_names is None."""
     if param_names is None:
         return list(default)
@@ -203,13 +220,15 @@ def _targets(model, inputs, labels, label_mode, generator, autocast_dtype) -> to
     with torch.no_grad(), _autocast(inputs.device, autocast_dtype):
         logits = model(inputs)
     probs = torch.softmax(logits.float(), dim=-1).to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(inputs.device)
+    drawn = torch.multinomial(probs, 1, generator=generator)
+    return drawn.squeeze(1).to(inputs.device)
 
 
 def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target|x) per row; gather (not indexing) so that it works under vmap."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
 def _add_squares_vmap(model, names, inputs, targets, sums, autocast_dtype) -> None:
@@ -222,7 +241,8 @@ def _add_squares_vmap(model, names, inputs, targets, sums, autocast_dtype) -> No
 
     per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))(scored, inputs, targets)
     for name in names:  # pop: each [chunk, *shape] block is freed once squared
-        sums[name] += per_sample.pop(name).to(sums[name].dtype).square().sum(0)
+        squares = per_sample.pop(name).to(sums[name].dtype).square()
+        sums[name] += squares.sum(0)
 
 
 def _add_squares_loop(model, names, inputs, targets, sums, autocast_dtype) -> None:

@@ -152,7 +152,8 @@ def read_csv(root, name: str) -> pd.DataFrame:
 def mean_std(runs: pd.DataFrame, keys: list[str], extra=()) -> pd.DataFrame:
     """Per configuration (`keys`): test accuracy mean, std, n; `val`, the mean final validation
     accuracy that selection uses; and the mean of each `extra` column."""
-    runs = runs.assign(final_test_acc=pd.to_numeric(runs.get("final_test_acc", np.nan)))
+    test_acc = pd.to_numeric(runs.get("final_test_acc", np.nan))  # NaN where no run evaluated test
+    runs = runs.assign(final_test_acc=test_acc)
     return (
         runs.groupby(keys, sort=False, dropna=False)
         .agg(
@@ -171,8 +172,13 @@ def choose(table: pd.DataFrame, within=(), among=None) -> pd.DataFrame:
     """`table` with a column `chosen`: per group of `within`, the row of highest `val` among the rows
     where `among` is true (all by default), the first on a tie. The rule of the module docstring."""
     candidates = table if among is None else table[among]
-    groups = candidates.groupby(list(within), sort=False) if within else [((), candidates)]
-    best = [group["val"].idxmax() for _, group in groups if group["val"].notna().any()]
+    groups = [((), candidates)]
+    if within:
+        groups = candidates.groupby(list(within), sort=False)
+    best = []
+    for _, group in groups:
+        if group["val"].notna().any():
+            best.append(group["val"].idxmax())
     return table.assign(chosen=table.index.isin(best))
 
 
@@ -239,12 +245,14 @@ def sample_curves(root) -> pd.DataFrame:
     centralized epoch the train split once. Without notebook 00 or 01 results, FedAvg alone.
     """
     fed = load_curves(root, FEDAVG_IID, ["seed", "participation", "num_clients", "local_steps", "batch_size"])
-    clients = np.maximum(1, np.round(fed["participation"] * fed["num_clients"]))
+    participants = fed["participation"] * fed["num_clients"]
+    clients = np.maximum(1, np.round(participants))
     fed["samples"] = fed["round"] * clients * fed["local_steps"] * fed["batch_size"]
     fed["method"] = "FedAvg (iid)"
     with contextlib.suppress(NoResults, ValueError):  # no centralized run, no cosine run (nothing to concat)
         central = run_curves(_reference(root), ["seed", "method"])
-        central["samples"] = central["epoch"] * split_table(root).set_index("split").loc["train", "images"]
+        train_images = split_table(root).set_index("split").loc["train", "images"]
+        central["samples"] = central["epoch"] * train_images
         fed = pd.concat([central, fed], ignore_index=True)
     return fed.dropna(subset=["test_acc"])
 
@@ -255,18 +263,20 @@ def fedavg_table(root) -> pd.DataFrame:
     curves = sample_curves(root)
     mean = curves.groupby(["method", "samples"])["test_acc"].mean()
     budget = curves.groupby("method")["samples"].max().min()
-    reference = [_reference(root)] if curves["method"].nunique() > 1 else []  # FedAvg alone without one
-    runs = pd.concat(
-        [*reference, complete_runs(root, FEDAVG_IID).assign(method="FedAvg (iid)")], ignore_index=True
-    )
-    table = mean_std(runs, ["method"]).assign(budget=budget)
-    return table.assign(acc_at_budget=[np.interp(budget, mean[m].index, mean[m]) for m in table["method"]])
+    runs = [complete_runs(root, FEDAVG_IID).assign(method="FedAvg (iid)")]
+    if curves["method"].nunique() > 1:  # FedAvg alone without a centralized reference
+        runs.insert(0, _reference(root))
+    table = mean_std(pd.concat(runs, ignore_index=True), ["method"])
+    table["budget"] = budget
+    table["acc_at_budget"] = [np.interp(budget, mean[m].index, mean[m]) for m in table["method"]]
+    return table
 
 
 def late_gain(root) -> str:
     """Notebook 02: how much the seed-mean validation accuracy of FedAvg (iid) rose over the last 20 % of
     rounds (from the last evaluation at or before 80 % of the rounds to the end), as a sentence."""
-    mean = load_curves(root, FEDAVG_IID).dropna(subset=["val_acc"]).groupby("round")["val_acc"].mean()
+    evaluated = load_curves(root, FEDAVG_IID).dropna(subset=["val_acc"])
+    mean = evaluated.groupby("round")["val_acc"].mean()
     start = mean[mean.index <= 0.8 * mean.index[-1]].tail(1)
     return (
         (
@@ -306,7 +316,8 @@ def sparse_table(root) -> pd.DataFrame:
     runs = pd.concat([complete_runs(root, SPARSE_FL), load_runs(root, HEAD_ONLY)], ignore_index=True)
     thresholds = runs.get("thresholds", runs["seed"])  # a list per sparse run: one threshold per round
     runs["threshold"] = [t[-1] if isinstance(t, list) and t else np.nan for t in thresholds]
-    table = mean_std(runs, ["sharding_label", "method", "sparsity", "calibration_rounds"], ["threshold"])
+    keys = ["sharding_label", "method", "sparsity", "calibration_rounds"]
+    table = mean_std(runs, keys, ["threshold"])
     return choose(table, ["sharding_label"], among=table["method"] == "sparse")
 
 
@@ -338,10 +349,16 @@ def mask_runs(root) -> pd.DataFrame:
 
 def _rule_masks(root) -> dict:
     """rule -> {parameter name: bool mask} of the mask_runs."""
-    return {
-        run.rule: unpack_masks(torch.load(Path(run.run_dir, "prepared.pt"), weights_only=True)["masks"])
-        for run in mask_runs(root).itertuples()
-    }
+    masks = {}
+    for run in mask_runs(root).itertuples():
+        packed = load_prepared_file(run.run_dir)["masks"]
+        masks[run.rule] = unpack_masks(packed)
+    return masks
+
+
+def load_prepared_file(run_dir) -> dict:
+    """A run's prepared.pt as stored (the masks bit-packed)."""
+    return torch.load(Path(run_dir, "prepared.pt"), weights_only=True)
 
 
 def mask_overlap_table(root) -> pd.DataFrame:
