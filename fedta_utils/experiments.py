@@ -674,7 +674,7 @@ def run_head_only(
         if run.is_complete:  # finished by another process between the check above and taking its lock
             return read_complete(run)
         started = time.perf_counter()
-        fed = FedAvgRun(ws, data, config, run, shards, eval_batch_size)
+        fed = FedAvgRun(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
         row = {
             "round": 0,
             **evaluate_splits(

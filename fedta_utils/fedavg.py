@@ -347,7 +347,7 @@ def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, **options) -> RunResu
     shards = config.shards(data)  # impossible requests fail here, before the run folder exists
 
     def start_training(run: Run, eval_batch_size: int) -> FedAvgRun:
-        return FedAvgRun(ws, data, config, run, shards, eval_batch_size)
+        return FedAvgRun(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
 
     return train_or_read(ws, data, config, start_training, **options)
 
@@ -357,7 +357,7 @@ class FedAvgRun(TrainingRun):
 
     label = "FedAvg"
 
-    def __init__(self, ws, data, config, run, shards, eval_batch_size):
+    def __init__(self, ws, data, config, run, *, shards, eval_batch_size):
         super().__init__(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
         self.shards = shards
         self.global_weights = read_flat(self.params)

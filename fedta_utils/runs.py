@@ -212,6 +212,7 @@ class Run:
         root: str | Path,
         name: str,
         config: dict,
+        *,
         code_version: str = "unknown",
         allow_code_change: bool = False,
     ):

@@ -442,7 +442,7 @@ def run_centralized(ws, data: DataBundle, config: CentralizedConfig, **options) 
     """
 
     def start_training(run: Run, eval_batch_size: int) -> CentralizedRun:
-        return CentralizedRun(ws, data, config, run, eval_batch_size)
+        return CentralizedRun(ws, data, config, run, eval_batch_size=eval_batch_size)
 
     return train_or_read(ws, data, config, start_training, **options)
 
@@ -456,7 +456,7 @@ class CentralizedRun(TrainingRun):
 
     label = "centralized"
 
-    def __init__(self, ws, data, config, run, eval_batch_size):
+    def __init__(self, ws, data, config, run, *, eval_batch_size):
         shards = [np.arange(len(data.train))]  # one client holding the whole train split
         super().__init__(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
         self.steps_per_epoch = -(-len(data.train) // config.batch_size)

@@ -174,7 +174,9 @@ class Workspace:
         identity = {**config, "results_format": RESULTS_FORMAT}
         if "precision" in identity:
             identity["precision"] = resolve_precision(identity["precision"], self.device)
-        run = Run(self.root, name, identity, code_version(), self.allow_code_change)
+        run = Run(
+            self.root, name, identity, code_version=code_version(), allow_code_change=self.allow_code_change
+        )
         if config.get("precision") == "auto" and not run.dir.exists():  # this device's own run goes on
             self._refuse_other_precisions(run, name)
         return run

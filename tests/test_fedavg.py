@@ -60,7 +60,8 @@ def open_fedavg(ws, data, config, shards=None):
     """A FedAvgRun between rounds, its run folder locked as during training."""
     run = ws.run(config.run_name(), config.to_dict())
     with run:
-        yield fedavg.FedAvgRun(ws, data, config, run, config.shards(data) if shards is None else shards, 256)
+        shards = config.shards(data) if shards is None else shards
+        yield fedavg.FedAvgRun(ws, data, config, run, shards=shards, eval_batch_size=256)
 
 
 # ------------------------------------------------------------------ the FedSGD identity
