@@ -32,7 +32,7 @@ from . import models
 from .checks import check_bool, check_choice, check_float, check_int
 from .data import DataBundle, augmentation_generator, numpy_rng
 from .optim import lr_multiplier
-from .prepare import FineTuneSpec, head_cache_path
+from .prepare import FineTuneSpec, run_head_cache
 from .runs import Run
 from .sharding import SHARDINGS, make_shards
 from .training import (
@@ -133,18 +133,7 @@ class FedAvgConfig:
 
     def head_cache(self, ws, device=None):
         """Where this config's step-0 head is shared with every run that has the same shards."""
-        return head_cache_path(
-            ws.root,
-            self.finetune,
-            model=self.model,
-            weights=ws.weights_path,
-            dataset=self.dataset,
-            sharding=self.sharding_name(),
-            num_clients=self.num_clients,
-            seed=self.seed,
-            img_size=models.input_size(self.model, self.img_size),
-            precision=models.resolve_precision(self.precision, device or ws.device),
-        )
+        return run_head_cache(ws, self, device, sharding=self.sharding_name(), num_clients=self.num_clients)
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:

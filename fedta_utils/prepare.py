@@ -45,7 +45,7 @@ from .checks import check_choice, check_float, check_int
 from .data import DataBundle, ImageSet, make_batch, numpy_rng, sequential_batches, torch_generator
 from .fisher import LABEL_MODES, fisher_sums
 from .masks import RULES, Calibration, calibrate, pack_masks, unpack_masks
-from .models import autocast, backbone_parameter_names, head_parameter_names
+from .models import autocast, backbone_parameter_names, head_parameter_names, input_size, resolve_precision
 from .runs import atomic_torch_save, config_id
 
 HEAD_MODES = ("train", "ridge")
@@ -342,6 +342,22 @@ def head_cache_path(root: str | Path, spec: FineTuneSpec, **context) -> Path | N
         else {"validation": list(RIDGE_LAMBDAS), "tolerance": LAMBDA_TOLERANCE}
     )
     return Path(root) / "cache" / f"head-{config_id({**context, 'ridge_lambda': ridge})}.pt"
+
+
+def run_head_cache(ws, config, device=None, **shards) -> Path | None:
+    """head_cache_path of a run config: its model, weights, data set, seed, input size and the precision
+    it trains at on `device` (default: the workspace's), and `shards`, what names its clients' data."""
+    return head_cache_path(
+        ws.root,
+        config.finetune,
+        model=config.model,
+        weights=ws.weights_path,
+        dataset=config.dataset,
+        seed=config.seed,
+        img_size=input_size(config.model, config.img_size),
+        precision=resolve_precision(config.precision, device or ws.device),
+        **shards,
+    )
 
 
 def fit_ridge_head(model, data, spec, img_size, *, precision, shards, cache: Path | None):

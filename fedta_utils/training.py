@@ -32,7 +32,7 @@ from .data import (
     sequential_batches,
 )
 from .optim import SCHEDULERS, SparseSGDM, make_scheduler
-from .prepare import FineTuneSpec, head_cache_path, prepare
+from .prepare import FineTuneSpec, prepare, run_head_cache
 from .runs import Checkpoint, CheckpointSchedule, Run
 
 
@@ -76,17 +76,7 @@ class CentralizedConfig:
 
     def head_cache(self, ws, device=None):
         """Where this config's step-0 head is shared with every centralized run of the same data and seed."""
-        return head_cache_path(
-            ws.root,
-            self.finetune,
-            model=self.model,
-            weights=ws.weights_path,
-            dataset=self.dataset,
-            seed=self.seed,
-            centralized=True,
-            img_size=models.input_size(self.model, self.img_size),
-            precision=models.resolve_precision(self.precision, device or ws.device),
-        )
+        return run_head_cache(ws, self, device, centralized=True)
 
 
 def check_run_fields(config, counts: tuple[str, ...]) -> None:
