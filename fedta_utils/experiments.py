@@ -41,11 +41,9 @@ from .training import (
     CentralizedConfig,
     RunResult,
     check_run_options,
-    evaluate_splits,
-    read_complete,
     run_centralized,
     run_folder,
-    summarize,
+    train_or_read,
 )
 
 # Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
@@ -648,48 +646,40 @@ def head_only_run(ws, config: FedAvgConfig):
     return ws.run(f"{config.sharding_name()}-{config.finetune.head}-s{config.seed}", identity)
 
 
-def run_head_only(
-    ws,
-    data,
-    config: FedAvgConfig,
-    *,
-    eval_batch_size: int = 256,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float = 15,
-) -> RunResult:
+def run_head_only(ws, data, config: FedAvgConfig, **options) -> RunResult:
     """Step 0 alone: the federated frozen head of `config`'s shards, evaluated with no fine-tuning.
 
     The same preparation as a FedAvg run of this config (same shards, same cached head), so it is
-    the "round 0" of the sparse runs. It has no rounds, so the checkpoint options are only checked.
+    the "round 0" of the sparse runs. options: those of training.train_or_read; it has no rounds, so
+    the checkpoint options are only checked.
     """
     if config.finetune.head == "train":
         raise ConfigError("run_head_only needs a fitted head: finetune.head must be 'ridge'")
-    check_run_options(eval_batch_size, checkpoint_every, checkpoint_minutes)
     data.check_is(config.dataset)
     shards = config.shards(data)
-    run = head_only_run(ws, config)
-    if run.is_complete:
-        return read_complete(run)
-    with run:
-        if run.is_complete:  # finished by another process between the check above and taking its lock
-            return read_complete(run)
-        started = time.perf_counter()
-        fed = FedAvgRun(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
-        row = {
-            "round": 0,
-            **evaluate_splits(
-                fed.model,
-                data,
-                fed.img_size,
-                eval_batch_size,
-                precision=fed.precision,
-                evaluate_test=config.evaluate_test,
-            ),
-        }
-        timing = [{"round": 0, "wall_s": time.perf_counter() - started}]
-        summary = {**summarize([row], timing, fed.precision, fed.device), **fed.prepared.info}
-        run.finish(summary, [row], timing)
-    return RunResult(run, summary, run.metrics())
+
+    def start_training(run, eval_batch_size: int) -> HeadOnlyRun:
+        return HeadOnlyRun(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
+
+    return train_or_read(head_only_run(ws, config), start_training, **options)
+
+
+class HeadOnlyRun(FedAvgRun):
+    """A FedAvg run that stops after its preparation: no rounds, one evaluation ("round 0")."""
+
+    label = "step-0 head"
+
+    def __init__(self, *args, **kwargs):
+        self.started = time.perf_counter()  # the preparation counts in its wall time
+        super().__init__(*args, **kwargs)
+
+    def units(self) -> int:
+        return 0
+
+    def finish(self, save_weights: bool) -> RunResult:
+        self.rows = [{"round": 0, **self.evaluate(last=True)}]
+        self.timing = [{"round": 0, "wall_s": time.perf_counter() - self.started}]
+        return super().finish(save_weights)
 
 
 # --------------------------------------------------------------------------- a notebook's cells

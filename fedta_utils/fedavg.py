@@ -41,9 +41,9 @@ from .training import (
     check_run_fields,
     eval_steps,
     load_flat,
-    make_optimizer,
     moving_entries,
     read_flat,
+    run_folder,
     train_or_read,
     train_steps,
     training_batches,
@@ -338,7 +338,7 @@ def run_fedavg(ws, data: DataBundle, config: FedAvgConfig, **options) -> RunResu
     def start_training(run: Run, eval_batch_size: int) -> FedAvgRun:
         return FedAvgRun(ws, data, config, run, shards=shards, eval_batch_size=eval_batch_size)
 
-    return train_or_read(ws, data, config, start_training, **options)
+    return train_or_read(run_folder(ws, config), start_training, **options)
 
 
 class FedAvgRun(TrainingRun):
@@ -431,7 +431,7 @@ class FedAvgRun(TrainingRun):
             self.params,
             self.global_weights,
             self.client_batches(round_index, client),
-            optimizer=self.client_optimizer(lr),
+            optimizer=self.new_optimizer(lr),
             precision=self.precision,
             scaler_state=self.scaler_state,
         )
@@ -472,16 +472,4 @@ class FedAvgRun(TrainingRun):
         )
         return training_batches(
             self.data.train, self.img_size, torch.from_numpy(positions).to(self.device), generator
-        )
-
-    def client_optimizer(self, lr: float):
-        config = self.config
-        return make_optimizer(
-            self.params,
-            self.prepared.trainable_names,
-            self.prepared.masks,
-            lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            max_grad_norm=config.finetune.max_grad_norm,
         )

@@ -208,28 +208,6 @@ def training_batches(image_set: ImageSet, img_size: int, batch_indices, generato
         yield make_batch(image_set, index, img_size, generator)
 
 
-def make_optimizer(
-    params: list[torch.nn.Parameter],
-    names: list[str],
-    masks: dict | None,
-    lr: float,
-    *,
-    momentum: float,
-    weight_decay: float,
-    max_grad_norm: float | None = None,
-) -> SparseSGDM:
-    """SGD with momentum over `params` (named `names`); masked entries never move."""
-    aligned = [masks.get(n) for n in names] if masks else None
-    return SparseSGDM(
-        params,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        masks=aligned,
-        max_grad_norm=max_grad_norm,
-    )
-
-
 # ----------------------------------------------------------------------- flat views of the trainable weights
 
 
@@ -301,9 +279,7 @@ def check_run_options(eval_batch_size=256, checkpoint_every=None, checkpoint_min
 
 
 def train_or_read(
-    ws,
-    data: DataBundle,
-    config,
+    run: Run,
     start_training: Callable[[Run, int], TrainingRun],
     *,
     eval_batch_size: int = 256,
@@ -312,7 +288,7 @@ def train_or_read(
     save_weights: bool = False,
     progress: bool = True,
 ) -> RunResult:
-    """The run of `config` read back if complete; otherwise trained under its lock, from its last checkpoint.
+    """`run` read back if complete; otherwise trained under its lock, from its last checkpoint.
 
     start_training(run, eval_batch_size) builds the run's TrainingRun; it is called only under the lock,
     since it writes the run's step-0/1 preparation. Checkpoints: every `checkpoint_every` epochs or rounds,
@@ -320,8 +296,6 @@ def train_or_read(
     model.pt; progress: a progress bar.
     """
     check_run_options(eval_batch_size, checkpoint_every, checkpoint_minutes)
-    data.check_is(config.dataset)
-    run = run_folder(ws, config)
     if run.is_complete:
         return read_complete(run)
     with run:
@@ -399,6 +373,20 @@ class TrainingRun:
         self.timing = checkpoint.timing
         return checkpoint.step
 
+    def new_optimizer(self, lr: float) -> SparseSGDM:
+        """SGD with momentum over the trainable parameters at `lr`; masked entries never move, and the
+        gradient is clipped to finetune.max_grad_norm."""
+        masks = self.prepared.masks
+        aligned = [masks.get(n) for n in self.prepared.trainable_names] if masks else None
+        return SparseSGDM(
+            self.params,
+            lr=lr,
+            momentum=self.config.momentum,
+            weight_decay=self.config.weight_decay,
+            masks=aligned,
+            max_grad_norm=self.config.finetune.max_grad_norm,
+        )
+
     def evaluate(self, last: bool) -> dict:
         """Validation (and test) loss and accuracy of the model: the full splits at the end, else subsets."""
         return evaluate_splits(
@@ -431,10 +419,12 @@ def run_centralized(ws, data: DataBundle, config: CentralizedConfig, **options) 
     options: eval_batch_size, checkpoint_every, checkpoint_minutes, save_weights, progress (train_or_read).
     """
 
+    data.check_is(config.dataset)
+
     def start_training(run: Run, eval_batch_size: int) -> CentralizedRun:
         return CentralizedRun(ws, data, config, run, eval_batch_size=eval_batch_size)
 
-    return train_or_read(ws, data, config, start_training, **options)
+    return train_or_read(run_folder(ws, config), start_training, **options)
 
 
 class CentralizedRun(TrainingRun):
@@ -466,15 +456,7 @@ class CentralizedRun(TrainingRun):
     def optimizer_and_scheduler(self) -> tuple[SparseSGDM, torch.optim.lr_scheduler.LRScheduler]:
         """SGD with momentum over the trainable parameters, and its lr schedule over all the steps."""
         config = self.config
-        optimizer = make_optimizer(
-            self.params,
-            self.prepared.trainable_names,
-            self.prepared.masks,
-            config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            max_grad_norm=config.finetune.max_grad_norm,
-        )
+        optimizer = self.new_optimizer(config.lr)
         warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
         scheduler = make_scheduler(optimizer, config.scheduler, self.total_steps, warmup_steps)
         return optimizer, scheduler

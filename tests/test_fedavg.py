@@ -154,7 +154,7 @@ def test_local_steps_count_optimizer_steps_not_epochs(workspace, small_data, mon
 
     monkeypatch.setattr(fedavg, "client_update", counted_update)
     with open_fedavg(workspace, small_data, config) as fed:
-        real_optimizer = fed.client_optimizer
+        real_optimizer = fed.new_optimizer
 
         def counted_optimizer(lr):
             optimizer = real_optimizer(lr)
@@ -162,7 +162,7 @@ def test_local_steps_count_optimizer_steps_not_epochs(workspace, small_data, mon
             optimizer.register_step_post_hook(lambda *_: steps.__setitem__(-1, steps[-1] + 1))
             return optimizer
 
-        monkeypatch.setattr(fed, "client_optimizer", counted_optimizer)
+        monkeypatch.setattr(fed, "new_optimizer", counted_optimizer)
         fed.round(0)
     assert steps == [4, 4] and counts == [128, 128]
 
