@@ -38,7 +38,6 @@ from .results import (
     lr_search_table,
     mask_overlap_table,
     read_csv,
-    run_curves,
     sample_curves,
     sparse_table,
 )
@@ -103,16 +102,17 @@ def placeholder(title: str, message: str):
 
 
 def _figure(width: float, aspect: float, title: str):
-    """Decorates draw(root, profile) -> (figure, seeds): sets the size (width inches, height width *
-    aspect, also `function.size`), the legend right of the last panel and a title naming the profile and
-    the seed count; a placeholder of that size when the results are missing. In a worker's notebook, the
-    runs of its grids not complete yet (team.PENDING) are named in red below the plot."""
+    """Decorates draw(root) -> (figure, seeds) into figure(root, profile): sets the size (width inches,
+    height width * aspect, also `function.size`), the legend right of the last panel and a title naming
+    the profile and the seed count; a placeholder of that size when the results are missing. In a
+    worker's notebook, the runs of its grids not complete yet (team.PENDING) are named in red below the
+    plot."""
 
     def wrap(draw):
         @functools.wraps(draw)
         def figure(root, profile: str):
             try:
-                fig, seeds = draw(root, profile)
+                fig, seeds = draw(root)
                 fig.suptitle(f"{title} (profile {profile}, {seeds} seed{'s' if seeds != 1 else ''})")
                 if pending := [name.rsplit("-", 1)[0] for names in team.PENDING.values() for name in names]:
                     fig.text(
@@ -126,7 +126,7 @@ def _figure(width: float, aspect: float, title: str):
                     )
             except NoResults as missing:
                 fig = placeholder(f"{title}: no results yet (profile {profile})", str(missing))
-            if fig.axes[-1].get_legend() is not None:
+            if fig.axes[-1].get_legend():
                 sns.move_legend(
                     fig.axes[-1],
                     "center left",
@@ -137,6 +137,7 @@ def _figure(width: float, aspect: float, title: str):
             fig.set_size_inches(width, width * aspect)
             return fig
 
+        del figure.__wrapped__  # so that help() shows figure's (root, profile), not draw's (root)
         figure.size = (width, aspect)
         return figure
 
@@ -161,6 +162,13 @@ def _lines(panels: list, x: str, xlabel: str, hue: str):
     return fig, panels[0][1]["seed"].nunique()
 
 
+def _heatmap(grid: pd.DataFrame, label: str, **kwargs):
+    """A heatmap of `grid` on one axes, its cells annotated in small type, its colour bar labelled `label`."""
+    fig, (ax,) = _axes()
+    sns.heatmap(grid, ax=ax, cbar_kws={"label": label}, annot_kws={"fontsize": 7}, **kwargs)
+    return fig, ax
+
+
 def _loss_and_accuracy(curves: pd.DataFrame) -> list:
     return [("", curves, "test_loss", "test loss"), ("", curves, "test_acc", "test accuracy (%)")]
 
@@ -169,7 +177,7 @@ def _loss_and_accuracy(curves: pd.DataFrame) -> list:
 
 
 @_figure(FULL, 0.32, "Client shards")
-def shard_figure(root, profile: str):
+def shard_figure(root):
     """Notebook 00: samples and distinct classes per client, per sharding scheme (the shards of one seed)."""
     stats = read_csv(root, "shard_stats.csv").assign(scheme=lambda s: s["scheme"].map(_pretty))
     fig, axes = _axes(2)
@@ -180,32 +188,24 @@ def shard_figure(root, profile: str):
 
 
 @_figure(COLUMN, 0.8, "LR search")
-def lr_search_heatmap(root, profile: str):
+def lr_search_heatmap(root):
     """Notebook 01: validation accuracy (%) of every (learning rate, weight decay) pair of the search."""
     table = lr_search_table(root)
-    fig, (ax,) = _axes()
-    sns.heatmap(
-        table.pivot(index="lr", columns="weight_decay", values="val") * 100,
-        annot=True,
-        fmt=".1f",
-        cmap="viridis",
-        ax=ax,
-        cbar_kws={"label": "val. accuracy (%)"},
-        annot_kws={"fontsize": 7},
-    )
+    grid = table.pivot(index="lr", columns="weight_decay", values="val") * 100
+    fig, ax = _heatmap(grid, "val. accuracy (%)", annot=True, fmt=".1f", cmap="viridis")
     ax.set(xlabel="weight decay", ylabel="learning rate")
     return fig, table["n"].max()
 
 
 @_figure(FULL, 0.36, "Centralized")
-def centralized_curves(root, profile: str):
+def centralized_curves(root):
     """Notebook 01: test loss and accuracy per epoch, a line per scheduler, at the chosen lr."""
-    curves = run_curves(complete_runs(root, CENTRALIZED), ["scheduler", "seed"])
+    curves = load_curves(root, CENTRALIZED, ["scheduler", "seed"])
     return _lines(_loss_and_accuracy(curves), "epoch", "epoch", "scheduler")
 
 
 @_figure(FULL, 0.36, "FedAvg vs centralized")
-def fedavg_vs_centralized(root, profile: str):
+def fedavg_vs_centralized(root):
     """Notebook 02: FedAvg (iid) and the centralized reference against training images processed."""
     curves = sample_curves(root)
     return _lines(
@@ -217,37 +217,26 @@ def fedavg_vs_centralized(root, profile: str):
 
 
 @_figure(COLUMN, 0.8, "FedAvg")
-def heterogeneity_heatmap(root, profile: str):
+def heterogeneity_heatmap(root):
     """Notebook 03: final test accuracy (%), mean and std over seeds, per sharding (rows) and J (columns)."""
     table = heterogeneity_table(root)
     table["text"] = [f"{m * 100:.1f}\n±{s * 100:.1f}" for m, s in zip(table["mean"], table["std"])]
     grid = table.pivot(index="sharding_label", columns="local_steps", values=["mean", "text"])
     grid = grid.reindex(table["sharding_label"].unique()).rename(index=_pretty)
-    fig, (ax,) = _axes()
-    sns.heatmap(
-        grid["mean"].astype(float) * 100,
-        annot=grid["text"].to_numpy(),
-        fmt="",
-        cmap="viridis",
-        ax=ax,
-        cbar_kws={"label": "test accuracy (%)"},
-        annot_kws={"fontsize": 7},
-    )
+    accuracy = grid["mean"].astype(float) * 100
+    fig, ax = _heatmap(accuracy, "test accuracy (%)", annot=grid["text"].to_numpy(), fmt="", cmap="viridis")
     ax.set(xlabel="local steps J", ylabel="sharding")
     ax.tick_params(axis="y", rotation=0)
     return fig, table["n"].max()
 
 
 @_figure(FULL, 0.3, "FedAvg under heterogeneity")
-def heterogeneity_curves(root, profile: str):
+def heterogeneity_curves(root):
     """Notebook 03: test accuracy per round, a panel per J, a line per sharding."""
     curves = load_curves(root, HETEROGENEITY, ["seed", "local_steps", "sharding_label"])
     curves["sharding"] = curves["sharding_label"].map(_pretty)
     return _lines(
-        [
-            (f"J = {j}", curves[curves["local_steps"] == j], "test_acc", "test accuracy (%)")
-            for j in sorted(curves["local_steps"].unique())
-        ],
+        [(f"J = {j}", group, "test_acc", "test accuracy (%)") for j, group in curves.groupby("local_steps")],
         "round",
         "round",
         "sharding",
@@ -255,7 +244,7 @@ def heterogeneity_curves(root, profile: str):
 
 
 @_figure(FULL, 0.28, "Client drift and interference")
-def drift_figure(root, profile: str):
+def drift_figure(root):
     """Notebook 03: drift and interference averaged over rounds, per sharding, a line per J; bars: std."""
     drift = drift_table(root)
     drift = drift.assign(sharding=drift["sharding_label"].map(_pretty), J=drift["local_steps"])
@@ -286,7 +275,7 @@ def drift_figure(root, profile: str):
 
 
 @_figure(FULL, 0.32, "Sparse FedAvg, iid")
-def sparsity_figure(root, profile: str):
+def sparsity_figure(root):
     """Notebook 04, iid shards: final test accuracy against sparsity (at the default R) and against the
     calibration rounds R (at the default sparsity), least-sensitive masks; the dense references of the same
     rounds as horizontal lines; bars: std over seeds."""
@@ -318,7 +307,7 @@ def sparsity_figure(root, profile: str):
 
 
 @_figure(FULL, 0.3, "Mask calibration rules")
-def mask_rules_figure(root, profile: str):
+def mask_rules_figure(root):
     """Notebook 05: final test accuracy (%) per mask rule, a panel per sparsity, a bar per sharding;
     bars: std over seeds."""
     runs = complete_runs(root, MASK_RULES)
@@ -327,11 +316,11 @@ def mask_rules_figure(root, profile: str):
         sharding=runs["sharding_label"].map(_pretty),
         rule=runs["rule"].str.replace("_", "\n"),
     )
-    sparsities = sorted(runs["sparsity"].unique())
-    fig, axes = _axes(len(sparsities), sharey=True)
-    for ax, sparsity in zip(axes, sparsities):
+    panels = runs.groupby("sparsity")  # in ascending sparsity
+    fig, axes = _axes(panels.ngroups, sharey=True)
+    for ax, (sparsity, group) in zip(axes, panels):
         sns.barplot(
-            data=runs[runs["sparsity"] == sparsity],
+            data=group,
             x="rule",
             y="test_acc",
             hue="sharding",
@@ -347,29 +336,19 @@ def mask_rules_figure(root, profile: str):
 
 
 @_figure(COLUMN, 0.8, "Mask overlap, iid")
-def mask_overlap_heatmap(root, profile: str):
+def mask_overlap_heatmap(root):
     """Notebook 05: Jaccard overlap of the rules' trainable sets (iid, smallest sparsity and seed)."""
     overlap = mask_overlap_table(root)
-    names = [r.replace("_sensitive", " sens.").replace("est_magnitude", ". mag.") for r in overlap.index]
-    fig, (ax,) = _axes()
-    sns.heatmap(
-        pd.DataFrame(overlap.to_numpy(), names, names),
-        annot=True,
-        fmt=".2f",
-        vmin=0,
-        vmax=1,
-        ax=ax,
-        cmap="rocket_r",
-        cbar_kws={"label": "Jaccard overlap"},
-        annot_kws={"fontsize": 7},
-    )
+    names = overlap.index.str.replace("_sensitive", " sens.").str.replace("est_magnitude", ". mag.")
+    grid = pd.DataFrame(overlap.to_numpy(), names, names)
+    fig, ax = _heatmap(grid, "Jaccard overlap", annot=True, fmt=".2f", vmin=0, vmax=1, cmap="rocket_r")
     ax.tick_params(axis="x", rotation=45)
     ax.tick_params(axis="y", rotation=0)
     return fig, 1
 
 
 @_figure(COLUMN, 0.75, "Density per block, iid")
-def block_density_figure(root, profile: str):
+def block_density_figure(root):
     """Notebook 05: trainable fraction per transformer block, a line per rule (iid, one sparsity and seed)."""
     density = block_density_table(root)
     fig, (ax,) = _axes()

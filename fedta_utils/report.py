@@ -16,6 +16,7 @@ chosen on validation and reported on test, by results.choose.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import shutil
@@ -25,7 +26,6 @@ import zipfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from . import figures, results
@@ -65,8 +65,8 @@ EXPERIMENTS = (
     MASK_RULES,
 )
 NOTICE = (
-    r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %s build.} Every number, table and "
-    r"figure below comes from the \texttt{%s} profile, which checks that the pipeline runs end to "
+    r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %(profile)s build.} Every number, table and "
+    r"figure below comes from the \texttt{%(profile)s} profile, which checks that the pipeline runs end to "
     r"end. Only a build from the \texttt{full} profile reports the study.}}"
 )
 
@@ -167,8 +167,10 @@ def provenance(profile: str, table) -> str:
     return f"profile {escape(profile)}, {(seeds := int(table['n'].max()))} seed{'s' if seeds != 1 else ''}"
 
 
-def booktabs(frame: pd.DataFrame) -> str:
-    """A booktabs tabular of a frame of LaTeX cells (escape text first): first column left, the rest right."""
+def booktabs(data, columns=None) -> str:
+    """A booktabs tabular of LaTeX cells (escape text first), pd.DataFrame(data, columns=columns): first
+    column left, the rest right."""
+    frame = pd.DataFrame(data, columns=columns)
     rows = [" & ".join(map(str, row)) + r" \\" for row in [frame.columns, *frame.itertuples(index=False)]]
     return "\n".join(
         [
@@ -186,12 +188,17 @@ def booktabs(frame: pd.DataFrame) -> str:
 
 def _row(table: pd.DataFrame, **match):
     """The first row whose columns equal `match`, or None."""
-    hit = table[np.logical_and.reduce([table[k] == v for k, v in match.items()])]
+    hit = table[(table[list(match)] == pd.Series(match)).all(axis=1)]
     return hit.iloc[0] if len(hit) else None
 
 
 def _span(low, high) -> str:
     return str(low) if low == high else f"{low}--{high}"
+
+
+def _regime(row) -> str:
+    """'Iid' or 'NonIid': how the macros name the sharding of a table's row."""
+    return "Iid" if row["sharding_label"] == "iid" else "NonIid"
 
 
 def _setting(row) -> str:
@@ -204,66 +211,60 @@ def _setting(row) -> str:
 def _shards_tex(root) -> str:
     t = results.shard_table(root)
     return booktabs(
-        pd.DataFrame(
-            {
-                "sharding": t["scheme"].map(sharding_tex),
-                "samples": list(map(_span, t["samples_min"], t["samples_max"])),
-                "classes": list(map(_span, t["classes_min"], t["classes_max"])),
-                "largest class": t["largest_class_share"].map("{:.2f}".format),
-            }
-        )
+        {
+            "sharding": t["scheme"].map(sharding_tex),
+            "samples": t["samples_min"].combine(t["samples_max"], _span),
+            "classes": t["classes_min"].combine(t["classes_max"], _span),
+            "largest class": t["largest_class_share"].map("{:.2f}".format),
+        }
     )
 
 
 def _centralized_tex(root) -> str:
     t = results.centralized_table(root)
     return booktabs(
-        pd.DataFrame(
-            {
-                "scheduler": t["scheduler"].map(escape),
-                "val.\\ (\\%)": t["val"].map("{:.1%}".format).str.rstrip("%"),
-                "test (\\%)": t.apply(cell, axis=1),
-                "$n$": t["n"],
-                "epochs to 99\\,\\%": t["epochs_to_99"].map(number),
-            }
-        )
+        {
+            "scheduler": t["scheduler"].map(escape),
+            "val.\\ (\\%)": (t["val"] * 100).map("{:.1f}".format),
+            "test (\\%)": t.apply(cell, axis=1),
+            "$n$": t["n"],
+            "epochs to 99\\,\\%": t["epochs_to_99"].map(number),
+        }
     )
 
 
 def _fedavg_tex(root) -> str:
     t = results.fedavg_table(root)
     return booktabs(
-        pd.DataFrame(
-            {
-                "method": t["method"].map(escape),
-                "test (\\%)": t.apply(cell, axis=1),
-                "$n$": t["n"],
-                f"at {integer(t['budget'].iloc[0])} images (\\%)": t["acc_at_budget"]
-                .map("{:.1%}".format)
-                .str.rstrip("%"),
-            }
-        )
+        {
+            "method": t["method"].map(escape),
+            "test (\\%)": t.apply(cell, axis=1),
+            "$n$": t["n"],
+            f"at {integer(t['budget'].iloc[0])} images (\\%)": (t["acc_at_budget"] * 100).map(
+                "{:.1f}".format
+            ),
+        }
     )
 
 
 def _sparse_tex(root) -> str:
     """Dense references and the sparse setting chosen on validation, a column per sharding."""
     t = results.sparse_table(root)
-    labels = list(t["sharding_label"].unique())
+    labels = t["sharding_label"].unique()
     rows = [
         [escape(m), *[cell(_row(t, sharding_label=label, method=m)) for label in labels]]
-        for m in dict.fromkeys(t["method"])
+        for m in t["method"].unique()
         if m != "sparse"
     ]
     best = [_row(t, sharding_label=label, chosen=True) for label in labels]
     rows += [["sparse, chosen on val.", *map(cell, best)], ["\\quad sparsity, $R$", *map(_setting, best)]]
-    return booktabs(pd.DataFrame(rows, columns=["method", *map(sharding_tex, labels)]))
+    return booktabs(rows, ["method", *map(sharding_tex, labels)])
 
 
 def _rules_tex(root) -> str:
     """A row per rule; a column per sharding and sparsity."""
     t = results.rules_table(root)
-    columns = [(label, s) for label in t["sharding_label"].unique() for s in sorted(t["sparsity"].unique())]
+    columns = list(itertools.product(t["sharding_label"].unique(), sorted(t["sparsity"].unique())))
     rows = [
         [
             rule.replace("_", " "),
@@ -273,19 +274,19 @@ def _rules_tex(root) -> str:
         for rule in t["rule"].unique()
     ]
     header = [f"{sharding_tex(label)}, $s{{=}}{number(s)}$" for label, s in columns]
-    return booktabs(pd.DataFrame(rows, columns=["rule", *header, "$n$"]))
+    return booktabs(rows, ["rule", *header, "$n$"])
 
 
 def _interference_tex(root) -> str:
     """Mean pairwise cosine and sign agreement of client deltas per rule and sharding, at RulesSparsity."""
     t = results.interference_table(root)
-    wide = t[t["sparsity"] == t["sparsity"].min()].pivot_table(
-        index="rule", columns="sharding_label", values=["mean_pairwise_cosine", "sign_agreement"], sort=False
-    )
     names = {"mean_pairwise_cosine": "cosine", "sign_agreement": "sign agr."}
+    wide = t[t["sparsity"] == t["sparsity"].min()].pivot_table(
+        index="rule", columns="sharding_label", values=list(names), sort=False
+    )
     frame = wide.map("{:.3f}".format)
     frame.columns = [f"{names[v]} {sharding_tex(label)}" for v, label in wide.columns]
-    return booktabs(frame.reset_index().assign(rule=lambda f: f["rule"].str.replace("_", " ")))
+    return booktabs(frame.rename(index=lambda rule: rule.replace("_", " ")).reset_index())
 
 
 # --------------------------------------------------------------------------- macros, one function per section
@@ -294,7 +295,7 @@ def _interference_tex(root) -> str:
 def _overview(root, profile: str) -> dict:
     return {
         "ResultsProfile": escape(profile),
-        "ResultsNotice": "" if profile == "full" else NOTICE % (escape(profile), escape(profile)),
+        "ResultsNotice": "" if profile == "full" else NOTICE % {"profile": escape(profile)},
     }
 
 
@@ -328,32 +329,28 @@ def _search(root, profile: str) -> dict:
 def used(root, key: str, chosen: float) -> float:
     """The value the study's runs used (hparams.json `key`): the search's choice unless the notebook set
     its own; `chosen` where the study has not recorded one."""
-    path = Path(root) / "hparams.json"
+    path = Path(root, "hparams.json")
     return json.loads(path.read_text()).get(key, chosen) if path.is_file() else chosen
 
 
 def _client_searches(root, profile: str) -> dict:
     """Notebook 02's client lr x weight decay search and notebook 04's lr search under the frozen head."""
     values = {}
-    for prefix, experiment, regime in (
-        ("FedAvg", FEDAVG_LR_SEARCH, "fedavg"),
-        ("Sparse", SPARSE_LR_SEARCH, "sparse"),
+    for prefix, experiment, decays in (
+        ("FedAvg", FEDAVG_LR_SEARCH, "and weight decays"),
+        ("Sparse", SPARSE_LR_SEARCH, "at 02's weight decay"),  # SparseChosenWeightDecay: no macro
     ):
-        if not (runs := results.load_runs(root, experiment)).empty:
-            best = _row(results.lr_search_table(root, experiment), chosen=True)
-            lr = used(root, f"{regime}_lr", best["lr"])
-            decays = "and weight decays" if prefix == "FedAvg" else "at 02's weight decay"
-            values.update(
-                {
-                    f"{prefix}SearchGrid": f"client learning rates \\{{{listing(runs['lr'])}\\}} "
-                    f"{decays} \\{{{listing(runs['weight_decay'])}\\}}, "
-                    f"{listing(runs['rounds'])} rounds each",
-                    f"{prefix}ChosenLr": number(lr),
-                    f"{prefix}ChosenWeightDecay": number(
-                        used(root, "fedavg_weight_decay", best["weight_decay"])
-                    ),
-                }
-            )
+        if (runs := results.load_runs(root, experiment)).empty:
+            continue
+        best = _row(results.lr_search_table(root, experiment), chosen=True)
+        values[f"{prefix}SearchGrid"] = (
+            f"client learning rates \\{{{listing(runs['lr'])}\\}} "
+            f"{decays} \\{{{listing(runs['weight_decay'])}\\}}, "
+            f"{listing(runs['rounds'])} rounds each"
+        )
+        # hparams.json's keys: fedavg_lr, sparse_lr
+        values[f"{prefix}ChosenLr"] = number(used(root, f"{prefix.lower()}_lr", best["lr"]))
+        values[f"{prefix}ChosenWeightDecay"] = number(used(root, "fedavg_weight_decay", best["weight_decay"]))
     return values
 
 
@@ -371,10 +368,9 @@ def _centralized(root, profile: str) -> dict:
 
 def _fedavg(root, profile: str) -> dict:
     table, runs = results.fedavg_table(root), results.load_runs(root, FEDAVG_IID)
-    per_round = np.maximum(1, np.round(runs["participation"] * runs["num_clients"]))
     return {
         "FedAvgSetting": f"$K{{=}}{listing(runs['num_clients'])}$ clients, "
-        f"$C{{=}}{listing(runs['participation'])}$ ({listing(per_round)} per round), "
+        f"$C{{=}}{listing(runs['participation'])}$ ({listing(results.participants(runs))} per round), "
         f"$J{{=}}{listing(runs['local_steps'])}$ local steps of "
         f"$B{{=}}{listing(runs['batch_size'])}$ images, "
         f"{listing(runs['rounds'])} rounds",
@@ -399,8 +395,10 @@ def _sparse(root, profile: str) -> dict:
     sweep = sweeps(table[table["sharding_label"] == "iid"])
     at_r, at_s = sweep["sparsity"], sweep["calibration_rounds"]
     heads = runs[runs["finetune.head"] == "ridge"]
-    ridge = f"{listing(heads.get('ridge_lambda', heads['finetune.ridge_lambda']))} (" + (
-        "fixed)" if heads["finetune.ridge_lambda"].notna().all() else "chosen on validation)"
+    fixed = heads["finetune.ridge_lambda"].notna().all()  # else each run chose it (summary's ridge_lambda)
+    ridge = (
+        f"{listing(heads.get('ridge_lambda', heads['finetune.ridge_lambda']))} "
+        f"({'fixed' if fixed else 'chosen on validation'})"
     )
     values = {
         "SparseSetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds; "
@@ -414,10 +412,9 @@ def _sparse(root, profile: str) -> dict:
         "SparseProvenance": provenance(profile, table),
     }
     for _, best in table[table["chosen"]].iterrows():
-        key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
-        values[f"Sparse{key}BestAcc"] = percent(best)
+        values[f"Sparse{_regime(best)}BestAcc"] = percent(best)
         if (dense := _row(table, sharding_label=best["sharding_label"], method="FedAvg")) is not None:
-            values[f"Sparse{key}BestGap"] = f"${(best['mean'] - dense['mean']) * 100:+.1f}$"
+            values[f"Sparse{_regime(best)}BestGap"] = f"${(best['mean'] - dense['mean']) * 100:+.1f}$"
     return values
 
 
@@ -436,9 +433,8 @@ def _rules(root, profile: str) -> dict:
         "RulesProvenance": provenance(profile, table),
     }
     for _, best in table[table["chosen"] & (table["sparsity"] == sparsity)].iterrows():
-        key = "Iid" if best["sharding_label"] == "iid" else "NonIid"
-        values[f"Rules{key}BestRule"] = best["rule"].replace("_", " ")
-        values[f"Rules{key}BestAcc"] = percent(best)
+        values[f"Rules{_regime(best)}BestRule"] = best["rule"].replace("_", " ")
+        values[f"Rules{_regime(best)}BestAcc"] = percent(best)
     return values
 
 
@@ -508,13 +504,7 @@ def write_report(root, report_dir, profile: str) -> list[str]:
         plt.close(fig)
     for name, make in TABLES.items():
         text = _attempt(make, f"table {name}", root, warnings) or booktabs(
-            pd.DataFrame(
-                {
-                    "placeholder": [
-                        f"\\textit{{No results yet for {escape(name)} (profile {escape(profile)})}}"
-                    ]
-                }
-            )
+            {"placeholder": [f"\\textit{{No results yet for {escape(name)} (profile {escape(profile)})}}"]}
         )
         _write(report_dir / "tables" / f"{name}.tex", text)
     values = {}
@@ -549,7 +539,7 @@ def read_numbers(path) -> dict:
 
 def resolve_report_dir(report_dir) -> Path:
     """An absolute report_dir as given; a relative one inside the repository (where main.tex lives)."""
-    return Path(report_dir) if Path(report_dir).is_absolute() else REPO_ROOT / report_dir
+    return REPO_ROOT / report_dir  # pathlib: an absolute right-hand side replaces REPO_ROOT
 
 
 def page_counts(report_dir) -> dict:
@@ -606,17 +596,18 @@ def archive(report_dir, root) -> list[Path]:
     every run they name (the runs the tables' numbers come from), the masks (prepared.pt) of the runs
     the mask tables compare, and no checkpoint.
     """
+    root = Path(root)
     for name, patterns in ARCHIVED.items():
-        base = Path(report_dir) if name == "report.zip" else Path(root)
+        base = Path(report_dir) if name == "report.zip" else root
         files = {f for pattern in patterns for f in base.glob(pattern)}
         if name == "results.zip":
             files |= {folder / file for folder in grid_folders(root) for file in RUN_FILES}
             with contextlib.suppress(NoResults):  # no mask-rule runs yet
                 files |= {Path(run_dir, "prepared.pt") for run_dir in results.mask_runs(root)["run_dir"]}
-        with zipfile.ZipFile(Path(root) / name, "w", zipfile.ZIP_DEFLATED) as bundle:
+        with zipfile.ZipFile(root / name, "w", zipfile.ZIP_DEFLATED) as bundle:
             for file in sorted(f for f in files if f.is_file()):
                 bundle.write(file, file.relative_to(base))
-    return [Path(root) / name for name in ARCHIVED]
+    return [root / name for name in ARCHIVED]
 
 
 def grid_folders(root) -> set[Path]:

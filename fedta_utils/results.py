@@ -110,8 +110,8 @@ def load_runs(root, experiment: str) -> pd.DataFrame:
         run["sharding_label"] = sharding_label(run)
         run["rule"] = rule
         run["method"] = method_label(run, experiment)
-        run["sparsity"] = run.get("finetune.sparsity") if rule else np.nan
-        run["calibration_rounds"] = run.get("finetune.calibration_rounds") if rule else np.nan
+        for key in ("sparsity", "calibration_rounds"):  # NaN for dense runs, where they do not matter
+            run[key] = run.get(f"finetune.{key}") if rule else np.nan
         rows.append(run)
     rows.sort(key=table_order)
     return pd.DataFrame(rows)
@@ -172,13 +172,10 @@ def choose(table: pd.DataFrame, within=(), among=None) -> pd.DataFrame:
     """`table` with a column `chosen`: per group of `within`, the row of highest `val` among the rows
     where `among` is true (all by default), the first on a tie. The rule of the module docstring."""
     candidates = table if among is None else table[among]
-    groups = [((), candidates)]
+    scored = candidates.dropna(subset=["val"])
+    best = scored["val"].nlargest(1).index  # keep="first": the first on a tie
     if within:
-        groups = candidates.groupby(list(within), sort=False)
-    best = []
-    for _, group in groups:
-        if group["val"].notna().any():
-            best.append(group["val"].idxmax())
+        best = scored.groupby(list(within), sort=False)["val"].idxmax()
     return table.assign(chosen=table.index.isin(best))
 
 
@@ -228,7 +225,7 @@ def centralized_table(root) -> pd.DataFrame:
 def first_epoch_at(curve: pd.Series, fraction: float) -> float:
     """The first epoch (index) at which `curve` reaches `fraction` of its final value."""
     reached = curve >= fraction * curve.iloc[-1]
-    return curve.index[reached][0]
+    return reached.idxmax()  # the first True
 
 
 def _reference(root) -> pd.DataFrame:
@@ -238,15 +235,26 @@ def _reference(root) -> pd.DataFrame:
     )
 
 
+def participants(runs: pd.DataFrame) -> pd.Series:
+    """Clients per round of each FedAvg run: m = max(1, round(C * K)), as fedavg.clients_per_round."""
+    return np.maximum(1, np.round(runs["participation"] * runs["num_clients"]))
+
+
 def sample_curves(root) -> pd.DataFrame:
     """Test loss and accuracy of FedAvg (iid) and of the centralized reference against images processed.
 
     A FedAvg round processes m*J*B images (m = max(1, round(C*K)) clients, J steps of B images); a
     centralized epoch the train split once. Without notebook 00 or 01 results, FedAvg alone.
     """
-    fed = load_curves(root, FEDAVG_IID, ["seed", "participation", "num_clients", "local_steps", "batch_size"])
-    participants = fed["participation"] * fed["num_clients"]
-    clients = np.maximum(1, np.round(participants))
+    columns = [
+        "seed",
+        "participation",
+        "num_clients",
+        "local_steps",
+        "batch_size",
+    ]  # per run: its seed and what its images per round follow from
+    fed = load_curves(root, FEDAVG_IID, columns)
+    clients = participants(fed)
     fed["samples"] = fed["round"] * clients * fed["local_steps"] * fed["batch_size"]
     fed["method"] = "FedAvg (iid)"
     with contextlib.suppress(NoResults, ValueError):  # no centralized run, no cosine run (nothing to concat)
@@ -278,14 +286,12 @@ def late_gain(root) -> str:
     evaluated = load_curves(root, FEDAVG_IID).dropna(subset=["val_acc"])
     mean = evaluated.groupby("round")["val_acc"].mean()
     start = mean[mean.index <= 0.8 * mean.index[-1]].tail(1)
+    if start.empty:
+        return "FedAvg (iid): too few evaluations"
     return (
-        (
-            f"FedAvg (iid): validation accuracy {(mean.iloc[-1] - start.sum()) * 100:+.2f} points from round "
-            f"{start.index.max()} to {mean.index[-1]} (seed mean; the last point is the full split, earlier "
-            "ones the evaluation subset)"
-        )
-        if len(start)
-        else "FedAvg (iid): too few evaluations"
+        f"FedAvg (iid): validation accuracy {(mean.iloc[-1] - start.sum()) * 100:+.2f} points from round "
+        f"{start.index.max()} to {mean.index[-1]} (seed mean; the last point is the full split, earlier "
+        "ones the evaluation subset)"
     )
 
 
@@ -313,7 +319,9 @@ def sparse_table(root) -> pd.DataFrame:
     `val`, the last calibration round's Fisher threshold (seed mean), and
     `chosen`, the best sparse setting per sharding. The dense references run the same rounds: FedAvg,
     the frozen step-0 head with a dense backbone, and the head alone ('head only') where it ran."""
-    runs = pd.concat([complete_runs(root, SPARSE_FL), load_runs(root, HEAD_ONLY)], ignore_index=True)
+    sparse_and_dense = complete_runs(root, SPARSE_FL)
+    head_only = load_runs(root, HEAD_ONLY)  # empty where it did not run
+    runs = pd.concat([sparse_and_dense, head_only], ignore_index=True)
     thresholds = runs.get("thresholds", runs["seed"])  # a list per sparse run: one threshold per round
     runs["threshold"] = [t[-1] if isinstance(t, list) and t else np.nan for t in thresholds]
     keys = ["sharding_label", "method", "sparsity", "calibration_rounds"]
@@ -351,14 +359,10 @@ def _rule_masks(root) -> dict:
     """rule -> {parameter name: bool mask} of the mask_runs."""
     masks = {}
     for run in mask_runs(root).itertuples():
-        packed = load_prepared_file(run.run_dir)["masks"]
-        masks[run.rule] = unpack_masks(packed)
+        path = Path(run.run_dir, "prepared.pt")
+        prepared = torch.load(path, weights_only=True)  # the masks bit-packed
+        masks[run.rule] = unpack_masks(prepared["masks"])
     return masks
-
-
-def load_prepared_file(run_dir) -> dict:
-    """A run's prepared.pt as stored (the masks bit-packed)."""
-    return torch.load(Path(run_dir, "prepared.pt"), weights_only=True)
 
 
 def mask_overlap_table(root) -> pd.DataFrame:
