@@ -56,7 +56,7 @@ LABEL_MODES = ("sampled", "true")
 DEFAULT_CHUNK = 32  # samples per vmap call; memory arithmetic in the module docstring
 DEFAULT_LABEL_SEED = 0  # label sampling is deterministic even without a generator
 
-Tensors = dict[str, torch.Tensor]  # parameter name -> scores or sums
+Tensors = dict[str, torch.Tensor]  # parameter name -> scores, sums or masks
 Sums = tuple[Tensors, int]  # Fisher sums per parameter, and the number of samples summed
 
 
@@ -87,30 +87,26 @@ def fisher_sums(
     The model is scored in eval mode; its weights, .grad, requires_grad flags
     and train/eval modes are left exactly as they were.
     """
-    options = {"generator": generator, "chunk_size": chunk_size, "autocast_dtype": autocast_dtype}
-    return _fisher_sums(model, batches, label_mode, param_names, _add_squares_vmap, **options)
+    return _fisher_sums(
+        model,
+        batches,
+        label_mode,
+        param_names,
+        add_squares=_add_squares_vmap,
+        generator=generator,
+        chunk_size=chunk_size,
+        autocast_dtype=autocast_dtype,
+    )
 
 
-def fisher_sums_loop(
-    model,
-    batches,
-    label_mode="sampled",
-    param_names=None,
-    **options,
-) -> Sums:
-    """`fisher_sums` by one forward and backward per sample: the slow, plain reference (same options)."""
-    return _fisher_sums(model, batches, label_mode, param_names, _add_squares_loop, **options)
+def fisher_sums_loop(*args, **options) -> Sums:
+    """`fisher_sums` by one forward and backward per sample: the slow, plain reference (same arguments)."""
+    return _fisher_sums(*args, add_squares=_add_squares_loop, **options)
 
 
-def fisher_scores(
-    model,
-    batches,
-    label_mode="sampled",
-    param_names=None,
-    **options,
-) -> Tensors:
-    """Diagonal Fisher: `fisher_sums` (same options) divided by the sample count."""
-    sums, n = fisher_sums(model, batches, label_mode, param_names, **options)
+def fisher_scores(*args, **options) -> Tensors:
+    """Diagonal Fisher: `fisher_sums` (same arguments) divided by the sample count."""
+    sums, n = fisher_sums(*args, **options)
     if n == 0:
         raise ConfigError("batches holds no samples; the Fisher needs at least one")
     return {name: total / n for name, total in sums.items()}
@@ -119,20 +115,20 @@ def fisher_scores(
 def _fisher_sums(
     model,
     batches,
-    label_mode,
-    param_names,
-    add_squares,
+    label_mode="sampled",
+    param_names=None,
     *,
+    add_squares,
     generator=None,
     chunk_size=DEFAULT_CHUNK,
     autocast_dtype=None,
 ):
     check_choice("label_mode", label_mode, LABEL_MODES)
     check_int("chunk_size", chunk_size, minimum=1)
-    every_name = [n for n, _ in model.named_parameters()]
-    names = resolve_names(model, param_names, default=every_name)
-    generator = torch_generator(DEFAULT_LABEL_SEED, "fisher-labels") if generator is None else generator
     params = dict(model.named_parameters())
+    names = resolve_names(model, param_names, default=list(params))
+    if generator is None:
+        generator = torch_generator(DEFAULT_LABEL_SEED, "fisher-labels")
     # float32 at least (bf16/fp16 models), float64 for float64 models
     sums = {}
     for name in names:
@@ -142,7 +138,7 @@ def _fisher_sums(
     with _scoring_state(model, names):
         for inputs, labels in _chunks(batches, chunk_size, params[names[0]].device):
             targets = _targets(model, inputs, labels, label_mode, generator, autocast_dtype)
-            add_squares(model, names, inputs, targets, sums, autocast_dtype)
+            add_squares(model, inputs, targets, sums, autocast_dtype)
             num_samples += len(inputs)
     return sums, num_samples
 
@@ -158,7 +154,7 @@ def resolve_names(
     if isinstance(param_names, str):
         raise ConfigError(f"param_names must be a list of parameter names, got the string {param_names!r}")
     names = list(dict.fromkeys(param_names))  # drop duplicates, keep order
-    known = {n for n, _ in model.named_parameters()}
+    known = dict(model.named_parameters())
     if unknown := [n for n in names if n not in known]:
         raise ConfigError(f"param_names has names that are not parameters of the model: {unknown}")
     if not names:
@@ -231,7 +227,8 @@ def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
-def _add_squares_vmap(model, names, inputs, targets, sums, autocast_dtype) -> None:
+def _add_squares_vmap(model, inputs, targets, sums, autocast_dtype) -> None:
+    """Adds each scored parameter's squared per-sample gradients to its entry of `sums`."""
     scored = {n: p.detach() for n, p in model.named_parameters() if n in sums}
 
     def log_prob(params, sample, target):
@@ -240,17 +237,17 @@ def _add_squares_vmap(model, names, inputs, targets, sums, autocast_dtype) -> No
         return _log_probs(logits, target.view(1)).sum()
 
     per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))(scored, inputs, targets)
-    for name in names:  # pop: each [chunk, *shape] block is freed once squared
+    for name in sums:  # pop: each [chunk, *shape] block is freed once squared
         squares = per_sample.pop(name).to(sums[name].dtype).square()
         sums[name] += squares.sum(0)
 
 
-def _add_squares_loop(model, names, inputs, targets, sums, autocast_dtype) -> None:
+def _add_squares_loop(model, inputs, targets, sums, autocast_dtype) -> None:
     params = dict(model.named_parameters())
     for sample, target in zip(inputs, targets):
         with _autocast(inputs.device, autocast_dtype):
             log_prob = _log_probs(model(sample.unsqueeze(0)), target.view(1)).sum()
-        grads = torch.autograd.grad(log_prob, [params[n] for n in names], allow_unused=True)
-        for name, gradient in zip(names, grads):
+        grads = torch.autograd.grad(log_prob, [params[n] for n in sums], allow_unused=True)
+        for name, gradient in zip(sums, grads):
             if gradient is not None:  # None: the parameter does not affect the output
                 sums[name] += gradient.to(sums[name].dtype).square()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import reduce
 from itertools import count
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .checks import ConfigError, check_choice, check_float, check_int
 from .data import derive_seed, torch_generator
-from .fisher import DEFAULT_CHUNK, LABEL_MODES, fisher_scores, resolve_names
+from .fisher import DEFAULT_CHUNK, LABEL_MODES, Tensors, fisher_scores, resolve_names
 from .models import backbone_parameter_names
 
 RULES = ("least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude", "random")
@@ -43,7 +43,6 @@ KEEP_HIGHEST_RULES = ("most_sensitive", "highest_magnitude")  # ranked by the ne
 ATTENUATION = 0.1  # TaLoS: frozen entries are scaled by 0.1 in the forward of later rounds
 BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")  # timm ViT: 'blocks.3.attn.qkv.weight'
 
-Tensors = dict[str, torch.Tensor]  # parameter name -> scores or masks
 ScoreFn = Callable[[nn.Module], Tensors]
 
 
@@ -58,12 +57,9 @@ class Calibration:
     """
 
     masks: Tensors
-    rule: str
-    target_sparsity: float
     achieved_sparsity: float
-    rounds: int
-    thresholds: list[float] = field(default_factory=list)
-    densities: list[float] = field(default_factory=list)
+    thresholds: list[float]
+    densities: list[float]
 
 
 def calibrate(
@@ -96,7 +92,7 @@ def calibrate(
     params = {n: all_params[n] for n in names}
     if sparsity == 0.0:
         masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
-        return Calibration(masks, rule, 0.0, 0.0, rounds, [math.nan] * rounds, [1.0] * rounds)
+        return Calibration(masks, 0.0, [math.nan] * rounds, [1.0] * rounds)
 
     originals = {n: p.detach().clone() for n, p in params.items()}
     total = sum(p.numel() for p in params.values())
@@ -115,7 +111,7 @@ def calibrate(
     finally:
         _load(params, originals)
     achieved = 1.0 - int(kept.sum()) / total
-    return Calibration(_unflatten(kept, params), rule, sparsity, achieved, rounds, thresholds, densities)
+    return Calibration(_unflatten(kept, params), achieved, thresholds, densities)
 
 
 def _keep_lowest(rank: torch.Tensor, keep_count: int) -> tuple[torch.Tensor, float]:
@@ -163,7 +159,11 @@ def calibrate_masks(
     """
     check_choice("label_mode", label_mode, LABEL_MODES)
     check_int("chunk_size", chunk_size, minimum=1)
-    _check_reiterable(batches)
+    if isinstance(batches, Iterator):
+        raise ConfigError(
+            "batches must be re-iterable (e.g. a list of (inputs, labels) pairs), "
+            f"got a one-shot {type(batches).__name__}; every calibration round re-reads it"
+        )
     names = resolve_names(model, param_names, default=backbone_parameter_names(model))
     round_numbers = count(1)
 
@@ -191,20 +191,14 @@ def calibrate_masks(
     ).masks
 
 
-def _check_reiterable(batches) -> None:
-    if isinstance(batches, Iterator):
-        raise ConfigError(
-            "batches must be re-iterable (e.g. a list of (inputs, labels) pairs), "
-            f"got a one-shot {type(batches).__name__}; every calibration round re-reads it"
-        )
-
-
 def _rank_scores(rule, model, score_fn, originals, seed, round_index, device) -> torch.Tensor:
     """Flat rank scores over the eligible entries (in the order of `originals`), lower = keep trainable."""
     if rule in SENSITIVITY_RULES:
         scores = score_fn(model)
         if wrong := [n for n, w in originals.items() if n not in scores or scores[n].shape != w.shape]:
             raise ValueError(f"score_fn returned no scores or misshapen scores for {wrong}")
+        if bad := [n for n in originals if not torch.isfinite(scores[n]).all()]:
+            raise ValueError(f"score_fn returned non-finite Fisher scores for {bad}")
     elif rule == "random":  # one stream per round and parameter name, so dict order does not matter
         round_seed = derive_seed(seed, "calibration-round", round_index)
         scores = {
@@ -215,9 +209,6 @@ def _rank_scores(rule, model, score_fn, originals, seed, round_index, device) ->
         scores = {n: weight.abs() for n, weight in originals.items()}  # the original weights, never Fisher
     dtype = reduce(torch.promote_types, [scores[n].dtype for n in originals], torch.float32)
     flat = torch.cat([scores[n].detach().reshape(-1).to(device, dtype) for n in originals])
-    if rule in SENSITIVITY_RULES and not torch.isfinite(flat).all():
-        bad = [n for n in originals if not torch.isfinite(scores[n]).all()]
-        raise ValueError(f"score_fn returned non-finite Fisher scores for {bad}")
     return flat.neg_() if rule in KEEP_HIGHEST_RULES else flat
 
 
@@ -258,16 +249,8 @@ def mask_density_by_parameter(masks: Tensors) -> pd.DataFrame:
         match = BLOCK_NAME.match(name)
         block, kind = (int(match.group(1)), match.group(2)) if match else (-1, name)
         entries, trainable = mask.numel(), int(mask.sum())
-        rows.append(
-            dict(
-                parameter=name,
-                entries=entries,
-                trainable=trainable,
-                density=trainable / entries if entries else math.nan,
-                block=block,
-                kind=kind,
-            )
-        )
+        density = trainable / entries if entries else math.nan
+        rows.append((name, entries, trainable, density, block, kind))
     return pd.DataFrame(rows, columns=["parameter", "entries", "trainable", "density", "block", "kind"])
 
 
@@ -277,7 +260,7 @@ def jaccard(masks_a: Tensors, masks_b: Tensors) -> float:
     if wrong := wrong or [n for n, mask in masks_a.items() if mask.shape != masks_b[n].shape]:
         raise ValueError(f"the masks differ in which parameters they cover or in shape: {wrong}")
     intersection = sum(int((a & masks_b[n].to(a.device)).sum()) for n, a in masks_a.items())
-    union = sum(int((a | masks_b[n].to(a.device)).sum()) for n, a in masks_a.items())
+    union = count_trainable(masks_a) + count_trainable(masks_b) - intersection
     return 1.0 if union == 0 else intersection / union
 
 

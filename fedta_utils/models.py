@@ -24,6 +24,7 @@ also answers True for emulated bf16, which is slow on a T4.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -78,40 +79,36 @@ def build_model(
     head_seed: seed of the head's N(0, 0.01^2) initialisation.
     img_size: input pixels, a multiple of the patch size (16 DINO, 4 tiny_vit); None = native.
     """
-    check_choice("model", name, MODELS)
+    img_size = input_size(name, img_size)  # checks the model name first
     check_int("num_classes", num_classes, minimum=2)
     check_int("head_seed", head_seed, minimum=0)
     check_bool("pretrained", pretrained)
-    img_size = input_size(name, img_size)
     if weights_path is not None and not Path(weights_path).is_file():
         raise ConfigError(f"weights_path={str(weights_path)!r} is not a file")
     if name == "tiny_vit":
-        model = _tiny_vit(num_classes, img_size)
+        with torch.random.fork_rng(devices=[]):  # the same backbone in every build
+            torch.manual_seed(TINY_BACKBONE_SEED)
+            model = VisionTransformer(num_classes=num_classes, **{**TINY_VIT, "img_size": img_size})
     else:
         model = _dino_vits16(num_classes, pretrained, weights_path, img_size)
     reset_head(model, head_seed)
     return model
 
 
-def _tiny_vit(num_classes: int, img_size: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_BACKBONE_SEED)
-        return VisionTransformer(num_classes=num_classes, **{**TINY_VIT, "img_size": img_size})
-
-
 def _dino_vits16(num_classes: int, pretrained: bool, weights_path, img_size: int) -> nn.Module:
+    create = functools.partial(timm.create_model, TIMM_DINO, num_classes=num_classes, img_size=img_size)
     if weights_path is not None or not pretrained:  # a local file, or random weights of the same shape
         with torch.random.fork_rng(
             devices=[]
         ):  # the same random weights in every build (a resumed run's too)
             torch.manual_seed(TINY_BACKBONE_SEED)
-            model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes, img_size=img_size)
+            model = create(pretrained=False)
         if weights_path is not None:
             load_backbone_state(model, read_state_dict(weights_path))
         return model
     try:
         # timm resamples the pretrained position embeddings to img_size's grid as it loads them
-        return timm.create_model(TIMM_DINO, pretrained=True, num_classes=num_classes, img_size=img_size)
+        return create(pretrained=True)
     except Exception as timm_error:  # offline, hub outage, missing huggingface_hub, ...
         first_failure = f"timm '{TIMM_DINO}': {type(timm_error).__name__}: {timm_error}"
     try:
@@ -124,7 +121,7 @@ def _dino_vits16(num_classes: int, pretrained: bool, weights_path, img_size: int
             "Download dino_deitsmall16_pretrain.pth (https://dl.fbaipublicfiles.com/dino/"
             "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth) and pass weights_path=..."
         ) from hub_error
-    model = timm.create_model(TIMM_DINO, pretrained=False, num_classes=num_classes, img_size=img_size)
+    model = create(pretrained=False)
     load_backbone_state(model, hub_model.state_dict())
     return model
 

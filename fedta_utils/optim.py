@@ -109,13 +109,14 @@ class SparseSGDM(torch.optim.SGD):
             if max_grad_norm is None
             else check_float("max_grad_norm", max_grad_norm, 0.0, None, low_open=True)
         )
+        # SGD's positional parameters, in its order
         super().__init__(
             params,
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
             maximize=maximize,
             foreach=foreach,
         )

@@ -42,15 +42,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import check_choice, check_float, check_int
-from .data import DataBundle, ImageSet, make_batch, numpy_rng, sequential_batches, torch_generator
-from .fisher import LABEL_MODES, fisher_sums
+from .data import DataBundle, ImageSet, make_batch, numpy_rng, torch_generator
+from .fisher import DEFAULT_CHUNK, LABEL_MODES, fisher_sums
 from .masks import RULES, Calibration, calibrate, pack_masks, unpack_masks
 from .models import autocast, backbone_parameter_names, head_parameter_names, input_size, resolve_precision
 from .runs import atomic_torch_save, config_id
 
 HEAD_MODES = ("train", "ridge")
 ELIGIBLE_SETS = ("backbone", "blocks", "matrices")
-FISHER_CHUNK = 32  # samples per Fisher forward/backward (see fisher.DEFAULT_CHUNK for the memory)
 
 
 # --------------------------------------------------------------------------- step 0: the ridge head
@@ -66,10 +65,10 @@ def client_features(
 ) -> torch.Tensor:
     """Frozen-backbone features [n, D] (float32) of positions `indices`, no augmentation."""
     model.eval()
-    index = torch.as_tensor(np.asarray(indices), device=image_set.labels.device)
+    index = torch.as_tensor(indices, device=image_set.labels.device)
     parts = []
-    for chunk in sequential_batches(len(index), batch_size, index.device):
-        inputs, _ = make_batch(image_set, index[chunk], img_size)
+    for chunk in index.split(batch_size):
+        inputs, _ = make_batch(image_set, chunk, img_size)
         with autocast(inputs.device, precision):
             parts.append(model.forward_head(model.forward_features(inputs), pre_logits=True).float())
     return torch.cat(parts)
@@ -79,7 +78,7 @@ def ridge_statistics(
     feats: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A = Phi^T Phi and b = Phi^T Y for one client (float64, Phi with a bias column)."""
-    phi = torch.cat([feats.double(), feats.new_ones(len(feats), 1, dtype=torch.float64)], dim=1)
+    phi = F.pad(feats.double(), (0, 1), value=1.0)  # the bias column
     return phi.T @ phi, phi.T @ F.one_hot(labels, num_classes).double()
 
 
@@ -94,7 +93,7 @@ def solve_ridge(
     changes into large logit changes and large gradients, which make unclipped fine-tuning under the
     frozen head diverge (hence FineTuneSpec.max_grad_norm).
     """
-    eye = torch.eye(a_sum.shape[0], dtype=a_sum.dtype, device=a_sum.device)
+    eye = torch.eye(len(a_sum)).to(a_sum)  # a_sum's dtype and device
     solution = torch.linalg.solve(a_sum + ridge_lambda * torch.diagonal(a_sum).mean() * eye, b_sum)
     return solution[:-1].T.contiguous(), solution[-1].contiguous()
 
@@ -121,11 +120,11 @@ def head_accuracy(
     return float((logits.argmax(1) == labels).double().mean())
 
 
-def scaled_losses(head: tuple[torch.Tensor, torch.Tensor], feats, labels, scales) -> torch.Tensor:
-    """One client's summed cross-entropy of a linear head (weight, bias) at each logit scale s."""
+def scaled_losses(head: tuple[torch.Tensor, torch.Tensor], feats, labels) -> torch.Tensor:
+    """One client's summed cross-entropy of a linear head (weight, bias) at each s of LOGIT_SCALES."""
     weight, bias = head
     logits = feats.double() @ weight.T + bias
-    losses = [F.cross_entropy(scale * logits, labels, reduction="sum") for scale in scales]
+    losses = [F.cross_entropy(scale * logits, labels, reduction="sum") for scale in LOGIT_SCALES]
     return torch.stack(losses)
 
 
@@ -135,7 +134,6 @@ def federated_ridge_head(
     num_classes: int,
     ridge_lambda: float | None,
     *,
-    scales: tuple[float, ...] = LOGIT_SCALES,
     val_feats: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -158,17 +156,17 @@ def federated_ridge_head(
     weight, bias = solve_ridge(a_sum, b_sum, ridge_lambda)
     # Each client sends its training loss at every candidate scale; the server adds them up.
     losses = sum(
-        scaled_losses((weight, bias), feats, labels, scales)
-        for feats, labels in zip(client_feats, client_labels)
+        scaled_losses((weight, bias), feats, labels) for feats, labels in zip(client_feats, client_labels)
     )
     best = int(torch.argmin(losses))
+    scale = LOGIT_SCALES[best]
     info = {
         "ridge_lambda": ridge_lambda,
-        "logit_scale": scales[best],
+        "logit_scale": scale,
         "train_loss_at_scale": float(losses[best]) / sum(len(y) for y in client_labels),
         **chosen,
     }
-    return (scales[best] * weight).float(), (scales[best] * bias).float(), info
+    return (scale * weight).float(), (scale * bias).float(), info
 
 
 # --------------------------------------------------------------------------- the spec and the preparation
@@ -256,14 +254,14 @@ def prepare(
     """Steps 0 and 1 from per-client computations (one client = centralized); stored in the run."""
     if run.has_artifact("prepared.pt"):
         return load_prepared(run.dir, model, data.device)
-    info = {}
-    if spec.head == "ridge":
-        weight, bias, info = fit_ridge_head(
+    prepared = Prepared(backbone_parameter_names(model))
+    if spec.head == "train":
+        prepared.trainable_names += head_parameter_names(model)
+    else:  # the ridge head, frozen from now on
+        weight, bias, prepared.info = fit_ridge_head(
             model, data, spec, img_size, precision=precision, shards=shards, cache=head_cache
         )
         install_head(model, weight, bias)
-    names = backbone_parameter_names(model) + (head_parameter_names(model) if spec.head == "train" else [])
-    prepared = Prepared(names, info=dict(info))
     if spec.is_sparse:
         result = calibrate_mask(model, data, spec, img_size, shards=shards, seed=seed)
         prepared.masks = result.masks
@@ -300,13 +298,13 @@ def calibrate_mask(model, data, spec, img_size, *, shards, seed) -> Calibration:
 
 def save_prepared(run, model: nn.Module, prepared: Prepared) -> None:
     """prepared.pt: the trainable names, the step-0 head, the bit-packed masks and the info."""
-    head = model.get_classifier()
+    head = model.get_classifier().state_dict()  # weight and bias
     run.save_artifact(
         "prepared.pt",
         {
             "trainable_names": prepared.trainable_names,
             "info": json.dumps(prepared.info),
-            "head": {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()},
+            "head": {name: value.cpu() for name, value in head.items()},
             "masks": pack_masks(prepared.masks) if prepared.masks is not None else None,
         },
     )
@@ -316,7 +314,7 @@ def load_prepared(run_dir: str | Path, model: nn.Module | None = None, device="c
     """A run's stored preparation (prepared.pt); with `model`, its stored head is installed."""
     stored = torch.load(Path(run_dir) / "prepared.pt", map_location="cpu", weights_only=True)
     if model is not None:
-        install_head(model, stored["head"]["weight"], stored["head"]["bias"])
+        install_head(model, **stored["head"])  # weight and bias
     masks = unpack_masks(stored["masks"], device=device) if stored["masks"] is not None else None
     return Prepared(stored["trainable_names"], masks, json.loads(stored["info"]))
 
@@ -324,8 +322,8 @@ def load_prepared(run_dir: str | Path, model: nn.Module | None = None, device="c
 def install_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     head = model.get_classifier()
     with torch.no_grad():
-        head.weight.copy_(weight.to(head.weight))
-        head.bias.copy_(bias.to(head.bias))
+        head.weight.copy_(weight)  # copy_ casts to the head's dtype and device
+        head.bias.copy_(bias)
 
 
 def head_cache_path(root: str | Path, spec: FineTuneSpec, **context) -> Path | None:
@@ -376,16 +374,12 @@ def fit_ridge_head(model, data, spec, img_size, *, precision, shards, cache: Pat
         for idx in tqdm(shards, desc="step 0: client features", leave=False)
     ]
     labels = [data.train.labels[torch.as_tensor(idx, device=data.device)] for idx in shards]
-    val = (
-        {}
-        if spec.ridge_lambda is not None
-        else {
-            "val_feats": client_features(
-                model, data.val, np.arange(len(data.val)), img_size, precision=precision
-            ),
-            "val_labels": data.val.labels,
-        }
-    )
+    val = {}
+    if spec.ridge_lambda is None:  # chosen on the server's validation split, never read otherwise
+        val["val_feats"] = client_features(
+            model, data.val, np.arange(len(data.val)), img_size, precision=precision
+        )
+        val["val_labels"] = data.val.labels
     weight, bias, info = federated_ridge_head(feats, labels, data.num_classes, spec.ridge_lambda, **val)
     if cache is not None:
         atomic_torch_save({"weight": weight.cpu(), "bias": bias.cpu(), "info": info}, cache)
@@ -425,19 +419,16 @@ def federated_fisher(data, samples: list[np.ndarray], img_size, label_mode, *, n
     def score_fn(model):
         round_index = len(rounds_done)
         rounds_done.append(round_index)
-        totals, count = None, 0
+        totals = {}
+        count = 0
         for client, indices in enumerate(samples):
             generator = torch_generator(seed, "fisher-labels", round_index, client, device=data.device)
             index = torch.as_tensor(indices, device=data.device)
-            batches = (make_batch(data.train, chunk, img_size) for chunk in index.split(FISHER_CHUNK))
-            sums, n = fisher_sums(
-                model, batches, label_mode, names, generator=generator, chunk_size=FISHER_CHUNK
-            )
-            if totals is None:
-                totals = sums
-            else:
-                for name, client_sum in sums.items():  # the server adds the client's sums
-                    totals[name].add_(client_sum)
+            # batches of one vmap chunk each (see fisher.DEFAULT_CHUNK for the memory)
+            batches = (make_batch(data.train, chunk, img_size) for chunk in index.split(DEFAULT_CHUNK))
+            sums, n = fisher_sums(model, batches, label_mode, names, generator=generator)
+            for name, client_sum in sums.items():  # the server adds the client's sums
+                totals[name] = totals.get(name, 0) + client_sum
             count += n
         return {name: total / count for name, total in totals.items()}
 

@@ -46,10 +46,7 @@ def iid_shards(labels, num_clients: int, seed: int) -> list[np.ndarray]:
     Raises:
         ConfigError: K outside 1..N, or a negative seed.
     """
-    labels = np.asarray(labels)
-    num_clients = _check_num_clients(num_clients, len(labels))
-    seed = check_int("seed", seed, minimum=0)
-    rng = numpy_rng(seed, "iid-shards")
+    labels, rng = _labels_and_rng(labels, num_clients, seed, "iid-shards")
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     order = np.concatenate(by_class)
     client_of_slot = rng.permutation(num_clients)  # which client deals first is random too
@@ -85,10 +82,8 @@ def non_iid_shards(labels, num_clients: int, classes_per_client: int, seed: int)
         ConfigError: for an impossible request: Nc > C, K * Nc < C (a class would be left out),
             or a class with fewer samples than the slices it must fill.
     """
-    labels = np.asarray(labels)
-    num_clients = _check_num_clients(num_clients, len(labels))
-    seed = check_int("seed", seed, minimum=0)
-    classes = np.unique(labels)
+    labels, rng = _labels_and_rng(labels, num_clients, seed, "non-iid-shards")
+    classes, class_sizes = np.unique(labels, return_counts=True)
     classes_per_client = check_int("classes_per_client", classes_per_client, minimum=1, maximum=len(classes))
     num_slices = num_clients * classes_per_client
     if num_slices < len(classes):
@@ -97,10 +92,8 @@ def non_iid_shards(labels, num_clients: int, classes_per_client: int, seed: int)
             f"{num_slices} class slices for {len(classes)} classes: some classes would be left out; "
             f"need num_clients * classes_per_client >= {len(classes)}"
         )
-    rng = numpy_rng(seed, "non-iid-shards")
     slices_per_class = _spread_evenly(num_slices, len(classes), rng)
-    for label, count in zip(classes, slices_per_class):
-        available = np.sum(labels == label)
+    for label, count, available in zip(classes, slices_per_class, class_sizes):
         if count > available:
             raise ConfigError(
                 f"class {label} has {available} samples but must be cut into {count} slices "
@@ -173,14 +166,10 @@ def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int) -> list[
     Raises:
         ConfigError: K outside 1..N, alpha <= 0, or a negative seed.
     """
-    labels = np.asarray(labels)
-    num_clients = _check_num_clients(num_clients, len(labels))
+    labels, rng = _labels_and_rng(labels, num_clients, seed, "dirichlet-shards")
     alpha = check_float("dirichlet_alpha", alpha, 0.0, None, low_open=True)
-    seed = check_int("seed", seed, minimum=0)
-    rng = numpy_rng(seed, "dirichlet-shards")
-    classes = np.unique(labels)
+    classes, class_sizes = np.unique(labels, return_counts=True)
     pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]  # shuffled, per class
-    class_sizes = np.array([len(p) for p in pools], dtype=float)
     prior = class_sizes / len(labels)
     concentration = alpha * prior * len(classes)
     sizes = _spread_evenly(len(labels), num_clients, rng)
@@ -247,8 +236,14 @@ def shard_stats(shards: list[np.ndarray], labels, num_classes: int) -> pd.DataFr
     )
 
 
-def _check_num_clients(num_clients: int, num_samples: int) -> int:
-    return check_int("num_clients", num_clients, minimum=1, maximum=num_samples)
+def _labels_and_rng(
+    labels, num_clients: int, seed: int, stream: str
+) -> tuple[np.ndarray, np.random.Generator]:
+    """`labels` as an array and the random stream (seed, stream), once num_clients and seed are checked."""
+    labels = np.asarray(labels)
+    check_int("num_clients", num_clients, minimum=1, maximum=len(labels))
+    seed = check_int("seed", seed, minimum=0)
+    return labels, numpy_rng(seed, stream)
 
 
 def _spread_evenly(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
