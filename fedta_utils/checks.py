@@ -130,7 +130,7 @@ def check_choice_list(name: str, values: Any, allowed: Iterable[Any]) -> list:
 
 def check_path(name: str, value: Any) -> Path:
     """Return `value` as a Path if it is a non-empty str or os.PathLike."""
-    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or str(value) == "":
+    if not isinstance(value, (str, os.PathLike)) or str(value) == "":  # a bool is neither
         raise ConfigError(
             f"{name} must be a folder or file path (a non-empty str or Path), "
             f"got {value!r} ({type(value).__name__})"
@@ -139,9 +139,13 @@ def check_path(name: str, value: Any) -> Path:
 
 
 def _range_text(minimum, maximum) -> str:
-    if minimum is not None and maximum is not None:
-        return f" in [{minimum}, {maximum}]"
-    return f" >= {minimum}" if minimum is not None else (f" <= {maximum}" if maximum is not None else "")
+    if minimum is None and maximum is None:
+        return ""
+    if maximum is None:
+        return f" >= {minimum}"
+    if minimum is None:
+        return f" <= {maximum}"
+    return f" in [{minimum}, {maximum}]"
 
 
 def _interval_text(low, high, low_open, high_open) -> str:

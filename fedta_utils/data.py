@@ -29,6 +29,7 @@ from .runs import atomic_write_bytes
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_SIZE = 32
+CIFAR100_CLASSES = 100
 CROP_PADDING = 4  # pixels, the standard CIFAR augmentation
 DATASETS = ("cifar100", "synthetic")
 
@@ -49,11 +50,10 @@ class ImageSet:
             raise ValueError("labels must be int64 [N] aligned with images")
 
     def __len__(self) -> int:
-        return self.labels.shape[0]
+        return len(self.labels)
 
     def subset(self, indices) -> "ImageSet":
-        positions = np.asarray(indices)
-        index = torch.as_tensor(positions, dtype=torch.long, device=self.labels.device)
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.labels.device)
         return ImageSet(self.images[index], self.labels[index])
 
     def to(self, device) -> "ImageSet":
@@ -134,9 +134,7 @@ def torch_generator(
     device: torch.device | str = "cpu",
 ) -> torch.Generator:
     """A torch.Generator on `device` for the stream (seed, *tags)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, *tags))
-    return generator
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, *tags))
 
 
 # --------------------------------------------------------------------------- loading
@@ -165,15 +163,12 @@ def load_cifar100(root: str | Path, download: bool = False) -> tuple[ImageSet, I
 def _torchvision_image_set(split) -> ImageSet:
     """A torchvision CIFAR split (numpy images [N, 32, 32, 3], a list of labels) as an ImageSet."""
     images = np.ascontiguousarray(split.data, dtype=np.uint8)
-    labels = np.asarray(split.targets)
-    return ImageSet(torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.int64))
+    return ImageSet(torch.from_numpy(images), torch.as_tensor(split.targets, dtype=torch.int64))
 
 
 def synthetic_cifar100(
     num_train: int = 50_000,
     num_test: int = 10_000,
-    num_classes: int = 100,
-    seed: int = 0,
 ) -> tuple[ImageSet, ImageSet]:
     """A CIFAR-shaped stand-in with a class structure a small ViT can learn.
 
@@ -186,12 +181,12 @@ def synthetic_cifar100(
     Classes are balanced, as in CIFAR-100. Used by the smoke profile and the
     tests, never silently in place of the real data.
     """
-    num_train = check_int("synthetic_train_size", num_train, minimum=num_classes)
-    num_test = check_int("synthetic_test_size", num_test, minimum=num_classes)
-    rng = numpy_rng(seed, "synthetic-data")
-    colour_values = rng.random((num_classes, 3), dtype=np.float32)
+    num_train = check_int("synthetic_train_size", num_train, minimum=CIFAR100_CLASSES)
+    num_test = check_int("synthetic_test_size", num_test, minimum=CIFAR100_CLASSES)
+    rng = numpy_rng(0, "synthetic-data")  # seed 0: one synthetic data set, as there is one CIFAR-100
+    colour_values = rng.random((CIFAR100_CLASSES, 3), dtype=np.float32)
     colours = torch.from_numpy(colour_values)[:, :, None, None]  # [C, 3, 1, 1]: broadcast over pixels
-    patterns = _smooth_patterns(rng, num_classes)
+    patterns = _smooth_patterns(rng, CIFAR100_CLASSES)
     train = _synthetic_split(rng, colours, patterns, num_train)
     test = _synthetic_split(rng, colours, patterns, num_test)
     return train, test
@@ -199,16 +194,14 @@ def synthetic_cifar100(
 
 def _smooth_patterns(rng: np.random.Generator, count: int) -> torch.Tensor:
     coarse = rng.random((count, 3, 4, 4), dtype=np.float32)
-    return F.interpolate(torch.from_numpy(coarse), size=CIFAR_SIZE, mode="bilinear", align_corners=False)
+    return F.interpolate(torch.from_numpy(coarse), size=CIFAR_SIZE, mode="bilinear")
 
 
 def _synthetic_split(rng: np.random.Generator, colours, patterns, size: int) -> ImageSet:
-    num_classes = patterns.shape[0]
-    labels = np.arange(size) % num_classes
+    labels = np.arange(size) % len(patterns)  # balanced classes
     rng.shuffle(labels)
     images = []
-    for start in range(0, size, 4096):  # bounded memory for 50k images
-        chunk = torch.from_numpy(labels[start : start + 4096])
+    for chunk in torch.from_numpy(labels).split(4096):  # bounded memory for 50k images
         own = _smooth_patterns(rng, len(chunk))
         noise = rng.normal(0.0, 0.08, size=own.shape).astype(np.float32)
         mixed = 0.4 * colours[chunk] + 0.2 * patterns[chunk] + 0.4 * own + torch.from_numpy(noise)
@@ -240,9 +233,7 @@ def train_val_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray,
     val_idx = np.sort(np.concatenate(val_parts)).astype(np.int64)
     if len(val_idx) == 0:
         raise ConfigError(f"val_fraction={val_fraction:g} leaves no validation sample of {len(labels)}")
-    train_mask = np.ones(len(labels), dtype=bool)
-    train_mask[val_idx] = False
-    train_idx = np.flatnonzero(train_mask).astype(np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels), dtype=np.int64), val_idx)
     return train_idx, val_idx
 
 
@@ -259,11 +250,11 @@ def load_or_create_split(
     """
     labels = np.asarray(labels)
     weights = np.arange(len(labels)) % 9973  # labels weighted by position: moving one changes the sum
-    checksum = int(np.sum(labels.astype(np.int64) * weights))
+    checksum = int(labels.astype(np.int64) @ weights)
     meta = {
         "val_fraction": float(val_fraction),
         "seed": int(seed),
-        "num_samples": int(len(labels)),
+        "num_samples": len(labels),
         "labels_checksum": checksum,
     }
     path = Path(path)
@@ -290,12 +281,16 @@ def prepare_data(
     val_fraction: float = 0.1,
     *,
     split_seed: int = 0,
-    split_path: str | Path | None = None,
+    split_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     synthetic_train_size: int = 50_000,
     synthetic_test_size: int = 10_000,
 ) -> DataBundle:
-    """Load `dataset`, split train into train/val, and move everything to `device`."""
+    """Load `dataset`, split train into train/val, and move everything to `device`.
+
+    With `split_dir`, the split is stored there (load_or_create_split), one file per dataset, val_fraction
+    and split_seed, so every notebook of a results folder uses the same one.
+    """
     check_choice("dataset", dataset, DATASETS)
     check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
     check_int("split_seed", split_seed, minimum=0)
@@ -305,18 +300,15 @@ def prepare_data(
     else:
         full_train, test = synthetic_cifar100(synthetic_train_size, synthetic_test_size)
     labels = full_train.labels.numpy()
-    if split_path is None:
+    if split_dir is None:
         train_idx, val_idx = train_val_split(labels, val_fraction, split_seed)
     else:
-        train_idx, val_idx = load_or_create_split(labels, val_fraction, split_seed, Path(split_path))
+        split_path = Path(split_dir) / f"{dataset}-val{val_fraction:g}-seed{split_seed}.npz"
+        train_idx, val_idx = load_or_create_split(labels, val_fraction, split_seed, split_path)
     num_classes = int(labels.max()) + 1
-    return DataBundle(
-        name=dataset,
-        train=full_train.subset(train_idx).to(device),
-        val=full_train.subset(val_idx).to(device),
-        test=test.to(device),
-        num_classes=num_classes,
-    )
+    train = full_train.subset(train_idx).to(device)
+    val = full_train.subset(val_idx).to(device)
+    return DataBundle(dataset, train, val, test.to(device), num_classes)
 
 
 # --------------------------------------------------------------------------- batches
@@ -332,23 +324,23 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     device = images.device
     padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # pads H and W, not channels
     offsets = 2 * padding + 1  # how many crop offsets: 0..2*padding pixels into the padded image
-    offset_y = torch.randint(0, offsets, (batch,), generator=generator, device=device)
-    offset_x = torch.randint(0, offsets, (batch,), generator=generator, device=device)
+    offset_y = torch.randint(offsets, (batch,), generator=generator, device=device)
+    offset_x = torch.randint(offsets, (batch,), generator=generator, device=device)
     flip = torch.rand(batch, generator=generator, device=device) < 0.5
     rows = offset_y[:, None] + torch.arange(height, device=device)
-    columns = torch.arange(width, device=device).expand(batch, width)
-    columns = torch.where(flip[:, None], columns.flip(1), columns)  # a flip reads the columns backwards
+    columns = torch.arange(width, device=device)
+    # [B, W]: a flip reads the columns backwards
+    columns = torch.where(flip[:, None], columns.flip(0), columns)
     columns = columns + offset_x[:, None]
     batch_index = torch.arange(batch, device=device)[:, None, None]
     return padded[batch_index, rows[:, :, None], columns[:, None, :]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std as [1, 3, 1, 1] tensors on `device`, made once (no host copy per batch)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return mean, std
+    stats = torch.tensor([IMAGENET_MEAN, IMAGENET_STD], device=device)
+    return stats.view(2, 1, 3, 1, 1).unbind()
 
 
 def normalize_resize(images: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -357,7 +349,7 @@ def normalize_resize(images: torch.Tensor, img_size: int) -> torch.Tensor:
     x = images.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W] in [0, 1]
     x = x.sub_(mean).div_(std)
     if x.shape[-2:] != (img_size, img_size):
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=img_size, mode="bilinear")  # align_corners=False, the default
     return x
 
 

@@ -91,7 +91,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object stored at `path`, {} if there is no file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -131,7 +136,7 @@ def rows_to_csv(rows: list[dict]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerows([columns, *([_cell(row.get(c)) for c in columns] for row in rows)])
-    return buffer.getvalue().encode("utf-8")
+    return buffer.getvalue().encode()
 
 
 def _cell(value) -> str:
@@ -140,7 +145,9 @@ def _cell(value) -> str:
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     """metrics.csv joined with timing.csv on their shared row keys (empty if absent)."""
-    metrics, timing = _read_csv(Path(run_dir) / "metrics.csv"), _read_csv(Path(run_dir) / "timing.csv")
+    run_dir = Path(run_dir)
+    metrics = _read_csv(run_dir / "metrics.csv")
+    timing = _read_csv(run_dir / "timing.csv")
     keys = [c for c in timing.columns if c in metrics.columns]
     return metrics.merge(timing, on=keys, how="left") if keys else metrics
 
@@ -155,7 +162,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 def config_id(config: dict) -> str:
     """A short, stable hash of a JSON-serialisable config."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def wall_clock() -> float:
@@ -225,7 +232,7 @@ class Run:
 
     @property
     def is_complete(self) -> bool:
-        return (self.dir / "summary.json").is_file()
+        return is_complete(self.dir)
 
     def summary(self) -> dict:
         return json.loads((self.dir / "summary.json").read_text())
@@ -238,7 +245,7 @@ class Run:
         stored = self.dir / "config.json"
         if not stored.is_file():  # the code version is recorded beside the identity, not part of it
             atomic_write_json(stored, {**self.config, "code_version": self.code_version})
-        elif {k: v for k, v in json.loads(stored.read_text()).items() if k != "code_version"} != self.config:
+        elif {k: v for k, v in read_json(stored).items() if k != "code_version"} != self.config:
             raise RuntimeError(f"{stored} holds another config than this run's; refusing to mix them")
         clear_staging(self.root)  # safe beside other writers: it keeps files younger than a minute
         lock = RunLock(self.dir / "lock.json")
@@ -246,11 +253,7 @@ class Run:
         self._lock = lock
         if self.is_complete:  # another process finished it while this one was on its way: it reads it back
             return self
-        try:
-            self._check_code_version()
-        except CodeVersionChanged:
-            self.__exit__()
-            raise
+        self._check_code_version()
         with open(self.dir / "attempts.log", "a") as log:  # one line per start or resume: who trained it
             log.write(
                 f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
@@ -259,12 +262,14 @@ class Run:
         return self
 
     def _check_code_version(self) -> None:
-        """Refuse to resume a run whose stored work (checkpoints, prepared.pt) other code made."""
+        """Refuse to resume a run whose stored work (checkpoints, prepared.pt) other code made, and let go of
+        its lock."""
         started = self._checkpoints() or self.has_artifact("prepared.pt")
         if not started or self.allow_code_change:
             return
         made = self.last_code_version()
         if made != self.code_version:
+            self.__exit__()
             raise CodeVersionChanged(
                 f"{self.dir} was started by code {made or 'of an unknown version'} and this is code "
                 f"{self.code_version}: resuming it would mix two versions in one run. Set "
@@ -282,8 +287,8 @@ class Run:
         return version if marker else None
 
     def __exit__(self, *exc) -> None:
-        lock, self._lock = self._lock, None
-        lock.release()
+        self._lock.release()
+        self._lock = None
 
     def _require_lock(self) -> None:
         if self._lock is None:
@@ -330,8 +335,8 @@ class Run:
         if self._lock is None:  # read-only use: never write without the lock
             return checkpoint
         if checkpoint is None:
-            (self.dir / "metrics.csv").unlink(missing_ok=True)
-            (self.dir / "timing.csv").unlink(missing_ok=True)
+            for name in ("metrics.csv", "timing.csv"):
+                (self.dir / name).unlink(missing_ok=True)
         else:
             self._write_metrics(checkpoint.rows, checkpoint.timing)
         return checkpoint
@@ -348,8 +353,8 @@ class Run:
         self._require_lock()
         atomic_torch_save(obj, self.dir / name)
 
-    def load_artifact(self, name: str, map_location="cpu"):
-        return torch.load(self.dir / name, map_location=map_location, weights_only=True)
+    def load_artifact(self, name: str):
+        return torch.load(self.dir / name, map_location="cpu", weights_only=True)
 
     def has_artifact(self, name: str) -> bool:
         return (self.dir / name).is_file()
@@ -388,8 +393,7 @@ def grid_path(root: str | Path, experiment: str) -> Path:
 
 def read_grid(root: str | Path, experiment: str) -> dict:
     """The last recorded grid of `experiment` ({} before its first execution)."""
-    path = grid_path(root, experiment)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(grid_path(root, experiment))
 
 
 def record_grid(root: str | Path, experiment: str, runs: list[Run], params: dict) -> list[str]:
@@ -464,16 +468,18 @@ class RunLock:
             holder, mtime = self.holder()
             if mtime is None:  # released meanwhile
                 continue
-            who, run = f"pid {holder.get('pid')} on {holder.get('host')}", self.path.parent
+            who = f"pid {holder.get('pid')} on {holder.get('host')}"
             if not _is_stale(holder, time.time() - mtime):
                 raise RunLockedError(
-                    f"{run} is in use by {who} (started {holder.get('started')}). Wait for "
+                    f"{self.path.parent} is in use by {who} (started {holder.get('started')}). Wait for "
                     "it to finish; a dead holder's lock is taken over at once on its host, "
                     f"from another host {STALE_AFTER_SECONDS} s after its last heartbeat."
                 )
             if self._claim(f"{holder.get('token')}:{mtime!r}"):
                 self.path.unlink(missing_ok=True)
-                warnings.warn(f"taking over a stale lock on {run} ({who})", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"taking over a stale lock on {self.path.parent} ({who})", RuntimeWarning, stacklevel=3
+                )
         raise RunLockedError(f"{self.path.parent}: its lock keeps changing hands; is another process on it?")
 
     def release(self) -> None:
@@ -504,7 +510,7 @@ class RunLock:
         found it stale, exactly one takes over. The marker stays in .staging
         (cleared after a minute), so a late one cannot delete the new lock.
         """
-        name = hashlib.sha1(f"{self.path.resolve()}:{stale}".encode("utf-8")).hexdigest()[:16]
+        name = hashlib.sha1(f"{self.path.resolve()}:{stale}".encode()).hexdigest()[:16]
         return _create_new(_staging_dir(self.path) / f".{self.path.name}.{name}.takeover.tmp")
 
     def _heartbeat(self) -> None:

@@ -16,21 +16,21 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import os
+import re
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from . import __version__, experiments, team
-from .checks import ConfigError, check_bool, check_choice, check_float, check_int, check_path
-from .data import DATASETS, DataBundle, prepare_data
+from .checks import ConfigError, check_bool, check_choice, check_float, check_path
+from .data import DataBundle, prepare_data
 from .models import PRECISIONS, build_model, resolve_precision
-from .runs import RUNS_DIR, STAGING_DIR, Run, atomic_write_bytes, atomic_write_json
+from .runs import RUNS_DIR, STAGING_DIR, Run, atomic_write_bytes, atomic_write_json, read_json
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 PROFILES = ("smoke", "full")
@@ -77,7 +77,7 @@ CHOSEN = {
 }
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def code_version() -> str:
     """The git commit of the checkout the package runs from, else the package version."""
     checkout = NOTEBOOK_DIR.parent
@@ -110,12 +110,8 @@ def declared_parameters(path: Path) -> dict[str, dict]:
     cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
     tagged = [cell for cell in cells if "parameters" in cell["metadata"].get("tags", [])]
     source = "".join(tagged[0]["source"]) if tagged else ""
-    declared = {}
-    for statement in ast.parse(source).body:
-        entry = parameter_entry(statement, source)
-        if entry is not None:
-            declared[entry["name"]] = entry
-    return declared
+    entries = [parameter_entry(statement, source) for statement in ast.parse(source).body]
+    return {entry["name"]: entry for entry in entries if entry is not None}
 
 
 def parameter_entry(statement: ast.stmt, source: str) -> dict | None:
@@ -129,8 +125,8 @@ def parameter_entry(statement: ast.stmt, source: str) -> dict | None:
         return None
     if not isinstance(target, ast.Name) or statement.value is None:
         return None
-    last_line = source.splitlines()[statement.end_lineno - 1].encode("utf-8")
-    comment = last_line[statement.end_col_offset :].decode("utf-8").strip()  # offsets count bytes
+    last_line = source.splitlines()[statement.end_lineno - 1].encode()
+    comment = last_line[statement.end_col_offset :].decode().strip()  # offsets count bytes
     return {
         "name": target.id,
         "inferred_type_name": annotation,
@@ -153,11 +149,10 @@ class Workspace:
     profile: str
     device: torch.device
     data_dir: Path
-    download: bool = True
-    weights_path: str | None = None
+    download: bool
+    weights_path: str | None
     pretrained: bool = True  # False: random backbone weights (benchmarks offline); never for results
     allow_code_change: bool = False  # resume runs that other code started (runs.Run)
-    _data_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def root(self) -> Path:
@@ -198,8 +193,8 @@ class Workspace:
         return build_model(
             name,
             num_classes,
-            pretrained=self.pretrained,
-            weights_path=self.weights_path,
+            self.pretrained,
+            self.weights_path,
             head_seed=head_seed,
             img_size=img_size,
         )
@@ -213,30 +208,25 @@ class Workspace:
         *,
         synthetic_test_size: int = 10_000,
     ) -> DataBundle:
-        """The dataset on `self.device`, split once per results folder and cached in memory."""
-        check_choice("dataset", dataset, DATASETS)
-        check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
-        check_int("split_seed", split_seed, minimum=0)
-        key = (dataset, val_fraction, split_seed, synthetic_train_size, synthetic_test_size)
-        if key not in self._data_cache:
-            split_path = self.root / "splits" / f"{dataset}-val{val_fraction:g}-seed{split_seed}.npz"
-            self._data_cache[key] = prepare_data(
-                dataset,
-                self.data_dir,
-                self.download,
-                val_fraction,
-                split_seed=split_seed,
-                split_path=split_path,
-                device=self.device,
-                synthetic_train_size=synthetic_train_size,
-                synthetic_test_size=synthetic_test_size,
-            )
-        return self._data_cache[key]
+        """The dataset on `self.device`, split once per results folder (stored under <root>/splits).
+
+        prepare_data checks every argument before it loads or writes anything."""
+        return prepare_data(
+            dataset,
+            self.data_dir,
+            self.download,
+            val_fraction,
+            split_seed=split_seed,
+            split_dir=self.root / "splits",
+            device=self.device,
+            synthetic_train_size=synthetic_train_size,
+            synthetic_test_size=synthetic_test_size,
+        )
 
     def save_frame(self, relative_path: str, frame) -> Path:
         """Write a DataFrame as CSV under the results root, atomically; returns the path."""
         path = self.root / relative_path
-        atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
+        atomic_write_bytes(path, frame.to_csv(index=False).encode())
         return path
 
     @property
@@ -250,7 +240,7 @@ class Workspace:
 
     def load_hparams(self) -> dict:
         """Every value stored so far ({} before the first search)."""
-        return json.loads(self.hparams_path.read_text()) if self.hparams_path.is_file() else {}
+        return read_json(self.hparams_path)
 
     def chosen(self, name: str) -> float:
         """The value of parameter `name` (a key of CHOSEN) that an earlier notebook chose on validation."""
@@ -287,7 +277,7 @@ def setup_workspace(
         results_dir.resolve(),
         profile,
         resolve_device(device),
-        Path(data_dir),
+        data_dir,
         download,
         str(weights_path) if weights_path else None,
     )
@@ -319,14 +309,14 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     params = {name: namespace[name] for name in declared_parameters(discover_notebooks()[key])}
     check_profile_inputs(params)
     worker = team.parse_worker(params.get("worker"))  # a bad worker is refused before anything is written
-    check_float("wait_limit", params.get("wait_limit", 3600), 0.0, None, low_open=True)
+    check_float("wait_limit", params.get("wait_limit", 3600), 0.0, low_open=True)
     ws = setup_workspace(
         params["profile"],
         params["results_dir"],
-        params.get("drive_dir") or None,
+        params.get("drive_dir"),
         params.get("data_dir", "data"),
         device=device,
-        weights_path=params.get("weights_path") or None,
+        weights_path=params.get("weights_path"),
     )
     ws.allow_code_change = check_bool("allow_code_change", params.get("allow_code_change", False))
     # Every grid the notebook runs, before anything loads or waits (a chosen value not read yet: a stand-in).
@@ -391,8 +381,8 @@ def resolve_device(device: str) -> torch.device:
     if not isinstance(device, str):
         raise ConfigError(f"device must be a string: 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
         raise ConfigError(
             f"device={device!r} is not allowed; choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'"
         )
@@ -423,9 +413,8 @@ def make_writable_root(root: Path) -> None:
     """Create <root>/.staging and write a probe file there (a unique name: other processes probe too)."""
     try:
         (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=root / STAGING_DIR)
-        os.close(handle)
-        os.unlink(probe)
+        probe = tempfile.NamedTemporaryFile(prefix=".write-test.", suffix=".tmp", dir=root / STAGING_DIR)
+        probe.close()  # which deletes it
     except OSError as error:
         raise ConfigError(
             f"results_dir={str(root.parent)!r} is not writable ({error}); choose a folder you can write to"
