@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import models
-from .data import DataBundle, augmentation_generator, make_batch, synthetic_cifar100
+from .data import ImageSet, augmentation_generator, make_batch, synthetic_cifar100
 from .fedavg import FedAvgConfig, client_update, run_fedavg, server_update
 from .fisher import DEFAULT_CHUNK, fisher_sums, fisher_sums_loop
 from .optim import SparseSGDM
@@ -53,6 +53,8 @@ from .training import CentralizedConfig, load_flat, read_flat, run_centralized, 
 from .workspace import resolve_device, setup_workspace
 
 SPARSITY = 0.9  # fraction of entries frozen in the SparseSGDM measurement
+# --quick or not -> (steps per timed block, timed repetitions): --quick times the least that still warms up
+TIMING_LENGTHS = {True: (2, 2), False: (10, 3)}
 
 
 def best_time(function, device: torch.device, repeats: int) -> float:
@@ -81,12 +83,31 @@ def peak_memory(device: torch.device) -> str:
 
 
 def random_model(name: str, device, img_size: int | None = None) -> torch.nn.Module:
-    return models.build_model(name, 100, pretrained=False, img_size=img_size).to(device)
+    return models.build_model(name, pretrained=False, img_size=img_size).to(device)  # 100 classes
 
 
-def synthetic_bundle(device, train: int, test: int) -> DataBundle:
-    train_set, test_set = synthetic_cifar100(train, test)
-    return DataBundle("synthetic", train_set.to(device), test_set.to(device), test_set.to(device), 100)
+def random_setup(name: str, device, images: int, img_size: int | None = None) -> tuple:
+    """(random model, `images` random inputs at its input size `img_size` (None: native), random labels)."""
+    size = models.input_size(name, img_size)
+    model = random_model(name, device, size)
+    inputs = torch.randn(images, 3, size, size, device=device)
+    labels = torch.randint(0, 100, (images,), device=device)
+    return model, inputs, labels
+
+
+def sampled_fisher(function, model, inputs: torch.Tensor) -> dict:
+    """The Fisher sums of `function` (fisher_sums or fisher_sums_loop) over the backbone at `inputs`,
+    labels sampled from the model by a generator seeded 0."""
+    generator = torch.Generator(inputs.device).manual_seed(0)
+    names = models.backbone_parameter_names(model)
+    sums, _ = function(model, [(inputs, None)], "sampled", names, generator=generator)
+    return sums
+
+
+def synthetic_train(device, images: int) -> ImageSet:
+    """`images` synthetic CIFAR-100 training images on `device`."""
+    train_set, _ = synthetic_cifar100(images, 100)
+    return train_set.to(device)
 
 
 def train_step_seconds(
@@ -94,15 +115,9 @@ def train_step_seconds(
 ) -> float:
     """Seconds per bare training step on a batch already at the input size (None: the model's native)."""
     reset_peak(device)
-    size = models.input_size(name, img_size)
-    model = random_model(name, device, size)
+    model, inputs, labels = random_setup(name, device, batch_size, img_size)
     forward = torch.compile(model) if compile_model else model
-    batches = [
-        (
-            torch.randn(batch_size, 3, size, size, device=device),
-            torch.randint(0, 100, (batch_size,), device=device),
-        )
-    ] * steps
+    batches = [(inputs, labels)] * steps
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = models.grad_scaler(device, precision)
     seconds = best_time(
@@ -114,7 +129,7 @@ def train_step_seconds(
 def fedavg_round_seconds(name, device, precision, clients, *, local_steps, batch_size, repeats) -> float:
     """Seconds of one FedAvg round (data path, fresh optimizers, J steps each, aggregation), no evaluation."""
     model = random_model(name, device)
-    data = synthetic_bundle(device, max(2000, clients * batch_size * 2), 100)
+    train = synthetic_train(device, max(2000, clients * batch_size * 2))
     size = models.input_size(name)
     params = list(model.parameters())
     global_weights = read_flat(params)
@@ -122,9 +137,9 @@ def fedavg_round_seconds(name, device, precision, clients, *, local_steps, batch
     def one_round():
         delta_sum = torch.zeros_like(global_weights)
         for client in range(clients):
-            index = torch.randperm(len(data.train), device=device)[: local_steps * batch_size]
+            index = torch.randperm(len(train), device=device)[: local_steps * batch_size]
             generator = augmentation_generator(0, client, device=device)
-            batches = (make_batch(data.train, i, size, generator) for i in index.view(local_steps, -1))
+            batches = (make_batch(train, i, size, generator) for i in index.view(local_steps, -1))
             optimizer = SparseSGDM(params, lr=1e-3, momentum=0.9)
             update = client_update(
                 model, params, global_weights, batches, optimizer=optimizer, precision=precision
@@ -140,9 +155,8 @@ def evaluation_seconds(
 ) -> float:
     """Seconds per evaluated image (inference under autocast, no augmentation)."""
     reset_peak(device)
-    size = models.input_size(name, img_size)
-    model = random_model(name, device, size).eval()
-    inputs = torch.randn(images, 3, size, size, device=device)
+    model, inputs, _ = random_setup(name, device, images, img_size)
+    model.eval()
 
     @torch.inference_mode()
     def evaluate():
@@ -154,12 +168,12 @@ def evaluation_seconds(
 
 
 def data_path_seconds(name, device, batch_size, steps, *, repeats) -> float:
-    data = synthetic_bundle(device, 2000, 100)
+    train = synthetic_train(device, 2000)
     generator = augmentation_generator(0, device=device)
     index = torch.arange(batch_size, device=device)
     return (
         best_time(
-            lambda: [make_batch(data.train, index, models.input_size(name), generator) for _ in range(steps)],
+            lambda: [make_batch(train, index, models.input_size(name), generator) for _ in range(steps)],
             device,
             repeats,
         )
@@ -167,24 +181,12 @@ def data_path_seconds(name, device, batch_size, steps, *, repeats) -> float:
     )
 
 
-def fisher_seconds(name, device, samples, reference: bool, *, img_size=None) -> tuple[float, str]:
-    """(seconds per sample, peak GPU memory note) of the vectorised Fisher or its per-sample loop."""
-    size = models.input_size(name, img_size)
-    model = random_model(name, device, size)
-    batches = [(torch.randn(samples, 3, size, size, device=device), None)]
-    function = fisher_sums_loop if reference else fisher_sums
+def fisher_seconds(name, device, samples, function, *, img_size=None) -> tuple[float, str]:
+    """(seconds per sample, peak GPU memory note) of `function`: the vectorised Fisher (fisher_sums) or its
+    per-sample loop (fisher_sums_loop)."""
+    model, inputs, _ = random_setup(name, device, samples, img_size)
     reset_peak(device)
-    seconds = best_time(
-        lambda: function(
-            model,
-            batches,
-            "sampled",
-            models.backbone_parameter_names(model),
-            generator=torch.Generator(device=device).manual_seed(0),
-        ),
-        device,
-        1,
-    )
+    seconds = best_time(lambda: sampled_fisher(function, model, inputs), device, 1)
     return seconds / samples, peak_memory(device)
 
 
@@ -194,46 +196,38 @@ def optimizer_step_ratio(name, device, steps, repeats) -> float:
     for p in params:
         p.grad = torch.randn_like(p)
     masks = [torch.rand_like(p) >= SPARSITY for p in params]
-    dense = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-5)
-    sparse = SparseSGDM(params, lr=1e-3, momentum=0.9, weight_decay=5e-5, masks=masks)
+    options = dict(lr=1e-3, momentum=0.9, weight_decay=5e-5)
+    dense = torch.optim.SGD(params, **options)
+    sparse = SparseSGDM(params, **options, masks=masks)
     sgd = best_time(lambda: [dense.step() for _ in range(steps)], device, repeats)
     return best_time(lambda: [sparse.step() for _ in range(steps)], device, repeats) / sgd
 
 
 def correctness_checks(device) -> dict[str, bool]:
     """SparseSGDM == SGD with all-ones masks; frozen entries bit-identical under fp16/bf16; Fisher == loop."""
-    model = random_model("tiny_vit", device)
+    model, inputs, labels = random_setup("tiny_vit", device, 8)
     params = list(model.parameters())
-    inputs = torch.randn(8, 3, 32, 32, device=device)
-    labels = torch.randint(0, 100, (8,), device=device)
-    start = [p.detach().clone() for p in params]
+    batches = [(inputs, labels)] * 3
+    start = read_flat(params)
     results = {}
     for precision in ("fp32", "bf16") + (("fp16",) if device.type == "cuda" else ()):
         masks = [torch.rand_like(p) < 0.5 for p in params]
-        load_flat(params, torch.cat([s.reshape(-1) for s in start]))
+        frozen = ~torch.cat([m.reshape(-1) for m in masks])  # in the layout of read_flat
+        load_flat(params, start)
         optimizer = SparseSGDM(params, lr=0.1, momentum=0.9, weight_decay=1e-3, masks=masks)
-        scaler = models.grad_scaler(device, precision)
-        train_steps(model, optimizer, scaler, [(inputs, labels)] * 3, precision=precision)
-        results[f"check_frozen_exact_{precision}"] = all(
-            torch.equal(p[~m], s[~m]) for p, m, s in zip(params, masks, start)
-        )
+        train_steps(model, optimizer, models.grad_scaler(device, precision), batches, precision=precision)
+        results[f"check_frozen_exact_{precision}"] = torch.equal(read_flat(params)[frozen], start[frozen])
     trajectories = []
     ones = [torch.ones_like(p) for p in params]
     for optimizer_class, options in ((torch.optim.SGD, {}), (SparseSGDM, {"masks": ones})):
-        load_flat(params, torch.cat([s.reshape(-1) for s in start]))
+        load_flat(params, start)
         optimizer = optimizer_class(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, **options)
-        train_steps(
-            model, optimizer, models.grad_scaler(device, "fp32"), [(inputs, labels)] * 3, precision="fp32"
-        )
+        train_steps(model, optimizer, models.grad_scaler(device, "fp32"), batches, precision="fp32")
         trajectories.append(read_flat(params))
     results["check_all_ones_equals_sgd"] = torch.equal(*trajectories)
-    names = models.backbone_parameter_names(model)
-    sums = [
-        f(model, [(inputs, None)], "sampled", names, generator=torch.Generator(device).manual_seed(0))[0]
-        for f in (fisher_sums, fisher_sums_loop)
-    ]
+    vectorised, loop = [sampled_fisher(f, model, inputs) for f in (fisher_sums, fisher_sums_loop)]
     results["check_fisher_equals_loop"] = all(
-        torch.allclose(sums[0][n], sums[1][n], rtol=1e-3, atol=1e-9) for n in names
+        torch.allclose(vectorised[n], loop[n], rtol=1e-3, atol=1e-9) for n in vectorised
     )
     return results
 
@@ -257,12 +251,12 @@ def unit_seconds(
     batch = 32
     steps = 1 if slow else 5
     repeats = 1 if slow else 2
-    per_step = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats, img_size=size)
-    train = per_step / batch
+    step = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats, img_size=size)
+    train = step / batch  # per image
     evaluation = evaluation_seconds(
         name, device, precision, 64 if slow else 512, batch_size=eval_batch_size, repeats=1, img_size=size
     )
-    fisher, _ = fisher_seconds(name, device, 8 if slow else 32, reference=False, img_size=size)
+    fisher, _ = fisher_seconds(name, device, 8 if slow else 32, fisher_sums, img_size=size)
     return {"train": train, "eval": evaluation, "fisher": fisher}, describe(name, device, precision, size)
 
 
@@ -276,16 +270,9 @@ def describe(name, device, precision, img_size: int | None = None) -> str:
     )
 
 
-def timing_lengths(quick: bool) -> tuple[int, int]:
-    """(steps per timed block, timed repetitions): --quick times the least that still warms up."""
-    if quick:
-        return 2, 2
-    return 10, 3
-
-
 def measurements(name, device, precision, quick: bool, *, eval_batch_size: int = 256):
     """(metric, value, unit, note) rows, yielded as each is measured."""
-    steps, repeats = timing_lengths(quick)
+    steps, repeats = TIMING_LENGTHS[quick]
     clients, local_steps = (2, 2) if quick else (10, 4)
     batches = (32,) if device.type == "cpu" else (32, 128)
     step = {}
@@ -305,8 +292,8 @@ def measurements(name, device, precision, quick: bool, *, eval_batch_size: int =
     data_path = data_path_seconds(name, device, 32, steps, repeats=repeats)
     yield "data_path_share", data_path / step[32], "fraction of step", "crop+flip, normalise, resize"
     samples = 8 if quick else 32
-    for reference, label in ((False, "fisher_vmap"), (True, "fisher_loop")):
-        seconds, memory = fisher_seconds(name, device, samples, reference)
+    for function, label in ((fisher_sums, "fisher_vmap"), (fisher_sums_loop, "fisher_loop")):
+        seconds, memory = fisher_seconds(name, device, samples, function)
         yield label, 1 / seconds, "samples/s", f"{samples} samples{memory}"
     ratio = optimizer_step_ratio(name, device, steps, repeats)
     yield "sparse_over_sgd", ratio, "ratio", f"{SPARSITY:.0%} frozen"
@@ -316,13 +303,10 @@ def measurements(name, device, precision, quick: bool, *, eval_batch_size: int =
 
 def fedsgd_identity_holds(device) -> bool:
     """C = 1, J = 1, full-shard batches, no momentum: one FedAvg round is one full-batch gradient step."""
-    model = random_model("tiny_vit", device)
+    model, inputs, labels = random_setup("tiny_vit", device, 16)  # the union of the shards: one full batch
     params = list(model.parameters())
     start = read_flat(params)
-    shards = [
-        (torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 100, (n,), device=device))
-        for n in (6, 10)
-    ]
+    shards = zip(inputs.split([6, 10]), labels.split([6, 10]))
     delta_sum = torch.zeros_like(start)
     for batch in shards:
         optimizer = torch.optim.SGD(params, lr=0.1)
@@ -332,10 +316,8 @@ def fedsgd_identity_holds(device) -> bool:
     server_update(fedavg, delta_sum / 16)
     load_flat(params, start)
     model.train()
-    inputs = torch.cat([x for x, _ in shards])  # the union of the shards: one full batch
-    labels = torch.cat([y for _, y in shards])
     gradients = torch.autograd.grad(F.cross_entropy(model(inputs), labels), params)
-    step = start - 0.1 * torch.cat([g.reshape(-1) for g in gradients])
+    step = start - 0.1 * read_flat(gradients)
     return torch.allclose(fedavg, step, rtol=1e-4, atol=1e-6)
 
 
@@ -367,7 +349,7 @@ def run_interrupted(interrupt: bool, runner, *args, **kwargs):
 def rehearsal_plans(name: str, quick: bool) -> list[tuple]:
     """(kind, runner, config) of each code path the rehearsal runs: a centralized run, a dense FedAvg
     run and a sparse one whose mask needs calibration rounds."""
-    common = dict(dataset="synthetic", model=name, seed=0, precision="auto", lr=0.01)
+    common = dict(dataset="synthetic", model=name)  # seed 0, precision auto, lr 0.01: the defaults
     fed = dict(
         common,
         num_clients=10,
@@ -378,13 +360,12 @@ def rehearsal_plans(name: str, quick: bool) -> list[tuple]:
     )
     sparse = FineTuneSpec(
         head="ridge",
-        mask_rule="least_sensitive",
-        sparsity=0.9,
+        mask_rule="least_sensitive",  # at the default sparsity, 0.9
         calibration_rounds=2,
         calibration_samples=100 if quick else 320,
     )
     return [
-        ("centralized", run_centralized, CentralizedConfig(**common, epochs=2, batch_size=128)),
+        ("centralized", run_centralized, CentralizedConfig(**common, epochs=2)),
         ("fedavg", run_fedavg, FedAvgConfig(**fed)),
         ("sparse_fedavg", run_fedavg, FedAvgConfig(**fed, finetune=sparse)),
     ]
@@ -398,7 +379,7 @@ def rehearsal_metrics(runner, config, device, images: int) -> list[pd.DataFrame]
         with tempfile.TemporaryDirectory() as folder:
             ws = setup_workspace("smoke", folder, device=str(device), download=False)
             ws.pretrained = False  # random weights: the same FLOPs, no download
-            data = ws.load_data("synthetic", 0.1, 0, images, synthetic_test_size=200)
+            data = ws.load_data("synthetic", synthetic_train_size=images, synthetic_test_size=200)
             result = run_interrupted(interrupt, runner, ws, data, config, checkpoint_every=1, progress=False)
             metrics.append(result.metrics)
     return metrics
@@ -412,20 +393,27 @@ def compare_metrics(straight: pd.DataFrame, resumed: pd.DataFrame) -> tuple[bool
     return straight[columns].equals(resumed[columns]), float(abs(a - b).max())
 
 
-def rehearsal(name, device, quick: bool):
-    """(kind, resumed metrics equal an uninterrupted run's, largest difference, seconds) per code path."""
+def rehearsal_rows(name, device, quick: bool):
+    """A row per code path: 1 when its resumed metrics equal an uninterrupted run's; the note gives the
+    largest difference and the seconds both runs took."""
     torch.use_deterministic_algorithms(True, warn_only=True)  # bit-identical where the kernels allow it
     images = 600 if quick else 5000
     for kind, runner, config in rehearsal_plans(name, quick):
         started = time.perf_counter()
         straight, resumed = rehearsal_metrics(runner, config, device, images)
         equal, difference = compare_metrics(straight, resumed)
-        yield kind, equal, difference, time.perf_counter() - started
+        yield (
+            f"rehearsal_{kind}_resumed_equal",
+            float(equal),
+            "1 = equal",
+            f"rehearsal, largest difference {difference:.2e}, {time.perf_counter() - started:.0f} s",
+        )
 
 
-def precision_step_rows(name, device, quick: bool):
-    """Training-step rows in bf16 and in fp16 with a GradScaler (fp32 on a CPU, where neither pays)."""
-    steps, repeats = timing_lengths(quick)
+def gpu_step_rows(name, device, quick: bool):
+    """Training-step rows in bf16 and in fp16 with a GradScaler (fp32 on a CPU, where neither pays), then
+    the torch.compile'd step, whose note gives the warm-up, which includes the compilation."""
+    steps, repeats = TIMING_LENGTHS[quick]
     precisions = ("bf16", "fp16") if device.type == "cuda" else ("fp32",)
     batches = (32,) if quick else (32, 128)
     for precision in precisions:
@@ -437,17 +425,12 @@ def precision_step_rows(name, device, quick: bool):
                 "images/s",
                 f"batch {batch}{peak_memory(device)}",
             )
-
-
-def compiled_step_row(name, device, quick: bool) -> tuple:
-    """The torch.compile'd training step; the note gives the warm-up, which includes the compilation."""
-    steps, repeats = timing_lengths(quick)
     started = time.perf_counter()
     precision = models.resolve_precision("auto", device)
     seconds = train_step_seconds(
         name, device, precision, 32, steps=steps, repeats=repeats, compile_model=True
     )
-    return (
+    yield (
         "train_step_b32_compiled",
         32 / seconds,
         "images/s",
@@ -455,33 +438,22 @@ def compiled_step_row(name, device, quick: bool) -> tuple:
     )
 
 
-def fisher_default_chunk_row(name, device) -> tuple:
-    """The vectorised Fisher at its default chunk, whose per-sample gradients bound its memory."""
+def gpu_check(name, device, quick: bool):
+    """The rows only --gpu-check measures (see the module docstring)."""
+    yield from gpu_step_rows(name, device, quick)
+    # The vectorised Fisher at its default chunk, whose per-sample gradients bound its memory.
     entries = sum(p.numel() for p in random_model(name, device).parameters())
     chunk_gb = DEFAULT_CHUNK * entries * 4 / 2**30  # fp32 gradients of DEFAULT_CHUNK samples at once
-    seconds, memory = fisher_seconds(name, device, DEFAULT_CHUNK, reference=False)
-    return (
+    seconds, memory = fisher_seconds(name, device, DEFAULT_CHUNK, fisher_sums)
+    yield (
         "fisher_vmap_default_chunk",
         1 / seconds,
         "samples/s",
         f"chunk {DEFAULT_CHUNK}: bound {chunk_gb:.2f} GB of gradients + activations{memory}",
     )
-
-
-def gpu_check(name, device, quick: bool):
-    """The rows only --gpu-check measures (see the module docstring)."""
-    yield from precision_step_rows(name, device, quick)
-    yield compiled_step_row(name, device, quick)
-    yield fisher_default_chunk_row(name, device)
     yield "check_fedsgd_identity", float(fedsgd_identity_holds(device)), "1 = holds", "on this device"
-    for kind, equal, difference, seconds in rehearsal(name, device, quick):
-        yield (
-            f"rehearsal_{kind}_resumed_equal",
-            float(equal),
-            "1 = equal",
-            f"rehearsal, largest difference {difference:.2e}, {seconds:.0f} s",
-        )
-    unit, _ = unit_seconds(name, "auto", 256, str(device))
+    yield from rehearsal_rows(name, device, quick)
+    unit, _ = unit_seconds(name, device=str(device))
     for kind, value in unit.items():
         yield f"dryrun_seconds_per_{kind}", value, "s", "the dry-run's calibration on this device"
 
@@ -510,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = []
     extra = gpu_check(name, device, args.quick) if args.gpu_check else ()
-    rows_measured = measurements(name, device, precision, args.quick, eval_batch_size=args.eval_batch_size)
-    for row in itertools.chain(rows_measured, extra):
+    measured = measurements(name, device, precision, args.quick, eval_batch_size=args.eval_batch_size)
+    for row in itertools.chain(measured, extra):
         rows.append(row)
         print(f"{row[0]:>38} {row[1]:12.4g} {row[2]:<18} {row[3]}", flush=True)
         frame = pd.DataFrame(rows, columns=["metric", "value", "unit", "note"])

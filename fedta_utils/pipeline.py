@@ -32,11 +32,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
 
-from . import experiments, team
+from . import experiments
 from .checks import ConfigError, check_choice
 from .fedavg import FedAvgConfig
 from .models import build_model, head_parameter_names
@@ -55,6 +56,8 @@ KERNEL_START_TRIES = 3
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
 SMALL_IMG_SIZE = 160  # the cheaper input size the dry-run also prices
 CHECKPOINT_OVERHEAD = 8_000  # bytes of a checkpoint besides its tensors: the RNG state, metrics rows, zip
+# What a config's head_cache reads of a workspace: a step-0 head is named by its cache path under any root.
+DRY_RUN_WORKSPACE = SimpleNamespace(root="dry-run", weights_path=None)
 
 
 def parse_value(text: str):
@@ -63,27 +66,6 @@ def parse_value(text: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-
-
-def select_notebooks(only: list[str] | None, notebooks: dict[str, Path]) -> dict[str, Path]:
-    if not only:
-        return notebooks
-    keys = [key[:2] for key in only]
-    unknown = [key for key in keys if key not in notebooks]
-    if unknown:
-        raise ConfigError(f"--only {unknown}: no such notebook; available: {sorted(notebooks)}")
-    return {key: path for key, path in notebooks.items() if key in keys}
-
-
-def check_overrides(overrides: dict, selected: dict[str, Path]) -> None:
-    """Every -p name must be a parameter of at least one selected notebook."""
-    declared = set().union(*(declared_parameters(path) for path in selected.values()))
-    unknown = sorted(set(overrides) - declared)
-    if unknown:
-        raise ConfigError(
-            f"-p {unknown[0]}: no selected notebook declares a parameter of that name; "
-            f"declared: {sorted(declared)}"
-        )
 
 
 def notebook_parameters(path: Path, profile: str, results_dir: Path, overrides: dict) -> dict:
@@ -96,10 +78,23 @@ def checked_selection(profile: str, only: list[str] | None, overrides: dict, not
     """The notebooks of `notebook_dir` that --only selects, once the profile and every -p name are checked
     (before anything runs)."""
     check_choice("profile", profile, PROFILES)
-    selected = select_notebooks(only, discover_notebooks(notebook_dir))
+    selected = discover_notebooks(notebook_dir)
+    if only:
+        keys = [key[:2] for key in only]  # '02' or '02_fedavg_iid'
+        unknown = [key for key in keys if key not in selected]
+        if unknown:
+            raise ConfigError(f"--only {unknown}: no such notebook; available: {sorted(selected)}")
+        selected = {key: path for key, path in selected.items() if key in keys}
     if not selected:
         raise ConfigError(f"no numbered notebooks found in {notebook_dir}")
-    check_overrides(overrides, selected)
+    # Every -p name must be a parameter of at least one selected notebook.
+    declared = set().union(*(declared_parameters(path) for path in selected.values()))
+    unknown = sorted(set(overrides) - declared)
+    if unknown:
+        raise ConfigError(
+            f"-p {unknown[0]}: no selected notebook declares a parameter of that name; "
+            f"declared: {sorted(declared)}"
+        )
     return selected
 
 
@@ -211,30 +206,13 @@ def notebook_values(path: Path, profile: str, overrides: dict) -> dict:
 def grids(profile: str, only: list[str] | None = None, overrides: dict | None = None) -> list[dict]:
     """Every group of runs the selected notebooks execute: notebook, group, function, configs, params."""
     overrides = overrides or {}
-    selected = select_notebooks(only, discover_notebooks())
-    check_overrides(overrides, selected)
+    selected = checked_selection(profile, only, overrides, NOTEBOOK_DIR)
     groups = []
     for key, path in selected.items():
         params = experiments.with_stand_ins(notebook_values(path, profile, overrides))
         for grid in experiments.notebook_grids(key, params):
             groups.append({"notebook": path.stem, "params": params, **grid})
     return groups
-
-
-def head_key(config) -> tuple | None:
-    """What a cached step-0 head depends on (the fields of its cache path), or None for a trained head."""
-    if config.finetune.head == "train":
-        return None
-    if isinstance(config, FedAvgConfig):
-        return (
-            config.model,
-            config.dataset,
-            config.finetune.ridge_lambda,
-            config.sharding_name(),
-            config.num_clients,
-            config.seed,
-        )
-    return config.model, config.dataset, config.finetune.ridge_lambda, "centralized", config.seed
 
 
 WORK = ["train", "eval", "fisher"]  # images trained on, images evaluated, per-sample Fisher gradients
@@ -261,7 +239,7 @@ def run_table(groups: list[dict]) -> pd.DataFrame:
                 continue
             seen.add(key)
             work = run_work(config, params, head_only)
-            if (head := head_key(config)) is not None and head not in heads:
+            if (head := config.head_cache(DRY_RUN_WORKSPACE, "cpu")) is not None and head not in heads:
                 heads.add(head)
                 train, val, _, _ = split_sizes(config, params)
                 work["eval"] += train + val
@@ -297,7 +275,7 @@ def work_table(groups: list[dict]) -> pd.DataFrame:
 @functools.lru_cache(maxsize=None)
 def entry_counts(model: str, img_size: int | None, eligible: str) -> dict:
     """Entries of the model's parameters: all of them, the head's, and those a mask may cover."""
-    network = build_model(model, team.CLASSES, pretrained=False, img_size=img_size)
+    network = build_model(model, pretrained=False, img_size=img_size)  # 100 classes
     sizes = {name: p.numel() for name, p in network.named_parameters()}
     head = sum(sizes[name] for name in head_parameter_names(network))
     maskable = sum(sizes[name] for name in eligible_names(network, eligible))
@@ -331,7 +309,7 @@ def prepared_bytes(config) -> int:
 def checkpoint_count(run, seconds: float) -> int:
     """How many checkpoints a run writes (runs.CheckpointSchedule): none at its last step."""
     before_the_end = max(0, run["steps"] - 1)
-    if run["every"] is not None and not pd.isna(run["every"]):
+    if not pd.isna(run["every"]):  # None or NaN: by wall time
         return int(before_the_end // run["every"])
     by_time = seconds // (run["minutes"] * 60)
     return int(min(before_the_end, by_time))
@@ -358,13 +336,12 @@ def add_hours(table: pd.DataFrame, groups: list[dict]) -> tuple[dict, str]:
     precision = configs[0].precision
     size = configs[0].img_size
     eval_batch = groups[0]["params"].get("eval_batch_size", 256)
-    # DINO ViT-S/16 at its native 224 px is also priced at the cheaper SMALL_IMG_SIZE.
-    cheaper = [SMALL_IMG_SIZE] if model == "dino_vits16" and size in (None, 224) else []
     seconds, setup = unit_seconds(model, precision, eval_batch, img_size=size)
     table["hours"] = work_seconds(table, seconds) / 3600
-    for cheaper_size in cheaper:
-        measured, _ = unit_seconds(model, precision, eval_batch, img_size=cheaper_size)
-        table[f"hours at {cheaper_size} px"] = work_seconds(table, measured) / 3600
+    # DINO ViT-S/16 at its native 224 px is also priced at the cheaper SMALL_IMG_SIZE.
+    if model == "dino_vits16" and size in (None, 224):
+        measured, _ = unit_seconds(model, precision, eval_batch, img_size=SMALL_IMG_SIZE)
+        table[f"hours at {SMALL_IMG_SIZE} px"] = work_seconds(table, measured) / 3600
     return seconds, setup
 
 
@@ -372,36 +349,24 @@ def add_written(table: pd.DataFrame, runs: pd.DataFrame, seconds: dict) -> pd.Da
     """`table` with each group's WRITTEN columns: the checkpoints its runs write in the time they take at
     `seconds` per unit of work, and the gigabytes of those and of every run's prepared.pt."""
     run_seconds = work_seconds(runs, seconds)
-    counts = [checkpoint_count(run, s) for (_, run), s in zip(runs.iterrows(), run_seconds)]
-    runs["checkpoints"] = counts
+    runs["checkpoints"] = [checkpoint_count(run, s) for (_, run), s in zip(runs.iterrows(), run_seconds)]
     runs["checkpoint GB"] = runs["checkpoints"] * runs["state_bytes"] / 1e9
     runs["written GB"] = runs["checkpoint GB"] + runs["prepared_bytes"] / 1e9
     written = runs.groupby(["notebook", "group"], sort=False)[WRITTEN].sum()
     return table.merge(written.reset_index(), how="left").fillna(0)
 
 
-def notebook_totals(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per notebook and a last one, 'total': the runs, work, hours and WRITTEN of its groups."""
-    hours = [c for c in table.columns if c.startswith("hours")]
-    sums = ["runs", *WORK, *hours, *WRITTEN]
-    totals = table.groupby("notebook", sort=False)[sums].sum()
+def print_totals(table: pd.DataFrame, kind: str) -> None:
+    """One row per notebook and a last one, 'total': the sums of the groups' columns in `table` (runs, work
+    in millions of images and thousands of Fisher samples, hours and WRITTEN); then the last lines: runs
+    and hours (also at the cheaper sizes), and what the runs write."""
+    totals = table.drop(columns="group").groupby("notebook", sort=False).sum()
     totals.loc["total"] = totals.sum()
-    return totals
-
-
-def print_notebook_totals(totals: pd.DataFrame) -> None:
-    """`totals` with the work in millions of images and thousands of Fisher samples."""
-    shown = totals.assign(
-        train=totals["train"] / 1e6,
-        eval=totals["eval"] / 1e6,
-        fisher=totals["fisher"] / 1e3,
-    )
+    shown = totals.copy()
+    shown[WORK] = totals[WORK] / [1e6, 1e6, 1e3]
     units = {"train": "trained images (M)", "eval": "evaluated images (M)", "fisher": "Fisher samples (k)"}
     print(shown.rename(columns=units).to_string(float_format="{:,.2f}".format))
-
-
-def print_total(total: pd.Series, kind: str) -> None:
-    """The last lines: runs and hours (also at the cheaper sizes), then what the runs write."""
+    total = totals.loc["total"]
     cheaper_hours = [c for c in total.index if c.startswith("hours at")]
     print(
         f"total: {int(total['runs'])} runs, {total['hours']:,.2f} {kind}-hours on this machine",
@@ -420,7 +385,7 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
     groups = grids(profile, only, overrides)  # bad input stops here, before any compute
     table = work_table(groups)
     runs = run_table(groups)
-    if table.empty or not table["runs"].sum():
+    if runs.empty:
         print("The selected notebooks train nothing: 0 runs.")
         return table
     started = time.perf_counter()
@@ -433,10 +398,8 @@ def print_budget(profile: str, only: list[str] | None, overrides: dict) -> pd.Da
         f"{seconds['train']:.2e}, per evaluated image {seconds['eval']:.2e}, per Fisher sample "
         f"{seconds['fisher']:.2e}"
     )
-    totals = notebook_totals(table)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
-    print_notebook_totals(totals)
-    print_total(totals.loc["total"], kind)
+    print_totals(table, kind)
     return table
 
 
@@ -531,7 +494,7 @@ def run_workers(count: int, argv: list[str], log_dir: Path) -> None:
     """--workers N: N worker processes of this command (each on its own GPU when there are N), their
     output shown line by line, prefixed with the worker, and kept in <log_dir>/worker-I-of-N.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = torch.cuda.device_count()  # 0 without CUDA
     workers = []
     for i in range(1, count + 1):
         env = dict(os.environ)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from .checks import ConfigError
 from .fedavg import FedAvgConfig
+from .masks import SENSITIVITY_RULES
 from .runs import read_metrics
 from .training import eval_steps
 
@@ -84,7 +85,7 @@ def fisher_samples(config) -> int:
     """Per-sample Fisher gradients a run computes: only a sensitivity mask rule scores entries, with
     calibration_samples per calibration round, split over the clients (each rounds its share up)."""
     spec = config.finetune
-    if not spec.is_sparse or spec.mask_rule not in ("least_sensitive", "most_sensitive"):
+    if spec.mask_rule not in SENSITIVITY_RULES:
         return 0
     clients = config.num_clients if isinstance(config, FedAvgConfig) else 1
     per_client = -(-spec.calibration_samples // clients)  # ceiling division
@@ -140,12 +141,6 @@ def wait_for(missing, limit: float, poll: float = WAIT_POLL) -> None:
         time.sleep(poll)
 
 
-def owed_runs(runs: list, owners: list[int], workers: int) -> str:
-    """The runs not complete yet, each with the worker that owes it ('' once every run is)."""
-    owed = [f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners) if not r.is_complete]
-    return ", ".join(owed)
-
-
 def run_share(run_one, runs: list, costs: list[float], params: dict, *, wait: bool, experiment: str):
     """Worker mode of experiments.run_grid: run_one(i) for this worker's share of the grid's `runs`, then,
     with `wait`, wait for every other share and return every result; without, print the grid's status
@@ -153,12 +148,18 @@ def run_share(run_one, runs: list, costs: list[float], params: dict, *, wait: bo
     me, workers = parse_worker(params["worker"])
     owners = assign(costs, workers)
     limit = params.get("wait_limit", 3600)
-    for index, (run, owner) in enumerate(zip(runs, owners)):
+
+    def owed_runs() -> str:
+        """The runs not complete yet, each with the worker that owes it ('' once every run is)."""
+        owed = [f"{r.dir.name} (worker {o}/{workers})" for r, o in zip(runs, owners) if not r.is_complete]
+        return ", ".join(owed)
+
+    for index, owner in enumerate(owners):
         if owner == me:
-            print(f"[worker {me}/{workers}] {experiment}: {run.dir.name}", flush=True)
+            print(f"[worker {me}/{workers}] {experiment}: {runs[index].dir.name}", flush=True)
             run_one(index)
     if wait:
-        wait_for(lambda: owed_runs(runs, owners, workers), limit)
+        wait_for(owed_runs, limit)
     else:
         wait_for(lambda: "" if any(r.is_complete for r in runs) else "a first complete run", limit)
         print(status(runs, owners).to_string(index=False), flush=True)
