@@ -1,7 +1,7 @@
 """The grids each notebook runs, and the run of notebook 04's step-0 head alone.
 
 Each `*_configs` function turns a notebook's parameters (same names as in its
-parameters cell) into the list of run configs the notebook executes; NOTEBOOK_GRIDS
+parameters cell) into the list of run configs the notebook executes; EXPERIMENTS
 names it for every experiment. A notebook cell names only the experiment:
 
     experiments.grid_table(experiments.CENTRALIZED, params)     # the runs about to run
@@ -54,6 +54,7 @@ FEDAVG_IID = "02_fedavg_iid"
 HETEROGENEITY = "03_heterogeneity"
 SPARSE_LR_SEARCH = "04_lr_search"
 SPARSE_FL = "04_sparse_fl"
+SPARSE_CENTRAL_LR_SEARCH = "04_central_lr_search"
 SPARSE_CENTRAL = "04_sparse_centralized"
 HEAD_ONLY = "04_head_only"
 MASK_RULES = "05_mask_rules"
@@ -109,44 +110,21 @@ def data_splits(ws, data, params: dict) -> None:
 # --------------------------------------------------------------------------- notebook 01
 
 
-def search_configs(
-    dataset,
-    model,
-    search_lrs,
-    search_weight_decays,
-    *,
-    search_epochs,
-    batch_size,
-    momentum,
-    warmup_epochs,
-    precision,
-    search_seed: int = 0,
-    **later,
-) -> list[CentralizedConfig]:
-    """The learning-rate x weight-decay grid, cosine schedule, judged on validation only."""
-    search_lrs = check_float_list("search_lrs", search_lrs, 0.0, None, low_open=True)
-    search_weight_decays = check_float_list("search_weight_decays", search_weight_decays, 0.0, None)
-    check_int("search_epochs", search_epochs, minimum=1)
-    check_int("search_seed", search_seed, minimum=0)
-    return [
-        CentralizedConfig(
-            dataset=dataset,
-            model=model,
-            seed=search_seed,
-            epochs=search_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=wd,
-            scheduler="cosine",
-            warmup_epochs=min(warmup_epochs, search_epochs),
-            precision=precision,
-            evaluate_test=False,
-            **evaluation(**later),
-        )
-        for lr in search_lrs
-        for wd in search_weight_decays
-    ]
+def central_config(
+    dataset, model, epochs, *, central_batch_size, momentum, warmup_epochs, precision, **params
+) -> CentralizedConfig:
+    """The settings every centralized run of notebooks 01 and 04 shares (the batch, momentum, schedule
+    length and warm-up), at default lr, weight decay and scheduler."""
+    return CentralizedConfig(
+        dataset=dataset,
+        model=model,
+        epochs=epochs,
+        batch_size=check_int("central_batch_size", central_batch_size, minimum=1),
+        momentum=momentum,
+        warmup_epochs=warmup_epochs,
+        precision=precision,
+        **evaluation(**params),
+    )
 
 
 def evaluation(eval_points=10, eval_subset=1000, img_size=None, **_) -> dict:
@@ -154,78 +132,112 @@ def evaluation(eval_points=10, eval_subset=1000, img_size=None, **_) -> dict:
     return {"eval_points": eval_points, "eval_subset": eval_subset, "img_size": img_size}
 
 
-def scheduler_configs(
-    dataset,
-    model,
-    seeds,
-    epochs,
-    *,
-    batch_size,
-    lr,
-    weight_decay,
-    momentum,
-    schedulers,
-    warmup_epochs,
-    precision,
-    **params,
+def shortened(config, epochs: int, seed: int):
+    """`config` as a search run: `epochs` long (its warm-up capped by them), one seed, validation only."""
+    return replace(
+        config,
+        epochs=epochs,
+        warmup_epochs=min(config.warmup_epochs, epochs),
+        seed=seed,
+        evaluate_test=False,
+    )
+
+
+def search_configs(
+    search_lrs, search_weight_decays, search_epochs, schedulers, *, search_seed: int = 0, **params
 ) -> list[CentralizedConfig]:
-    """Every scheduler at the chosen lr / weight decay, for every seed."""
-    seeds = check_seeds(seeds)
-    schedulers = check_choice_list("schedulers", schedulers, SCHEDULERS)
+    """Notebook 01: the learning-rate x weight-decay grid under every scheduler compared, `search_epochs`
+    long, one seed, judged on validation only; each scheduler gets its own choice."""
+    lrs = check_float_list("search_lrs", search_lrs, 0.0, None, low_open=True)
+    wds = check_float_list("search_weight_decays", search_weight_decays, 0.0, None)
+    epochs = check_int("search_epochs", search_epochs, minimum=1)
+    seed = check_int("search_seed", search_seed, minimum=0)
+    base = shortened(central_config(**params), epochs, seed)
     return [
-        CentralizedConfig(
-            dataset=dataset,
-            model=model,
-            seed=seed,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            warmup_epochs=warmup_epochs,
-            precision=precision,
-            **evaluation(**params),
-        )
-        for scheduler in schedulers
-        for seed in seeds
+        replace(base, scheduler=scheduler, lr=lr, weight_decay=wd)
+        for scheduler in check_choice_list("schedulers", schedulers, SCHEDULERS)
+        for lr in lrs
+        for wd in wds
     ]
 
 
-# Per search regime: notebook parameter -> the config field its search varies.
+def scheduler_configs(seeds, schedulers, scheduler_hparams, **params) -> list[CentralizedConfig]:
+    """Notebook 01: every scheduler at its own lr and weight decay (scheduler_hparams, which the search
+    sets: {scheduler: {'lr': ..., 'weight_decay': ...}}), every seed. The validation curve is evaluated
+    on the full split at every point: "how many epochs" is read from it."""
+    seeds = check_seeds(seeds)
+    base = replace(central_config(**params), full_val_curve=True)
+    configs = []
+    for scheduler in check_choice_list("schedulers", schedulers, SCHEDULERS):
+        if scheduler not in scheduler_hparams:
+            raise ConfigError(f"scheduler_hparams has no lr and weight decay for scheduler {scheduler!r}")
+        chosen = scheduler_hparams[scheduler]
+        at_chosen = replace(base, scheduler=scheduler, lr=chosen["lr"], weight_decay=chosen["weight_decay"])
+        configs += [replace(at_chosen, seed=seed) for seed in seeds]
+    return configs
+
+
+# Per search: the notebook parameters it sets -> the config field each takes; the choice is the
+# configuration of these fields with the highest final validation accuracy averaged over seeds.
 SEARCHED = {
-    "central": {"lr": "lr", "weight_decay": "weight_decay"},
+    "central": {"central_scheduler": "scheduler", "central_lr": "lr", "central_weight_decay": "weight_decay"},
     "fedavg": {"lr": "lr", "weight_decay": "weight_decay"},
     "sparse": {"sparse_lr": "lr"},
+    "sparse_central": {"sparse_central_lr": "lr"},
 }
+
+
+def seed_means(results: list[RunResult], fields: list[str]) -> list[dict]:
+    """Per value of the config `fields` (lr among them): those fields and `val`, the final validation
+    accuracy averaged over seeds; best first: the highest `val`, the lower lr on a tie."""
+    rows = [{**{f: r.run.config[f] for f in fields}, "val": r.summary["final_val_acc"]} for r in results]
+    table = pd.DataFrame(rows).groupby(fields, sort=False)["val"].mean().reset_index()
+    table = table.sort_values(["val", "lr"], ascending=[False, True], kind="stable")
+    return table.to_dict("records")
 
 
 def run_search(runner, ws, data, experiment: str, *, configs: list, params: dict, regime: str) -> dict:
     """A search stage (every worker's share done first); returns `params` with its choice where they
     are None (with_choice).
 
-    The choice: the run with the highest final (full) validation accuracy, the lower lr on a tie.
-    hparams.json, which the later notebooks read, records both: {regime}_search_lr (and
-    _search_weight_decay, _search_val_acc) what the search chose, {regime}_lr (and _weight_decay) the
-    value this notebook uses, its own where the notebook set one. Regime 'central' (notebook 01),
-    'fedavg' (02) or 'sparse' (04)."""
-    top = max(
-        run_grid(runner, ws, data, experiment, configs=configs, params=params),
-        key=lambda r: (r.summary["final_val_acc"], -r.run.config["lr"]),
-    )
-    params = with_choice(params, top.run.config, regime)
-    record = {f"{regime}_search_val_acc": top.summary["final_val_acc"]}
-    for name, field in SEARCHED[regime].items():
-        record[f"{regime}_search_{field}"] = top.run.config[field]
+    hparams.json, which the later notebooks read, records both: {regime}_search_lr (and the other
+    fields of SEARCHED[regime], and _search_val_acc) what the search chose, {regime}_lr (...) the
+    value this notebook uses, its own where the notebook set one. Regime 'central' (notebook 01's
+    scheduler comparison), 'fedavg' (02), 'sparse' and 'sparse_central' (04); notebook 01's lr search
+    chooses per scheduler (run_scheduler_search)."""
+    results = run_grid(runner, ws, data, experiment, configs=configs, params=params)
+    if regime == "per_scheduler":
+        return run_scheduler_search(ws, results, params)
+    searched = SEARCHED[regime]
+    top = seed_means(results, list(searched.values()))[0]
+    params = with_choice(params, top, regime)
+    record = {f"{regime}_search_val_acc": top["val"]}
+    for name, field in searched.items():
+        record[f"{regime}_search_{field}"] = top[field]
         record[f"{regime}_{field}"] = params[name]
     ws.save_hparams(record)
     print("chosen on validation, and used:", record)
     return params
 
 
-def with_choice(params: dict, chosen: dict, regime: str) -> dict:
+def run_scheduler_search(ws, results: list[RunResult], params: dict) -> dict:
+    """Notebook 01's lr search: per scheduler, the lr and weight decay of the best run (seed_means);
+    `params` with them as scheduler_hparams, also stored in hparams.json (scheduler_search)."""
+    chosen = {}
+    record = {}
+    for row in seed_means(results, ["scheduler", "lr", "weight_decay"]):
+        if row["scheduler"] in chosen:
+            continue  # the first row of a scheduler is its best
+        chosen[row["scheduler"]] = {"lr": row["lr"], "weight_decay": row["weight_decay"]}
+        record[row["scheduler"]] = {**chosen[row["scheduler"]], "val_acc": row["val"]}
+    ws.save_hparams({"scheduler_search": record})
+    print("chosen on validation, per scheduler:", record)
+    return {**params, "scheduler_hparams": chosen}
+
+
+def with_choice(params: dict, chosen, regime: str) -> dict:
     """`params` where the searched parameters (SEARCHED[regime]) that are None take the `chosen`
-    config's values (explicit values stay)."""
+    values of their fields (explicit values stay)."""
     searched = SEARCHED[regime].items()
     choices = {name: chosen[field] for name, field in searched if params.get(name) is None}
     return {**params, **choices}
@@ -240,7 +252,7 @@ def fedavg_base(
     num_clients,
     participation,
     *,
-    batch_size,
+    client_batch_size,
     lr,
     weight_decay,
     momentum,
@@ -256,7 +268,7 @@ def fedavg_base(
         model=model,
         num_clients=num_clients,
         participation=participation,
-        batch_size=batch_size,
+        batch_size=check_int("client_batch_size", client_batch_size, minimum=1),
         lr=lr,
         weight_decay=weight_decay,
         momentum=momentum,
@@ -297,11 +309,16 @@ def fedavg_search_configs(
     ]
 
 
+# Notebook 02's runs, and notebook 03's iid runs so that those at the first J are 02's: the validation
+# curve on the full split at every point, the one set the late-round gain is read from.
+IID_CURVES = {"sharding": "iid", "full_val_curve": True}
+
+
 def fedavg_iid_configs(seeds, local_steps, rounds, **params) -> list[FedAvgConfig]:
     """Notebook 02: iid shards, the chosen J and rounds, every seed."""
     base = fedavg_base(**params)
     return [
-        replace(base, seed=s, local_steps=local_steps, rounds=rounds, sharding="iid")
+        replace(base, seed=s, local_steps=local_steps, rounds=rounds, **IID_CURVES)
         for s in check_seeds(seeds)
     ]
 
@@ -312,7 +329,7 @@ def scaled_rounds(base_rounds: int, base_local_steps: int, local_steps: int) -> 
 
 
 def heterogeneity_configs(
-    seeds, classes_per_client_grid, local_steps_grid, base_rounds, *, include_iid: bool = True, **params
+    seeds, classes_per_client_grid, local_steps_grid, base_rounds, **params
 ) -> list[FedAvgConfig]:
     """Notebook 03: (iid + non-iid Nc) x J, rounds scaled so rounds * J is constant."""
     seeds = check_seeds(seeds)
@@ -320,9 +337,7 @@ def heterogeneity_configs(
     grid_j = check_int_list("local_steps_grid", local_steps_grid, minimum=1)
     base_rounds = check_int("base_rounds", base_rounds, minimum=1)
     base = fedavg_base(**params)
-    shardings = ([{"sharding": "iid"}] if include_iid else []) + [
-        {"sharding": "non_iid", "classes_per_client": nc} for nc in grid_nc
-    ]
+    shardings = [IID_CURVES] + [{"sharding": "non_iid", "classes_per_client": nc} for nc in grid_nc]
     return [
         replace(base, seed=s, local_steps=j, rounds=scaled_rounds(base_rounds, grid_j[0], j), **sharding)
         for sharding in shardings
@@ -442,48 +457,45 @@ def head_only_configs(seeds, sparse_classes_per_client, **params) -> list[FedAvg
 
 
 def sparse_central_configs(
-    dataset,
-    model,
     seeds,
-    epochs,
-    *,
-    warmup_epochs,
-    central_batch_size,
-    central_lr,
-    central_weight_decay,
-    momentum,
-    precision,
     sparsity,
     calibration_rounds,
+    *,
+    central_scheduler,
+    central_weight_decay,
+    sparse_central_lr,
     **params,
 ) -> list[CentralizedConfig]:
-    """Notebook 04: the centralized task-arithmetic baseline at the default sparsity and R, with notebook
-    01's dense schedule (same epochs, warm-up, cosine, lr and weight decay); it differs from 01's runs in
-    what fine-tuning under the frozen head brings: the step-0 head, the mask and the gradient clipping."""
-    check_int("central_batch_size", central_batch_size, minimum=1)
-    check_float("central_lr", central_lr, 0.0, None, low_open=True)
-    check_float("central_weight_decay", central_weight_decay, 0.0, None)
+    """Notebook 04: the centralized task-arithmetic baseline at the default sparsity and R, every seed,
+    with notebook 01's batch, epochs and warm-up, its chosen scheduler and that scheduler's weight
+    decay, and its own lr under the frozen head (`sparse_central_lr`, searched on validation: the
+    argument for `sparse_lr` holds here too). It differs from 01's runs in what fine-tuning under the
+    frozen head brings: the step-0 head, the mask, the gradient clipping and the lr."""
     spec = finetune_spec(
         params, mask_rule="least_sensitive", sparsity=sparsity, calibration_rounds=calibration_rounds
     )
-    return [
-        CentralizedConfig(
-            dataset=dataset,
-            model=model,
-            seed=s,
-            epochs=epochs,
-            batch_size=central_batch_size,
-            lr=central_lr,
-            momentum=momentum,
-            weight_decay=central_weight_decay,
-            scheduler="cosine",
-            warmup_epochs=warmup_epochs,
-            precision=precision,
-            finetune=spec,
-            **evaluation(**params),
-        )
-        for s in check_seeds(seeds)
-    ]
+    base = replace(
+        central_config(**params),
+        scheduler=check_choice("central_scheduler", central_scheduler, SCHEDULERS),
+        lr=check_float("sparse_central_lr", sparse_central_lr, 0.0, None, low_open=True),
+        weight_decay=check_float("central_weight_decay", central_weight_decay, 0.0, None),
+        finetune=spec,
+    )
+    return [replace(base, seed=s) for s in check_seeds(seeds)]
+
+
+def sparse_central_search_configs(
+    sparse_search_lrs, search_epochs, *, search_seed: int = 0, **params
+) -> list[CentralizedConfig]:
+    """Notebook 04: the centralized sparse baseline's lr under the frozen head, judged on validation:
+    its run (the default setting) at each of `sparse_search_lrs`, `search_epochs` long, one seed."""
+    lrs = check_float_list("sparse_search_lrs", sparse_search_lrs, 0.0, None, low_open=True)
+    epochs = check_int("search_epochs", search_epochs, minimum=1)
+    seed = check_int("search_seed", search_seed, minimum=0)
+    set_lr = params.get("sparse_central_lr")
+    stand_in = 1.0 if set_lr is None else set_lr  # a set value is checked too
+    first = sparse_central_configs(**{**params, "sparse_central_lr": stand_in})[0]
+    return [replace(shortened(first, epochs, seed), lr=lr) for lr in lrs]
 
 
 def mask_rule_configs(
@@ -520,60 +532,6 @@ def mask_rule_configs(
         for rule in rules
         for s in seeds
     ]
-
-
-# --------------------------------------------------------------------------- every grid of a notebook
-
-# Notebook -> (group label, the function that builds the grid, the experiment it records), in the order
-# the notebook runs them (pipeline --dry-run counts the same grids).
-NOTEBOOK_GRIDS = {
-    "01": [("lr search", search_configs, LR_SEARCH), ("schedulers", scheduler_configs, CENTRALIZED)],
-    "02": [
-        ("lr search", fedavg_search_configs, FEDAVG_LR_SEARCH),
-        ("FedAvg iid", fedavg_iid_configs, FEDAVG_IID),
-    ],
-    "03": [("heterogeneity grid", heterogeneity_configs, HETEROGENEITY)],
-    "04": [
-        ("head only", head_only_configs, HEAD_ONLY),
-        ("lr search", sparse_search_configs, SPARSE_LR_SEARCH),
-        ("sparse FedAvg grid", sparse_fl_configs, SPARSE_FL),
-        ("centralized sparse", sparse_central_configs, SPARSE_CENTRAL),
-    ],
-    "05": [("mask rules", mask_rule_configs, MASK_RULES)],
-}
-# What a value chosen by a search of the same notebook stands in for until the search has run (any
-# value costs the same and passes the same checks).
-STAND_INS = {
-    "lr": 0.01,
-    "weight_decay": 0.0,
-    "central_lr": 0.01,
-    "central_weight_decay": 0.0,
-    "sparse_lr": 0.01,
-}
-
-
-def with_stand_ins(params: dict) -> dict:
-    """`params` where a value its notebook's searches choose is None (or absent): its stand-in."""
-    missing = {name: value for name, value in STAND_INS.items() if params.get(name) is None}
-    return {**params, **missing}
-
-
-def notebook_grids(key: str, params: dict) -> list[dict]:
-    """Every grid notebook `key` runs, built from its parameters (stand-ins for what its own searches
-    choose): dicts of group, function, experiment and configs. Building them checks every parameter."""
-    params = with_stand_ins(params)
-    grids = []
-    for group, function, experiment in NOTEBOOK_GRIDS.get(key, []):
-        configs = function(**params)
-        grids.append({"group": group, "function": function, "experiment": experiment, "configs": configs})
-    return grids
-
-
-def check_notebook(key: str, params: dict) -> list[dict]:
-    """Check all of notebook `key`'s parameters before its first run; returns its grids (notebook_grids)."""
-    options = {name: params[name] for name in RUN_OPTIONS if name in params}
-    check_run_options(**options)
-    return notebook_grids(key, params)
 
 
 # --------------------------------------------------------------------------- running a grid
@@ -682,44 +640,98 @@ class HeadOnlyRun(FedAvgRun):
         return super().finish(save_weights)
 
 
-# --------------------------------------------------------------------------- a notebook's cells
+# --------------------------------------------------------------------------- every grid of a notebook
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """How `run` executes one experiment of NOTEBOOK_GRIDS: the function that trains (or reads back)
-    one run, and for a search the regime of SEARCHED whose choice it stores (None: not a search).
-    `wait`: in worker mode, wait for the other workers' shares before the next cell (a search always
-    waits: the cells after it use its choice)."""
+    """One grid a notebook runs. group: its label in the dry-run's tables; configs: the function that
+    builds its run configs from the notebook's parameters; runner: the function that trains (or reads
+    back) one run; search: for a search, the regime of SEARCHED whose choice it stores (None: not a
+    search); wait: in worker mode, wait for the other workers' shares before the next cell (a search
+    always waits: the cells after it use its choice)."""
 
-    runner: Callable
+    group: str
+    configs: Callable
+    runner: Callable = run_fedavg
     search: str | None = None
     wait: bool = False
 
 
-# Experiment -> how it runs; its configs come from its function in NOTEBOOK_GRIDS.
 EXPERIMENTS = {
-    LR_SEARCH: Experiment(run_centralized, search="central"),
-    CENTRALIZED: Experiment(run_centralized),
-    FEDAVG_LR_SEARCH: Experiment(run_fedavg, search="fedavg"),
-    FEDAVG_IID: Experiment(run_fedavg),
-    HETEROGENEITY: Experiment(run_fedavg),
-    HEAD_ONLY: Experiment(run_head_only, wait=True),
-    SPARSE_LR_SEARCH: Experiment(run_fedavg, search="sparse"),
-    SPARSE_FL: Experiment(run_fedavg),
-    SPARSE_CENTRAL: Experiment(run_centralized),
-    MASK_RULES: Experiment(run_fedavg),
+    LR_SEARCH: Experiment("lr search", search_configs, run_centralized, search="per_scheduler"),
+    CENTRALIZED: Experiment("schedulers", scheduler_configs, run_centralized, search="central"),
+    FEDAVG_LR_SEARCH: Experiment("lr search", fedavg_search_configs, search="fedavg"),
+    FEDAVG_IID: Experiment("FedAvg iid", fedavg_iid_configs),
+    HETEROGENEITY: Experiment("heterogeneity grid", heterogeneity_configs),
+    HEAD_ONLY: Experiment("head only", head_only_configs, run_head_only, wait=True),
+    SPARSE_LR_SEARCH: Experiment("lr search", sparse_search_configs, search="sparse"),
+    SPARSE_FL: Experiment("sparse FedAvg grid", sparse_fl_configs),
+    SPARSE_CENTRAL_LR_SEARCH: Experiment(
+        "centralized lr search", sparse_central_search_configs, run_centralized, search="sparse_central"
+    ),
+    SPARSE_CENTRAL: Experiment("centralized sparse", sparse_central_configs, run_centralized),
+    MASK_RULES: Experiment("mask rules", mask_rule_configs),
 }
+# Notebook -> its experiments, in the order it runs them (pipeline --dry-run counts the same grids).
+NOTEBOOK_EXPERIMENTS = {
+    "01": [LR_SEARCH, CENTRALIZED],
+    "02": [FEDAVG_LR_SEARCH, FEDAVG_IID],
+    "03": [HETEROGENEITY],
+    "04": [HEAD_ONLY, SPARSE_LR_SEARCH, SPARSE_FL, SPARSE_CENTRAL_LR_SEARCH, SPARSE_CENTRAL],
+    "05": [MASK_RULES],
+}
+# What a value chosen by a search stands in for until the search has run (any value costs the same and
+# passes the same checks).
+STAND_INS = {
+    "lr": 0.01,
+    "weight_decay": 0.0,
+    "scheduler_hparams": {scheduler: {"lr": 0.01, "weight_decay": 0.0} for scheduler in SCHEDULERS},
+    "central_scheduler": "cosine",
+    "central_weight_decay": 0.0,
+    "sparse_lr": 0.01,
+    "sparse_central_lr": 0.01,
+}
+
+
+def with_stand_ins(params: dict) -> dict:
+    """`params` where a value its notebook's searches choose is None (or absent): its stand-in."""
+    missing = {name: value for name, value in STAND_INS.items() if params.get(name) is None}
+    return {**params, **missing}
+
+
+def notebook_grids(key: str, params: dict) -> list[dict]:
+    """Every grid notebook `key` runs, built from its parameters (stand-ins for what its own searches
+    choose): dicts of group, function, experiment and configs. Building them checks every parameter."""
+    params = with_stand_ins(params)
+    grids = []
+    for experiment in NOTEBOOK_EXPERIMENTS.get(key, []):
+        function = EXPERIMENTS[experiment].configs
+        configs = function(**params)
+        group = EXPERIMENTS[experiment].group
+        grids.append({"group": group, "function": function, "experiment": experiment, "configs": configs})
+    return grids
+
+
+def check_notebook(key: str, params: dict) -> list[dict]:
+    """Check all of notebook `key`'s parameters before its first run; returns its grids (notebook_grids)."""
+    options = {name: params[name] for name in RUN_OPTIONS if name in params}
+    check_run_options(**options)
+    return notebook_grids(key, params)
+
+
+# --------------------------------------------------------------------------- a notebook's cells
+
+
 # Columns grid_table shows even when every run shares their value (the others: only when they vary).
 GRID_TABLE_FIELDS = ("epochs", "rounds", "local_steps", "lr", "weight_decay")
 
 
 def grid_configs(experiment: str, params: dict) -> list:
-    """The configs of `experiment`, in run order, built from a notebook's parameters by the function
-    NOTEBOOK_GRIDS names for it (the function pipeline --dry-run counts)."""
-    functions = {name: function for grids in NOTEBOOK_GRIDS.values() for _, function, name in grids}
-    check_choice("experiment", experiment, functions)
-    return functions[experiment](**params)
+    """The configs of `experiment`, in run order, built from a notebook's parameters by its function
+    (Experiment.configs, the function pipeline --dry-run counts)."""
+    check_choice("experiment", experiment, EXPERIMENTS)
+    return EXPERIMENTS[experiment].configs(**params)
 
 
 def grid_table(experiment: str, params: dict) -> pd.DataFrame:
@@ -756,10 +768,11 @@ def run(ws, data, experiment: str, params: dict) -> None:
     configs (grid_configs, as grid_table shows them), its runner and wait policy (EXPERIMENTS), then
     run_grid; tables and figures read what it records.
 
-    A search (LR_SEARCH, FEDAVG_LR_SEARCH, SPARSE_LR_SEARCH) goes through run_search, which stores its
-    choice in hparams.json for later notebooks; the cells after it see the choice because `params` is
-    updated in place: each parameter it searched (SEARCHED) that is None, or absent, takes the chosen
-    value (with_choice); a value set in the parameters cell stays."""
+    A search (an Experiment with `search`: the lr searches, and notebook 01's scheduler comparison,
+    which chooses the scheduler notebook 04 uses) goes through run_search, which stores its choice in
+    hparams.json for later notebooks; the cells after it see the choice because `params` is updated in
+    place: each parameter it searched (SEARCHED) that is None, or absent, takes the chosen value
+    (with_choice); a value set in the parameters cell stays."""
     configs = grid_configs(experiment, params)
     how = EXPERIMENTS[experiment]
     if how.search is None:

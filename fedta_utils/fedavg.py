@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .training import (
     TrainingRun,
     check_run_fields,
     eval_steps,
+    identity,
     load_flat,
     moving_entries,
     read_flat,
@@ -79,6 +80,7 @@ class FedAvgConfig:
     precision: str = "auto"
     eval_points: int = 10  # evaluations, evenly spaced over the rounds (the last round always)
     eval_subset: int = 1000  # images per split evaluated before the last round (training.eval_steps)
+    full_val_curve: bool = False  # True: the full validation split at every evaluation, not its subset
     evaluate_test: bool = True
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)
 
@@ -101,11 +103,7 @@ class FedAvgConfig:
 
     def to_dict(self) -> dict:
         """The identity: the resolved img_size, so None and the native size name the same run."""
-        values = {
-            **asdict(self),
-            "img_size": models.input_size(self.model, self.img_size),
-            "finetune": self.finetune.identity(),
-        }
+        values = identity(self)
         if self.sharding != "non_iid":
             values.pop("classes_per_client")
         if self.sharding != "dirichlet":
@@ -176,7 +174,9 @@ class ClientUpdate:
     delta: torch.Tensor  # w_k - w_t, flat over the trainable parameters
     samples: int  # images seen in the J steps
     loss_sum: float  # summed per-sample training loss
+    steps: int  # J optimizer steps
     skipped_steps: int  # steps the fp16 loss scaler skipped
+    clipped_steps: int  # steps whose gradient the clip (finetune.max_grad_norm) scaled down
     scaler_state: dict  # the loss scaler's state after the last step ({} when disabled)
 
 
@@ -193,9 +193,17 @@ def client_update(model, params, global_weights, batches, *, optimizer, precisio
     scaler = models.grad_scaler(global_weights.device, precision)
     if scaler_state:  # a disabled scaler (bf16, fp32) has the empty state and ignores any
         scaler.load_state_dict(scaler_state)
-    loss_sum, samples, skipped = train_steps(model, optimizer, scaler, batches, precision=precision)
+    done = train_steps(model, optimizer, scaler, batches, precision=precision)
     delta = read_flat(params).sub_(global_weights)
-    return ClientUpdate(delta, samples, loss_sum.item(), skipped, scaler.state_dict())
+    return ClientUpdate(
+        delta,
+        samples=done.samples,
+        loss_sum=done.loss_sum.item(),
+        steps=done.steps,
+        skipped_steps=done.skipped,
+        clipped_steps=int(done.clipped),
+        scaler_state=scaler.state_dict(),
+    )
 
 
 def merge_scaler_states(states: list[dict]) -> dict:
@@ -293,33 +301,41 @@ class DeltaStats:
 class RoundLog:
     """What a round logs beside the algorithm: it sees each client's update as the client finishes.
 
-    The training loss over the round's samples, the fp16 steps skipped, the loss-scaler state the run
-    continues with (merge_scaler_states), and the drift and interference statistics (DeltaStats).
+    The training loss over the round's samples, the fp16 steps skipped, the steps clipped, the loss-scaler
+    state the run continues with (merge_scaler_states), and the drift and interference statistics
+    (DeltaStats).
     """
 
     def __init__(self, size: int, device):
         self.drift = DeltaStats(size, device)
         self.loss_sum = 0.0
         self.samples = 0
+        self.steps = 0
         self.skipped_steps = 0
+        self.clipped_steps = 0
         self.scaler_states = []
 
     def saw(self, update: ClientUpdate) -> None:
         self.drift.add(update.delta)
         self.loss_sum += update.loss_sum
         self.samples += update.samples
+        self.steps += update.steps
         self.skipped_steps += update.skipped_steps
+        self.clipped_steps += update.clipped_steps
         self.scaler_states.append(update.scaler_state)
 
     def scaler_state(self) -> dict:
         return merge_scaler_states(self.scaler_states)
 
     def row(self, average_delta: torch.Tensor) -> dict:
-        """train_loss, the five DeltaStats columns and skipped_steps, in metrics.csv's column order."""
+        """samples (trained on), train_loss, the five DeltaStats columns, skipped_steps and clip_fraction
+        (the share of the round's steps whose gradient the clip scaled down), in metrics.csv's order."""
         return {
+            "samples": self.samples,
             "train_loss": self.loss_sum / self.samples,
             **self.drift.summary(average_delta),
             "skipped_steps": self.skipped_steps,
+            "clip_fraction": self.clipped_steps / self.steps,
         }
 
 

@@ -40,6 +40,7 @@ from .results import (
     read_csv,
     sample_curves,
     sparse_table,
+    val_curves,
 )
 
 COLUMN, FULL = 3.3, 6.9  # inches: one column of the report, both columns
@@ -162,15 +163,18 @@ def _lines(panels: list, x: str, xlabel: str, hue: str):
     return fig, panels[0][1]["seed"].nunique()
 
 
-def _heatmap(grid: pd.DataFrame, label: str, **kwargs):
-    """A heatmap of `grid` on one axes, its cells annotated in small type, its colour bar labelled `label`."""
-    fig, (ax,) = _axes()
+def _heatmap(grid: pd.DataFrame, label: str, ax=None, **kwargs):
+    """A heatmap of `grid` on `ax` (default: a new figure's one axes), its cells annotated in small type,
+    its colour bar labelled `label`."""
+    if ax is None:
+        _, (ax,) = _axes()
     sns.heatmap(grid, ax=ax, cbar_kws={"label": label}, annot_kws={"fontsize": 7}, **kwargs)
-    return fig, ax
+    return ax.figure, ax
 
 
 def _loss_and_accuracy(curves: pd.DataFrame) -> list:
-    return [("", curves, "test_loss", "test loss"), ("", curves, "test_acc", "test accuracy (%)")]
+    """The validation loss and accuracy panels: curves on the full validation split (results.val_curves)."""
+    return [("", curves, "val_loss", "validation loss"), ("", curves, "val_acc", "validation accuracy (%)")]
 
 
 # --------------------------------------------------------------------------- figures
@@ -189,27 +193,44 @@ def shard_figure(root):
 
 @_figure(COLUMN, 0.8, "LR search")
 def lr_search_heatmap(root):
-    """Notebook 01: validation accuracy (%) of every (learning rate, weight decay) pair of the search."""
+    """Notebook 01: validation accuracy (%) of every (learning rate, weight decay) pair of the search, a
+    panel per scheduler, its own choice starred; one colour scale."""
     table = lr_search_table(root)
-    grid = table.pivot(index="lr", columns="weight_decay", values="val") * 100
-    fig, ax = _heatmap(grid, "val. accuracy (%)", annot=True, fmt=".1f", cmap="viridis")
-    ax.set(xlabel="weight decay", ylabel="learning rate")
+    table["text"] = [f"{v * 100:.1f}{'*' * c}" for v, c in zip(table["val"], table["chosen"])]
+    panels = table.assign(scheduler=table.get("scheduler", "")).groupby("scheduler", sort=False)
+    fig, axes = _axes(panels.ngroups, sharey=True)
+    scale = {"vmin": table["val"].min() * 100, "vmax": table["val"].max() * 100, "cmap": "viridis"}
+    for ax, (scheduler, group) in zip(axes, panels):
+        grid = group.pivot(index="lr", columns="weight_decay", values=["val", "text"])
+        text = grid["text"].to_numpy()
+        _heatmap(
+            grid["val"].astype(float) * 100,
+            "val. accuracy (%)",
+            ax,
+            annot=text,
+            fmt="",
+            cbar=ax is axes[-1],
+            **scale,
+        )
+        ax.set(title=scheduler, xlabel="weight decay", ylabel="learning rate" if ax is axes[0] else "")
     return fig, table["n"].max()
 
 
 @_figure(FULL, 0.36, "Centralized")
 def centralized_curves(root):
-    """Notebook 01: test loss and accuracy per epoch, a line per scheduler, at the chosen lr."""
-    curves = load_curves(root, CENTRALIZED, ["scheduler", "seed"])
+    """Notebook 01: validation loss and accuracy per epoch, a line per scheduler at its own lr, from the
+    runs evaluated on the full validation split at every point (results.val_curves)."""
+    curves = val_curves(complete_runs(root, CENTRALIZED), ["scheduler", "seed"])
     return _lines(_loss_and_accuracy(curves), "epoch", "epoch", "scheduler")
 
 
 @_figure(FULL, 0.36, "FedAvg vs centralized")
 def fedavg_vs_centralized(root):
-    """Notebook 02: FedAvg (iid) and the centralized reference against training images processed."""
+    """Notebook 02: validation loss and accuracy of FedAvg (iid) and the centralized reference against
+    training images processed (results.sample_curves)."""
     curves = sample_curves(root)
     return _lines(
-        _loss_and_accuracy(curves.assign(thousands=curves["samples"] / 1000)),
+        _loss_and_accuracy(curves.assign(thousands=curves["images"] / 1000)),
         "thousands",
         "training images processed (thousands)",
         "method",
@@ -277,8 +298,9 @@ def drift_figure(root):
 @_figure(FULL, 0.32, "Sparse FedAvg, iid")
 def sparsity_figure(root):
     """Notebook 04, iid shards: final test accuracy against sparsity (at the default R) and against the
-    calibration rounds R (at the default sparsity), least-sensitive masks; the dense references of the same
-    rounds as horizontal lines; bars: std over seeds."""
+    calibration rounds R (at the default sparsity), least-sensitive masks, each point labelled with the
+    share of steps the clip scaled down; the dense references of the same rounds as horizontal lines;
+    bars: std over seeds."""
     table = sparse_table(root)
     rows = table[table["sharding_label"] == "iid"]
     fig, axes = _axes(2, sharey=True)
@@ -293,6 +315,8 @@ def sparsity_figure(root):
             capsize=2,
             label="sparse (least sensitive)",
         )
+        for x, y, clipped in zip(group[column], group["mean"] * 100, group["clip_fraction"]):
+            ax.annotate(f"{clipped:.0%}", (x, y), (3, 3), textcoords="offset points", fontsize=5)
         for (_, ref), style in zip(rows[rows["method"] != "sparse"].iterrows(), (":", "-.", "--", "-")):
             ax.axhline(ref["mean"] * 100, color="0.4", linewidth=0.8, linestyle=style, label=ref["method"])
         ax.set_xscale("logit" if column == "sparsity" else "log")  # logit: 0.9, 0.99 evenly spaced

@@ -84,7 +84,8 @@ class SparseSGDM(torch.optim.SGD):
     trainable entries) is at most this; None: no clipping, and the gradients are left untouched.
     Under GradScaler, step() sees the unscaled gradients (and none with inf/NaN: the scaler skips the
     step); without it, as with clip_grad_norm_, one non-finite trainable gradient makes every update
-    non-finite. Clipping needs dense gradients.
+    non-finite. Clipping needs dense gradients. `clipped_steps` counts the steps whose gradient
+    norm exceeded max_grad_norm (so the clip scaled it down), as a tensor on the gradients' device.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class SparseSGDM(torch.optim.SGD):
             maximize=maximize,
             foreach=foreach,
         )
+        self.clipped_steps = torch.zeros((), dtype=torch.long)  # see _clip_trainable_gradients
         flat = [p for group in self.param_groups for p in group["params"]]
         for p, m in zip(flat, _checked_masks(masks, flat)):
             if m is not None:
@@ -185,7 +187,9 @@ class SparseSGDM(torch.optim.SGD):
         for p in params:  # a frozen entry never moves: its gradient is zeroed, so the norm leaves it out
             if (mask := self.state.get(p, {}).get("mask")) is not None:
                 p.grad.masked_fill_(~mask, 0)
-        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        # Steps whose gradient the clip scaled down, counted on the device (no host sync per step).
+        self.clipped_steps = self.clipped_steps + (norm > self.max_grad_norm)
 
 
 # --------------------------------------------------------------------------- learning-rate schedules

@@ -10,7 +10,7 @@ priority: the notebook's parameters cell (the full profile), the profile's param
 selected notebook declares is an error, as is an unknown notebook in --only. The first failing
 notebook stops the pipeline with its failing cell and error printed.
 
---dry-run builds every grid with the very functions the notebooks call (experiments.NOTEBOOK_GRIDS)
+--dry-run builds every grid with the very functions the notebooks call (experiments.EXPERIMENTS)
 from the same parameters, counts the images each run trains on, evaluates and scores, measures what
 one of each costs on this device in a few seconds, and prints the hours, and the gigabytes the runs
 write to the results folder, checkpoints apart (their number follows from the hours when they are

@@ -79,13 +79,12 @@ MACROS = {  # every macro of numbers.tex -> the comment written beside it; accur
     "ValFraction": "share of the official train set held out",
     "NumClients": "K of notebook 00's shards",
     "DataProvenance": "caption provenance of notebook 00",
-    "SearchGrid": "the learning-rate search",
-    "ChosenLr": "learning rate chosen on validation",
-    "ChosenWeightDecay": "weight decay chosen on validation",
-    "SearchValAcc": "its validation accuracy",
+    "SearchGrid": "the learning-rate search, run under every scheduler",
     "SearchProvenance": "caption provenance of the search",
     "CentralizedSetting": "the scheduler runs",
     "BestScheduler": "scheduler chosen on validation",
+    "ChosenLr": "its learning rate, chosen on validation for it",
+    "ChosenWeightDecay": "its weight decay, chosen on validation for it",
     "CentralizedBestAcc": "its accuracy, mean +- std",
     "CentralizedProvenance": "caption provenance",
     "FedAvgSearchGrid": "notebook 02's client lr search",
@@ -107,6 +106,8 @@ MACROS = {  # every macro of numbers.tex -> the comment written beside it; accur
     "SparseNonIidBestGap": "non-iid: its accuracy minus dense FedAvg's, points",
     "SparseCentralAcc": "centralized sparse fine-tuning, mean +- std",
     "SparseCentralSetting": "its sparsity and R",
+    "SparseCentralScheduler": "its scheduler: notebook 01's choice",
+    "SparseCentralLr": "its lr, searched on validation under the frozen head",
     "RulesSetting": "the rule comparison",
     "RulesProvenance": "caption provenance of notebook 05",
     "RulesSparsity": "the smallest sparsity: overlap, density, interference and the macros below",
@@ -127,8 +128,10 @@ def escape(text) -> str:
 
 
 def number(value) -> str:
-    """Shortest form; a x 10^b when tiny or huge (Fisher thresholds span many decades)."""
+    """Shortest form; a x 10^b when tiny or huge (Fisher thresholds span many decades); '--' for NaN."""
     value = float(value)
+    if pd.isna(value):
+        return "--"
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:g}"
     mantissa, exponent = f"{value:.2e}".split("e")
@@ -140,7 +143,17 @@ def listing(values) -> str:
 
 
 def integer(value) -> str:
-    return f"{int(value):,}".replace(",", "{,}")
+    return "--" if pd.isna(value) else f"{int(value):,}".replace(",", "{,}")
+
+
+def thousands(values: pd.Series) -> pd.Series:
+    """Image counts in thousands, the unit of the tables' "images (k)" columns."""
+    return (values / 1000).map(number)
+
+
+def share(value) -> str:
+    """A fraction in percent with one decimal; '--' for NaN."""
+    return "--" if pd.isna(value) else f"{value * 100:.1f}"
 
 
 def percent(row) -> str:
@@ -225,6 +238,7 @@ def _centralized_tex(root) -> str:
     return booktabs(
         {
             "scheduler": t["scheduler"].map(escape),
+            "lr, wd": t["lr"].map(number) + ", " + t["weight_decay"].map(number),
             "val.\\ (\\%)": (t["val"] * 100).map("{:.1f}".format),
             "test (\\%)": t.apply(cell, axis=1),
             "$n$": t["n"],
@@ -240,25 +254,36 @@ def _fedavg_tex(root) -> str:
             "method": t["method"].map(escape),
             "test (\\%)": t.apply(cell, axis=1),
             "$n$": t["n"],
-            f"at {integer(t['budget'].iloc[0])} images (\\%)": (t["acc_at_budget"] * 100).map(
-                "{:.1f}".format
-            ),
+            "images (k)": thousands(t["trained_images"]),
+            f"val.\\ at {integer(t['budget'].iloc[0])} (\\%)": t["val_at_budget"].map(share),
         }
     )
 
 
 def _sparse_tex(root) -> str:
-    """Dense references and the sparse setting chosen on validation, a column per sharding."""
+    """Per sharding the dense references and the sparse setting chosen on validation, then the centralized
+    sparse baseline: images trained on, the share of steps the clip scaled down, test accuracy."""
     t = results.sparse_table(root)
-    labels = t["sharding_label"].unique()
-    rows = [
-        [escape(m), *[cell(_row(t, sharding_label=label, method=m)) for label in labels]]
-        for m in t["method"].unique()
-        if m != "sparse"
-    ]
-    best = [_row(t, sharding_label=label, chosen=True) for label in labels]
-    rows += [["sparse, chosen on val.", *map(cell, best)], ["\\quad sparsity, $R$", *map(_setting, best)]]
-    return booktabs(rows, ["method", *map(sharding_tex, labels)])
+    kept = t[(t["method"] != "sparse") | t["chosen"]]
+    # sparse_table lists the head alone after the runs of every sharding: rows by sharding instead
+    rows = pd.concat([group for _, group in kept.groupby("sharding_label", sort=False)])
+    with contextlib.suppress(NoResults):  # notebook 04's centralized baseline has not run
+        central = results.sparse_central_table(root).assign(method="centralized sparse", chosen=False)
+        rows = pd.concat([rows, central.assign(sharding_label="--")], ignore_index=True)
+    return booktabs(
+        {
+            "method": rows.apply(_method, axis=1),
+            "sharding": rows["sharding_label"].map(sharding_tex),
+            "images (k)": thousands(rows["trained_images"]),
+            "clipped (\\%)": rows["clip_fraction"].map(share),
+            "test (\\%)": rows.apply(cell, axis=1),
+        }
+    )
+
+
+def _method(row) -> str:
+    """A sparse table's method: a sparse run's with its sparsity and R."""
+    return escape(row["method"]) + (f" {_setting(row)}" if "sparse" in row["method"] else "")
 
 
 def _rules_tex(root) -> str:
@@ -270,11 +295,12 @@ def _rules_tex(root) -> str:
             rule.replace("_", " "),
             *[cell(_row(t, rule=rule, sharding_label=label, sparsity=s)) for label, s in columns],
             _span(t["n"].min(), t["n"].max()),
+            _span(*thousands(t.loc[t["rule"] == rule, "trained_images"].agg(["min", "max"]))),
         ]
         for rule in t["rule"].unique()
     ]
     header = [f"{sharding_tex(label)}, $s{{=}}{number(s)}$" for label, s in columns]
-    return booktabs(rows, ["rule", *header, "$n$"])
+    return booktabs(rows, ["rule", *header, "$n$", "images (k)"])
 
 
 def _interference_tex(root) -> str:
@@ -313,15 +339,13 @@ def _data(root, profile: str) -> dict:
 
 
 def _search(root, profile: str) -> dict:
+    """Notebook 01's lr x weight decay grid, run under every scheduler (each gets its own choice)."""
     table, runs = results.lr_search_table(root), results.load_runs(root, LR_SEARCH)
-    best = _row(table, chosen=True)
     return {
         "SearchGrid": f"learning rates \\{{{listing(table['lr'])}\\}} and weight decays "
-        f"\\{{{listing(table['weight_decay'])}\\}}, "
+        f"\\{{{listing(table['weight_decay'])}\\}} under each scheduler "
+        f"({', '.join(map(escape, runs['scheduler'].unique()))}), "
         f"a {listing(runs['epochs'])}-epoch budget each",
-        "ChosenLr": number(used(root, "central_lr", best["lr"])),
-        "ChosenWeightDecay": number(used(root, "central_weight_decay", best["weight_decay"])),
-        "SearchValAcc": f"{best['val'] * 100:.1f}\\,\\%",
         "SearchProvenance": provenance(profile, table),
     }
 
@@ -361,6 +385,8 @@ def _centralized(root, profile: str) -> dict:
         "CentralizedSetting": f"{listing(runs['epochs'])} epochs of batch {listing(runs['batch_size'])}, "
         f"warm-up {listing(runs['warmup_epochs'])} epochs",
         "BestScheduler": escape(best["scheduler"]),
+        "ChosenLr": number(used(root, "central_lr", best["lr"])),
+        "ChosenWeightDecay": number(used(root, "central_weight_decay", best["weight_decay"])),
         "CentralizedBestAcc": percent(best),
         "CentralizedProvenance": provenance(profile, table),
     }
@@ -420,7 +446,12 @@ def _sparse(root, profile: str) -> dict:
 
 def _sparse_central(root, profile: str) -> dict:
     row = results.sparse_central_table(root).iloc[0]
-    return {"SparseCentralAcc": percent(row), "SparseCentralSetting": _setting(row)}
+    return {
+        "SparseCentralAcc": percent(row),
+        "SparseCentralSetting": _setting(row),
+        "SparseCentralScheduler": escape(row["scheduler"]),
+        "SparseCentralLr": number(row["lr"]),
+    }
 
 
 def _rules(root, profile: str) -> dict:

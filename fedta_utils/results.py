@@ -17,6 +17,10 @@ Tables that compare configurations keep every configuration's test accuracy and 
 (column `chosen`).
 
 Statistics over seeds: mean, std (ddof=1; 0 for one seed) and n, the number of runs averaged.
+
+What a curve answers ("how many epochs", the late-round gain, accuracy at equal images) is read from
+validation curves evaluated on the full validation split at every point (val_curves: the runs with
+full_val_curve), never from test curves or from curves whose earlier points are on the subset.
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ def load_runs(root, experiment: str) -> pd.DataFrame:
 
     Labels: sharding_label ('iid', 'Nc=5', 'Dir(0.1)'), method ('FedAvg', 'dense + ridge head', 'sparse',
     'head only'), rule, and sparsity and calibration_rounds (NaN for dense runs, where they do not
-    matter). Rows in `table_order`. Empty (no columns) when the experiment has no complete run.
+    matter), full_val_curve (False where the config has none). Rows in `table_order`. Empty (no
+    columns) when the experiment has no complete run.
     """
     rows = []
     for folder in grid_runs(root, experiment):
@@ -110,6 +115,7 @@ def load_runs(root, experiment: str) -> pd.DataFrame:
         run["sharding_label"] = sharding_label(run)
         run["rule"] = rule
         run["method"] = method_label(run, experiment)
+        run.setdefault("full_val_curve", False)  # config.json has it only where True
         for key in ("sparsity", "calibration_rounds"):  # NaN for dense runs, where they do not matter
             run[key] = run.get(f"finetune.{key}") if rule else np.nan
         rows.append(run)
@@ -139,6 +145,22 @@ def load_curves(root, experiment, columns=("seed",)) -> pd.DataFrame:
     return run_curves(complete_runs(root, experiment), columns)
 
 
+def val_curves(runs: pd.DataFrame, columns=()) -> pd.DataFrame:
+    """The evaluated metrics.csv rows of the `runs` that evaluated the full validation split at every
+    point (config full_val_curve), each with `images`, the images trained on up to it, and `columns`.
+
+    The other runs give no curve: theirs mixes the evaluation subset's points with the full split's
+    last one, and at 88 % accuracy the subset's standard error (about a point) hides the gains read off
+    a curve. NoResults when no run has such a curve.
+    """
+    full = runs[runs["full_val_curve"].eq(True)]  # NaN (a concat without it) is not True
+    if full.empty:
+        raise NoResults("no run evaluated the full validation split at every point (full_val_curve)")
+    curves = run_curves(full, columns)
+    curves["images"] = curves.groupby("run_dir")["samples"].cumsum()
+    return curves.dropna(subset=["val_acc"])
+
+
 def read_csv(root, name: str) -> pd.DataFrame:
     """A table notebook 00 saved under <root>/00_data/ (split_sizes.csv, shard_stats.csv)."""
     if not (path := Path(root, DATA, name)).is_file():
@@ -151,9 +173,11 @@ def read_csv(root, name: str) -> pd.DataFrame:
 
 def mean_std(runs: pd.DataFrame, keys: list[str], extra=()) -> pd.DataFrame:
     """Per configuration (`keys`): test accuracy mean, std, n; `val`, the mean final validation
-    accuracy that selection uses; and the mean of each `extra` column."""
-    test_acc = pd.to_numeric(runs.get("final_test_acc", np.nan))  # NaN where no run evaluated test
-    runs = runs.assign(final_test_acc=test_acc)
+    accuracy that selection uses; trained_images, the images a run trained on; and the mean of each
+    `extra` column. Seed means; NaN where no run has the value (no test evaluated, an older run)."""
+    means = ["trained_images", *extra]
+    numeric = {c: pd.to_numeric(runs.get(c, np.nan)) for c in ["final_test_acc", *means]}
+    runs = runs.assign(**numeric)
     return (
         runs.groupby(keys, sort=False, dropna=False)
         .agg(
@@ -161,7 +185,7 @@ def mean_std(runs: pd.DataFrame, keys: list[str], extra=()) -> pd.DataFrame:
             std=("final_test_acc", "std"),
             n=("run_dir", "count"),
             val=("final_val_acc", "mean"),
-            **{c: (c, "mean") for c in extra},
+            **{c: (c, "mean") for c in means},
         )
         .reset_index()
         .fillna({"std": 0.0})
@@ -205,31 +229,41 @@ def shard_table(root) -> pd.DataFrame:
 
 
 def lr_search_table(root, experiment: str = LR_SEARCH) -> pd.DataFrame:
-    """`val` of every (lr, weight_decay) of notebook 01's search (or 02's, 04's: FEDAVG_, SPARSE_LR_SEARCH);
-    `chosen`: the pair kept."""
-    runs = complete_runs(root, experiment).sort_values(["lr", "weight_decay"], kind="stable")
-    return choose(mean_std(runs, ["lr", "weight_decay"]))
+    """`val` of every (lr, weight_decay) of notebook 01's search (or 02's, 04's: FEDAVG_, SPARSE_LR_SEARCH,
+    SPARSE_CENTRAL_LR_SEARCH); `chosen`: the pair kept. A centralized search has a row per (scheduler,
+    lr, weight_decay) and a pair chosen per scheduler: notebook 01 runs its grid under every scheduler,
+    and each scheduler is compared at its own choice."""
+    runs = complete_runs(root, experiment)
+    keys = [key for key in ("scheduler", "lr", "weight_decay") if key in runs]
+    table = mean_std(runs.sort_values(keys, kind="stable"), keys)
+    return choose(table, keys[:-2])
 
 
 def centralized_table(root) -> pd.DataFrame:
-    """Notebook 01, per scheduler at the chosen lr: test accuracy, `val`, `chosen` (the best scheduler)
-    and epochs_to_99, the first epoch whose seed-mean test accuracy reaches 99 % of its final value."""
+    """Notebook 01, per scheduler at its own lr and weight_decay (its search's choice): test accuracy,
+    `val`, `chosen` (the best scheduler) and epochs_to_99, the first epoch whose seed-mean validation
+    accuracy reaches 99 % of its final value, read from the curves on the full validation split
+    (val_curves; NaN for a scheduler without one)."""
     runs = complete_runs(root, CENTRALIZED)
-    curves = run_curves(runs, ["scheduler"])
-    mean = curves.groupby(["scheduler", "epoch"])["test_acc"].mean().dropna()
-    table = choose(mean_std(runs, ["scheduler"]))
-    table["epochs_to_99"] = [first_epoch_at(mean[s], 0.99) for s in table["scheduler"]]
+    mean = pd.Series()
+    with contextlib.suppress(NoResults):  # no run evaluated the full validation split at every point
+        curves = val_curves(runs, ["scheduler"])
+        mean = curves.groupby(["scheduler", "epoch"])["val_acc"].mean()
+    table = choose(mean_std(runs, ["scheduler", "lr", "weight_decay"]))
+    table["epochs_to_99"] = [first_epoch_at(mean.get(s), 0.99) for s in table["scheduler"]]
     return table
 
 
-def first_epoch_at(curve: pd.Series, fraction: float) -> float:
-    """The first epoch (index) at which `curve` reaches `fraction` of its final value."""
+def first_epoch_at(curve: pd.Series | None, fraction: float) -> float:
+    """The first epoch (index) at which `curve` reaches `fraction` of its final value; NaN without one."""
+    if curve is None:
+        return np.nan
     reached = curve >= fraction * curve.iloc[-1]
     return reached.idxmax()  # the first True
 
 
 def _reference(root) -> pd.DataFrame:
-    """Notebook 02's reference: the centralized cosine runs at the chosen lr and weight decay."""
+    """Notebook 02's reference: the centralized cosine runs (at cosine's own lr and weight decay)."""
     return (
         complete_runs(root, CENTRALIZED).query("scheduler == 'cosine'").assign(method="centralized (cosine)")
     )
@@ -240,63 +274,63 @@ def participants(runs: pd.DataFrame) -> pd.Series:
     return np.maximum(1, np.round(runs["participation"] * runs["num_clients"]))
 
 
-def sample_curves(root) -> pd.DataFrame:
-    """Test loss and accuracy of FedAvg (iid) and of the centralized reference against images processed.
+def fedavg_runs(root) -> pd.DataFrame:
+    """Notebook 02's FedAvg (iid) runs and, where notebook 01 ran, the centralized reference, labelled."""
+    runs = complete_runs(root, FEDAVG_IID).assign(method="FedAvg (iid)")
+    with contextlib.suppress(NoResults):  # no centralized run
+        runs = pd.concat([_reference(root), runs], ignore_index=True)
+    return runs
 
-    A FedAvg round processes m*J*B images (m = max(1, round(C*K)) clients, J steps of B images); a
-    centralized epoch the train split once. Without notebook 00 or 01 results, FedAvg alone.
-    """
-    columns = [
-        "seed",
-        "participation",
-        "num_clients",
-        "local_steps",
-        "batch_size",
-    ]  # per run: its seed and what its images per round follow from
-    fed = load_curves(root, FEDAVG_IID, columns)
-    clients = participants(fed)
-    fed["samples"] = fed["round"] * clients * fed["local_steps"] * fed["batch_size"]
-    fed["method"] = "FedAvg (iid)"
-    with contextlib.suppress(NoResults, ValueError):  # no centralized run, no cosine run (nothing to concat)
-        central = run_curves(_reference(root), ["seed", "method"])
-        train_images = split_table(root).set_index("split").loc["train", "images"]
-        central["samples"] = central["epoch"] * train_images
-        fed = pd.concat([central, fed], ignore_index=True)
-    return fed.dropna(subset=["test_acc"])
+
+def sample_curves(root) -> pd.DataFrame:
+    """Validation loss and accuracy of FedAvg (iid) and of the centralized reference against `images`,
+    the images trained on so far (metrics.csv's samples, summed), from the runs evaluated on the full
+    validation split at every point (val_curves)."""
+    return val_curves(fedavg_runs(root), ["seed", "method"])
 
 
 def fedavg_table(root) -> pd.DataFrame:
-    """Notebook 02: the centralized reference and FedAvg (iid), test accuracy over seeds, and each one's
-    seed-mean test accuracy (acc_at_budget) at `budget`, the most images both processed (interpolated)."""
-    curves = sample_curves(root)
-    mean = curves.groupby(["method", "samples"])["test_acc"].mean()
-    budget = curves.groupby("method")["samples"].max().min()
-    runs = [complete_runs(root, FEDAVG_IID).assign(method="FedAvg (iid)")]
-    if curves["method"].nunique() > 1:  # FedAvg alone without a centralized reference
-        runs.insert(0, _reference(root))
-    table = mean_std(pd.concat(runs, ignore_index=True), ["method"])
-    table["budget"] = budget
-    table["acc_at_budget"] = [np.interp(budget, mean[m].index, mean[m]) for m in table["method"]]
+    """Notebook 02: the centralized reference and FedAvg (iid): test accuracy over seeds, the images each
+    trained on, and each one's seed-mean validation accuracy (val_at_budget) at `budget`, the most images
+    both processed (interpolated on sample_curves; NaN where a method has no such curve)."""
+    table = mean_std(fedavg_runs(root), ["method"])
+    table["budget"] = table["val_at_budget"] = np.nan
+    with contextlib.suppress(NoResults):  # no run evaluated the full validation split at every point
+        curves = sample_curves(root)
+        mean = curves.groupby(["method", "images"])["val_acc"].mean()
+        budget = curves.groupby("method")["images"].max().min()
+        table["budget"] = budget
+        table["val_at_budget"] = [interpolate(mean.get(m), budget) for m in table["method"]]
     return table
+
+
+def interpolate(curve: pd.Series | None, x: float) -> float:
+    """`curve` (indexed by its x values) linearly interpolated at `x`; NaN without a curve."""
+    return np.nan if curve is None else np.interp(x, curve.index, curve)
 
 
 def late_gain(root) -> str:
     """Notebook 02: how much the seed-mean validation accuracy of FedAvg (iid) rose over the last 20 % of
-    rounds (from the last evaluation at or before 80 % of the rounds to the end), as a sentence."""
-    evaluated = load_curves(root, FEDAVG_IID).dropna(subset=["val_acc"])
-    mean = evaluated.groupby("round")["val_acc"].mean()
+    rounds (from the last evaluation at or before 80 % of the rounds to the end), as a sentence; read
+    only from curves on the full validation split at every point (val_curves), else no number."""
+    runs = complete_runs(root, FEDAVG_IID)
+    try:
+        curves = val_curves(runs)
+    except NoResults:
+        return "FedAvg (iid): no late-round gain: its curves mix evaluation sets (subset, then full)"
+    mean = curves.groupby("round")["val_acc"].mean()
     start = mean[mean.index <= 0.8 * mean.index[-1]].tail(1)
     if start.empty:
         return "FedAvg (iid): too few evaluations"
     return (
         f"FedAvg (iid): validation accuracy {(mean.iloc[-1] - start.sum()) * 100:+.2f} points from round "
-        f"{start.index.max()} to {mean.index[-1]} (seed mean; the last point is the full split, earlier "
-        "ones the evaluation subset)"
+        f"{start.index.max()} to {mean.index[-1]} (seed mean, the full validation split at every point). "
+        "It says whether accuracy still rose within these rounds, not what more rounds would reach."
     )
 
 
 def heterogeneity_table(root) -> pd.DataFrame:
-    """Notebook 03: test accuracy over seeds per sharding and local steps J."""
+    """Notebook 03: test accuracy and images trained on, over seeds, per sharding and local steps J."""
     return mean_std(complete_runs(root, HETEROGENEITY), ["sharding_label", "local_steps"])
 
 
@@ -316,8 +350,9 @@ def drift_table(root, experiment=HETEROGENEITY) -> pd.DataFrame:
 
 def sparse_table(root) -> pd.DataFrame:
     """Notebook 04, per sharding, method, sparsity and calibration rounds: test accuracy over seeds,
-    `val`, the last calibration round's Fisher threshold (seed mean), and
-    `chosen`, the best sparse setting per sharding. The dense references run the same rounds: FedAvg,
+    `val`, the images trained on, the last calibration round's Fisher threshold and clip_fraction, the
+    share of optimizer steps whose gradient the clip scaled down (seed means; NaN for the head alone),
+    and `chosen`, the best sparse setting per sharding. The dense references run the same rounds: FedAvg,
     the frozen step-0 head with a dense backbone, and the head alone ('head only') where it ran."""
     sparse_and_dense = complete_runs(root, SPARSE_FL)
     head_only = load_runs(root, HEAD_ONLY)  # empty where it did not run
@@ -325,18 +360,20 @@ def sparse_table(root) -> pd.DataFrame:
     thresholds = runs.get("thresholds", runs["seed"])  # a list per sparse run: one threshold per round
     runs["threshold"] = [t[-1] if isinstance(t, list) and t else np.nan for t in thresholds]
     keys = ["sharding_label", "method", "sparsity", "calibration_rounds"]
-    table = mean_std(runs, keys, ["threshold"])
+    table = mean_std(runs, keys, ["threshold", "clip_fraction"])
     return choose(table, ["sharding_label"], among=table["method"] == "sparse")
 
 
 def sparse_central_table(root) -> pd.DataFrame:
-    """Notebook 04: centralized sparse fine-tuning, test accuracy over seeds per sparsity and R."""
-    return mean_std(complete_runs(root, SPARSE_CENTRAL), ["sparsity", "calibration_rounds"])
+    """Notebook 04: centralized sparse fine-tuning per sparsity and R: test accuracy over seeds, the
+    images trained on and clip_fraction, with its scheduler and lr (01's scheduler, its own lr)."""
+    keys = ["scheduler", "lr", "sparsity", "calibration_rounds"]
+    return mean_std(complete_runs(root, SPARSE_CENTRAL), keys, ["clip_fraction"])
 
 
 def rules_table(root) -> pd.DataFrame:
-    """Notebook 05, per sharding, sparsity and mask rule (least-sensitive first): test accuracy over
-    seeds and `chosen`, the best rule per sharding and sparsity."""
+    """Notebook 05, per sharding, sparsity and mask rule (least-sensitive first): test accuracy and
+    images trained on, over seeds, and `chosen`, the best rule per sharding and sparsity."""
     table = mean_std(complete_runs(root, MASK_RULES), ["sharding_label", "sparsity", "rule"])
     return choose(table, ["sharding_label", "sparsity"])
 

@@ -67,7 +67,8 @@ def assign(costs: list[float], workers: int) -> list[int]:
 
 
 def split_sizes(config, params: dict) -> tuple[int, int, int, int]:
-    """(train, validation, test (0 when the run never tests), subset evaluation) images of a config."""
+    """(train, validation, test (0 when the run never tests), subset evaluation) images of a config; the
+    subset evaluation holds the whole validation split under full_val_curve."""
     full = CIFAR_TRAIN
     test = CIFAR_TEST
     if config.dataset != "cifar100":
@@ -78,7 +79,8 @@ def split_sizes(config, params: dict) -> tuple[int, int, int, int]:
     val = round(full * params.get("val_fraction", 0.1))
     per_class = max(1, config.eval_subset // CLASSES)  # DataBundle.eval_subset: whole classes, at least one
     subset = per_class * CLASSES
-    return full - val, val, test, min(val, subset) + min(test, subset)
+    val_subset = val if config.full_val_curve else min(val, subset)
+    return full - val, val, test, val_subset + min(test, subset)
 
 
 def fisher_samples(config) -> int:

@@ -55,6 +55,7 @@ class CentralizedConfig:
     evaluate_test: bool = True  # False for hyperparameter search: the test set only reports
     eval_points: int = 10  # evaluations, evenly spaced over the steps (the last step always)
     eval_subset: int = 1000  # images per split evaluated before the last step (eval_steps)
+    full_val_curve: bool = False  # True: the full validation split at every evaluation, not its subset
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # step-0 head + sparse masks
 
     def __post_init__(self):
@@ -64,11 +65,7 @@ class CentralizedConfig:
 
     def to_dict(self) -> dict:
         """The identity: the resolved img_size, so None and the native size name the same run."""
-        return {
-            **asdict(self),
-            "img_size": models.input_size(self.model, self.img_size),
-            "finetune": self.finetune.identity(),
-        }
+        return identity(self)
 
     def run_name(self) -> str:
         name = f"{self.scheduler}-lr{self.lr:g}-wd{self.weight_decay:g}"
@@ -77,6 +74,20 @@ class CentralizedConfig:
     def head_cache(self, ws, device=None):
         """Where this config's step-0 head is shared with every centralized run of the same data and seed."""
         return run_head_cache(ws, self, device, centralized=True)
+
+
+def identity(config) -> dict:
+    """What names a run of `config` (CentralizedConfig, FedAvgConfig) in the run store: its fields, with
+    img_size resolved (None and the native size name the same run) and full_val_curve only where True
+    (a run from before the field existed keeps its name)."""
+    values = {
+        **asdict(config),
+        "img_size": models.input_size(config.model, config.img_size),
+        "finetune": config.finetune.identity(),
+    }
+    if not config.full_val_curve:
+        values.pop("full_val_curve")
+    return values
 
 
 def check_run_fields(config, counts: tuple[str, ...]) -> None:
@@ -92,6 +103,7 @@ def check_run_fields(config, counts: tuple[str, ...]) -> None:
     check_float("weight_decay", config.weight_decay, 0.0, None)
     check_choice("precision", config.precision, models.PRECISIONS)
     check_bool("evaluate_test", config.evaluate_test)
+    check_bool("full_val_curve", config.full_val_curve)
     if not isinstance(config.finetune, FineTuneSpec):
         raise ConfigError(f"finetune must be a FineTuneSpec, got {type(config.finetune).__name__}")
 
@@ -114,6 +126,19 @@ def read_complete(run: Run) -> RunResult:
 # --------------------------------------------------------------------------- steps
 
 
+@dataclass
+class Steps:
+    """What train_steps did: the summed per-sample losses (a tensor on the device), the samples, the
+    optimizer steps, those the fp16 loss scaler skipped, and those whose gradient the clip scaled down
+    (SparseSGDM.clipped_steps; a tensor on the device, 0 for an optimizer that does not clip)."""
+
+    loss_sum: torch.Tensor
+    samples: int
+    steps: int
+    skipped: int
+    clipped: torch.Tensor | int
+
+
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -122,14 +147,18 @@ def train_steps(
     *,
     precision: str,
     scheduler=None,
-) -> tuple[torch.Tensor, int, int]:
-    """One optimizer step per batch; returns (summed per-sample losses on the device, samples, skipped steps).
+) -> Steps:
+    """One optimizer step per batch; returns what they did (Steps), with no host sync.
 
     A step the fp16 GradScaler skips (inf/NaN gradients) still uses its batch. Skips are counted from
-    the steps the optimizer took (a step hook, no host sync), so a disabled scaler always counts 0.
+    the steps the optimizer took (a step hook), so a disabled scaler always counts 0.
     """
     model.train()
-    loss_sum, count, steps, taken = torch.zeros(()), 0, 0, []
+    loss_sum = torch.zeros(())
+    samples = 0
+    steps = 0
+    taken = []
+    clipped_before = getattr(optimizer, "clipped_steps", 0)
     hook = optimizer.register_step_post_hook(lambda *_: taken.append(1))
     for inputs, labels in batches:
         steps += 1
@@ -142,9 +171,10 @@ def train_steps(
         if scheduler is not None:
             scheduler.step()
         loss_sum = loss_sum.to(loss.device) + loss.detach().float() * labels.shape[0]
-        count += labels.shape[0]
+        samples += labels.shape[0]
     hook.remove()
-    return loss_sum, count, steps - len(taken)
+    clipped = getattr(optimizer, "clipped_steps", 0) - clipped_before
+    return Steps(loss_sum, samples, steps, steps - len(taken), clipped)
 
 
 @torch.inference_mode()
@@ -167,13 +197,16 @@ def evaluate(
 
 
 def evaluate_splits(
-    model, data: DataBundle, img_size, batch_size, *, precision, evaluate_test, subset: int | None = None
+    model, data: DataBundle, img_size, batch_size, *, precision, evaluate_test, subsets: dict | None = None
 ) -> dict:
     """{'val_loss', 'val_acc'[, 'test_loss', 'test_acc']} of the model as it is, on the full splits or,
-    with `subset`, on their fixed stratified subsets of about that many images (DataBundle.eval_subset)."""
+    where `subsets` gives a split a size, on its fixed stratified subset of about that many images
+    (DataBundle.eval_subset)."""
+    subsets = subsets or {}
     row = {}
     for split in ("val", "test") if evaluate_test else ("val",):
-        image_set = getattr(data, split) if subset is None else data.eval_subset(split, subset)
+        size = subsets.get(split)
+        image_set = getattr(data, split) if size is None else data.eval_subset(split, size)
         result = evaluate(model, image_set, img_size, batch_size, precision=precision)
         row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["acc"]
     return row
@@ -188,7 +221,8 @@ def eval_steps(total: int, points: int) -> list[int]:
 
 
 def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> dict:
-    """summary.json: the final evaluated row's values, the best validation accuracy, wall time."""
+    """summary.json: the final evaluated row's values, the best validation accuracy, wall time, the images
+    trained on (trained_images) and the share of the steps the clip scaled down (clip_fraction)."""
     evaluated = [r for r in rows if "val_acc" in r]
     best = max(evaluated, key=lambda r: r["val_acc"])
     summary = {f"final_{k}": v for k, v in evaluated[-1].items() if k not in ("epoch", "round", "clients")}
@@ -199,6 +233,11 @@ def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> d
         precision=precision,
         device=str(device),
     )
+    trained = [r for r in rows if r.get("samples")]  # none for the step-0 head alone
+    summary["trained_images"] = sum(r["samples"] for r in trained)
+    if trained:  # per image: exact for FedAvg's equal rounds, centrally up to each epoch's smaller last batch
+        clipped = sum(r["clip_fraction"] * r["samples"] for r in trained)
+        summary["clip_fraction"] = clipped / summary["trained_images"]
     return summary
 
 
@@ -388,7 +427,10 @@ class TrainingRun:
         )
 
     def evaluate(self, last: bool) -> dict:
-        """Validation (and test) loss and accuracy of the model: the full splits at the end, else subsets."""
+        """Validation (and test) loss and accuracy of the model: the full splits at the end, else subsets
+        (the full validation split at every point with full_val_curve)."""
+        subset = self.config.eval_subset
+        subsets = {} if last else {"val": None if self.config.full_val_curve else subset, "test": subset}
         return evaluate_splits(
             self.model,
             self.data,
@@ -396,7 +438,7 @@ class TrainingRun:
             self.eval_batch_size,
             precision=self.precision,
             evaluate_test=self.config.evaluate_test,
-            subset=None if last else self.config.eval_subset,
+            subsets=subsets,
         )
 
     def summary(self) -> dict:
@@ -446,9 +488,17 @@ class CentralizedRun(TrainingRun):
         self.eval_points = eval_steps(self.total_steps, config.eval_points)
         # A sparse run checkpoints only the entries its masks let change (sparse_state), a dense one all.
         self.moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
-        # Carried from row to row (and through checkpoints): the train loss sum, samples and train seconds
-        # since the last evaluation row, and the run's wall seconds so far.
-        self.carry = {"loss": 0.0, "samples": 0, "train_s": 0.0, "wall_s": 0.0}
+        # Carried from row to row (and through checkpoints): since the last evaluation row, the train loss
+        # sum, samples, steps, skipped and clipped steps and train seconds; the run's wall seconds so far.
+        self.carry = {
+            "loss": 0.0,
+            "samples": 0,
+            "steps": 0,
+            "skipped": 0,
+            "clipped": 0,
+            "train_s": 0.0,
+            "wall_s": 0.0,
+        }
 
     def units(self) -> int:
         return self.config.epochs
@@ -516,8 +566,8 @@ class CentralizedRun(TrainingRun):
         return training_batches(self.data.train, self.img_size, order, generator)
 
     def train_stretch(self, batches) -> None:
-        """One optimizer step per batch; the loss sum and samples join the carry."""
-        loss_sum, samples, _ = train_steps(
+        """One optimizer step per batch; what they did joins the carry."""
+        done = train_steps(
             self.model,
             self.optimizer,
             self.scaler,
@@ -525,8 +575,11 @@ class CentralizedRun(TrainingRun):
             precision=self.precision,
             scheduler=self.scheduler,
         )
-        self.carry["loss"] += loss_sum.item()
-        self.carry["samples"] += samples
+        self.carry["loss"] += done.loss_sum.item()
+        self.carry["samples"] += done.samples
+        self.carry["steps"] += done.steps
+        self.carry["skipped"] += done.skipped
+        self.carry["clipped"] += int(done.clipped)
 
     def log_row(self, step: int) -> None:
         """Evaluates and logs the row after `step` (the full splits at the last step, else subsets)."""
@@ -534,7 +587,10 @@ class CentralizedRun(TrainingRun):
         row = {
             "epoch": step / self.steps_per_epoch,
             "lr": self.scheduler.get_last_lr()[0],
+            "samples": self.carry["samples"],
             "train_loss": self.carry["loss"] / self.carry["samples"],
+            "skipped_steps": self.carry["skipped"],
+            "clip_fraction": self.carry["clipped"] / self.carry["steps"],
             **self.evaluate(last=step == self.total_steps),
         }
         eval_s = time.perf_counter() - started
@@ -548,4 +604,4 @@ class CentralizedRun(TrainingRun):
                 "wall_s": self.carry["wall_s"],
             }
         )
-        self.carry.update(loss=0.0, samples=0, train_s=0.0)
+        self.carry.update(loss=0.0, samples=0, steps=0, skipped=0, clipped=0, train_s=0.0)

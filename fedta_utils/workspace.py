@@ -35,8 +35,9 @@ from .runs import RUNS_DIR, STAGING_DIR, Run, atomic_write_bytes, atomic_write_j
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 PROFILES = ("smoke", "full")
 # Part of every run's identity: raised whenever results change without a config changing, so runs of
-# older code are never read back as complete (2: random non-iid class sets, new seed streams).
-RESULTS_FORMAT = 2
+# older code are never read back as complete or resumed (2: random non-iid class sets, new seed streams;
+# 3: every row logs samples, skipped and clipped steps, which a checkpoint's rows and carry hold).
+RESULTS_FORMAT = 3
 COLAB_DRIVE_MOUNT = "/content/drive"
 # What each profile must load, so results are never labelled with the wrong profile.
 PROFILE_INPUTS = {
@@ -67,13 +68,16 @@ WORKSPACE_PARAMETERS = (
 )
 # A parameter left None takes the value an earlier notebook chose on validation: name -> (hparams.json
 # key, the notebook whose search stores it). FedAvg's client lr is tuned for FedAvg, not reused from 01;
-# fine-tuning under a frozen head gets its own (sparse_lr), since the head sets its gradients' scale.
+# fine-tuning under a frozen head gets its own (sparse_lr, sparse_central_lr), since the head sets its
+# gradients' scale; notebook 04's centralized sparse baseline takes 01's chosen scheduler and its weight
+# decay.
 CHOSEN = {
     "lr": ("fedavg_lr", "02"),
     "weight_decay": ("fedavg_weight_decay", "02"),
-    "central_lr": ("central_lr", "01"),
+    "central_scheduler": ("central_scheduler", "01"),
     "central_weight_decay": ("central_weight_decay", "01"),
     "sparse_lr": ("sparse_lr", "04"),
+    "sparse_central_lr": ("sparse_central_lr", "04"),
 }
 
 
@@ -242,7 +246,7 @@ class Workspace:
         """Every value stored so far ({} before the first search)."""
         return read_json(self.hparams_path)
 
-    def chosen(self, name: str) -> float:
+    def chosen(self, name: str) -> float | str:
         """The value of parameter `name` (a key of CHOSEN) that an earlier notebook chose on validation."""
         stored, source = CHOSEN[name]
         if stored not in (values := self.load_hparams()):

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -107,7 +108,15 @@ def test_the_server_averages_client_deltas_weighted_by_their_shard_sizes(workspa
 
     def hand_made_update(model, params, global_weights, batches, *, optimizer, precision, scaler_state):
         deltas.append(torch.randn(global_weights.shape, generator=generator))
-        return fedavg.ClientUpdate(deltas[-1].clone(), 1, 0.0, 0, scaler_state)
+        return fedavg.ClientUpdate(
+            deltas[-1].clone(),
+            samples=1,
+            loss_sum=0.0,
+            steps=1,
+            skipped_steps=0,
+            clipped_steps=0,
+            scaler_state=scaler_state,
+        )
 
     monkeypatch.setattr(fedavg, "client_update", hand_made_update)
     with open_fedavg(workspace, small_data, config, shards) as fed:
@@ -304,6 +313,21 @@ def test_skipped_steps_are_logged_per_round(workspace, small_data, monkeypatch):
     skips = [r.skipped_steps for _, r in calls]
     assert result.metrics["skipped_steps"].tolist() == [a + b for a, b in zip(skips[::2], skips[1::2])]
     assert sum(skips) > 0
+
+
+def test_every_round_logs_the_share_of_its_steps_the_clip_scaled_down(workspace, small_data, monkeypatch):
+    calls = record_client_updates(monkeypatch)
+    # 2 clients of 3 steps; a clip of 1e-9 scales every step, no clip none
+    clipped = tiny_config(
+        participation=0.34, local_steps=3, rounds=2, finetune=FineTuneSpec(max_grad_norm=1e-9)
+    )
+    result = run_fedavg(workspace, small_data, clipped, progress=False)
+    assert [(r.steps, r.clipped_steps) for _, r in calls] == [(3, 3)] * 4
+    assert result.metrics["clip_fraction"].tolist() == [1.0, 1.0] and result.summary["clip_fraction"] == 1.0
+    assert result.metrics["samples"].tolist() == [2 * 3 * 16] * 2
+    assert result.summary["trained_images"] == 2 * 2 * 3 * 16
+    plain = run_fedavg(workspace, small_data, replace(clipped, finetune=FineTuneSpec()), progress=False)
+    assert plain.metrics["clip_fraction"].tolist() == [0.0, 0.0]
 
 
 def test_fp32_runs_log_no_skipped_steps(workspace, small_data):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from fedta_utils import experiments, pipeline, results, runs
 from fedta_utils.checks import ConfigError
 from fedta_utils.experiments import run_grid, run_head_only
 from fedta_utils.fedavg import FedAvgConfig, run_fedavg
+from fedta_utils.optim import SCHEDULERS
 from fedta_utils.prepare import FineTuneSpec
-from fedta_utils.training import CentralizedConfig, run_centralized
+from fedta_utils.training import CentralizedConfig, RunResult, run_centralized
 from fedta_utils.workspace import discover_notebooks, setup_workspace
 
 FL = dict(
@@ -64,6 +66,7 @@ def test_two_executions_at_different_lrs_give_tables_of_the_second_grid_only(wor
     for lr in (0.05, 0.01):  # notebook 02 run twice into one results folder, with -p lr 0.05, then 0.01
         params = {
             **FL,
+            "client_batch_size": FL["batch_size"],
             "seeds": [0, 1],
             "lr": lr,
             "weight_decay": 0.0,
@@ -135,14 +138,20 @@ def test_a_search_records_what_it_chose_and_the_value_its_notebook_used(workspac
 # How each experiment ran when the notebooks called run_grid / run_search themselves: the runner, the
 # function that built its configs, the search regime (None: not a search) and, for a grid, `wait`.
 AS_THE_NOTEBOOKS_RAN = {
-    experiments.LR_SEARCH: (run_centralized, experiments.search_configs, "central", None),
-    experiments.CENTRALIZED: (run_centralized, experiments.scheduler_configs, None, False),
+    experiments.LR_SEARCH: (run_centralized, experiments.search_configs, "per_scheduler", None),
+    experiments.CENTRALIZED: (run_centralized, experiments.scheduler_configs, "central", None),
     experiments.FEDAVG_LR_SEARCH: (run_fedavg, experiments.fedavg_search_configs, "fedavg", None),
     experiments.FEDAVG_IID: (run_fedavg, experiments.fedavg_iid_configs, None, False),
     experiments.HETEROGENEITY: (run_fedavg, experiments.heterogeneity_configs, None, False),
     experiments.HEAD_ONLY: (run_head_only, experiments.head_only_configs, None, True),
     experiments.SPARSE_LR_SEARCH: (run_fedavg, experiments.sparse_search_configs, "sparse", None),
     experiments.SPARSE_FL: (run_fedavg, experiments.sparse_fl_configs, None, False),
+    experiments.SPARSE_CENTRAL_LR_SEARCH: (
+        run_centralized,
+        experiments.sparse_central_search_configs,
+        "sparse_central",
+        None,
+    ),
     experiments.SPARSE_CENTRAL: (run_centralized, experiments.sparse_central_configs, None, False),
     experiments.MASK_RULES: (run_fedavg, experiments.mask_rule_configs, None, False),
 }
@@ -150,7 +159,7 @@ SMOKE_GRIDS = pipeline.grids("smoke")  # every notebook's grids from its smoke p
 
 
 def test_every_experiment_a_notebook_runs_has_one_way_to_run():
-    named = [experiment for grids in experiments.NOTEBOOK_GRIDS.values() for _, _, experiment in grids]
+    named = [experiment for grids in experiments.NOTEBOOK_EXPERIMENTS.values() for experiment in grids]
     assert (
         sorted(named) == sorted(set(named)) == sorted(experiments.EXPERIMENTS) == sorted(AS_THE_NOTEBOOKS_RAN)
     )
@@ -221,7 +230,7 @@ def test_a_search_run_from_a_notebook_cell_leaves_its_choice_in_params_for_the_n
     tiny = {
         "num_clients": 10,
         "participation": 0.2,
-        "batch_size": 16,
+        "client_batch_size": 16,
         "local_steps": 1,
         "fedavg_search_lrs": [0.01, 0.05],
         "fedavg_search_weight_decays": [0.0],
@@ -528,3 +537,86 @@ def test_with_the_round_count_option_the_dry_run_predicts_the_checkpoint_bytes_a
     )
     assert len(saved) == sum(pipeline.checkpoint_count(run, 0.0) for _, run in planned.iterrows())
     assert sum(size for _, size in saved) == pytest.approx(expected, rel=0.05)
+
+
+# ------------------------------------------------------------------- comparisons that compare like with like
+
+
+def finished(config, val_acc: float) -> RunResult:
+    """A run of `config` as run_grid returns it, with only what a search reads: its config and score."""
+    return RunResult(SimpleNamespace(config=config.to_dict()), {"final_val_acc": val_acc}, None)
+
+
+def notebook_params(key: str) -> dict:
+    """Notebook `key`'s smoke parameters as its cells see them: stand-ins for what earlier notebooks chose."""
+    path = discover_notebooks()[key]
+    params = pipeline.notebook_values(path, "smoke", {})
+    stand_ins = experiments.with_stand_ins(params)
+    return {name: value for name, value in stand_ins.items() if name in params}
+
+
+def search_with(monkeypatch, scores) -> list:
+    """run_grid replaced by one that 'runs' each config to the score scores(config) gives."""
+    grids = []
+
+    def grid(runner, ws, data, experiment, *, configs, params, wait=True):
+        grids.append(configs)
+        return [finished(config, scores(config)) for config in configs]
+
+    monkeypatch.setattr(experiments, "run_grid", grid)
+    return grids
+
+
+def test_notebook_01_searches_every_scheduler_and_compares_each_at_its_own_lr(workspace, monkeypatch):
+    params = notebook_params("01")
+    best_lr = {"cosine": 0.1, "step": 0.1, "constant": 0.03}  # a constant rate wants a lower lr
+    search_with(monkeypatch, lambda c: 0.5 + (c.lr == best_lr[c.scheduler]) * 0.1 - c.weight_decay)
+    searched = experiments.grid_configs(experiments.LR_SEARCH, params)
+    assert {(c.scheduler, c.lr) for c in searched} == {
+        (s, lr) for s in params["schedulers"] for lr in params["search_lrs"]
+    }
+    assert {c.evaluate_test for c in searched} == {False}
+    experiments.run(workspace, None, experiments.LR_SEARCH, params)
+    compared = experiments.grid_configs(experiments.CENTRALIZED, params)
+    assert {(c.scheduler, c.lr, c.weight_decay) for c in compared} == {
+        (s, lr, 0.0) for s, lr in best_lr.items()
+    }
+    stored = workspace.load_hparams()["scheduler_search"]
+    assert {s: v["lr"] for s, v in stored.items()} == best_lr
+    assert {c.full_val_curve for c in compared} == {True}  # "how many epochs" reads one set of images
+
+
+def test_notebook_01_stores_the_scheduler_best_on_validation_averaged_over_seeds(workspace, monkeypatch):
+    params = notebook_params("01")  # as the lr search left them
+    params["scheduler_hparams"] = {
+        s: {"lr": 0.01 * (i + 1), "weight_decay": 0.0} for i, s in enumerate(SCHEDULERS)
+    }
+    # step wins one seed by far, constant wins on average
+    scores = {("step", 0): 0.9, ("step", 1): 0.1, ("constant", 0): 0.6, ("constant", 1): 0.6}
+    search_with(monkeypatch, lambda c: scores.get((c.scheduler, c.seed), 0.2))
+    experiments.run(workspace, None, experiments.CENTRALIZED, params)
+    stored = workspace.load_hparams()
+    assert (stored["central_scheduler"], stored["central_lr"]) == ("constant", 0.03)
+    assert (
+        workspace.chosen("central_scheduler") == "constant"
+        and workspace.chosen("central_weight_decay") == 0.0
+    )
+
+
+def test_the_centralized_sparse_baseline_takes_its_lr_from_its_own_validation_search(workspace, monkeypatch):
+    params = notebook_params("04")
+    params.update(central_scheduler="step", central_weight_decay=1e-4, sparse_central_lr=None)
+    search_with(monkeypatch, lambda c: 1.0 - abs(c.lr - 0.003))  # 0.003 is best
+    searched = experiments.grid_configs(experiments.SPARSE_CENTRAL_LR_SEARCH, params)
+    assert [c.lr for c in searched] == params["sparse_search_lrs"]
+    assert {(c.scheduler, c.weight_decay, c.seed, c.evaluate_test) for c in searched} == {
+        ("step", 1e-4, 0, False)
+    }
+    assert {c.finetune.mask_rule for c in searched} == {"least_sensitive"}  # under the frozen head, masked
+    assert {c.epochs for c in searched} == {params["search_epochs"]}
+    experiments.run(workspace, None, experiments.SPARSE_CENTRAL_LR_SEARCH, params)
+    assert params["sparse_central_lr"] == workspace.load_hparams()["sparse_central_lr"] == 0.003
+    baseline = experiments.grid_configs(experiments.SPARSE_CENTRAL, params)
+    assert {(c.lr, c.scheduler, c.weight_decay) for c in baseline} == {(0.003, "step", 1e-4)}
+    assert [c.seed for c in baseline] == params["seeds"]
+    assert {c.batch_size for c in baseline} == {params["central_batch_size"]}  # notebook 01's batch, by name

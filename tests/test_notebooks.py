@@ -29,10 +29,18 @@ from fedta_utils.workspace import (
 )
 
 NOTEBOOKS = discover_notebooks()
-GRID_NOTEBOOKS = list(experiments.NOTEBOOK_GRIDS)  # 01-05: every workspace parameter
+GRID_NOTEBOOKS = list(experiments.NOTEBOOK_EXPERIMENTS)  # 01-05: every workspace parameter
 CHOSEN_ON_VALIDATION = re.compile(r"None: .*(choos|chose|choice)")  # the help of such a parameter says so
-OPTIONAL_FLOAT = "float | None"
-TYPED = {"lr", "weight_decay", "ridge_lambda", "sparse_lr", "central_lr", "central_weight_decay"}
+OPTIONAL = ("float | None", "str | None")  # a value chosen on validation, or None
+TYPED = {
+    "lr",
+    "weight_decay",
+    "ridge_lambda",
+    "sparse_lr",
+    "sparse_central_lr",
+    "central_scheduler",
+    "central_weight_decay",
+}
 
 
 def cells(key: str) -> list[dict]:
@@ -88,7 +96,7 @@ def parameter_lines(key: str) -> dict[str, str]:
 def typed_optional(key: str) -> list[str]:
     """The parameters of notebook `key` annotated `float | None`."""
     declared = declared_parameters(NOTEBOOKS[key])
-    return [name for name, info in declared.items() if info["inferred_type_name"] == OPTIONAL_FLOAT]
+    return [name for name, info in declared.items() if info["inferred_type_name"] in OPTIONAL]
 
 
 # --------------------------------------------------------------------------- bootstrap and parameters
@@ -130,16 +138,16 @@ def test_the_grid_notebooks_share_one_workspace_block_line_for_line():
 
 
 @pytest.mark.parametrize("key", list(NOTEBOOKS))
-def test_a_parameter_chosen_on_validation_when_none_is_typed_float_or_none(key):
+def test_a_parameter_chosen_on_validation_when_none_is_typed_optional(key):
     for name, info in declared_parameters(NOTEBOOKS[key]).items():
         chosen = CHOSEN_ON_VALIDATION.search(info["help"]) is not None
-        typed = info["inferred_type_name"] == OPTIONAL_FLOAT
+        typed = info["inferred_type_name"] in OPTIONAL
         assert typed == chosen, f"{key}: {name}"
         if chosen:
             assert info["default"] == "None", f"{key}: {name}"
 
 
-def test_the_chosen_parameters_are_typed_float_or_none_and_read_although_papermill_skips_them():
+def test_the_chosen_parameters_are_typed_optional_and_read_although_papermill_skips_them():
     typed = set()
     for key, path in NOTEBOOKS.items():
         typed |= set(typed_optional(key))
@@ -233,5 +241,5 @@ def test_each_grid_runs_after_a_table_of_it_under_a_markdown_question(key):
         assert question["cell_type"] == "markdown", where
         assert text(question).startswith("## "), where
         assert "?" in text(question), f"{where}: the markdown above asks what the grid answers"
-    expected = [experiment for _, _, experiment in experiments.NOTEBOOK_GRIDS.get(key, [])]
+    expected = experiments.NOTEBOOK_EXPERIMENTS.get(key, [])
     assert ran == expected, f"{key}: the grids pipeline --dry-run counts, in the order they run"

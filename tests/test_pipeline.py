@@ -314,14 +314,15 @@ def test_a_parameter_left_none_takes_the_value_the_notebook_that_searched_it_sto
 def test_a_search_fills_only_what_it_chose_and_what_was_left_none():
     from fedta_utils.experiments import with_choice
 
-    best = {"lr": 0.003, "weight_decay": 0.0}  # the config the search chose
+    best = {"lr": 0.003, "weight_decay": 0.0, "scheduler": "step"}  # the config the search chose
     assert with_choice({"sparse_lr": None, "lr": 0.1}, best, "sparse") == {"sparse_lr": 0.003, "lr": 0.1}
     assert with_choice({"sparse_lr": 0.02}, best, "sparse") == {"sparse_lr": 0.02}
     assert with_choice({"lr": None, "weight_decay": 1e-4}, best, "fedavg") == {
         "lr": 0.003,
         "weight_decay": 1e-4,
     }
-    assert with_choice({}, best, "central") == {"lr": 0.003, "weight_decay": 0.0}  # notebook 01 sets neither
+    chosen = {"central_scheduler": "step", "central_lr": 0.003, "central_weight_decay": 0.0}
+    assert with_choice({}, best, "central") == chosen  # notebook 01 declares none of them
 
 
 def test_a_kernel_that_dies_at_start_up_is_started_again_and_other_errors_are_not_retried(

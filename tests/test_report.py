@@ -42,6 +42,8 @@ DRIFT = {
     "sign_agreement": 0.6,
 }
 FL = {"dataset": "synthetic", "model": "tiny_vit", "num_clients": 10, "participation": 0.5, "batch_size": 64}
+ROUND_IMAGES = 5 * 64  # per local step of a round: m = 0.5 * 10 clients, B = 64
+TRAIN_IMAGES = 900  # the train split of write_study: a centralized epoch
 # Per-block masks of two rules (block 0: 4 entries, block 1: 4 entries, patch embedding: 2 entries).
 MASKS = {
     "least_sensitive": {
@@ -81,7 +83,9 @@ def write_run(root, experiment, name, config, summary, metrics, masks=None, part
         torch.save({"masks": packed}, run_dir / "prepared.pt")
 
 
-def write_centralized(root, scheduler, val, test, lr=0.1, part="runs") -> None:
+def write_centralized(root, scheduler, val, test, lr=0.1, part="runs", full=True) -> None:
+    """A scheduler's runs, a seed per (val, test) pair; `full`: evaluated on the full validation split
+    at every point. Validation reaches 99 % of its final value at epoch 1, test only at epoch 2."""
     for seed, (v, t) in enumerate(zip(val, test)):
         config = {
             "dataset": "synthetic",
@@ -94,17 +98,18 @@ def write_centralized(root, scheduler, val, test, lr=0.1, part="runs") -> None:
             "scheduler": scheduler,
             "warmup_epochs": 0.5,
             "finetune": {"head": "train", "mask_rule": None},
+            **({"full_val_curve": True} if full else {}),  # config.json has it only where True
         }
         metrics = [
-            {"epoch": 1, "test_loss": 2.0, "test_acc": t / 2, "val_acc": v / 2},
-            {"epoch": 2, "test_loss": 1.0, "test_acc": t, "val_acc": v},
+            {"epoch": e, "samples": TRAIN_IMAGES, "val_loss": 1 / e, "test_loss": 2 / e, **acc}
+            for e, acc in ((1, {"test_acc": t / 2, "val_acc": 0.995 * v}), (2, {"test_acc": t, "val_acc": v}))
         ]
         write_run(
             root,
             CENTRALIZED,
             f"{scheduler}-lr{lr}-s{seed}",
             config,
-            {"final_val_acc": v, "final_test_acc": t},
+            {"final_val_acc": v, "final_test_acc": t, "trained_images": 2 * TRAIN_IMAGES},
             metrics,
             part=part,
         )
@@ -123,7 +128,10 @@ def write_fl(
     finetune=None,
     summary=(),
     masks=None,
+    full=False,
 ) -> None:
+    """A FedAvg run whose accuracies grow linearly to `val` and `test`; `full`: evaluated on the full
+    validation split at every round."""
     config = {
         **FL,
         "seed": seed,
@@ -134,18 +142,21 @@ def write_fl(
     }
     if nc is not None:
         config["classes_per_client"] = nc
+    if full:
+        config["full_val_curve"] = True
+    samples = ROUND_IMAGES * local_steps
     metrics = [
-        {"round": r, **DRIFT, "test_loss": 1.0, "test_acc": test * r / rounds} for r in range(1, rounds + 1)
+        {"round": r, "samples": samples, **DRIFT, "val_loss": 1 / r, "val_acc": val * r / rounds}
+        | {"test_loss": 1.0, "test_acc": test * r / rounds}
+        for r in range(1, rounds + 1)
     ]
-    write_run(
-        root,
-        experiment,
-        f"{name}-s{seed}",
-        config,
-        {"final_val_acc": val, "final_test_acc": test, **dict(summary)},
-        metrics,
-        masks,
-    )
+    summary = {
+        "final_val_acc": val,
+        "final_test_acc": test,
+        "trained_images": rounds * samples,
+        **dict(summary),
+    }
+    write_run(root, experiment, f"{name}-s{seed}", config, summary, metrics, masks)
 
 
 def sparse_spec(sparsity, rounds=2, rule="least_sensitive") -> dict:
@@ -169,12 +180,18 @@ def write_study(root) -> None:
         "0,90,10,0.1,iid\n1,90,10,0.1,iid\n"
         "0,80,5,0.3,Nc=5\n1,100,5,0.2,Nc=5\n"
     )
-    for lr, val in ((0.01, 0.30), (0.1, 0.40)):
+    # Notebook 01's grid under every scheduler: cosine chooses lr 0.1, step lr 0.01.
+    for scheduler, lr, val in (
+        ("cosine", 0.01, 0.30),
+        ("cosine", 0.1, 0.40),
+        ("step", 0.01, 0.45),
+        ("step", 0.1, 0.35),
+    ):
         write_run(
             root,
             LR_SEARCH,
-            f"search-lr{lr}",
-            {"seed": 0, "epochs": 1, "lr": lr, "weight_decay": 0.0},
+            f"search-{scheduler}-lr{lr}",
+            {"seed": 0, "epochs": 1, "lr": lr, "weight_decay": 0.0, "scheduler": scheduler},
             {"final_val_acc": val},
             [{"epoch": 1, "val_acc": val}],
         )
@@ -199,19 +216,25 @@ def write_study(root) -> None:
     (Path(root) / "hparams.json").write_text(
         json.dumps(
             {
+                "scheduler_search": {
+                    "cosine": {"lr": 0.1, "weight_decay": 0.0, "val_acc": 0.40},
+                    "step": {"lr": 0.01, "weight_decay": 0.0, "val_acc": 0.45},
+                },
+                "central_scheduler": "cosine",
                 "central_lr": 0.1,
                 "central_weight_decay": 0.0,
                 "fedavg_lr": 0.01,
                 "fedavg_weight_decay": 0.0,
                 "sparse_lr": 0.003,
+                "sparse_central_lr": 0.03,
             }
         )
     )
     write_centralized(root, "cosine", val=[0.60, 0.62, 0.64], test=[0.80, 0.82, 0.84])
-    write_centralized(root, "step", val=[0.50, 0.52, 0.54], test=[0.90, 0.92, 0.94])
+    write_centralized(root, "step", val=[0.50, 0.52, 0.54], test=[0.90, 0.92, 0.94], lr=0.01)
     write_centralized(root, "cosine", val=[0.99], test=[0.99], lr=0.01, part="earlier")  # an earlier grid's
     for seed in (0, 1):
-        write_fl(root, FEDAVG_IID, "iid", seed, 0.5, 0.6 + 0.02 * seed)
+        write_fl(root, FEDAVG_IID, "iid", seed, 0.5, 0.6 + 0.02 * seed, full=True)
         add_to_grid(root, HETEROGENEITY, f"{FEDAVG_IID}-iid-s{seed}")  # iid at J=2: notebook 02's very runs
         for nc, local_steps, acc in ((None, 4, 0.55), (1, 2, 0.2), (5, 2, 0.4)):
             write_fl(
@@ -230,8 +253,9 @@ def write_study(root) -> None:
                 rounds=1,
                 nc=nc,
                 finetune={"head": "ridge", "mask_rule": None},
+                summary={"trained_images": 0},  # the head alone trains nothing
             )
-            for sparsity, val, test in ((0.9, 0.70, 0.55), (0.99, 0.60, 0.65)):
+            for sparsity, val, test, clip in ((0.9, 0.70, 0.55, 0.1), (0.99, 0.60, 0.65, 0.05)):
                 write_fl(
                     root,
                     SPARSE_FL,
@@ -241,7 +265,11 @@ def write_study(root) -> None:
                     test,
                     nc=nc,
                     finetune=sparse_spec(sparsity),
-                    summary={"thresholds": [1e-6, 2e-6 * (seed + 1)], "achieved_sparsity": sparsity},
+                    summary={
+                        "thresholds": [1e-6, 2e-6 * (seed + 1)],
+                        "achieved_sparsity": sparsity,
+                        "clip_fraction": clip * (seed + 1),
+                    },
                 )
             for rule, val, test in (("least_sensitive", 0.40, 0.70), ("random", 0.60, 0.50)):
                 write_fl(
@@ -260,9 +288,9 @@ def write_study(root) -> None:
         "model": "tiny_vit",
         "seed": 0,
         "epochs": 1,
-        "lr": 0.1,
+        "lr": 0.03,  # its own, searched under the frozen head
         "weight_decay": 0.0,
-        "scheduler": "cosine",
+        "scheduler": "cosine",  # notebook 01's choice
         "finetune": sparse_spec(0.9, 4),
     }
     write_run(
@@ -270,8 +298,8 @@ def write_study(root) -> None:
         SPARSE_CENTRAL,
         "sparse-central",
         config,
-        {"final_val_acc": 0.6, "final_test_acc": 0.7},
-        [{"epoch": 1, "test_acc": 0.7}],
+        {"final_val_acc": 0.6, "final_test_acc": 0.7, "trained_images": TRAIN_IMAGES, "clip_fraction": 0.4},
+        [{"epoch": 1, "samples": TRAIN_IMAGES, "test_acc": 0.7, "val_acc": 0.6, "clip_fraction": 0.4}],
     )
 
 
@@ -294,7 +322,7 @@ def centralized_only(tmp_path_factory):
     """Only notebook 01's scheduler runs, and the report built from them: (report_dir, warnings)."""
     base = tmp_path_factory.mktemp("partial")
     write_centralized(base / "smoke", "cosine", val=[0.6, 0.6, 0.6], test=[0.80, 0.82, 0.84])
-    write_centralized(base / "smoke", "warm_restart", val=[0.1], test=[0.1])
+    write_centralized(base / "smoke", "warm_restart", val=[0.1], test=[0.1], full=False)
     return base / "report", report.write_report(base / "smoke", base / "report", "smoke")
 
 
@@ -305,8 +333,8 @@ def test_mean_std_uses_ddof_1_and_gives_0_for_one_seed(study):
     table = results.centralized_table(study[0])
     cosine = table.set_index("scheduler").loc["cosine"]
     assert cosine["mean"] == pytest.approx(0.82) and cosine["std"] == pytest.approx(0.02) and cosine["n"] == 3
-    single = results.mean_std(results.load_runs(study[0], LR_SEARCH), ["lr"])
-    assert list(single["std"]) == [0.0, 0.0]
+    single = results.mean_std(results.load_runs(study[0], LR_SEARCH), ["scheduler", "lr"])
+    assert list(single["std"]) == [0.0] * 4
 
 
 def test_the_best_scheduler_is_chosen_on_validation_and_reported_on_test(study):
@@ -330,10 +358,26 @@ def test_the_best_mask_rule_is_chosen_on_validation(study):
     assert values["RulesIidBestAcc"] == r"50.0\,$\pm$\,0.0\,\%"
 
 
-def test_the_learning_rate_search_choice_is_the_validation_best(study):
+def test_the_learning_rate_search_chooses_a_pair_per_scheduler_on_validation(study):
     table = results.lr_search_table(study[0])
-    assert list(table.loc[table["chosen"], "lr"]) == [0.1]
-    assert numbers(study[1])["ChosenLr"] == "0.1" and numbers(study[1])["SearchValAcc"] == r"40.0\,\%"
+    assert table.loc[table["chosen"], ["scheduler", "lr"]].values.tolist() == [
+        ["cosine", 0.1],
+        ["step", 0.01],
+    ]
+    values = numbers(study[1])
+    assert values["ChosenLr"] == "0.1"  # the best scheduler's (cosine's) own choice
+    assert r"under each scheduler (cosine, step)" in values["SearchGrid"]
+
+
+def test_the_scheduler_table_compares_each_scheduler_at_its_own_learning_rate(study):
+    table = results.centralized_table(study[0]).set_index("scheduler")
+    assert table["lr"].to_dict() == {"cosine": 0.1, "step": 0.01}
+    assert "step & 0.01, 0 & 52.0" in (study[1] / "tables" / "centralized.tex").read_text()
+
+
+def test_the_lr_search_figure_has_a_panel_per_scheduler(study):
+    fig = figures.lr_search_heatmap(study[0], "smoke")
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["cosine", "step"]
 
 
 def test_ties_on_validation_go_to_the_first_configuration_in_table_order():
@@ -345,17 +389,77 @@ def test_scheduler_runs_at_other_learning_rates_are_left_out(study):
     assert results.centralized_table(study[0]).set_index("scheduler").loc["cosine", "n"] == 3
 
 
-def test_epochs_to_99_percent_is_the_first_epoch_within_1_percent_of_the_final_accuracy(study):
-    assert list(results.centralized_table(study[0])["epochs_to_99"]) == [2, 2]
+def test_epochs_to_99_percent_is_read_from_the_full_validation_curve_not_test(study):
+    # Validation reaches 99 % of its final value at epoch 1, the test curve (subset points) at epoch 2.
+    assert list(results.centralized_table(study[0])["epochs_to_99"]) == [1, 1]
+
+
+def test_a_scheduler_without_a_full_validation_curve_has_no_epochs_to_99(centralized_only):
+    table = results.centralized_table(centralized_only[0].parent / "smoke").set_index("scheduler")
+    assert table.loc["cosine", "epochs_to_99"] == 1 and np.isnan(table.loc["warm_restart", "epochs_to_99"])
+    assert (
+        "warm\\_restart & 0.1, 0 & 10.0 & $10.0 \\pm 0.0$ & 1 & -- \\\\"
+        in (centralized_only[0] / "tables" / "centralized.tex").read_text()
+    )
 
 
 def test_fedavg_and_centralized_are_compared_at_the_images_both_processed(study):
     table = results.fedavg_table(study[0]).set_index("method")
     # FedAvg: a round is m=5 clients x J=2 steps x B=64 images = 640, 4 rounds 2,560; centralized: 2 x 900.
     assert table["budget"].tolist() == [1800, 1800]
-    assert table.loc["centralized (cosine)", "acc_at_budget"] == pytest.approx(0.82)
-    # FedAvg's seed-mean accuracy grows linearly to 0.61 at 2,560 images: interpolated at 1,800.
-    assert table.loc["FedAvg (iid)", "acc_at_budget"] == pytest.approx(0.61 * 1800 / 2560)
+    assert table.loc["centralized (cosine)", "val_at_budget"] == pytest.approx(0.62)
+    # FedAvg's seed-mean validation accuracy grows linearly to 0.5 at 2,560 images: interpolated at 1,800.
+    assert table.loc["FedAvg (iid)", "val_at_budget"] == pytest.approx(0.5 * 1800 / 2560)
+
+
+def test_the_late_round_gain_is_read_from_the_full_validation_curve(study):
+    # Seed-mean validation accuracy 0.375 at round 3 (the last at or before 80 % of 4 rounds), 0.5 at 4.
+    gain = results.late_gain(study[0])
+    assert "+12.50 points from round 3 to 4" in gain and "not what more rounds would reach" in gain
+    assert "evaluation subset" not in gain
+
+
+def test_runs_without_a_full_validation_curve_give_no_curve_numbers(tmp_path):
+    for seed in (0, 1):
+        write_fl(tmp_path, FEDAVG_IID, "iid", seed, 0.5, 0.6)  # subset points, then the full split
+    assert "no late-round gain" in results.late_gain(tmp_path) and "points from" not in results.late_gain(
+        tmp_path
+    )
+    assert results.fedavg_table(tmp_path)["val_at_budget"].isna().all()
+    with pytest.raises(results.NoResults, match="full validation split"):
+        results.sample_curves(tmp_path)
+
+
+def test_every_comparison_table_states_the_images_each_method_trained_on(study):
+    root = study[0]
+    assert results.fedavg_table(root)["trained_images"].tolist() == [1800, 2560]
+    assert results.heterogeneity_table(root)["trained_images"].tolist() == [2560, 5120, 2560, 2560]
+    sparse = results.sparse_table(root).set_index(["sharding_label", "method", "sparsity"])["trained_images"]
+    assert sparse[("iid", "sparse", 0.9)] == 2560 and sparse[("iid", "head only", np.nan)].item() == 0
+    assert results.sparse_central_table(root)["trained_images"].tolist() == [900]
+    assert set(results.rules_table(root)["trained_images"]) == {2560}
+    tables = study[1] / "tables"
+    assert (
+        "images (k)" in (tables / "fedavg.tex").read_text()
+        and "& 2.56 &" in (tables / "fedavg.tex").read_text()
+    )
+    assert "images (k)" in (tables / "mask_rules.tex").read_text()
+    assert "centralized sparse 0.9, $R{=}4$ & -- & 0.9 & 40.0 &" in (tables / "sparse.tex").read_text()
+
+
+def test_the_sparse_table_shows_the_share_of_steps_the_clip_scaled_down(study):
+    table = results.sparse_table(study[0])
+    # seed 0 clips 10 % of its steps at sparsity 0.9, seed 1 20 %: the seed mean.
+    assert table.loc[table["chosen"], "clip_fraction"].tolist() == pytest.approx([0.15, 0.15])
+    text = (study[1] / "tables" / "sparse.tex").read_text()
+    assert (
+        "clipped (\\%)" in text and "sparse 0.9, $R{=}2$ & iid & 2.56 & 15.0 & $55.0 \\pm 0.0^\\star$" in text
+    )
+
+
+def test_the_centralized_sparse_baseline_reports_its_own_lr_and_01s_scheduler(study):
+    values = numbers(study[1])
+    assert (values["SparseCentralLr"], values["SparseCentralScheduler"]) == ("0.03", "cosine")
 
 
 def test_sharding_labels_order_iid_first_then_by_classes_per_client(study):
@@ -413,7 +517,7 @@ def test_the_report_names_the_values_the_runs_used_when_a_notebook_set_its_own(s
         hparams.write_text(json.dumps({**stored, "fedavg_lr": 0.2, "sparse_lr": 0.05, "central_lr": 0.3}))
         assert report.used(study[0], "fedavg_lr", 0.01) == 0.2
         assert report.used(study[0], "no_such_key", 0.01) == 0.01  # nothing recorded: the search's choice
-        values = report._client_searches(study[0], "smoke") | report._search(study[0], "smoke")
+        values = report._client_searches(study[0], "smoke") | report._centralized(study[0], "smoke")
         assert (values["FedAvgChosenLr"], values["SparseChosenLr"], values["ChosenLr"]) == (
             "0.2",
             "0.05",
@@ -458,10 +562,10 @@ def test_a_full_build_has_no_notice(tmp_path, monkeypatch):
 
 def test_tables_are_booktabs_and_mark_the_configuration_chosen_on_validation(study):
     table = (study[1] / "tables" / "centralized.tex").read_text()
-    assert table.startswith("\\begin{tabular}{lrrrr}\n\\toprule") and "\\midrule" in table
+    assert table.startswith("\\begin{tabular}{lrrrrr}\n\\toprule") and "\\midrule" in table
     assert "\\bottomrule\n\\end{tabular}" in table
-    assert "cosine & 62.0 & $82.0 \\pm 2.0^\\star$ & 3 & 2 \\\\" in table
-    assert "step & 52.0 & $92.0 \\pm 2.0$ & 3 & 2 \\\\" in table
+    assert "cosine & 0.1, 0 & 62.0 & $82.0 \\pm 2.0^\\star$ & 3 & 1 \\\\" in table
+    assert "step & 0.01, 0 & 52.0 & $92.0 \\pm 2.0$ & 3 & 1 \\\\" in table
 
 
 def test_table_cells_from_results_are_latex_escaped(centralized_only):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedta_utils import training
+from fedta_utils.optim import SparseSGDM
 from fedta_utils.prepare import FineTuneSpec, load_prepared
 from fedta_utils.training import CentralizedConfig, run_centralized
 
@@ -25,8 +26,19 @@ def test_centralized_metrics_have_a_row_per_epoch_with_every_split(workspace, sm
         metrics.columns
     )
     assert result.summary["final_test_acc"] == metrics["test_acc"].iloc[-1]
+    # every row logs the images trained on, the fp16 skips and the clipped share of its steps
+    train_images = len(small_data.train)
+    assert metrics["samples"].tolist() == [train_images] * 2 and metrics["skipped_steps"].tolist() == [0, 0]
+    assert metrics["clip_fraction"].tolist() == [0.0, 0.0]  # a dense run without a clip
+    assert result.summary["trained_images"] == 2 * train_images
     timing = pd.read_csv(result.run.dir / "timing.csv")
     assert timing.columns.tolist() == ["epoch", "train_s", "eval_s", "wall_s"]
+
+
+def test_a_centralized_run_logs_the_share_of_its_steps_the_clip_scaled_down(workspace, small_data):
+    config = CentralizedConfig(**TINY, finetune=FineTuneSpec(max_grad_norm=1e-9))  # every step clipped
+    result = run_centralized(workspace, small_data, config, progress=False)
+    assert result.metrics["clip_fraction"].tolist() == [1.0, 1.0] and result.summary["clip_fraction"] == 1.0
 
 
 def test_hyperparameter_search_runs_never_touch_the_test_set(workspace, small_data):
@@ -232,10 +244,26 @@ def test_train_steps_counts_the_steps_the_loss_scaler_skips_and_each_still_uses_
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     # zero weights: the gradient is [[-500, 0], [500, 0]], so scales of 2^125..2^127 overflow float32
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
-    loss_sum, count, skipped = training.train_steps(model, optimizer, scaler, [batch] * 3, precision="fp32")
-    assert (count, skipped) == (12, 3) and scaler.get_scale() == 2.0**124  # halved once per skip
-    assert loss_sum.item() == pytest.approx(12 * math.log(2), abs=1e-5)  # every batch was used
+    done = training.train_steps(model, optimizer, scaler, [batch] * 3, precision="fp32")
+    assert (done.samples, done.steps, done.skipped) == (12, 3, 3) and scaler.get_scale() == 2.0**124
+    assert done.loss_sum.item() == pytest.approx(12 * math.log(2), abs=1e-5)  # every batch was used
     assert torch.equal(model.weight, torch.zeros(2, 2))
     disabled = torch.amp.GradScaler("cpu", enabled=False)
-    loss_sum, count, skipped = training.train_steps(model, optimizer, disabled, [batch] * 3, precision="fp32")
-    assert (count, skipped) == (12, 0) and model.weight.abs().sum() > 0
+    done = training.train_steps(model, optimizer, disabled, [batch] * 3, precision="fp32")
+    assert (done.samples, done.skipped) == (12, 0) and model.weight.abs().sum() > 0
+
+
+def test_train_steps_counts_the_steps_whose_gradient_the_clip_scaled_down():
+    """SparseSGDM.clipped_steps: a step counts when the trainable gradient's norm exceeds max_grad_norm."""
+    model = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    big = (torch.tensor([[100.0, 0.0]] * 4), torch.zeros(4, dtype=torch.long))  # gradient norm 50 * sqrt(2)
+    small = (torch.tensor([[0.01, 0.0]] * 4), torch.zeros(4, dtype=torch.long))  # norm about 0.007
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = SparseSGDM(model.parameters(), lr=0.0, max_grad_norm=1.0)  # lr 0: the gradients stay the same
+    done = training.train_steps(model, optimizer, scaler, [big, small, big], precision="fp32")
+    assert (done.steps, int(done.clipped)) == (3, 2)
+    done = training.train_steps(model, optimizer, scaler, [small], precision="fp32")
+    assert int(done.clipped) == 0 and int(optimizer.clipped_steps) == 2  # per call: the count since its start
+    unclipped = torch.optim.SGD(model.parameters(), lr=0.0)
+    assert training.train_steps(model, unclipped, scaler, [big], precision="fp32").clipped == 0
