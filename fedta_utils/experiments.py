@@ -111,7 +111,7 @@ def data_splits(ws, data, params: dict) -> None:
 
 
 def central_config(
-    dataset, model, epochs, *, central_batch_size, momentum, warmup_epochs, precision, **params
+    dataset, model, epochs, *, central_batch_size, central_momentum, warmup_epochs, precision, **params
 ) -> CentralizedConfig:
     """The settings every centralized run of notebooks 01 and 04 shares (the batch, momentum, schedule
     length and warm-up), at default lr, weight decay and scheduler."""
@@ -120,7 +120,7 @@ def central_config(
         model=model,
         epochs=epochs,
         batch_size=check_int("central_batch_size", central_batch_size, minimum=1),
-        momentum=momentum,
+        momentum=check_float("central_momentum", central_momentum, 0.0, 1.0, high_open=True),
         warmup_epochs=warmup_epochs,
         precision=precision,
         **evaluation(**params),
@@ -187,6 +187,16 @@ SEARCHED = {
 }
 
 
+# Notebook parameter -> config field of the schedule notebook 01's scheduler comparison ran with: stored
+# with its choice (hparams central_<field>), and notebook 04's centralized sparse baseline must share it.
+CENTRAL_SCHEDULE = {
+    "central_batch_size": "batch_size",
+    "epochs": "epochs",
+    "warmup_epochs": "warmup_epochs",
+    "central_momentum": "momentum",
+}
+
+
 def seed_means(results: list[RunResult], fields: list[str]) -> list[dict]:
     """Per value of the config `fields` (lr among them): those fields and `val`, the final validation
     accuracy averaged over seeds; best first: the highest `val`, the lower lr on a tie."""
@@ -210,11 +220,14 @@ def run_search(runner, ws, data, experiment: str, *, configs: list, params: dict
         return run_scheduler_search(ws, results, params)
     searched = SEARCHED[regime]
     top = seed_means(results, list(searched.values()))[0]
+    warn_at_edge([c.lr for c in configs], top["lr"])
     params = with_choice(params, top, regime)
     record = {f"{regime}_search_val_acc": top["val"]}
     for name, field in searched.items():
         record[f"{regime}_search_{field}"] = top[field]
         record[f"{regime}_{field}"] = params[name]
+    if regime == "central":  # the schedule notebook 04's centralized sparse baseline must share
+        record.update({f"central_{field}": getattr(configs[0], field) for field in CENTRAL_SCHEDULE.values()})
     ws.save_hparams(record)
     print("chosen on validation, and used:", record)
     return params
@@ -229,10 +242,21 @@ def run_scheduler_search(ws, results: list[RunResult], params: dict) -> dict:
         if row["scheduler"] in chosen:
             continue  # the first row of a scheduler is its best
         chosen[row["scheduler"]] = {"lr": row["lr"], "weight_decay": row["weight_decay"]}
+        grid = [r.run.config["lr"] for r in results if r.run.config["scheduler"] == row["scheduler"]]
+        warn_at_edge(grid, row["lr"])
         record[row["scheduler"]] = {**chosen[row["scheduler"]], "val_acc": row["val"]}
     ws.save_hparams({"scheduler_search": record})
     print("chosen on validation, per scheduler:", record)
     return {**params, "scheduler_hparams": chosen}
+
+
+def warn_at_edge(grid: list[float], lr: float) -> None:
+    """Say so when a search chose the smallest or largest lr of its grid: a wider grid may do better."""
+    lrs = sorted(set(grid))
+    if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
+        print(
+            f"note: the chosen lr {lr:g} is at the edge of the grid {lrs}; a wider grid may find a better one"
+        )
 
 
 def with_choice(params: dict, chosen, regime: str) -> dict:
@@ -485,11 +509,11 @@ def sparse_central_configs(
 
 
 def sparse_central_search_configs(
-    sparse_search_lrs, search_epochs, *, search_seed: int = 0, **params
+    sparse_central_search_lrs, search_epochs, *, search_seed: int = 0, **params
 ) -> list[CentralizedConfig]:
     """Notebook 04: the centralized sparse baseline's lr under the frozen head, judged on validation:
-    its run (the default setting) at each of `sparse_search_lrs`, `search_epochs` long, one seed."""
-    lrs = check_float_list("sparse_search_lrs", sparse_search_lrs, 0.0, None, low_open=True)
+    its run (the default setting) at each of `sparse_central_search_lrs`, `search_epochs` long, one seed."""
+    lrs = check_float_list("sparse_central_search_lrs", sparse_central_search_lrs, 0.0, None, low_open=True)
     epochs = check_int("search_epochs", search_epochs, minimum=1)
     seed = check_int("search_seed", search_seed, minimum=0)
     set_lr = params.get("sparse_central_lr")

@@ -39,6 +39,7 @@ from .training import (
     RunResult,
     TrainingRun,
     check_run_fields,
+    clip_count,
     eval_steps,
     identity,
     load_flat,
@@ -176,7 +177,7 @@ class ClientUpdate:
     loss_sum: float  # summed per-sample training loss
     steps: int  # J optimizer steps
     skipped_steps: int  # steps the fp16 loss scaler skipped
-    clipped_steps: int  # steps whose gradient the clip (finetune.max_grad_norm) scaled down
+    clipped_steps: float  # steps whose gradient the clip (finetune.max_grad_norm) scaled down; NaN: no clip
     scaler_state: dict  # the loss scaler's state after the last step ({} when disabled)
 
 
@@ -201,7 +202,7 @@ def client_update(model, params, global_weights, batches, *, optimizer, precisio
         loss_sum=done.loss_sum.item(),
         steps=done.steps,
         skipped_steps=done.skipped,
-        clipped_steps=int(done.clipped),
+        clipped_steps=clip_count(done),
         scaler_state=scaler.state_dict(),
     )
 

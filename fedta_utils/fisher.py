@@ -99,14 +99,14 @@ def fisher_sums(
     )
 
 
-def fisher_sums_loop(*args, **options) -> Sums:
-    """`fisher_sums` by one forward and backward per sample: the slow, plain reference (same arguments)."""
-    return _fisher_sums(*args, add_squares=_add_squares_loop, **options)
+def fisher_sums_loop(model, batches, label_mode="sampled", param_names=None, **options) -> Sums:
+    """`fisher_sums` by one forward and backward per sample: the slow, plain reference (same options)."""
+    return _fisher_sums(model, batches, label_mode, param_names, add_squares=_add_squares_loop, **options)
 
 
-def fisher_scores(*args, **options) -> Tensors:
-    """Diagonal Fisher: `fisher_sums` (same arguments) divided by the sample count."""
-    sums, n = fisher_sums(*args, **options)
+def fisher_scores(model, batches, label_mode="sampled", param_names=None, **options) -> Tensors:
+    """Diagonal Fisher: `fisher_sums` (same options) divided by the sample count."""
+    sums, n = fisher_sums(model, batches, label_mode, param_names, **options)
     if n == 0:
         raise ConfigError("batches holds no samples; the Fisher needs at least one")
     return {name: total / n for name, total in sums.items()}

@@ -85,7 +85,8 @@ class SparseSGDM(torch.optim.SGD):
     Under GradScaler, step() sees the unscaled gradients (and none with inf/NaN: the scaler skips the
     step); without it, as with clip_grad_norm_, one non-finite trainable gradient makes every update
     non-finite. Clipping needs dense gradients. `clipped_steps` counts the steps whose gradient
-    norm exceeded max_grad_norm (so the clip scaled it down), as a tensor on the gradients' device.
+    norm exceeded max_grad_norm (so the clip scaled it down), as a tensor on the gradients' device;
+    None without a clip.
     """
 
     def __init__(
@@ -121,7 +122,8 @@ class SparseSGDM(torch.optim.SGD):
             maximize=maximize,
             foreach=foreach,
         )
-        self.clipped_steps = torch.zeros((), dtype=torch.long)  # see _clip_trainable_gradients
+        # Steps whose gradient the clip scaled down (None: no clip), see _clip_trainable_gradients.
+        self.clipped_steps = None if max_grad_norm is None else torch.zeros((), dtype=torch.long)
         flat = [p for group in self.param_groups for p in group["params"]]
         for p, m in zip(flat, _checked_masks(masks, flat)):
             if m is not None:

@@ -11,7 +11,7 @@ table function raises NoResults when its experiment has no complete run.
 Model selection, the one rule of the study: a configuration's score is its validation accuracy at
 the final round or epoch (summary key final_val_acc), averaged over seeds. The best configuration
 (learning rate and weight decay, scheduler, sparse setting, mask rule) is the one with the highest
-score, the first in table order on a tie (e.g. the smaller learning rate), and what is reported for
+score, on a tie the smaller learning rate, then the first in table order, and what is reported for
 it is its test accuracy (final_test_acc, mean +- std over seeds): the test set never chooses.
 Tables that compare configurations keep every configuration's test accuracy and mark the chosen one
 (column `chosen`).
@@ -194,12 +194,15 @@ def mean_std(runs: pd.DataFrame, keys: list[str], extra=()) -> pd.DataFrame:
 
 def choose(table: pd.DataFrame, within=(), among=None) -> pd.DataFrame:
     """`table` with a column `chosen`: per group of `within`, the row of highest `val` among the rows
-    where `among` is true (all by default), the first on a tie. The rule of the module docstring."""
+    where `among` is true (all by default); on a tie the lower lr (where the table has an lr column),
+    then the first in table order. The rule of the module docstring, the one the searches choose by
+    (experiments.seed_means)."""
     candidates = table if among is None else table[among]
-    scored = candidates.dropna(subset=["val"])
-    best = scored["val"].nlargest(1).index  # keep="first": the first on a tie
-    if within:
-        best = scored.groupby(list(within), sort=False)["val"].idxmax()
+    ranked = candidates.dropna(subset=["val"])
+    if "lr" in ranked:
+        ranked = ranked.sort_values("lr", kind="stable")
+    ranked = ranked.sort_values("val", ascending=False, kind="stable")  # stable: ties keep the order above
+    best = ranked.drop_duplicates(list(within)).index if within else ranked.index[:1]
     return table.assign(chosen=table.index.isin(best))
 
 
@@ -259,6 +262,8 @@ def first_epoch_at(curve: pd.Series | None, fraction: float) -> float:
     if curve is None:
         return np.nan
     reached = curve >= fraction * curve.iloc[-1]
+    if not reached.any():  # a NaN final value
+        return np.nan
     return reached.idxmax()  # the first True
 
 

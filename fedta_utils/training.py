@@ -8,6 +8,7 @@ resumed run writes the same metrics.csv as an uninterrupted one (bit for bit on 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -79,7 +80,7 @@ class CentralizedConfig:
 def identity(config) -> dict:
     """What names a run of `config` (CentralizedConfig, FedAvgConfig) in the run store: its fields, with
     img_size resolved (None and the native size name the same run) and full_val_curve only where True
-    (a run from before the field existed keeps its name)."""
+    (a run without it is named as if the field did not exist)."""
     values = {
         **asdict(config),
         "img_size": models.input_size(config.model, config.img_size),
@@ -130,13 +131,13 @@ def read_complete(run: Run) -> RunResult:
 class Steps:
     """What train_steps did: the summed per-sample losses (a tensor on the device), the samples, the
     optimizer steps, those the fp16 loss scaler skipped, and those whose gradient the clip scaled down
-    (SparseSGDM.clipped_steps; a tensor on the device, 0 for an optimizer that does not clip)."""
+    (SparseSGDM.clipped_steps; a tensor on the device, None for an optimizer that does not clip)."""
 
     loss_sum: torch.Tensor
     samples: int
     steps: int
     skipped: int
-    clipped: torch.Tensor | int
+    clipped: torch.Tensor | None
 
 
 def train_steps(
@@ -158,7 +159,7 @@ def train_steps(
     samples = 0
     steps = 0
     taken = []
-    clipped_before = getattr(optimizer, "clipped_steps", 0)
+    clipped_before = getattr(optimizer, "clipped_steps", None)
     hook = optimizer.register_step_post_hook(lambda *_: taken.append(1))
     for inputs, labels in batches:
         steps += 1
@@ -173,8 +174,14 @@ def train_steps(
         loss_sum = loss_sum.to(loss.device) + loss.detach().float() * labels.shape[0]
         samples += labels.shape[0]
     hook.remove()
-    clipped = getattr(optimizer, "clipped_steps", 0) - clipped_before
+    clipped = None if clipped_before is None else optimizer.clipped_steps - clipped_before
     return Steps(loss_sum, samples, steps, steps - len(taken), clipped)
+
+
+def clip_count(steps: Steps) -> float:
+    """The steps the clip scaled down, as a number: NaN for an optimizer that does not clip, so that a
+    run without a clip never reads as one whose clip never bound."""
+    return math.nan if steps.clipped is None else int(steps.clipped)
 
 
 @torch.inference_mode()
@@ -235,9 +242,12 @@ def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> d
     )
     trained = [r for r in rows if r.get("samples")]  # none for the step-0 head alone
     summary["trained_images"] = sum(r["samples"] for r in trained)
-    if trained:  # per image: exact for FedAvg's equal rounds, centrally up to each epoch's smaller last batch
-        clipped = sum(r["clip_fraction"] * r["samples"] for r in trained)
-        summary["clip_fraction"] = clipped / summary["trained_images"]
+    clipping = [r for r in trained if not math.isnan(r["clip_fraction"])]  # none for a run without a clip
+    if (
+        clipping
+    ):  # per image: exact for FedAvg's equal rounds, centrally up to each epoch's smaller last batch
+        clipped = sum(r["clip_fraction"] * r["samples"] for r in clipping)
+        summary["clip_fraction"] = clipped / sum(r["samples"] for r in clipping)
     return summary
 
 
@@ -579,7 +589,7 @@ class CentralizedRun(TrainingRun):
         self.carry["samples"] += done.samples
         self.carry["steps"] += done.steps
         self.carry["skipped"] += done.skipped
-        self.carry["clipped"] += int(done.clipped)
+        self.carry["clipped"] += clip_count(done)
 
     def log_row(self, step: int) -> None:
         """Evaluates and logs the row after `step` (the full splits at the last step, else subsets)."""

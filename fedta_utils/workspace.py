@@ -246,8 +246,9 @@ class Workspace:
         """Every value stored so far ({} before the first search)."""
         return read_json(self.hparams_path)
 
-    def chosen(self, name: str) -> float | str:
-        """The value of parameter `name` (a key of CHOSEN) that an earlier notebook chose on validation."""
+    def chosen(self, name: str, scheduler: str | None = None) -> float | str:
+        """The value of parameter `name` (a key of CHOSEN) that an earlier notebook chose on validation;
+        central_weight_decay: the one notebook 01 chose for `scheduler` (None: for its best scheduler)."""
         stored, source = CHOSEN[name]
         if stored not in (values := self.load_hparams()):
             raise ConfigError(
@@ -255,6 +256,9 @@ class Workspace:
                 f"stores after its search: run notebook {source} first with the same "
                 f"results_dir and profile, or set {name} in the parameters cell"
             )
+        per_scheduler = values.get("scheduler_search", {})
+        if name == "central_weight_decay" and scheduler in per_scheduler:
+            return per_scheduler[scheduler]["weight_decay"]
         return values[stored]
 
 
@@ -326,6 +330,7 @@ def setup_notebook(key: str, namespace: dict, device: str = "auto"):
     # Every grid the notebook runs, before anything loads or waits (a chosen value not read yet: a stand-in).
     grids = experiments.check_notebook(key, params)
     read_chosen(ws, key, params, wait=worker is not None)
+    check_central_schedule(ws, key, params)
     data = load_notebook_data(ws, params)
     for grid in grids:  # shards the data cannot make (Nc above its classes), before the first run
         experiments.check_against_data(grid["configs"], data)
@@ -359,7 +364,22 @@ def read_chosen(ws: Workspace, key: str, params: dict, *, wait: bool) -> None:
                 return f"{stored} in hparams.json (notebook {source}'s search, all workers)"
 
             team.wait_for(missing, params.get("wait_limit", 3600))
-        params[name] = ws.chosen(name)
+        params[name] = ws.chosen(name, params.get("central_scheduler"))  # CHOSEN has it first
+
+
+def check_central_schedule(ws: Workspace, key: str, params: dict) -> None:
+    """Notebook 04's centralized sparse baseline runs notebook 01's schedule: each parameter of
+    experiments.CENTRAL_SCHEDULE that notebook `key` declares must equal the value 01 stored with its
+    choice (checked once 01 has stored it)."""
+    stored = ws.load_hparams()
+    for name, field in experiments.CENTRAL_SCHEDULE.items():
+        used = stored.get(f"central_{field}")
+        if key == "01" or name not in params or used is None or params[name] == used:
+            continue
+        raise ConfigError(
+            f"{name}={params[name]!r}, but notebook 01 ran its schedulers with {name}={used!r} "
+            f"({ws.hparams_path}): the centralized sparse baseline shares 01's schedule; set {name}={used!r}"
+        )
 
 
 def load_notebook_data(ws: Workspace, params: dict) -> DataBundle | None:

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from fedta_utils.fedavg import FedAvgConfig, run_fedavg
 from fedta_utils.optim import SCHEDULERS
 from fedta_utils.prepare import FineTuneSpec
 from fedta_utils.training import CentralizedConfig, RunResult, run_centralized
-from fedta_utils.workspace import discover_notebooks, setup_workspace
+from fedta_utils.workspace import check_central_schedule, discover_notebooks, read_chosen, setup_workspace
 
 FL = dict(
     dataset="synthetic",
@@ -597,6 +598,10 @@ def test_notebook_01_stores_the_scheduler_best_on_validation_averaged_over_seeds
     experiments.run(workspace, None, experiments.CENTRALIZED, params)
     stored = workspace.load_hparams()
     assert (stored["central_scheduler"], stored["central_lr"]) == ("constant", 0.03)
+    assert (stored["central_batch_size"], stored["central_epochs"]) == (
+        params["central_batch_size"],
+        params["epochs"],
+    )
     assert (
         workspace.chosen("central_scheduler") == "constant"
         and workspace.chosen("central_weight_decay") == 0.0
@@ -608,7 +613,7 @@ def test_the_centralized_sparse_baseline_takes_its_lr_from_its_own_validation_se
     params.update(central_scheduler="step", central_weight_decay=1e-4, sparse_central_lr=None)
     search_with(monkeypatch, lambda c: 1.0 - abs(c.lr - 0.003))  # 0.003 is best
     searched = experiments.grid_configs(experiments.SPARSE_CENTRAL_LR_SEARCH, params)
-    assert [c.lr for c in searched] == params["sparse_search_lrs"]
+    assert [c.lr for c in searched] == params["sparse_central_search_lrs"]  # its own grid
     assert {(c.scheduler, c.weight_decay, c.seed, c.evaluate_test) for c in searched} == {
         ("step", 1e-4, 0, False)
     }
@@ -620,3 +625,51 @@ def test_the_centralized_sparse_baseline_takes_its_lr_from_its_own_validation_se
     assert {(c.lr, c.scheduler, c.weight_decay) for c in baseline} == {(0.003, "step", 1e-4)}
     assert [c.seed for c in baseline] == params["seeds"]
     assert {c.batch_size for c in baseline} == {params["central_batch_size"]}  # notebook 01's batch, by name
+
+
+def test_notebook_04_takes_the_weight_decay_01_chose_for_the_scheduler_it_uses(workspace):
+    per_scheduler = {
+        "cosine": {"lr": 0.1, "weight_decay": 1e-4},
+        "constant": {"lr": 0.03, "weight_decay": 0.0},
+    }
+    workspace.save_hparams(
+        {"scheduler_search": per_scheduler, "central_scheduler": "constant", "central_weight_decay": 0.0}
+    )
+    params = {"central_scheduler": None, "central_weight_decay": None}
+    read_chosen(workspace, "04", params, wait=False)
+    assert params == {"central_scheduler": "constant", "central_weight_decay": 0.0}
+    params = {"central_scheduler": "cosine", "central_weight_decay": None}  # a scheduler set by hand
+    read_chosen(workspace, "04", params, wait=False)
+    assert params["central_weight_decay"] == 1e-4
+
+
+def test_notebook_04_refuses_a_centralized_schedule_other_than_01s(workspace):
+    check_central_schedule(workspace, "04", {"central_batch_size": 128})  # 01 has not run: nothing to compare
+    workspace.save_hparams({"central_batch_size": 64, "central_epochs": 2, "central_momentum": 0.9})
+    check_central_schedule(workspace, "04", {"central_batch_size": 64, "epochs": 2, "central_momentum": 0.9})
+    with pytest.raises(ConfigError, match="central_batch_size=128, but notebook 01 ran its schedulers with"):
+        check_central_schedule(workspace, "04", {"central_batch_size": 128})
+    with pytest.raises(ConfigError, match="epochs=6, but notebook 01"):
+        check_central_schedule(workspace, "04", {"epochs": 6})
+    check_central_schedule(workspace, "01", {"central_batch_size": 128})  # 01 itself may change it
+
+
+def test_the_searches_and_the_tables_break_a_tie_alike():
+    """On equal validation accuracy: the lower lr, then the first in order (results.choose, seed_means)."""
+    table = pd.DataFrame(
+        {"scheduler": ["cosine", "step", "constant"], "lr": [0.1, 0.1, 0.03], "val": [0.5, 0.4, 0.5]}
+    )
+    assert results.choose(table)["chosen"].tolist() == [False, False, True]
+    base = CentralizedConfig(dataset="synthetic", model="tiny_vit")
+    runs = [finished(replace(base, scheduler=s, lr=lr), v) for s, lr, v in table.itertuples(index=False)]
+    assert experiments.seed_means(runs, ["scheduler", "lr"])[0]["scheduler"] == "constant"
+    same_lr = table.assign(lr=0.1)
+    assert results.choose(same_lr)["chosen"].tolist() == [True, False, False]  # then the first
+
+
+def test_a_search_says_when_its_choice_is_at_the_edge_of_its_grid(capsys):
+    experiments.warn_at_edge([0.03, 0.01, 0.1], 0.1)
+    assert "the chosen lr 0.1 is at the edge of the grid [0.01, 0.03, 0.1]" in capsys.readouterr().out
+    experiments.warn_at_edge([0.03, 0.01, 0.1], 0.03)
+    experiments.warn_at_edge([0.01], 0.01)  # a grid of one lr has no edge to speak of
+    assert capsys.readouterr().out == ""

@@ -29,7 +29,8 @@ def test_centralized_metrics_have_a_row_per_epoch_with_every_split(workspace, sm
     # every row logs the images trained on, the fp16 skips and the clipped share of its steps
     train_images = len(small_data.train)
     assert metrics["samples"].tolist() == [train_images] * 2 and metrics["skipped_steps"].tolist() == [0, 0]
-    assert metrics["clip_fraction"].tolist() == [0.0, 0.0]  # a dense run without a clip
+    assert metrics["clip_fraction"].isna().all()  # a run without a clip: no share, not 0
+    assert "clip_fraction" not in result.summary
     assert result.summary["trained_images"] == 2 * train_images
     timing = pd.read_csv(result.run.dir / "timing.csv")
     assert timing.columns.tolist() == ["epoch", "train_s", "eval_s", "wall_s"]
@@ -266,4 +267,31 @@ def test_train_steps_counts_the_steps_whose_gradient_the_clip_scaled_down():
     done = training.train_steps(model, optimizer, scaler, [small], precision="fp32")
     assert int(done.clipped) == 0 and int(optimizer.clipped_steps) == 2  # per call: the count since its start
     unclipped = torch.optim.SGD(model.parameters(), lr=0.0)
-    assert training.train_steps(model, unclipped, scaler, [big], precision="fp32").clipped == 0
+    assert training.train_steps(model, unclipped, scaler, [big], precision="fp32").clipped is None
+    no_clip = SparseSGDM(model.parameters(), lr=0.0)
+    assert training.train_steps(model, no_clip, scaler, [big], precision="fp32").clipped is None
+
+
+@pytest.mark.parametrize("full_val_curve", [False, True])
+def test_full_val_curve_evaluates_the_whole_validation_split_at_every_point(
+    workspace, small_data, monkeypatch, full_val_curve
+):
+    """Before the last point: the validation split whole with full_val_curve (else its subset), test on
+    its subset; at the last point both whole."""
+    sizes = []
+    real_evaluate = training.evaluate
+
+    def measured(model, image_set, *args, **kwargs):
+        sizes.append(len(image_set))
+        return real_evaluate(model, image_set, *args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", measured)
+    config = CentralizedConfig(**{**TINY, "eval_subset": 100, "full_val_curve": full_val_curve})
+    run_centralized(workspace, small_data, config, progress=False)
+    val, test = len(small_data.val), len(small_data.test)
+    val_subset = len(small_data.eval_subset("val", 100))
+    test_subset = len(small_data.eval_subset("test", 100))
+    assert val_subset < val and test_subset < test
+    first_val = val if full_val_curve else val_subset
+    assert sizes == [first_val, test_subset, val, test]
+    assert ("full_val_curve" in config.to_dict()) == full_val_curve  # a run without it keeps its identity
