@@ -227,12 +227,18 @@ def eval_steps(total: int, points: int) -> list[int]:
     return [-(-k * total // points) for k in range(1, points + 1)]
 
 
+# Row columns that count or locate the row itself: the summary holds their run totals, not the last row's.
+PER_ROW = ("epoch", "round", "clients", "samples", "skipped_steps", "clip_fraction")
+
+
 def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> dict:
-    """summary.json: the final evaluated row's values, the best validation accuracy, wall time, the images
-    trained on (trained_images) and the share of the steps the clip scaled down (clip_fraction)."""
+    """summary.json: the final evaluated row's values, the best validation accuracy, wall time, and over
+    the run: the images trained on (trained_images), the steps the fp16 loss scaler skipped
+    (skipped_steps) and the share of the steps the clip scaled down (clip_fraction, absent without a
+    clip)."""
     evaluated = [r for r in rows if "val_acc" in r]
     best = max(evaluated, key=lambda r: r["val_acc"])
-    summary = {f"final_{k}": v for k, v in evaluated[-1].items() if k not in ("epoch", "round", "clients")}
+    summary = {f"final_{k}": v for k, v in evaluated[-1].items() if k not in PER_ROW}
     summary.update(
         best_val_acc=best["val_acc"],
         best_val_at=best.get("epoch", best.get("round")),
@@ -242,6 +248,7 @@ def summarize(rows: list[dict], timing: list[dict], precision: str, device) -> d
     )
     trained = [r for r in rows if r.get("samples")]  # none for the step-0 head alone
     summary["trained_images"] = sum(r["samples"] for r in trained)
+    summary["skipped_steps"] = sum(r["skipped_steps"] for r in trained)
     clipping = [r for r in trained if not math.isnan(r["clip_fraction"])]  # none for a run without a clip
     if (
         clipping

@@ -129,6 +129,7 @@ EXPERIMENTS = (
     "04_head_only",
     "04_lr_search",
     "04_sparse_fl",
+    "04_central_lr_search",
     "04_sparse_centralized",
     "05_mask_rules",
 )

@@ -286,9 +286,10 @@ def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
     one_value = {
         "lr": chosen["fedavg_lr"],
         "weight_decay": chosen["fedavg_weight_decay"],
-        "central_lr": chosen["central_lr"],
+        "central_scheduler": chosen["central_scheduler"],
         "central_weight_decay": chosen["central_weight_decay"],
         "sparse_search_lrs": [chosen["sparse_lr"]],
+        "sparse_central_search_lrs": [chosen["sparse_central_lr"]],
         "sparsities": [0.9],
         "calibration_rounds_grid": [2],
         "rules": ["least_sensitive", "random"],
