@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from . import models
-from .checks import check_bool, check_choice, check_float, check_int
-from .data import DataBundle, augmentation_generator, numpy_rng
+from .aggregation import MERGE_RULES, make_merge
+from .checks import ConfigError, check_bool, check_choice, check_float, check_int
+from .data import DataBundle, augmentation_generator, make_batch, numpy_rng, torch_generator
+from .fisher import fisher_sums
 from .optim import lr_multiplier
 from .prepare import FineTuneSpec, run_head_cache
 from .runs import Run
@@ -52,6 +54,11 @@ from .training import (
 )
 
 CLIENT_LR_SCHEDULES = ("constant", "cosine")
+ALGORITHMS = (
+    "fedavg",
+    "fedprox",
+    "scaffold",
+)  # what a client adds to its gradients: nothing, mu (w - w_t), c - c_i
 BYTES_PER_ENTRY = 4  # float32 on the wire
 
 
@@ -74,6 +81,13 @@ class FedAvgConfig:
     lr_schedule: str = "constant"  # client lr over rounds: 'constant' | 'cosine'
     server_lr: float = 1.0  # eta_s; 1.0 = plain FedAvg
     server_momentum: float = 0.0  # beta; > 0 = FedAvgM
+    algorithm: str = (
+        "fedavg"  # 'fedavg' | 'fedprox' (Li et al., 2020) | 'scaffold' (Karimireddy et al., 2020)
+    )
+    prox_mu: float = 0.0  # FedProx's mu: clients minimise F_k(w) + mu/2 ||w - w_t||^2
+    merge_rule: str = "mean"  # how the server merges the deltas: 'mean' | 'ties' | 'fisher' (aggregation.py)
+    ties_density: float = 0.2  # TIES: the fraction of each delta's entries kept (largest magnitudes)
+    merge_fisher_samples: int = 32  # Fisher merge: samples per client for its Fisher at its end weights
     sharding: str = "iid"  # 'iid' | 'non_iid' | 'dirichlet'
     classes_per_client: int | None = None  # Nc for sharding='non_iid'
     dirichlet_alpha: float | None = None  # alpha for sharding='dirichlet'
@@ -91,6 +105,13 @@ class FedAvgConfig:
         check_choice("lr_schedule", self.lr_schedule, CLIENT_LR_SCHEDULES)
         check_float("server_lr", self.server_lr, 0.0, None, low_open=True)
         check_float("server_momentum", self.server_momentum, 0.0, 1.0, high_open=True)
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_float("prox_mu", self.prox_mu, 0.0, None)
+        if self.prox_mu > 0 and self.algorithm != "fedprox":
+            raise ConfigError(f"prox_mu={self.prox_mu:g} applies to algorithm='fedprox' only")
+        check_choice("merge_rule", self.merge_rule, MERGE_RULES)
+        check_float("ties_density", self.ties_density, 0.0, 1.0, low_open=True)
+        check_int("merge_fisher_samples", self.merge_fisher_samples, minimum=1)
         check_choice("sharding", self.sharding, SHARDINGS)
         if self.sharding == "non_iid":
             check_int("classes_per_client", self.classes_per_client, minimum=1)
@@ -118,6 +139,10 @@ class FedAvgConfig:
 
     def run_name(self) -> str:
         name = f"{self.sharding_name()}-J{self.local_steps}-T{self.rounds}"
+        if self.algorithm != "fedavg":
+            name += f"-{self.algorithm}" + (f"{self.prox_mu:g}" if self.algorithm == "fedprox" else "")
+        if self.merge_rule != "mean":
+            name += f"-{self.merge_rule}"
         return f"{name}{self.finetune.short_name()}-s{self.seed}"
 
     def shards(self, data: DataBundle) -> list[np.ndarray]:
@@ -133,6 +158,23 @@ class FedAvgConfig:
     def head_cache(self, ws, device=None):
         """Where this config's step-0 head is shared with every run that has the same shards."""
         return run_head_cache(ws, self, device, sharding=self.sharding_name(), num_clients=self.num_clients)
+
+
+SCAFFOLD_STATE_LIMIT = 4e9  # bytes of control variates a run may hold on the host (a free Colab has 12 GB)
+
+
+def check_scaffold_state(entries: int, num_clients: int) -> None:
+    """Refuse a SCAFFOLD run whose control variates (float32, the server's and one per client, over the
+    entries that train) would not fit SCAFFOLD_STATE_LIMIT: the dense ViT-S/16 needs 100 x 22 M entries,
+    8.8 GB; a sparse run (sparsity 0.9) about 0.9 GB."""
+    state_bytes = BYTES_PER_ENTRY * entries * (num_clients + 1)
+    if state_bytes > SCAFFOLD_STATE_LIMIT:
+        raise ConfigError(
+            f"algorithm='scaffold' keeps {state_bytes / 1e9:.1f} GB of control variates "
+            f"({num_clients} clients x {entries:,} trainable entries, float32), more than "
+            f"{SCAFFOLD_STATE_LIMIT / 1e9:g} GB: run it sparse (finetune.mask_rule), where only the "
+            "trainable entries have control variates"
+        )
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:
@@ -299,6 +341,48 @@ class DeltaStats:
         }
 
 
+class ControlVariates:
+    """SCAFFOLD's control variates (Karimireddy et al., ICML 2020, Alg. 1 with option II), over the entries
+    that train: the server's c and each client's c_i, on the host in float32 (a client's zeros until its
+    first round). After client i ran J optimizer steps at lr from w_t to y_i:
+
+        c_i+ = c_i - c + (w_t - y_i) / (J * lr)
+        c   <- c + (1/N) * sum over the round's clients of (c_i+ - c_i),   N = all clients, not the round's
+
+    and its steps used the gradient g - c_i + c (SparseSGDM's corrections). Option II's estimate of the
+    client's mean gradient is exact for plain SGD at a constant lr; with momentum or weight decay it is
+    the mean direction the J steps took, an approximation.
+    """
+
+    def __init__(self, size: int, num_clients: int):
+        self.server = torch.zeros(size)
+        self.clients = {}
+        self.num_clients = num_clients
+        self.round_change = torch.zeros(size)  # sum over the round's clients of c_i+ - c_i
+
+    def correction(self, client: int) -> torch.Tensor:
+        """c - c_i, what client `client` adds to its gradients."""
+        return self.server - self.clients.get(client, torch.zeros_like(self.server))
+
+    def client_done(self, client: int, delta: torch.Tensor, steps_lr: float) -> None:
+        """c_i+ from the client's delta y_i - w_t and J * lr; c waits for the round's end."""
+        old = self.clients.get(client, torch.zeros_like(self.server))
+        new = old - self.server - delta.cpu() / steps_lr
+        self.round_change += new - old
+        self.clients[client] = new
+
+    def round_done(self) -> None:
+        self.server += self.round_change / self.num_clients
+        self.round_change.zero_()
+
+    def state(self) -> dict:
+        return {"server": self.server, "clients": self.clients}
+
+    def restore(self, state: dict) -> None:
+        self.server = state["server"]
+        self.clients = state["clients"]
+
+
 class RoundLog:
     """What a round logs beside the algorithm: it sees each client's update as the client finishes.
 
@@ -374,6 +458,10 @@ class FedAvgRun(TrainingRun):
         moving = moving_entries(self.prepared.trainable_names, self.params, self.prepared.masks)
         self.entries = slice(None) if moving is None else moving  # indexes the flat vectors
         self.entries_sent = len(self.global_weights[self.entries])
+        self.control = None  # SCAFFOLD's state
+        if config.algorithm == "scaffold":
+            check_scaffold_state(self.entries_sent, config.num_clients)
+            self.control = ControlVariates(self.entries_sent, config.num_clients)
         self.eval_rounds = eval_steps(config.rounds, config.eval_points)
 
     def state(self) -> dict:
@@ -383,6 +471,7 @@ class FedAvgRun(TrainingRun):
             "global_weights": self.global_weights[self.entries],
             "server_velocity": velocity,
             "grad_scaler": self.scaler_state,
+            "control_variates": None if self.control is None else self.control.state(),
         }
 
     def restore(self, state: dict) -> None:
@@ -391,6 +480,8 @@ class FedAvgRun(TrainingRun):
             self.velocity[self.entries] = state["server_velocity"].to(self.device)
         # {} from a run that started without fp16 keeps the fresh state
         self.scaler_state = state["grad_scaler"] or self.scaler_state
+        if self.control is not None:
+            self.control.restore(state["control_variates"])
 
     def units(self) -> int:
         return self.config.rounds
@@ -416,15 +507,17 @@ class FedAvgRun(TrainingRun):
         clients = sample_clients(config.seed, round_index, config.num_clients, config.participation)
         lr = self.client_lr(round_index)
         log = RoundLog(len(self.global_weights), self.device)
-        delta_sum = torch.zeros_like(self.global_weights)
-        weight_sum = 0
+        merge = self.new_merge()  # FedAvg: the running sum of n_k d_k (aggregation.MeanMerge)
         for client in clients:
             update = self.client_update(round_index, int(client), lr)
             n_k = len(self.shards[client])  # FedAvg weighs a client by its data size
-            delta_sum.add_(update.delta, alpha=n_k)
-            weight_sum += n_k
+            merge.add(update.delta, n_k, **self.merge_inputs(round_index, int(client)))
             log.saw(update)
-        average_delta = delta_sum / weight_sum
+            if self.control is not None:  # SCAFFOLD: the client's new control variate
+                self.control.client_done(int(client), update.delta[self.entries], config.local_steps * lr)
+        if self.control is not None:
+            self.control.round_done()
+        average_delta = merge.result()
         server_update(
             self.global_weights,
             average_delta,
@@ -448,10 +541,54 @@ class FedAvgRun(TrainingRun):
             self.params,
             self.global_weights,
             self.client_batches(round_index, client),
-            optimizer=self.new_optimizer(lr),
+            optimizer=self.new_optimizer(lr, **self.client_terms(client)),
             precision=self.precision,
             scaler_state=self.scaler_state,
         )
+
+    def new_merge(self):
+        """The round's merge of the client deltas (config.merge_rule; aggregation.py)."""
+        options = {"density": self.config.ties_density} if self.config.merge_rule == "ties" else {}
+        return make_merge(self.config.merge_rule, len(self.global_weights), self.device, **options)
+
+    def merge_inputs(self, round_index: int, client: int) -> dict:
+        """What the merge needs of a client beside its delta: for the Fisher merge, its Fisher."""
+        if self.config.merge_rule != "fisher":
+            return {}
+        return {"fisher": self.client_fisher(round_index, client)}
+
+    def client_fisher(self, round_index: int, client: int) -> torch.Tensor:
+        """The client's diagonal Fisher at its end weights (the model as the client left it), from
+        merge_fisher_samples of its images (labels sampled from the model: the true Fisher), flat like
+        its delta."""
+        config = self.config
+        rng = numpy_rng(config.seed, "merge-fisher", round_index, client)
+        shard = self.shards[client]
+        chosen = rng.choice(shard, size=min(config.merge_fisher_samples, len(shard)), replace=False)
+        index = torch.from_numpy(np.sort(chosen)).to(self.device)
+        batch = make_batch(self.data.train, index, self.img_size)  # no augmentation
+        generator = torch_generator(
+            config.seed, "merge-fisher-labels", round_index, client, device=self.device
+        )
+        names = self.prepared.trainable_names
+        sums, samples = fisher_sums(self.model, [batch], "sampled", names, generator=generator)
+        return read_flat([sums[name] for name in names]) / samples
+
+    def client_terms(self, client: int) -> dict:
+        """What the client's optimizer adds to its gradients (SparseSGDM): FedProx's pull towards w_t,
+        SCAFFOLD's c - c_i; nothing for FedAvg."""
+        if self.config.algorithm == "fedprox":
+            return {"prox_mu": self.config.prox_mu, "anchors": self.per_parameter(self.global_weights)}
+        if self.control is None:
+            return {}
+        correction = torch.zeros_like(self.global_weights)
+        correction[self.entries] = self.control.correction(client).to(self.device)
+        return {"corrections": self.per_parameter(correction)}
+
+    def per_parameter(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector (read_flat's layout) shaped like the trainable parameters."""
+        chunks = flat.split([p.numel() for p in self.params])
+        return [chunk.view_as(p) for chunk, p in zip(chunks, self.params)]
 
     def client_lr(self, round_index: int) -> float:
         """The clients' lr in this round: constant, or cosine over the rounds."""

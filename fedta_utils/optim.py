@@ -87,6 +87,11 @@ class SparseSGDM(torch.optim.SGD):
     non-finite. Clipping needs dense gradients. `clipped_steps` counts the steps whose gradient
     norm exceeded max_grad_norm (so the clip scaled it down), as a tensor on the gradients' device;
     None without a clip.
+
+    Federated clients (fedavg.FedAvgRun): prox_mu with anchors (w_t per parameter) adds FedProx's
+    prox_mu * (w - w_t) to each gradient (Li et al., MLSys 2020); corrections (per parameter) adds
+    SCAFFOLD's c - c_i (Karimireddy et al., ICML 2020). Both enter after the clip, before weight decay
+    and momentum; a frozen entry's direction is still overwritten with 0.
     """
 
     def __init__(
@@ -103,6 +108,9 @@ class SparseSGDM(torch.optim.SGD):
         masks=None,
         fused=None,
         max_grad_norm=None,
+        prox_mu=0.0,
+        anchors=None,
+        corrections=None,
     ):
         if fused:
             raise ValueError("SparseSGDM does not support fused=True; use foreach=True or None instead")
@@ -128,6 +136,10 @@ class SparseSGDM(torch.optim.SGD):
         for p, m in zip(flat, _checked_masks(masks, flat)):
             if m is not None:
                 self.state[p]["mask"] = m
+        # A federated client's terms, aligned with `flat` like the masks (None: not used).
+        self.prox_mu = check_float("prox_mu", prox_mu, 0.0, None)
+        self.anchors = anchors
+        self.corrections = corrections
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As SGD's; the saved masks replace the current ones."""
@@ -151,6 +163,7 @@ class SparseSGDM(torch.optim.SGD):
                 loss = closure()
         if self.max_grad_norm is not None:
             self._clip_trainable_gradients()
+        self._add_client_terms()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -183,6 +196,20 @@ class SparseSGDM(torch.optim.SGD):
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
         return loss
+
+    def _add_client_terms(self) -> None:
+        """FedProx's proximal pull prox_mu * (w - w_t) (anchors: w_t) and SCAFFOLD's correction c - c_i
+        join each gradient after the clip, before weight decay and momentum. With neither, the gradients
+        are left untouched (bit-identical to SGD)."""
+        flat = [p for group in self.param_groups for p in group["params"]]
+        if self.anchors is not None and self.prox_mu > 0:
+            for p, anchor in zip(flat, self.anchors):
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=self.prox_mu)
+        if self.corrections is not None:
+            for p, correction in zip(flat, self.corrections):
+                if p.grad is not None:
+                    p.grad.add_(correction)
 
     def _clip_trainable_gradients(self) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]

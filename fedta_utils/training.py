@@ -429,9 +429,10 @@ class TrainingRun:
         self.timing = checkpoint.timing
         return checkpoint.step
 
-    def new_optimizer(self, lr: float) -> SparseSGDM:
+    def new_optimizer(self, lr: float, **client_terms) -> SparseSGDM:
         """SGD with momentum over the trainable parameters at `lr`; masked entries never move, and the
-        gradient is clipped to finetune.max_grad_norm."""
+        gradient is clipped to finetune.max_grad_norm. client_terms: a federated client's prox_mu and
+        anchors (FedProx) or corrections (SCAFFOLD), see SparseSGDM."""
         masks = self.prepared.masks
         aligned = [masks.get(n) for n in self.prepared.trainable_names] if masks else None
         return SparseSGDM(
@@ -441,6 +442,7 @@ class TrainingRun:
             weight_decay=self.config.weight_decay,
             masks=aligned,
             max_grad_norm=self.config.finetune.max_grad_norm,
+            **client_terms,
         )
 
     def evaluate(self, last: bool) -> dict:
