@@ -123,7 +123,14 @@ def test_bad_client_algorithm_settings_are_refused_by_name(bad, message):
 def test_a_killed_scaffold_run_resumes_bit_identically(tmp_path, small_data, monkeypatch):
     from fedta_utils.workspace import setup_workspace
 
-    spec = FineTuneSpec(head="ridge", ridge_lambda=1e-3, mask_rule="least_sensitive", sparsity=0.9)
+    spec = FineTuneSpec(
+        head="ridge",
+        ridge_lambda=1e-3,
+        mask_rule="least_sensitive",
+        sparsity=0.9,
+        calibration_rounds=1,
+        calibration_samples=60,
+    )  # sparse: SCAFFOLD's variates over the trainable entries only
     config = FedAvgConfig(**{**TINY, "rounds": 3, "eval_points": 2}, algorithm="scaffold", finetune=spec)
     reference = run_fedavg(
         setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
@@ -162,7 +169,7 @@ def quadratic_clients(seed: int = 0):
 
 
 def federated_fixed_point(
-    algorithm: str, *, prox_mu=0.0, rounds=3000, local_steps=5, lr=0.02
+    algorithm: str, *, prox_mu=0.0, rounds=300, local_steps=5, lr=0.02
 ) -> torch.Tensor:
     """Full participation, equal weights, plain SGD clients (the package's SparseSGDM with its client terms,
     the package's ControlVariates and server_update); the global weights after `rounds` rounds."""
