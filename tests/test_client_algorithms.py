@@ -168,9 +168,7 @@ def quadratic_clients(seed: int = 0):
     return matrices, targets, minimiser
 
 
-def federated_fixed_point(
-    algorithm: str, *, prox_mu=0.0, rounds=300, local_steps=5, lr=0.02
-) -> torch.Tensor:
+def federated_fixed_point(algorithm: str, *, prox_mu=0.0, rounds=300, local_steps=5, lr=0.02) -> torch.Tensor:
     """Full participation, equal weights, plain SGD clients (the package's SparseSGDM with its client terms,
     the package's ControlVariates and server_update); the global weights after `rounds` rounds."""
     matrices, targets, _ = quadratic_clients()
