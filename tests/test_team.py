@@ -309,8 +309,9 @@ def test_workers_2_end_with_the_single_process_results(smoke_results, tmp_path):
     assert finals == ["04_sparse_fl.ipynb", "05_mask_rules.ipynb"]  # the final pass
     made = run_metrics(results)
     # 04: two heads (iid, Nc=5), the search, 3 runs per sharding (trained head, dense and sparse under
-    # the frozen head), the centralized baseline; 05: 2 rules x 2 shardings, least-sensitive being 04's runs
-    assert len(made) == (2 + 1 + 2 * 3 + 1) + 2
+    # the frozen head), the centralized baseline's search (one lr) and the baseline; 05: 2 rules x 2
+    # shardings, least-sensitive being 04's runs
+    assert len(made) == (2 + 1 + 2 * 3 + 1 + 1) + 2
     assert same_as_smoke(made, smoke_results)
     assert set(attempts(results).values()) == {1}  # trained once each: the final pass read them back
 
