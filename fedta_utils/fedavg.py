@@ -109,6 +109,12 @@ class FedAvgConfig:
         check_float("prox_mu", self.prox_mu, 0.0, None)
         if self.prox_mu > 0 and self.algorithm != "fedprox":
             raise ConfigError(f"prox_mu={self.prox_mu:g} applies to algorithm='fedprox' only")
+        if self.algorithm == "scaffold" and self.momentum > 0:
+            raise ConfigError(
+                f"algorithm='scaffold' with momentum={self.momentum:g}: SCAFFOLD's control variate "
+                "(option II) assumes plain SGD steps, and with momentum its error grows from round to "
+                "round; set momentum=0"
+            )
         check_choice("merge_rule", self.merge_rule, MERGE_RULES)
         check_float("ties_density", self.ties_density, 0.0, 1.0, low_open=True)
         check_int("merge_fisher_samples", self.merge_fisher_samples, minimum=1)
@@ -130,6 +136,17 @@ class FedAvgConfig:
             values.pop("classes_per_client")
         if self.sharding != "dirichlet":
             values.pop("dirichlet_alpha")
+        # A field that does not apply is left out, so plain FedAvg keeps the identity it had before them.
+        unused = {
+            "algorithm": self.algorithm == "fedavg",
+            "prox_mu": self.algorithm != "fedprox",
+            "merge_rule": self.merge_rule == "mean",
+            "ties_density": self.merge_rule != "ties",
+            "merge_fisher_samples": self.merge_rule != "fisher",
+        }
+        for name, drop in unused.items():
+            if drop:
+                values.pop(name)
         return values
 
     def sharding_name(self) -> str:
@@ -287,7 +304,7 @@ class DeltaStats:
     """Drift and interference of one round's client deltas, accumulated as clients finish.
 
         mean_client_delta_norm   mean_k ||d_k||
-        avg_delta_norm           || sum_k (n_k / n) d_k ||   (plain FedAvg's step before eta_s)
+        avg_delta_norm           || the merged step ||   (FedAvg: sum_k (n_k / n) d_k; before eta_s)
         mean_pairwise_cosine     mean over k != l of cos(d_k, d_l)
         sign_conflict_fraction   among entries some client moved, the share moved both ways
         sign_agreement           among moved entries, mean |sum_k sign(d_k)| / movers: 1 when all
@@ -350,8 +367,9 @@ class ControlVariates:
         c   <- c + (1/N) * sum over the round's clients of (c_i+ - c_i),   N = all clients, not the round's
 
     and its steps used the gradient g - c_i + c (SparseSGDM's corrections). Option II's estimate of the
-    client's mean gradient is exact for plain SGD at a constant lr; with momentum or weight decay it is
-    the mean direction the J steps took, an approximation.
+    client's mean gradient is exact for plain SGD at a constant lr: a SCAFFOLD run needs momentum 0
+    (with momentum 0.9 the J steps move about twice as far as J * lr assumes, and the variates'
+    error grows every round); with weight decay the estimate includes its pull.
     """
 
     def __init__(self, size: int, num_clients: int):
@@ -365,7 +383,10 @@ class ControlVariates:
         return self.server - self.clients.get(client, torch.zeros_like(self.server))
 
     def client_done(self, client: int, delta: torch.Tensor, steps_lr: float) -> None:
-        """c_i+ from the client's delta y_i - w_t and J * lr; c waits for the round's end."""
+        """c_i+ from the client's delta y_i - w_t and J * lr (J: the steps taken; none: c_i stays); c
+        waits for the round's end."""
+        if steps_lr == 0:
+            return
         old = self.clients.get(client, torch.zeros_like(self.server))
         new = old - self.server - delta.cpu() / steps_lr
         self.round_change += new - old
@@ -379,8 +400,9 @@ class ControlVariates:
         return {"server": self.server, "clients": self.clients}
 
     def restore(self, state: dict) -> None:
-        self.server = state["server"]
-        self.clients = state["clients"]
+        """From state(), back on the host (a checkpoint is loaded onto the run's device)."""
+        self.server = state["server"].cpu()
+        self.clients = {client: c_i.cpu() for client, c_i in state["clients"].items()}
 
 
 class RoundLog:
@@ -465,7 +487,8 @@ class FedAvgRun(TrainingRun):
         self.eval_rounds = eval_steps(config.rounds, config.eval_points)
 
     def state(self) -> dict:
-        """What a resume needs: w_t and the server velocity (their changing entries), the scaler state."""
+        """What a resume needs: w_t and the server velocity (their changing entries), the scaler state,
+        SCAFFOLD's control variates."""
         velocity = None if self.velocity is None else self.velocity[self.entries]
         return {
             "global_weights": self.global_weights[self.entries],
@@ -511,13 +534,15 @@ class FedAvgRun(TrainingRun):
         for client in clients:
             update = self.client_update(round_index, int(client), lr)
             n_k = len(self.shards[client])  # FedAvg weighs a client by its data size
-            merge.add(update.delta, n_k, **self.merge_inputs(round_index, int(client)))
+            merge.add(update.delta[self.entries], n_k, **self.merge_inputs(round_index, int(client)))
             log.saw(update)
             if self.control is not None:  # SCAFFOLD: the client's new control variate
-                self.control.client_done(int(client), update.delta[self.entries], config.local_steps * lr)
+                taken = update.steps - update.skipped_steps  # a step the fp16 scaler skipped did not move y_i
+                self.control.client_done(int(client), update.delta[self.entries], taken * lr)
         if self.control is not None:
             self.control.round_done()
-        average_delta = merge.result()
+        average_delta = torch.zeros_like(self.global_weights)
+        average_delta[self.entries] = merge.result()  # merged over the entries that train
         server_update(
             self.global_weights,
             average_delta,
@@ -549,13 +574,13 @@ class FedAvgRun(TrainingRun):
     def new_merge(self):
         """The round's merge of the client deltas (config.merge_rule; aggregation.py)."""
         options = {"density": self.config.ties_density} if self.config.merge_rule == "ties" else {}
-        return make_merge(self.config.merge_rule, len(self.global_weights), self.device, **options)
+        return make_merge(self.config.merge_rule, self.entries_sent, self.device, **options)
 
     def merge_inputs(self, round_index: int, client: int) -> dict:
         """What the merge needs of a client beside its delta: for the Fisher merge, its Fisher."""
         if self.config.merge_rule != "fisher":
             return {}
-        return {"fisher": self.client_fisher(round_index, client)}
+        return {"fisher": self.client_fisher(round_index, client)[self.entries]}
 
     def client_fisher(self, round_index: int, client: int) -> torch.Tensor:
         """The client's diagonal Fisher at its end weights (the model as the client left it), from
