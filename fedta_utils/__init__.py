@@ -12,7 +12,8 @@ One small package that the numbered notebooks import. Modules by concept, in imp
     masks         mask rules, TaLoS multi-round calibration, mask statistics and storage
     prepare       steps 0 and 1 of sparse fine-tuning: the federated ridge head and the federated mask
     training      training and evaluation steps, the centralized run
-    fedavg        FedAvg / FedAvgM: client update, server update, rounds, drift statistics
+    aggregation   the server's merge rules for the round's deltas: mean, TIES, Fisher-weighted
+    fedavg        FedAvg / FedAvgM, FedProx and SCAFFOLD clients: client update, server update, rounds
     workspace     profiles, results folder, device, data, tuned values; setup_notebook
     experiments   the grids each notebook runs
     results       run loaders, statistics over seeds, the selection rule, one function per table
