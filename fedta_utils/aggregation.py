@@ -96,9 +96,11 @@ class TiesMerge:
 
 
 class FisherMerge:
-    """Fisher-weighted averaging (Matena and Raffel, NeurIPS 2022), weighted by n_k:
+    """Fisher-weighted averaging (Matena and Raffel, NeurIPS 2022), weighted by n_k / n:
 
-        result = sum_k n_k F_k d_k / (sum_k n_k F_k + eps)
+        result = sum_k (n_k / n) F_k d_k / (sum_k (n_k / n) F_k + eps),   n = sum_k n_k
+
+    so eps is measured against a mean Fisher, whatever the shard sizes.
 
     F_k: client k's diagonal Fisher, flat like d_k and >= 0 (`fisher`). An entry that a client's
     Fisher does not weigh is not moved by that client; equal Fishers give FedAvg's mean.
@@ -111,13 +113,16 @@ class FisherMerge:
         zeros = torch.zeros(size, device=device)
         self.weighted_sum = zeros.clone()
         self.fisher_sum = zeros
+        self.total_weight = 0.0
 
     def add(self, delta: torch.Tensor, n_k: float, fisher: torch.Tensor):
         self.weighted_sum.addcmul_(fisher, delta, value=n_k)
         self.fisher_sum.add_(fisher, alpha=n_k)
+        self.total_weight += n_k
 
     def result(self):
-        return self.weighted_sum / (self.fisher_sum + self.eps)
+        # Dividing both sums by n gives the n_k / n form above.
+        return self.weighted_sum / (self.fisher_sum + self.eps * self.total_weight)
 
 
 def make_merge(rule: str, size: int, device, **options):

@@ -284,8 +284,9 @@ def entry_counts(model: str, img_size: int | None, eligible: str) -> dict:
 
 def checkpoint_bytes(config) -> int:
     """The fp32 bytes of one checkpoint of `config`, plus CHECKPOINT_OVERHEAD: a FedAvg run stores w_t
-    (and the server velocity under FedAvgM), a centralized run its weights and momentum buffers; a sparse
-    run only their entries its mask lets change, a dense one its whole model."""
+    (and the server velocity under FedAvgM, SCAFFOLD's control variates), a centralized run its weights
+    and momentum buffers; a sparse run only their entries its mask lets change, a dense one its whole
+    model."""
     spec = config.finetune
     counts = entry_counts(config.model, config.img_size, spec.eligible)
     trainable = counts["all"] - (0 if spec.head == "train" else counts["head"])
@@ -293,6 +294,8 @@ def checkpoint_bytes(config) -> int:
     moving = trainable - frozen_by_mask
     if isinstance(config, FedAvgConfig):
         vectors = 2 if config.server_momentum > 0 else 1
+        if config.algorithm == "scaffold":  # the server's control variate and one per client
+            vectors += 1 + config.num_clients
         return CHECKPOINT_OVERHEAD + 4 * vectors * moving
     buffers = moving if config.momentum > 0 else 0
     weights = moving if spec.is_sparse else counts["all"]  # a dense run stores its whole model

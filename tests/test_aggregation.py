@@ -153,3 +153,17 @@ def test_fisher_eps_must_be_positive():
 def test_unknown_rule_is_refused_naming_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"merge_rule='median'.*\['mean', 'ties', 'fisher'\]"):
         make_merge("median", 8, "cpu")
+
+
+def test_fisher_merge_does_not_depend_on_the_scale_of_the_shard_sizes():
+    """eps is measured against the n_k / n-weighted Fisher: scaling every n_k leaves the step alone."""
+    generator = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(5, generator=generator) for _ in range(3)]
+    fishers = [torch.rand(5, generator=generator) * 1e-8 for _ in range(3)]  # about eps
+    steps = []
+    for scale in (1.0, 1000.0):
+        merge = FisherMerge(5, "cpu")
+        for delta, fisher, n_k in zip(deltas, fishers, (1.0, 2.0, 3.0)):
+            merge.add(delta, n_k * scale, fisher=fisher)
+        steps.append(merge.result())
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-5, atol=0.0)

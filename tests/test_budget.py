@@ -204,3 +204,15 @@ def test_the_sweeps_always_hold_the_default_setting():
     settings = experiments.sparse_settings([0.5, 0.7], [1, 2], 0.9, 4)
     assert settings == [(0.5, 4), (0.7, 4), (0.9, 1), (0.9, 2), (0.9, 4)]
     assert experiments.sparse_settings([0.5, 0.9], [1, 4], 0.9, 4) == [(0.5, 4), (0.9, 4), (0.9, 1)]
+
+
+def test_a_scaffold_checkpoint_counts_its_control_variates():
+    from dataclasses import replace
+
+    from fedta_utils.fedavg import FedAvgConfig
+
+    plain = FedAvgConfig(dataset="synthetic", model="tiny_vit", img_size=32, num_clients=10, momentum=0.0)
+    scaffold = replace(plain, algorithm="scaffold")
+    counts = pipeline.entry_counts("tiny_vit", 32, "backbone")
+    moving = counts["all"]  # a dense run with a trained head moves every entry
+    assert pipeline.checkpoint_bytes(scaffold) - pipeline.checkpoint_bytes(plain) == 4 * moving * (1 + 10)
