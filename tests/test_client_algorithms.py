@@ -53,10 +53,8 @@ def test_fedprox_with_mu_zero_is_fedavg_bit_for_bit(workspace, small_data):
 
 def test_scaffolds_first_round_is_fedavgs(workspace, small_data):
     """Zero control variates and the same aggregation weights: round 1 of SCAFFOLD is round 1 of FedAvg."""
-    plain = weights_after_round(workspace, small_data, FedAvgConfig(**TINY, momentum=0.0))
-    scaffold = weights_after_round(
-        workspace, small_data, FedAvgConfig(**TINY, algorithm="scaffold", momentum=0.0)
-    )
+    plain = weights_after_round(workspace, small_data, FedAvgConfig(**TINY))
+    scaffold = weights_after_round(workspace, small_data, FedAvgConfig(**TINY, algorithm="scaffold"))
     assert torch.equal(plain, scaffold)
 
 
@@ -119,7 +117,6 @@ def test_a_dense_scaffold_run_too_large_for_the_host_is_refused_before_training(
         ),
         ({"algorithm": "fedprox", "prox_mu": -0.1}, "prox_mu=-0.1 is out of range; it must be in [0, inf)"),
         ({"prox_mu": 0.1}, "prox_mu=0.1 applies to algorithm='fedprox' only"),
-        ({"algorithm": "scaffold"}, "algorithm='scaffold' with momentum=0.9: SCAFFOLD's control variate"),
     ],
 )
 def test_bad_client_algorithm_settings_are_refused_by_name(bad, message):
@@ -177,9 +174,19 @@ def quadratic_clients(seed: int = 0):
     return matrices, targets, minimiser
 
 
-def federated_fixed_point(algorithm: str, *, prox_mu=0.0, rounds=300, local_steps=5, lr=0.02) -> torch.Tensor:
-    """Full participation, equal weights, plain SGD clients (the package's SparseSGDM with its client terms,
-    the package's ControlVariates and server_update); the global weights after `rounds` rounds."""
+def federated_fixed_point(
+    algorithm: str,
+    *,
+    prox_mu=0.0,
+    momentum=0.0,
+    steps=fedavg.effective_steps,
+    rounds=300,
+    local_steps=5,
+    lr=0.02,
+) -> torch.Tensor:
+    """Full participation, equal weights, SGD clients (the package's SparseSGDM with its client terms, the
+    package's ControlVariates, `steps` (J, momentum) -> S of c_i+, and server_update); the global weights
+    after `rounds` rounds."""
     matrices, targets, _ = quadratic_clients()
     global_weights = torch.zeros(3, dtype=torch.float64)
     control = ControlVariates(3, len(matrices))
@@ -192,7 +199,7 @@ def federated_fixed_point(algorithm: str, *, prox_mu=0.0, rounds=300, local_step
             terms = {"prox_mu": prox_mu, "anchors": [global_weights]} if algorithm == "fedprox" else {}
             if algorithm == "scaffold":
                 terms = {"corrections": [control.correction(k).to(torch.float64)]}
-            optimizer = SparseSGDM([w], lr=lr, **terms)
+            optimizer = SparseSGDM([w], lr=lr, momentum=momentum, **terms)
             for _ in range(local_steps):
                 optimizer.zero_grad()
                 (0.5 * (a @ w - b).square().sum()).backward()
@@ -200,7 +207,7 @@ def federated_fixed_point(algorithm: str, *, prox_mu=0.0, rounds=300, local_step
             delta = w.detach() - global_weights
             delta_sum += delta
             if algorithm == "scaffold":
-                control.client_done(k, delta, steps_lr=local_steps * lr)
+                control.client_done(k, delta, steps_lr=steps(local_steps, momentum) * lr)
         control.round_done()
         server_update(global_weights, delta_sum / len(matrices))
     return global_weights
@@ -222,6 +229,17 @@ def test_scaffold_reaches_the_global_minimiser_where_fedavg_drifts_and_fedprox_m
     assert distance["fedavg"] > 1e-2  # several local steps on different optima: a biased fixed point
     assert distance["scaffold"] < 1e-8  # corrected: the global minimiser, up to float64 round-off
     assert distance["fedavg"] > distance["fedprox 1"] > distance["fedprox 10"]  # mu pulls it towards it
+
+
+def test_scaffold_with_client_momentum_reaches_the_minimiser_when_its_variates_count_effective_steps():
+    """With momentum 0.9, J steps move effective_steps(J, 0.9) = 2.3 J times lr * g (J = 5): option II's
+    J * lr makes the variates diverge, the effective steps keep SCAFFOLD exact."""
+    _, _, minimiser = quadratic_clients()
+    counted = federated_fixed_point("scaffold", momentum=0.9)
+    assert torch.linalg.vector_norm(counted - minimiser) < 1e-8
+    naive = federated_fixed_point("scaffold", momentum=0.9, steps=lambda j, beta: j)
+    assert not torch.linalg.vector_norm(naive - minimiser) < 1.0  # diverged (inf or nan)
+    assert fedavg.effective_steps(4, 0.0) == 4 and fedavg.effective_steps(2, 0.9) == 1 + 1.9
 
 
 # ------------------------------------------------------------------------ the server's merge rules in a run
