@@ -46,7 +46,7 @@ from .training import (
     train_or_read,
 )
 
-# Experiment folder names under <results_dir>/<profile>/ (read by notebook 06 and the report).
+# Experiment folder names under <results_dir>/<profile>/ (read by notebook 07 and the report).
 LR_SEARCH = "01_lr_search"
 CENTRALIZED = "01_centralized"
 FEDAVG_LR_SEARCH = "02_lr_search"
@@ -58,6 +58,10 @@ SPARSE_CENTRAL_LR_SEARCH = "04_central_lr_search"
 SPARSE_CENTRAL = "04_sparse_centralized"
 HEAD_ONLY = "04_head_only"
 MASK_RULES = "05_mask_rules"
+FEDAVGM_SEARCH = "06_fedavgm_search"
+FEDPROX_SEARCH = "06_fedprox_search"
+TIES_SEARCH = "06_ties_search"
+REMEDIES = "06_remedies"
 RUN_OPTIONS = ("eval_batch_size", "checkpoint_every", "checkpoint_minutes")  # notebook parameters -> runners
 
 
@@ -184,6 +188,9 @@ SEARCHED = {
     "fedavg": {"lr": "lr", "weight_decay": "weight_decay"},
     "sparse": {"sparse_lr": "lr"},
     "sparse_central": {"sparse_central_lr": "lr"},
+    "fedavgm": {"fedavgm_server_lr": "server_lr", "fedavgm_server_momentum": "server_momentum"},
+    "fedprox": {"prox_mu": "prox_mu"},
+    "ties": {"ties_density": "ties_density", "ties_server_lr": "server_lr"},
 }
 
 
@@ -198,11 +205,14 @@ CENTRAL_SCHEDULE = {
 
 
 def seed_means(results: list[RunResult], fields: list[str]) -> list[dict]:
-    """Per value of the config `fields` (lr among them): those fields and `val`, the final validation
-    accuracy averaged over seeds; best first: the highest `val`, the lower lr on a tie."""
+    """Per value of the config `fields`: those fields and `val`, the final validation accuracy averaged
+    over seeds; best first: the highest `val`, on a tie the lower lr (where lr is a field), then the
+    first in grid order."""
     rows = [{**{f: r.run.config[f] for f in fields}, "val": r.summary["final_val_acc"]} for r in results]
     table = pd.DataFrame(rows).groupby(fields, sort=False)["val"].mean().reset_index()
-    table = table.sort_values(["val", "lr"], ascending=[False, True], kind="stable")
+    if "lr" in fields:
+        table = table.sort_values("lr", kind="stable")
+    table = table.sort_values("val", ascending=False, kind="stable")  # stable: ties keep the order above
     return table.to_dict("records")
 
 
@@ -220,7 +230,9 @@ def run_search(runner, ws, data, experiment: str, *, configs: list, params: dict
         return run_scheduler_search(ws, results, params)
     searched = SEARCHED[regime]
     top = seed_means(results, list(searched.values()))[0]
-    warn_at_edge([c.lr for c in configs], top["lr"])
+    edges = [] if regime == "central" else searched.values()  # each scheduler runs at its own lr: no grid
+    for field in edges:
+        warn_at_edge([getattr(c, field) for c in configs], top[field], field)
     params = with_choice(params, top, regime)
     record = {f"{regime}_search_val_acc": top["val"]}
     for name, field in searched.items():
@@ -243,19 +255,20 @@ def run_scheduler_search(ws, results: list[RunResult], params: dict) -> dict:
             continue  # the first row of a scheduler is its best
         chosen[row["scheduler"]] = {"lr": row["lr"], "weight_decay": row["weight_decay"]}
         grid = [r.run.config["lr"] for r in results if r.run.config["scheduler"] == row["scheduler"]]
-        warn_at_edge(grid, row["lr"])
+        warn_at_edge(grid, row["lr"], "lr")
         record[row["scheduler"]] = {**chosen[row["scheduler"]], "val_acc": row["val"]}
     ws.save_hparams({"scheduler_search": record})
     print("chosen on validation, per scheduler:", record)
     return {**params, "scheduler_hparams": chosen}
 
 
-def warn_at_edge(grid: list[float], lr: float) -> None:
-    """Say so when a search chose the smallest or largest lr of its grid: a wider grid may do better."""
-    lrs = sorted(set(grid))
-    if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
+def warn_at_edge(grid: list[float], value: float, name: str) -> None:
+    """Say so when a search chose the smallest or largest `name` of its grid: a wider grid may do better."""
+    values = sorted(set(grid))
+    if len(values) > 1 and value in (values[0], values[-1]):
         print(
-            f"note: the chosen lr {lr:g} is at the edge of the grid {lrs}; a wider grid may find a better one"
+            f"note: the chosen {name} {value:g} is at the edge of the grid {values}; a wider grid may find "
+            "a better one"
         )
 
 
@@ -558,6 +571,111 @@ def mask_rule_configs(
     ]
 
 
+# --------------------------------------------------------------------------- notebook 06
+
+# What each method of notebook 06 changes in FedAvg (the dict remedy_methods returns).
+REMEDY_METHODS = ("fedavg", "fedavgm", "fedprox", "ties", "fisher", "sparse", "scaffold")
+REFERENCE_METHODS = ("fedavg", "sparse")  # the methods that also run on iid shards: notebook 04's runs
+
+
+def remedy_methods(
+    *,
+    local_steps,
+    rounds,
+    sparse_lr,
+    sparsity,
+    calibration_rounds,
+    fedavgm_server_lr,
+    fedavgm_server_momentum,
+    prox_mu,
+    ties_density,
+    ties_server_lr,
+    **params,
+) -> dict[str, FedAvgConfig]:
+    """Notebook 06's methods at 04's rounds and J, before seed and sharding: FedAvg and sparse FedAvg are
+    04's runs (its plain FedAvg, and its default sparse setting at sparse_lr); FedAvgM, FedProx, TIES and
+    the Fisher merge change dense FedAvg; SCAFFOLD runs sparse, where its control variates fit."""
+    fedavg = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
+    spec = finetune_spec(
+        params, mask_rule="least_sensitive", sparsity=sparsity, calibration_rounds=calibration_rounds
+    )
+    sparse = replace(fedavg, lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True), finetune=spec)
+    momentum = check_float("fedavgm_server_momentum", fedavgm_server_momentum, 0.0, 1.0, high_open=True)
+    return {
+        "fedavg": fedavg,
+        "fedavgm": replace(
+            fedavg,
+            server_lr=check_float("fedavgm_server_lr", fedavgm_server_lr, 0.0, None, low_open=True),
+            server_momentum=momentum,
+        ),
+        "fedprox": replace(fedavg, algorithm="fedprox", prox_mu=prox_mu),
+        "scaffold": replace(sparse, algorithm="scaffold"),
+        "sparse": sparse,
+        "ties": replace(
+            fedavg,
+            merge_rule="ties",
+            ties_density=ties_density,
+            server_lr=check_float("ties_server_lr", ties_server_lr, 0.0, None, low_open=True),
+        ),
+        "fisher": replace(fedavg, merge_rule="fisher"),
+    }
+
+
+def remedy_configs(seeds, remedy_classes_per_client, methods, **params) -> list[FedAvgConfig]:
+    """Notebook 06: every method on each non-iid N_c, every seed; on iid shards the reference, FedAvg and
+    sparse FedAvg (REFERENCE_METHODS: 04's runs, read back, not trained again)."""
+    seeds = check_seeds(seeds)
+    grid_nc = check_int_list("remedy_classes_per_client", remedy_classes_per_client, minimum=1)
+    methods = check_choice_list("methods", methods, REMEDY_METHODS)
+    configs = remedy_methods(**params)
+    non_iid = [{"sharding": "non_iid", "classes_per_client": nc} for nc in grid_nc]
+    references = [m for m in methods if m in REFERENCE_METHODS]
+    runs = [(m, {"sharding": "iid"}) for m in references] + [(m, s) for s in non_iid for m in methods]
+    grid = [replace(configs[m], seed=seed, **sharding) for m, sharding in runs for seed in seeds]
+    return list(dict.fromkeys(grid))  # FedAvgM at server lr 1 and momentum 0 is FedAvg: one run
+
+
+def remedy_search_base(
+    remedy_classes_per_client, remedy_search_rounds, local_steps, *, search_seed: int = 0, **params
+) -> FedAvgConfig:
+    """What notebook 06's searches vary: dense FedAvg on the first non-iid N_c, one seed, fewer rounds,
+    judged on validation."""
+    nc = check_int_list("remedy_classes_per_client", remedy_classes_per_client, minimum=1)[0]
+    return replace(
+        fedavg_base(**params),
+        sharding="non_iid",
+        classes_per_client=nc,
+        local_steps=local_steps,
+        rounds=check_int("remedy_search_rounds", remedy_search_rounds, minimum=1),
+        seed=check_int("search_seed", search_seed, minimum=0),
+        evaluate_test=False,
+    )
+
+
+def fedavgm_search_configs(fedavgm_search_server_lrs, fedavgm_search_server_momentums, **params) -> list:
+    """Notebook 06: FedAvgM's server lr x server momentum grid (remedy_search_base)."""
+    lrs = check_float_list("fedavgm_search_server_lrs", fedavgm_search_server_lrs, 0.0, None, low_open=True)
+    name = "fedavgm_search_server_momentums"
+    momentums = check_float_list(name, fedavgm_search_server_momentums, 0.0, 1.0, high_open=True)
+    base = remedy_search_base(**params)
+    return [replace(base, server_lr=lr, server_momentum=beta) for lr in lrs for beta in momentums]
+
+
+def fedprox_search_configs(fedprox_search_mus, **params) -> list:
+    """Notebook 06: FedProx at each mu (remedy_search_base)."""
+    mus = check_float_list("fedprox_search_mus", fedprox_search_mus, 0.0, None)
+    base = remedy_search_base(**params)
+    return [replace(base, algorithm="fedprox", prox_mu=mu) for mu in mus]
+
+
+def ties_search_configs(ties_search_densities, ties_search_server_lrs, **params) -> list:
+    """Notebook 06: TIES's density p x its step lambda, the server lr (remedy_search_base)."""
+    densities = check_float_list("ties_search_densities", ties_search_densities, 0.0, 1.0, low_open=True)
+    lrs = check_float_list("ties_search_server_lrs", ties_search_server_lrs, 0.0, None, low_open=True)
+    base = replace(remedy_search_base(**params), merge_rule="ties")
+    return [replace(base, ties_density=p, server_lr=lr) for p in densities for lr in lrs]
+
+
 # --------------------------------------------------------------------------- running a grid
 
 
@@ -696,6 +814,10 @@ EXPERIMENTS = {
     ),
     SPARSE_CENTRAL: Experiment("centralized sparse", sparse_central_configs, run_centralized),
     MASK_RULES: Experiment("mask rules", mask_rule_configs),
+    FEDAVGM_SEARCH: Experiment("server step search", fedavgm_search_configs, search="fedavgm"),
+    FEDPROX_SEARCH: Experiment("mu search", fedprox_search_configs, search="fedprox"),
+    TIES_SEARCH: Experiment("TIES search", ties_search_configs, search="ties"),
+    REMEDIES: Experiment("remedies", remedy_configs),
 }
 # Notebook -> its experiments, in the order it runs them (pipeline --dry-run counts the same grids).
 NOTEBOOK_EXPERIMENTS = {
@@ -704,6 +826,7 @@ NOTEBOOK_EXPERIMENTS = {
     "03": [HETEROGENEITY],
     "04": [HEAD_ONLY, SPARSE_LR_SEARCH, SPARSE_FL, SPARSE_CENTRAL_LR_SEARCH, SPARSE_CENTRAL],
     "05": [MASK_RULES],
+    "06": [FEDAVGM_SEARCH, FEDPROX_SEARCH, TIES_SEARCH, REMEDIES],
 }
 # What a value chosen by a search stands in for until the search has run (any value costs the same and
 # passes the same checks).
@@ -715,6 +838,11 @@ STAND_INS = {
     "central_weight_decay": 0.0,
     "sparse_lr": 0.01,
     "sparse_central_lr": 0.01,
+    "fedavgm_server_lr": 1.0,
+    "fedavgm_server_momentum": 0.5,
+    "prox_mu": 0.01,
+    "ties_density": 0.2,
+    "ties_server_lr": 1.0,
 }
 
 

@@ -25,6 +25,7 @@ from .experiments import (
     CENTRALIZED,
     HETEROGENEITY,
     MASK_RULES,
+    REMEDIES,
     sweeps,
 )
 from .masks import RULES
@@ -392,3 +393,43 @@ def block_density_figure(root):
         xticks=sorted(density["block"].unique()),
     )
     return fig, 1
+
+
+@_figure(FULL, 0.3, "Remedies for heterogeneity")
+def remedies_figure(root):
+    """Notebook 06: final test accuracy (%) per method, a bar per sharding (iid: the reference); bars: std
+    over seeds."""
+    runs = complete_runs(root, REMEDIES)
+    runs = runs.assign(
+        test_acc=runs["final_test_acc"] * 100,
+        sharding=runs["sharding_label"].map(_pretty),
+        method=runs["method"].str.replace(" (", "\n("),
+    )
+    fig, (ax,) = _axes()
+    sns.barplot(
+        data=runs,
+        x="method",
+        y="test_acc",
+        hue="sharding",
+        errorbar="sd",
+        capsize=0.1,
+        ax=ax,
+        err_kws={"linewidth": 0.8},
+    )
+    ax.set(xlabel="", ylabel="test accuracy (%)")
+    return fig, runs["seed"].nunique()
+
+
+@_figure(FULL, 0.3, "Remedies against rounds")
+def remedy_curves(root):
+    """Notebook 06, per non-iid sharding: test accuracy at the evaluated rounds (the evaluation subset
+    before the last) and the sign-conflict fraction of every round's client deltas, a line per method;
+    bands: std over seeds."""
+    curves = load_curves(root, REMEDIES, ["seed", "method", "sharding_label"])
+    panels = []
+    for label, group in curves[curves["sharding_label"] != "iid"].groupby("sharding_label", sort=False):
+        panels.append((_pretty(label), group, "test_acc", "test accuracy (%)"))
+        panels.append((_pretty(label), group, "sign_conflict_fraction", "sign conflict"))
+    if not panels:
+        raise NoResults(f"no non-iid run of {REMEDIES} under {root}")
+    return _lines(panels, "round", "round", "method")

@@ -39,7 +39,7 @@ import torch
 
 from . import experiments
 from .checks import ConfigError, check_choice
-from .fedavg import FedAvgConfig
+from .fedavg import FedAvgConfig, check_scaffold_state
 from .models import build_model, head_parameter_names
 from .prepare import eligible_names
 from .team import parse_worker, run_work, split_sizes
@@ -295,6 +295,7 @@ def checkpoint_bytes(config) -> int:
     if isinstance(config, FedAvgConfig):
         vectors = 2 if config.server_momentum > 0 else 1
         if config.algorithm == "scaffold":  # the server's control variate and one per client
+            check_scaffold_state(moving, config.num_clients)  # the dry-run refuses what a run would
             vectors += 1 + config.num_clients
         return CHECKPOINT_OVERHEAD + 4 * vectors * moving
     buffers = moving if config.momentum > 0 else 0

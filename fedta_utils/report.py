@@ -33,13 +33,17 @@ from .experiments import (
     CENTRALIZED,
     FEDAVG_IID,
     FEDAVG_LR_SEARCH,
+    FEDAVGM_SEARCH,
+    FEDPROX_SEARCH,
     HEAD_ONLY,
     HETEROGENEITY,
     LR_SEARCH,
     MASK_RULES,
+    REMEDIES,
     SPARSE_CENTRAL,
     SPARSE_FL,
     SPARSE_LR_SEARCH,
+    TIES_SEARCH,
     sweeps,
 )
 from .results import NoResults
@@ -63,6 +67,7 @@ EXPERIMENTS = (
     SPARSE_FL,
     SPARSE_CENTRAL,
     MASK_RULES,
+    REMEDIES,
 )
 NOTICE = (
     r"\fbox{\parbox{0.96\linewidth}{\small\textbf{Not results: a %(profile)s build.} Every number, table and "
@@ -115,6 +120,12 @@ MACROS = {  # every macro of numbers.tex -> the comment written beside it; accur
     "RulesIidBestAcc": "its accuracy, mean +- std",
     "RulesNonIidBestRule": "non-iid: rule chosen on validation",
     "RulesNonIidBestAcc": "its accuracy",
+    "RemedySetting": "notebook 06's runs",
+    "RemedySearches": "its searches",
+    "RemedyChosen": "the values its runs used",
+    "RemedyBest": "per non-iid sharding: the method chosen on validation, its accuracy and gain",
+    "RemedyScaffoldState": "SCAFFOLD's control variates, float32, on the host",
+    "RemedyProvenance": "caption provenance of notebook 06",
 }
 
 
@@ -140,6 +151,11 @@ def number(value) -> str:
 
 def listing(values) -> str:
     return ", ".join(number(v) for v in sorted(set(pd.Series(values).dropna())))
+
+
+def braces(values) -> str:
+    """'\\{0.5, 1\\}': the listing of `values` as a set."""
+    return f"\\{{{listing(values)}\\}}"
 
 
 def integer(value) -> str:
@@ -315,6 +331,23 @@ def _interference_tex(root) -> str:
     return booktabs(frame.rename(index=lambda rule: rule.replace("_", " ")).reset_index())
 
 
+def _remedies_tex(root) -> str:
+    """Per sharding and method: images trained on, the round-mean sign conflict and update efficiency of
+    its client deltas, test accuracy ($^\\star$: the best on validation per sharding), seeds."""
+    t = results.remedy_table(root)
+    return booktabs(
+        {
+            "method": t["method"].map(escape),
+            "sharding": t["sharding_label"].map(sharding_tex),
+            "images (k)": thousands(t["trained_images"]),
+            "conflict (\\%)": t["sign_conflict_fraction"].map(share),
+            "efficiency": t["update_efficiency"].map("{:.2f}".format),
+            "test (\\%)": t.apply(cell, axis=1),
+            "$n$": t["n"],
+        }
+    )
+
+
 # --------------------------------------------------------------------------- macros, one function per section
 
 
@@ -469,6 +502,59 @@ def _rules(root, profile: str) -> dict:
     return values
 
 
+# The values notebook 06's searches choose, per method: config field -> its symbol in the report.
+SEARCHED_SYMBOLS = {
+    "FedAvgM": {"server_lr": r"\eta_s", "server_momentum": r"\beta"},
+    "FedProx": {"prox_mu": r"\mu"},
+    "TIES": {"ties_density": "p", "server_lr": r"\lambda"},
+}
+
+
+def _remedies(root, profile: str) -> dict:
+    """Notebook 06: its setting, its searches and the values its runs used, SCAFFOLD's state, and per
+    non-iid sharding the method validation chooses (_best_remedy)."""
+    table, runs = results.remedy_table(root), results.load_runs(root, REMEDIES)
+    server, prox, ties = (results.load_runs(root, e) for e in (FEDAVGM_SEARCH, FEDPROX_SEARCH, TIES_SEARCH))
+    used_values = [
+        f"{method} "
+        + ", ".join(f"${symbol}{{=}}{number(rows[field].iloc[0])}$" for field, symbol in fields.items())
+        for method, fields in SEARCHED_SYMBOLS.items()
+        if not (rows := runs[runs["method"] == method]).empty
+    ]
+    values = {
+        "RemedySetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds, "
+        f"$N_c \\in {braces(runs['classes_per_client'])}$ and iid shards",
+        "RemedySearches": f"server lr {braces(server['server_lr'])} $\\times$ momentum "
+        f"{braces(server['server_momentum'])} (FedAvgM), $\\mu \\in {braces(prox['prox_mu'])}$ (FedProx), "
+        f"$p \\in {braces(ties['ties_density'])} \\times \\lambda \\in {braces(ties['server_lr'])}$ (TIES), "
+        f"{listing(server['rounds'])} rounds each on "
+        f"{sharding_tex(server['sharding_label'].iloc[0])}, one seed",
+        "RemedyChosen": "; ".join(used_values) or "--",
+        "RemedyBest": ", ".join(
+            _best_remedy(label, group)
+            for label, group in table[table["sharding_label"] != "iid"].groupby("sharding_label", sort=False)
+        ),
+        "RemedyProvenance": provenance(profile, table),
+    }
+    scaffold = runs[runs["method"] == "SCAFFOLD (sparse)"]
+    if len(scaffold):  # float32: the server's variate and one per client
+        state = 4 * scaffold["trainable_entries"].iloc[0] * (scaffold["num_clients"].iloc[0] + 1)
+        values["RemedyScaffoldState"] = f"{state / 1e9:.2f}\\,GB"
+    return values
+
+
+def _best_remedy(label, group: pd.DataFrame) -> str:
+    """'TIES on $N_c{=}1$ (acc; +x points over FedAvgM)': the method validation chooses on one sharding,
+    against FedAvg at its best server step (FedAvg or FedAvgM, whichever validation prefers)."""
+    top = group[group["chosen"]].iloc[0]
+    text = f"{escape(top['method'])} on {sharding_tex(label)} ({percent(top)}"
+    steps = results.choose(group, among=group["method"].isin(["FedAvg", "FedAvgM"]))
+    if steps["chosen"].any():
+        step = steps[steps["chosen"]].iloc[0]
+        text += f"; {(top['mean'] - step['mean']) * 100:+.1f} points over {escape(step['method'])}"
+    return text + ")"
+
+
 # --------------------------------------------------------------------------- writing and building
 
 FIGURES = {
@@ -482,6 +568,8 @@ FIGURES = {
     "mask_rules": figures.mask_rules_figure,
     "mask_overlap": figures.mask_overlap_heatmap,
     "layer_density": figures.block_density_figure,
+    "remedies": figures.remedies_figure,
+    "remedy_curves": figures.remedy_curves,
 }
 TABLES = {
     "shards": _shards_tex,
@@ -490,6 +578,7 @@ TABLES = {
     "sparse": _sparse_tex,
     "mask_rules": _rules_tex,
     "rule_interference": _interference_tex,
+    "remedies": _remedies_tex,
 }
 SECTIONS = (
     _overview,
@@ -502,6 +591,7 @@ SECTIONS = (
     _sparse,
     _sparse_central,
     _rules,
+    _remedies,
 )
 
 
@@ -553,7 +643,7 @@ def _write(path: Path, text: str) -> None:
 def numbers_tex(values: dict, profile: str) -> str:
     """numbers.tex: a \\newcommand per MACROS entry: its value, else n/a (captions: 'no results yet')."""
     lines = [
-        f"% Generated by fedta_utils.report from the {profile} results; rerun notebook 06, do not edit.",
+        f"% Generated by fedta_utils.report from the {profile} results; rerun notebook 07, do not edit.",
         "% Accuracies: mean +- std over seeds (ddof=1, 0 for one seed). Requires \\usepackage{xspace}.",
     ]
     for name, comment in MACROS.items():

@@ -35,11 +35,14 @@ import torch
 
 from .experiments import (
     CENTRALIZED,
+    EXPERIMENTS,
     FEDAVG_IID,
     HEAD_ONLY,
     HETEROGENEITY,
     LR_SEARCH,
     MASK_RULES,
+    REMEDIES,
+    SEARCHED,
     SPARSE_CENTRAL,
     SPARSE_FL,
 )
@@ -73,14 +76,21 @@ def sharding_label(run: dict) -> str:
 
 
 def method_label(run: dict, experiment: str) -> str:
-    """'head only', 'sparse', 'FedAvg' or 'centralized' (dense, trained head), or 'dense + ridge head'."""
+    """'head only', 'sparse', 'FedAvg' or 'centralized' (dense, trained head), 'dense + ridge head'; for
+    notebook 06's remedies 'FedAvgM', 'FedProx', 'TIES', 'Fisher merge', 'SCAFFOLD (sparse)'."""
     head = run.get("finetune.head", "train")
     if experiment == HEAD_ONLY:
         return "head only"
+    client = {"fedprox": "FedProx", "scaffold": "SCAFFOLD"}.get(run.get("algorithm"))
+    remedy = client or {"ties": "TIES", "fisher": "Fisher merge"}.get(run.get("merge_rule"))
     if run.get("finetune.mask_rule"):
-        return "sparse"
+        return f"{remedy} (sparse)" if remedy else "sparse"
     if head != "train":
         return f"dense + {head} head"
+    if remedy:
+        return remedy
+    if run.get("server_momentum", 0) > 0 or run.get("server_lr", 1) != 1:
+        return "FedAvgM"
     return "FedAvg" if "sharding" in run else "centralized"
 
 
@@ -242,6 +252,13 @@ def lr_search_table(root, experiment: str = LR_SEARCH) -> pd.DataFrame:
     return choose(table, keys[:-2])
 
 
+def search_table(root, experiment: str) -> pd.DataFrame:
+    """`val` of every setting one of notebook 06's searches tried (the fields it chooses, SEARCHED) and
+    `chosen`, the setting kept."""
+    keys = list(SEARCHED[EXPERIMENTS[experiment].search].values())
+    return choose(mean_std(complete_runs(root, experiment), keys))
+
+
 def centralized_table(root) -> pd.DataFrame:
     """Notebook 01, per scheduler at its own lr and weight_decay (its search's choice): test accuracy,
     `val`, `chosen` (the best scheduler) and epochs_to_99, the first epoch whose seed-mean validation
@@ -387,6 +404,16 @@ def interference_table(root) -> pd.DataFrame:
     """Notebook 05: drift_table's diagnostics per sharding, sparsity and rule, averaged over seeds."""
     drift = drift_table(root, MASK_RULES).drop(columns=["run_dir", "local_steps"])
     return drift.groupby(["sharding_label", "sparsity", "rule"], sort=False).mean().reset_index()
+
+
+def remedy_table(root) -> pd.DataFrame:
+    """Notebook 06, per sharding and method: test accuracy over seeds, `val`, the images trained on, and
+    the round means of the sign-conflict fraction and update efficiency of its client deltas (seed
+    means); `chosen`: the best method per sharding."""
+    runs = complete_runs(root, REMEDIES)
+    drift = drift_table(root, REMEDIES)[["run_dir", "sign_conflict_fraction", "update_efficiency"]]
+    table = mean_std(runs.merge(drift, on="run_dir"), ["sharding_label", "method"], drift.columns[1:])
+    return choose(table, ["sharding_label"])
 
 
 def mask_runs(root) -> pd.DataFrame:

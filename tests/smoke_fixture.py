@@ -1,4 +1,4 @@
-"""The whole smoke pipeline (notebooks 00-06), run once per test session, in the background.
+"""The whole smoke pipeline (notebooks 00-07), run once per test session, in the background.
 
 It is the longest piece of the suite (about 7 minutes on a 2-core machine) and uses one core (one
 thread per notebook kernel), so it starts with the session's first test, in a process of its own,

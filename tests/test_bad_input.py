@@ -850,7 +850,7 @@ def bad_value(default):
 
 PARAMETER_CASES = [
     (key, name)
-    for key in ("01", "02", "03", "04", "05")
+    for key in ("01", "02", "03", "04", "05", "06")
     for name in declared_parameters(discover_notebooks()[key])
     if name not in PATH_PARAMETERS
 ]

@@ -86,10 +86,11 @@ def test_the_full_study_fits_its_budget_of_trained_and_evaluated_images():
         "03_heterogeneity": 11.5e6,
         "04_sparse_fl": 6.0e6,
         "05_mask_rules": 3.0e6,
+        "06_remedies": 4.0e6,  # its searches included
     }
     for notebook, budget in budgets.items():
         assert per_notebook.loc[notebook, "train"] <= budget, notebook
-    assert table["train"].sum() <= 25e6
+    assert table["train"].sum() <= 27e6
     assert table["eval"].sum() <= 0.3 * table["train"].sum()
 
 
@@ -216,3 +217,16 @@ def test_a_scaffold_checkpoint_counts_its_control_variates():
     counts = pipeline.entry_counts("tiny_vit", 32, "backbone")
     moving = counts["all"]  # a dense run with a trained head moves every entry
     assert pipeline.checkpoint_bytes(scaffold) - pipeline.checkpoint_bytes(plain) == 4 * moving * (1 + 10)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "full"])
+def test_notebook_06_reads_back_04s_fedavg_and_sparse_runs_and_counts_them_once(profile):
+    groups = pipeline.grids(profile, ["04", "06"])
+    sparse_grid = next(g for g in groups if g["experiment"] == experiments.SPARSE_FL)["configs"]
+    remedies = next(g for g in groups if g["experiment"] == experiments.REMEDIES)["configs"]
+    shared = [c for c in remedies if c in sparse_grid]
+    seeds = len(notebook_params("06", profile)["seeds"])
+    assert len(shared) == 2 * 2 * seeds  # FedAvg and sparse FedAvg, on iid and Nc=5, every seed
+    assert {(c.sharding, c.classes_per_client) for c in shared} == {("iid", None), ("non_iid", 5)}
+    runs = pipeline.work_table(groups).set_index("group")["runs"]
+    assert runs["remedies"] == len(remedies) - len(shared)

@@ -155,6 +155,10 @@ AS_THE_NOTEBOOKS_RAN = {
     ),
     experiments.SPARSE_CENTRAL: (run_centralized, experiments.sparse_central_configs, None, False),
     experiments.MASK_RULES: (run_fedavg, experiments.mask_rule_configs, None, False),
+    experiments.FEDAVGM_SEARCH: (run_fedavg, experiments.fedavgm_search_configs, "fedavgm", None),
+    experiments.FEDPROX_SEARCH: (run_fedavg, experiments.fedprox_search_configs, "fedprox", None),
+    experiments.TIES_SEARCH: (run_fedavg, experiments.ties_search_configs, "ties", None),
+    experiments.REMEDIES: (run_fedavg, experiments.remedy_configs, None, False),
 }
 SMOKE_GRIDS = pipeline.grids("smoke")  # every notebook's grids from its smoke parameters (stand-ins chosen)
 
@@ -668,8 +672,8 @@ def test_the_searches_and_the_tables_break_a_tie_alike():
 
 
 def test_a_search_says_when_its_choice_is_at_the_edge_of_its_grid(capsys):
-    experiments.warn_at_edge([0.03, 0.01, 0.1], 0.1)
+    experiments.warn_at_edge([0.03, 0.01, 0.1], 0.1, "lr")
     assert "the chosen lr 0.1 is at the edge of the grid [0.01, 0.03, 0.1]" in capsys.readouterr().out
-    experiments.warn_at_edge([0.03, 0.01, 0.1], 0.03)
-    experiments.warn_at_edge([0.01], 0.01)  # a grid of one lr has no edge to speak of
+    experiments.warn_at_edge([0.03, 0.01, 0.1], 0.03, "lr")
+    experiments.warn_at_edge([0.01], 0.01, "lr")  # a grid of one lr has no edge to speak of
     assert capsys.readouterr().out == ""

@@ -40,6 +40,11 @@ TYPED = {
     "sparse_central_lr",
     "central_scheduler",
     "central_weight_decay",
+    "fedavgm_server_lr",
+    "fedavgm_server_momentum",
+    "prox_mu",
+    "ties_density",
+    "ties_server_lr",
 }
 
 
@@ -187,7 +192,7 @@ def test_no_wait_no_regime_string_and_params_bound_once(key):
     strings = {node.value for node in nodes(trees, ast.Constant)}
     assert not strings & set(experiments.SEARCHED), f"{key}: a search regime in notebook code"
     stores = [name for name in names(trees, ast.Store) if name == "params"]
-    assert len(stores) == (0 if key == "06" else 1), f"{key}: params bound by setup_notebook only"
+    assert len(stores) == (0 if key == "07" else 1), f"{key}: params bound by setup_notebook only"
     lower_level = re.findall(r"experiments\.(run_grid|run_search|with_choice|\w+_configs)\b", code)
     assert not lower_level, f"{key}: {lower_level}"
 
