@@ -95,7 +95,8 @@ def fisher_samples(config) -> int:
 
 
 def run_work(config, params: dict, head_only: bool = False) -> dict:
-    """Images one run trains on and evaluates, and the per-sample Fisher gradients it computes."""
+    """Images one run trains on and evaluates, and the per-sample Fisher gradients it computes (its mask's
+    calibration, the Fisher merge's client Fishers)."""
     train, val, test, subset = split_sizes(config, params)
     fisher = fisher_samples(config)
     if head_only:
@@ -104,6 +105,9 @@ def run_work(config, params: dict, head_only: bool = False) -> dict:
         batch = min(config.batch_size, train // config.num_clients)  # a client's shard may be smaller
         trained = config.rounds * config.clients_per_round * config.local_steps * batch
         steps = config.rounds
+        if config.merge_rule == "fisher":  # every client's Fisher at its end weights, every round
+            per_client = min(config.merge_fisher_samples, train // config.num_clients)
+            fisher += config.rounds * config.clients_per_round * per_client
     else:
         trained = config.epochs * train
         steps = config.epochs * -(-train // config.batch_size)  # the last batch of an epoch may be short

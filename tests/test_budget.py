@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
-from fedta_utils import bench, experiments, pipeline, training
+from fedta_utils import bench, experiments, pipeline, team, training
 from fedta_utils.workspace import discover_notebooks, profile_values
 
 
@@ -230,3 +231,10 @@ def test_notebook_06_reads_back_04s_fedavg_and_sparse_runs_and_counts_them_once(
     assert {(c.sharding, c.classes_per_client) for c in shared} == {("iid", None), ("non_iid", 5)}
     runs = pipeline.work_table(groups).set_index("group")["runs"]
     assert runs["remedies"] == len(remedies) - len(shared)
+
+
+def test_the_fisher_merge_counts_each_clients_fisher_samples_every_round():
+    config = next(c for g in pipeline.grids("full", ["06"]) for c in g["configs"] if c.merge_rule == "fisher")
+    work = team.run_work(config, {})
+    assert work["fisher"] == config.rounds * config.clients_per_round * config.merge_fisher_samples
+    assert team.run_work(replace(config, merge_rule="mean"), {})["fisher"] == 0
