@@ -132,6 +132,10 @@ EXPERIMENTS = (
     "04_central_lr_search",
     "04_sparse_centralized",
     "05_mask_rules",
+    "06_fedavgm_search",
+    "06_fedprox_search",
+    "06_ties_search",
+    "06_remedies",
 )
 
 
@@ -158,6 +162,7 @@ def test_the_smoke_study_trains_no_configuration_twice(smoke_results):
         SMOKE["seeds"]
     )  # iid at the first J
     assert len(named["05_mask_rules"] & named["04_sparse_fl"]) == 2 * len(SMOKE["seeds"])  # least-sensitive
+    assert len(named["06_remedies"] & named["04_sparse_fl"]) == 4 * len(SMOKE["seeds"])  # FedAvg, sparse x 2
     trained = [len((root / runs.RUNS_DIR / name / "attempts.log").read_text().splitlines()) for name in store]
     assert trained == [1] * len(store)  # each trained by one attempt, then read back by every other grid
 

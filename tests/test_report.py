@@ -779,7 +779,7 @@ def test_build_pdf_without_latexmk_says_how_to_install_tex(tmp_path, monkeypatch
         report.build_pdf(tmp_path)
 
 
-def test_notebook_06_declares_the_parameters_the_pipeline_passes():
+def test_notebook_07_declares_the_parameters_the_pipeline_passes():
     declared = papermill.inspect_notebook(str(REPO / "notebooks" / "07_report_figures.ipynb"))
     assert {"profile", "results_dir", "drive_dir", "report_dir", "build_pdf"} <= set(declared)
 
