@@ -19,17 +19,23 @@ cut short still leaves data. Rows:
     check_*              1 when a correctness check holds on this device (0 otherwise)
 
 --gpu-check adds what only a GPU run can tell (the script for a lent GPU; on a CPU it runs the
-same code with tiny_vit and short steps): the training step in bf16 and in fp16 with a GradScaler,
-one torch.compile'd configuration (its compile time apart), the FedSGD identity on the device, a
-rehearsal of the notebooks' code paths (a centralized epoch, 3 FedAvg rounds and a sparse FedAvg run
-with 2 calibration rounds, each interrupted after its first checkpoint and resumed, compared with an
-uninterrupted run), and the dry-run's calibration (seconds per trained / evaluated image, Fisher
-sample). Its output is labelled a rehearsal: random weights, synthetic data.
+same code with tiny_vit, at 32 and 16 px, and short steps): the training step in bf16 and in fp16
+with a GradScaler at the native and the smaller input size (160 px for ViT-S/16), one
+torch.compile'd configuration (its compile time apart), the FedSGD identity on the device, one
+round of each client algorithm and merge rule beside plain FedAvg's (FedProx, SCAFFOLD on a 90 %
+sparse mask, TIES, the Fisher merge: seconds and peak memory), the write and read seconds and
+the bytes of a dense and a sparse FedAvg checkpoint (the run store's own save and load), the
+dry-run's calibration at both sizes with the hours it gives the full profile's work, and a
+rehearsal of the notebooks' code paths (a centralized epoch, 3 FedAvg rounds and a sparse FedAvg
+run with 2 calibration rounds, each interrupted after its first checkpoint and resumed, compared
+with an uninterrupted run). Its output is labelled a rehearsal: random weights, synthetic data.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import itertools
 import os
 import platform
@@ -42,19 +48,31 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import models
+from . import models, pipeline
 from .data import ImageSet, augmentation_generator, make_batch, synthetic_cifar100
-from .fedavg import FedAvgConfig, client_update, run_fedavg, server_update
+from .fedavg import FedAvgConfig, FedAvgRun, client_update, run_fedavg, server_update
 from .fisher import DEFAULT_CHUNK, fisher_sums, fisher_sums_loop
 from .optim import SparseSGDM
 from .prepare import FineTuneSpec
-from .runs import Run
-from .training import CentralizedConfig, load_flat, read_flat, run_centralized, train_steps
+from .runs import Checkpoint, Run
+from .training import CentralizedConfig, load_flat, read_flat, run_centralized, run_folder, train_steps
 from .workspace import resolve_device, setup_workspace
 
 SPARSITY = 0.9  # fraction of entries frozen in the SparseSGDM measurement
 # --quick or not -> (steps per timed block, timed repetitions): --quick times the least that still warms up
 TIMING_LENGTHS = {True: (2, 2), False: (10, 3)}
+ROUND_SHAPE = {True: (2, 2), False: (10, 4)}  # --quick or not -> (clients, J) of a timed FedAvg round
+SMALL_SIZES = {"dino_vits16": pipeline.SMALL_IMG_SIZE, "tiny_vit": 16}  # priced beside the native size
+SPARSE = FineTuneSpec(mask_rule="least_sensitive", calibration_rounds=1, calibration_samples=100)
+ROUND_VARIANTS = {  # row label: FedAvgConfig fields
+    "fedavg": {},
+    "fedprox": dict(algorithm="fedprox", prox_mu=0.01),
+    "ties": dict(merge_rule="ties", ties_density=0.2),
+    "fisher_merge": dict(merge_rule="fisher"),
+    "sparse_fedavg": dict(finetune=SPARSE),  # at SPARSE's sparsity, 0.9
+    "sparse_scaffold": dict(algorithm="scaffold", finetune=SPARSE),  # a dense one is refused for ViT-S/16
+}
+CHECKPOINTED = ("fedavg", "sparse_fedavg")  # the variants whose checkpoint is timed
 
 
 def best_time(function, device: torch.device, repeats: int) -> float:
@@ -126,28 +144,32 @@ def train_step_seconds(
     return seconds / steps
 
 
-def fedavg_round_seconds(name, device, precision, clients, *, local_steps, batch_size, repeats) -> float:
-    """Seconds of one FedAvg round (data path, fresh optimizers, J steps each, aggregation), no evaluation."""
-    model = random_model(name, device)
-    train = synthetic_train(device, max(2000, clients * batch_size * 2))
-    size = models.input_size(name)
-    params = list(model.parameters())
-    global_weights = read_flat(params)
+def synthetic_workspace(folder, device, images: int) -> tuple:
+    """(a workspace in `folder` that builds random weights, its `images` synthetic training images)."""
+    ws = setup_workspace("smoke", folder, device=str(device), download=False)
+    ws.pretrained = False  # random weights: the same FLOPs, no download
+    return ws, ws.load_data("synthetic", synthetic_train_size=images, synthetic_test_size=200)
 
-    def one_round():
-        delta_sum = torch.zeros_like(global_weights)
-        for client in range(clients):
-            index = torch.randperm(len(train), device=device)[: local_steps * batch_size]
-            generator = augmentation_generator(0, client, device=device)
-            batches = (make_batch(train, i, size, generator) for i in index.view(local_steps, -1))
-            optimizer = SparseSGDM(params, lr=1e-3, momentum=0.9)
-            update = client_update(
-                model, params, global_weights, batches, optimizer=optimizer, precision=precision
-            )
-            delta_sum.add_(update.delta, alpha=update.samples)
-        server_update(global_weights, delta_sum / (clients * local_steps * batch_size))
 
-    return best_time(one_round, device, repeats)
+@contextlib.contextmanager
+def fedavg_trainer(name, device, precision, clients, local_steps, **overrides):
+    """A prepared FedAvgRun of `clients` clients x J=`local_steps` x B=32 on synthetic images, with the
+    FedAvgConfig fields `overrides`, in a temporary workspace whose run's lock it holds."""
+    fields = dict(dataset="synthetic", model=name, precision=precision, participation=1.0)
+    config = FedAvgConfig(**fields, num_clients=clients, local_steps=local_steps, **overrides)
+    with tempfile.TemporaryDirectory() as folder:
+        ws, data = synthetic_workspace(folder, device, max(2000, clients * local_steps * 64))
+        with run_folder(ws, config) as run:
+            yield FedAvgRun(ws, data, config, run, shards=config.shards(data), eval_batch_size=256)
+
+
+def fedavg_round_seconds(name, device, precision, clients, *, local_steps, repeats, **overrides) -> float:
+    """Seconds of one FedAvgRun.round (data path, fresh optimizers, J steps each, the merge, the server
+    step), no evaluation; overrides: FedAvgConfig fields. Resets the peak GPU memory once prepared."""
+    with fedavg_trainer(name, device, precision, clients, local_steps, **overrides) as trainer:
+        reset_peak(device)
+        rounds = itertools.count()
+        return best_time(lambda: trainer.round(next(rounds)), device, repeats)
 
 
 def evaluation_seconds(
@@ -273,14 +295,14 @@ def describe(name, device, precision, img_size: int | None = None) -> str:
 def measurements(name, device, precision, quick: bool, *, eval_batch_size: int = 256):
     """(metric, value, unit, note) rows, yielded as each is measured."""
     steps, repeats = TIMING_LENGTHS[quick]
-    clients, local_steps = (2, 2) if quick else (10, 4)
+    clients, local_steps = ROUND_SHAPE[quick]
     batches = (32,) if device.type == "cpu" else (32, 128)
     step = {}
     for batch in batches:
         step[batch] = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats)
         yield f"train_step_b{batch}", batch / step[batch], "images/s", f"batch {batch}{peak_memory(device)}"
     round_seconds = fedavg_round_seconds(
-        name, device, precision, clients, local_steps=local_steps, batch_size=32, repeats=repeats
+        name, device, precision, clients, local_steps=local_steps, repeats=repeats
     )
     images = clients * local_steps * 32
     yield "fedavg_round", images / round_seconds, "images/s", f"{clients} clients x J={local_steps} x B=32"
@@ -377,9 +399,7 @@ def rehearsal_metrics(runner, config, device, images: int) -> list[pd.DataFrame]
     metrics = []
     for interrupt in (False, True):
         with tempfile.TemporaryDirectory() as folder:
-            ws = setup_workspace("smoke", folder, device=str(device), download=False)
-            ws.pretrained = False  # random weights: the same FLOPs, no download
-            data = ws.load_data("synthetic", synthetic_train_size=images, synthetic_test_size=200)
+            ws, data = synthetic_workspace(folder, device, images)
             result = run_interrupted(interrupt, runner, ws, data, config, checkpoint_every=1, progress=False)
             metrics.append(result.metrics)
     return metrics
@@ -411,20 +431,23 @@ def rehearsal_rows(name, device, quick: bool):
 
 
 def gpu_step_rows(name, device, quick: bool):
-    """Training-step rows in bf16 and in fp16 with a GradScaler (fp32 on a CPU, where neither pays), then
-    the torch.compile'd step, whose note gives the warm-up, which includes the compilation."""
+    """Training-step rows in bf16 and in fp16 with a GradScaler (fp32 on a CPU, where neither pays) at the
+    native and the smaller input size, then the torch.compile'd step, whose note gives the warm-up,
+    which includes the compilation."""
     steps, repeats = TIMING_LENGTHS[quick]
     precisions = ("bf16", "fp16") if device.type == "cuda" else ("fp32",)
     batches = (32,) if quick else (32, 128)
-    for precision in precisions:
-        for batch in batches:
-            seconds = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats)
-            yield (
-                f"train_step_b{batch}_{precision}",
-                batch / seconds,
-                "images/s",
-                f"batch {batch}{peak_memory(device)}",
-            )
+    sizes = (models.input_size(name), SMALL_SIZES[name])
+    for precision, batch, size in itertools.product(precisions, batches, sizes):
+        seconds = train_step_seconds(
+            name, device, precision, batch, steps=steps, repeats=repeats, img_size=size
+        )
+        yield (
+            f"train_step_b{batch}_{precision}_{size}px",
+            batch / seconds,
+            "images/s",
+            f"batch {batch}{peak_memory(device)}",
+        )
     started = time.perf_counter()
     precision = models.resolve_precision("auto", device)
     seconds = train_step_seconds(
@@ -436,6 +459,49 @@ def gpu_step_rows(name, device, quick: bool):
         "images/s",
         f"torch.compile, {precision}; warm-up with compilation {time.perf_counter() - started:.0f} s",
     )
+
+
+def round_rows(name, device, quick: bool):
+    """Seconds and peak GPU memory of one FedAvg round of each ROUND_VARIANTS."""
+    _, repeats = TIMING_LENGTHS[quick]
+    clients, local_steps = ROUND_SHAPE[quick]
+    shape = f"{clients} clients x J={local_steps} x B=32"
+    for label, overrides in ROUND_VARIANTS.items():
+        seconds = fedavg_round_seconds(
+            name, device, "auto", clients, local_steps=local_steps, repeats=repeats, **overrides
+        )
+        yield f"round_{label}", seconds, "s", f"{shape}{peak_memory(device)}"
+
+
+def checkpoint_rows(name, device):
+    """Write and read seconds and bytes of a FedAvg checkpoint of each CHECKPOINTED variant, through the
+    run store (Run.save_checkpoint, Run.load_checkpoint) in a temporary folder; the note gives the
+    dry-run's count of its bytes (pipeline.checkpoint_bytes)."""
+    for label in CHECKPOINTED:
+        with fedavg_trainer(name, device, "auto", 2, 1, **ROUND_VARIANTS[label]) as trainer:
+            run = trainer.run
+            checkpoint = Checkpoint(1, trainer.state(), trainer.rows, trainer.timing)
+            write = best_time(functools.partial(run.save_checkpoint, checkpoint), device, 1)
+            read = best_time(functools.partial(run.load_checkpoint, device), device, 1)
+            size = next(run.dir.glob("checkpoint-*.pt")).stat().st_size
+            estimate = pipeline.checkpoint_bytes(trainer.config)
+            note = f"{trainer.entries_sent:,} entries; the dry-run counts {estimate:,} bytes"
+        yield f"checkpoint_{label}_write", write, "s", note
+        yield f"checkpoint_{label}_read", read, "s", note
+        yield f"checkpoint_{label}_bytes", size, "bytes", note
+
+
+def dry_run_rows(name, device):
+    """The dry-run's calibration here at the native and the smaller input size, and the hours that
+    pipeline.work_seconds gives the full profile's work (pipeline.work_table) at each."""
+    work = pipeline.work_table(pipeline.grids("full"))
+    for size in (models.input_size(name), SMALL_SIZES[name]):
+        unit, _ = unit_seconds(name, device=str(device), img_size=size)
+        for kind, value in unit.items():
+            yield f"dryrun_seconds_per_{kind}_{size}px", value, "s", "the dry-run's calibration"
+        hours = pipeline.work_seconds(work, unit).sum() / 3600
+        note = f"the full profile's {work['runs'].sum()} runs at {name}'s seconds here"
+        yield f"dryrun_study_hours_{size}px", hours, "hours", note
 
 
 def gpu_check(name, device, quick: bool):
@@ -452,10 +518,10 @@ def gpu_check(name, device, quick: bool):
         f"chunk {DEFAULT_CHUNK}: bound {chunk_gb:.2f} GB of gradients + activations{memory}",
     )
     yield "check_fedsgd_identity", float(fedsgd_identity_holds(device)), "1 = holds", "on this device"
-    yield from rehearsal_rows(name, device, quick)
-    unit, _ = unit_seconds(name, device=str(device))
-    for kind, value in unit.items():
-        yield f"dryrun_seconds_per_{kind}", value, "s", "the dry-run's calibration on this device"
+    yield from round_rows(name, device, quick)
+    yield from checkpoint_rows(name, device)
+    yield from dry_run_rows(name, device)
+    yield from rehearsal_rows(name, device, quick)  # last: it turns deterministic algorithms on
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,10 @@ import math
 import pandas as pd
 import pytest
 
-from fedta_utils import bench
+from fedta_utils import bench, pipeline
 from fedta_utils.checks import ConfigError
+from fedta_utils.fedavg import FedAvgConfig
+from fedta_utils.prepare import FineTuneSpec
 
 METRIC_UNITS = {
     "train_step_b32": "images/s",
@@ -103,7 +105,37 @@ def test_gpu_check_holds_the_fedsgd_identity_and_reports_compile_and_calibration
     assert gpu_check_on_cpu.loc["check_fedsgd_identity", "value"] == 1
     assert "compilation" in gpu_check_on_cpu.loc["train_step_b32_compiled", "note"]
     for kind in ("train", "eval", "fisher"):
-        assert gpu_check_on_cpu.loc[f"dryrun_seconds_per_{kind}", "value"] > 0
+        assert gpu_check_on_cpu.loc[f"dryrun_seconds_per_{kind}_32px", "value"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_times_a_round_of_every_client_algorithm_and_merge_rule(gpu_check_on_cpu):
+    rounds = gpu_check_on_cpu[gpu_check_on_cpu.index.str.startswith("round_")]
+    labels = {"fedavg", "fedprox", "sparse_scaffold", "ties", "fisher_merge", "sparse_fedavg"}
+    assert set(rounds.index) == {f"round_{label}" for label in labels}
+    assert (rounds["unit"] == "s").all() and (rounds["value"] > 0).all(), rounds
+
+
+@pytest.mark.slow
+def test_gpu_check_times_real_checkpoints_whose_bytes_the_dry_run_counts(gpu_check_on_cpu):
+    value = gpu_check_on_cpu["value"]
+    for label, spec in (("fedavg", FineTuneSpec()), ("sparse_fedavg", bench.SPARSE)):
+        assert value[f"checkpoint_{label}_write"] > 0 and value[f"checkpoint_{label}_read"] > 0
+        estimate = pipeline.checkpoint_bytes(FedAvgConfig(model="tiny_vit", finetune=spec))
+        assert value[f"checkpoint_{label}_bytes"] == pytest.approx(estimate, rel=0.02)
+    assert 0 < value["checkpoint_sparse_fedavg_bytes"] < value["checkpoint_fedavg_bytes"] / 5
+
+
+@pytest.mark.slow
+def test_gpu_check_times_the_step_and_prices_the_study_at_both_sizes(gpu_check_on_cpu):
+    value = gpu_check_on_cpu["value"]
+    work = pipeline.work_table(pipeline.grids("full"))
+    for size in (32, 16):  # tiny_vit's native size and the smaller one (160 px for ViT-S/16)
+        assert value[f"train_step_b32_fp32_{size}px"] > 0
+        unit = {kind: value[f"dryrun_seconds_per_{kind}_{size}px"] for kind in ("train", "eval", "fisher")}
+        assert all(v > 0 for v in unit.values())
+        hours = pipeline.work_seconds(work, unit).sum() / 3600
+        assert value[f"dryrun_study_hours_{size}px"] == pytest.approx(hours) and hours > 0
 
 
 def test_unit_seconds_measures_at_the_size_asked_and_says_so(monkeypatch):
