@@ -265,7 +265,7 @@ def run_scheduler_search(ws, results: list[RunResult], params: dict) -> dict:
 def warn_at_edge(grid: list[float], value: float, name: str) -> None:
     """Say so when a search chose the smallest or largest `name` of its grid: a wider grid may do better."""
     values = sorted(set(grid))
-    if len(values) > 1 and value in (values[0], values[-1]):
+    if len(values) > 2 and value in (values[0], values[-1]):  # of two values, either is an edge
         print(
             f"note: the chosen {name} {value:g} is at the edge of the grid {values}; a wider grid may find "
             "a better one"

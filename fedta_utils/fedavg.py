@@ -367,11 +367,12 @@ class ControlVariates:
         c   <- c + (1/N) * sum over the round's clients of (c_i+ - c_i),   N = all clients, not the round's
 
     and its steps used the gradient g - c_i + c (SparseSGDM's corrections, added before weight decay and
-    momentum). S = J for plain SGD, as in the paper: option II's estimate of the client's mean corrected
-    gradient is exact only for plain SGD with a constant lr (and a constant gradient). With momentum beta
-    the same J steps move S = effective_steps(J, beta) times lr * g (2.3 J at J = 4, beta = 0.9), so
-    dividing by J * lr would overestimate the gradient and the variates diverge; S keeps the estimate
-    exact in option II's sense. With weight decay the estimate includes its pull.
+    momentum). S = J for plain SGD, as in the paper: then (w_t - y_i) / (J * lr) is exactly the mean of
+    the J corrected gradients, an estimate that option II's derivation assumes plain SGD at a constant
+    lr for. With momentum beta the J steps move S = effective_steps(J, beta) times lr * g for a constant
+    g (2.3 J at J = 4, beta = 0.9): J * lr would overestimate the gradient and the variates diverge, while
+    (w_t - y_i) / (S * lr) is exactly a weighted mean of the corrected gradients (weights summing to 1).
+    With weight decay the estimate includes its pull.
     """
 
     def __init__(self, size: int, num_clients: int):
@@ -625,9 +626,13 @@ class FedAvgRun(TrainingRun):
         return self.config.lr * lr_multiplier("cosine", round_index, self.config.rounds)
 
     def traffic(self, clients: int) -> dict:
-        """Bytes sent to and from the round's clients: the trainable entries, as float32."""
-        bytes_per_client = BYTES_PER_ENTRY * self.entries_sent
-        return {"bytes_down": clients * bytes_per_client, "bytes_up": clients * bytes_per_client}
+        """Bytes sent to and from the round's clients: vectors over the trainable entries, as float32; one
+        each way (w_t, the delta), and SCAFFOLD's c down and c_i+ - c_i up, the Fisher merge's F_k up."""
+        scaffold = self.config.algorithm == "scaffold"
+        down = 1 + scaffold
+        up = 1 + scaffold + (self.config.merge_rule == "fisher")
+        bytes_per_vector = clients * BYTES_PER_ENTRY * self.entries_sent
+        return {"bytes_down": down * bytes_per_vector, "bytes_up": up * bytes_per_vector}
 
     def summary(self) -> dict:
         return {**super().summary(), "trainable_entries": self.entries_sent}

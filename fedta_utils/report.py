@@ -332,8 +332,8 @@ def _interference_tex(root) -> str:
 
 
 def _remedies_tex(root) -> str:
-    """Per sharding and method: images trained on, the round-mean sign conflict and update efficiency of
-    its client deltas, test accuracy ($^\\star$: the best on validation per sharding), seeds."""
+    """Per sharding and method: images trained on, the round-mean sign conflict and sign agreement of its
+    client deltas, test accuracy ($^\\star$: the best on validation per sharding), seeds."""
     t = results.remedy_table(root)
     return booktabs(
         {
@@ -341,7 +341,7 @@ def _remedies_tex(root) -> str:
             "sharding": t["sharding_label"].map(sharding_tex),
             "images (k)": thousands(t["trained_images"]),
             "conflict (\\%)": t["sign_conflict_fraction"].map(share),
-            "efficiency": t["update_efficiency"].map("{:.2f}".format),
+            "agreement": t["sign_agreement"].map("{:.3f}".format),
             "test (\\%)": t.apply(cell, axis=1),
             "$n$": t["n"],
         }
@@ -511,28 +511,22 @@ SEARCHED_SYMBOLS = {
 
 
 def _remedies(root, profile: str) -> dict:
-    """Notebook 06: its setting, its searches and the values its runs used, SCAFFOLD's state, and per
-    non-iid sharding the method validation chooses (_best_remedy)."""
+    """Notebook 06: its setting, the values its runs used, SCAFFOLD's state, and per non-iid sharding
+    the method validation chooses (_best_remedy)."""
     table, runs = results.remedy_table(root), results.load_runs(root, REMEDIES)
-    server, prox, ties = (results.load_runs(root, e) for e in (FEDAVGM_SEARCH, FEDPROX_SEARCH, TIES_SEARCH))
     used_values = [
         f"{method} "
         + ", ".join(f"${symbol}{{=}}{number(rows[field].iloc[0])}$" for field, symbol in fields.items())
         for method, fields in SEARCHED_SYMBOLS.items()
         if not (rows := runs[runs["method"] == method]).empty
     ]
+    non_iid = table[(table["sharding_label"] != "iid") & table["val"].notna()]
     values = {
-        "RemedySetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds, "
-        f"$N_c \\in {braces(runs['classes_per_client'])}$ and iid shards",
-        "RemedySearches": f"server lr {braces(server['server_lr'])} $\\times$ momentum "
-        f"{braces(server['server_momentum'])} (FedAvgM), $\\mu \\in {braces(prox['prox_mu'])}$ (FedProx), "
-        f"$p \\in {braces(ties['ties_density'])} \\times \\lambda \\in {braces(ties['server_lr'])}$ (TIES), "
-        f"{listing(server['rounds'])} rounds each on "
-        f"{sharding_tex(server['sharding_label'].iloc[0])}, one seed",
+        "RemedySetting": f"$J{{=}}{listing(runs['local_steps'])}$, {listing(runs['rounds'])} rounds, on "
+        f"$N_c \\in {braces(runs['classes_per_client'])}$ (FedAvg and sparse FedAvg also on iid shards)",
         "RemedyChosen": "; ".join(used_values) or "--",
         "RemedyBest": ", ".join(
-            _best_remedy(label, group)
-            for label, group in table[table["sharding_label"] != "iid"].groupby("sharding_label", sort=False)
+            _best_remedy(label, group) for label, group in non_iid.groupby("sharding_label", sort=False)
         ),
         "RemedyProvenance": provenance(profile, table),
     }
@@ -543,15 +537,35 @@ def _remedies(root, profile: str) -> dict:
     return values
 
 
+def _remedy_searches(root, profile: str) -> dict:
+    """Notebook 06's three searches, as one sentence."""
+    server, prox, ties = (
+        results.complete_runs(root, e) for e in (FEDAVGM_SEARCH, FEDPROX_SEARCH, TIES_SEARCH)
+    )
+    return {
+        "RemedySearches": f"server lr {braces(server['server_lr'])} $\\times$ momentum "
+        f"{braces(server['server_momentum'])} (FedAvgM), $\\mu \\in {braces(prox['prox_mu'])}$ (FedProx), "
+        f"$p \\in {braces(ties['ties_density'])} \\times \\lambda \\in {braces(ties['server_lr'])}$ (TIES), "
+        f"{listing(server['rounds'])} rounds each on "
+        f"{sharding_tex(server['sharding_label'].iloc[0])}, one seed",
+    }
+
+
 def _best_remedy(label, group: pd.DataFrame) -> str:
     """'TIES on $N_c{=}1$ (acc; +x points over FedAvgM)': the method validation chooses on one sharding,
-    against FedAvg at its best server step (FedAvg or FedAvgM, whichever validation prefers)."""
-    top = group[group["chosen"]].iloc[0]
+    against the best on validation of its own family: a dense method against FedAvg at its best server
+    step (FedAvg or FedAvgM), one under the frozen head against sparse FedAvg (the head is not the
+    method's gain)."""
+    top = results.choose(group)
+    top = top[top["chosen"]].iloc[0]
     text = f"{escape(top['method'])} on {sharding_tex(label)} ({percent(top)}"
-    steps = results.choose(group, among=group["method"].isin(["FedAvg", "FedAvgM"]))
-    if steps["chosen"].any():
-        step = steps[steps["chosen"]].iloc[0]
-        text += f"; {(top['mean'] - step['mean']) * 100:+.1f} points over {escape(step['method'])}"
+    family = ["sparse"] if "sparse" in top["method"] else ["FedAvg", "FedAvgM"]
+    references = results.choose(
+        group, among=group["method"].isin(family) & (group["method"] != top["method"])
+    )
+    if references["chosen"].any():
+        reference = references[references["chosen"]].iloc[0]
+        text += f"; {(top['mean'] - reference['mean']) * 100:+.1f} points over {escape(reference['method'])}"
     return text + ")"
 
 
@@ -592,6 +606,7 @@ SECTIONS = (
     _sparse_central,
     _rules,
     _remedies,
+    _remedy_searches,
 )
 
 

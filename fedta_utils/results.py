@@ -89,7 +89,7 @@ def method_label(run: dict, experiment: str) -> str:
         return f"dense + {head} head"
     if remedy:
         return remedy
-    if run.get("server_momentum", 0) > 0 or run.get("server_lr", 1) != 1:
+    if experiment == REMEDIES and (run.get("server_momentum", 0) > 0 or run.get("server_lr", 1) != 1):
         return "FedAvgM"
     return "FedAvg" if "sharding" in run else "centralized"
 
@@ -408,10 +408,10 @@ def interference_table(root) -> pd.DataFrame:
 
 def remedy_table(root) -> pd.DataFrame:
     """Notebook 06, per sharding and method: test accuracy over seeds, `val`, the images trained on, and
-    the round means of the sign-conflict fraction and update efficiency of its client deltas (seed
-    means); `chosen`: the best method per sharding."""
+    the round means of the sign-conflict fraction and sign agreement of the round's client deltas,
+    before the server merges them (seed means); `chosen`: the best method per sharding."""
     runs = complete_runs(root, REMEDIES)
-    drift = drift_table(root, REMEDIES)[["run_dir", "sign_conflict_fraction", "update_efficiency"]]
+    drift = drift_table(root, REMEDIES)[["run_dir", "sign_conflict_fraction", "sign_agreement"]]
     table = mean_std(runs.merge(drift, on="run_dir"), ["sharding_label", "method"], drift.columns[1:])
     return choose(table, ["sharding_label"])
 

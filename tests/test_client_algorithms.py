@@ -232,7 +232,7 @@ def test_scaffold_reaches_the_global_minimiser_where_fedavg_drifts_and_fedprox_m
 
 
 def test_scaffold_with_client_momentum_reaches_the_minimiser_when_its_variates_count_effective_steps():
-    """With momentum 0.9, J steps move effective_steps(J, 0.9) = 2.3 J times lr * g (J = 5): option II's
+    """With momentum 0.9, J steps move effective_steps(J, 0.9) = 2.6 J times lr * g (J = 5): option II's
     J * lr makes the variates diverge, the effective steps keep SCAFFOLD exact."""
     _, _, minimiser = quadratic_clients()
     counted = federated_fixed_point("scaffold", momentum=0.9)
@@ -303,3 +303,21 @@ def test_a_config_names_only_the_client_and_merge_settings_that_apply():
     assert ties["ties_density"] == 0.5 and "merge_fisher_samples" not in ties
     prox = FedAvgConfig(**TINY, algorithm="fedprox", prox_mu=0.1).to_dict()
     assert (prox["algorithm"], prox["prox_mu"]) == ("fedprox", 0.1)
+
+
+def test_the_logged_traffic_counts_scaffolds_variates_and_the_fisher_merges_fishers(workspace, small_data):
+    traffic = {}
+    for name, fields in {
+        "fedavg": {},
+        "scaffold": {"algorithm": "scaffold"},
+        "fisher": {"merge_rule": "fisher"},
+    }.items():
+        with open_fedavg(workspace, small_data, FedAvgConfig(**TINY, **fields)) as fed:
+            traffic[name] = fed.traffic(3)
+    one_way = traffic["fedavg"]["bytes_up"]
+    assert traffic["fedavg"]["bytes_down"] == one_way == 3 * 4 * fed.entries_sent
+    assert traffic["scaffold"] == {
+        "bytes_down": 2 * one_way,
+        "bytes_up": 2 * one_way,
+    }  # c down, c_i+ - c_i up
+    assert traffic["fisher"] == {"bytes_down": one_way, "bytes_up": 2 * one_way}  # F_k up

@@ -676,4 +676,5 @@ def test_a_search_says_when_its_choice_is_at_the_edge_of_its_grid(capsys):
     assert "the chosen lr 0.1 is at the edge of the grid [0.01, 0.03, 0.1]" in capsys.readouterr().out
     experiments.warn_at_edge([0.03, 0.01, 0.1], 0.03, "lr")
     experiments.warn_at_edge([0.01], 0.01, "lr")  # a grid of one lr has no edge to speak of
+    experiments.warn_at_edge([0.01, 0.1], 0.1, "lr")  # nor one of two
     assert capsys.readouterr().out == ""

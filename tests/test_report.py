@@ -868,3 +868,17 @@ def test_archives_hold_an_overleaf_project_and_the_runs_without_checkpoints(tmp_
         "runs/iid-s0-ab/metrics.csv",
         "runs/iid-s0-ab/summary.json",
     ]
+
+
+def test_a_remedy_under_the_frozen_head_is_measured_against_sparse_fedavg_not_dense_fedavg():
+    group = pd.DataFrame(
+        {
+            "method": ["FedAvg", "FedAvgM", "sparse", "SCAFFOLD (sparse)"],
+            "val": [0.40, 0.42, 0.60, 0.65],
+            "mean": [0.40, 0.41, 0.60, 0.62],
+            "std": [0.0] * 4,
+        }
+    )
+    assert report._best_remedy("Nc=5", group).endswith("; +2.0 points over sparse)")
+    alone = report._best_remedy("Nc=5", group.iloc[:3])  # sparse FedAvg best: no family member to beat
+    assert alone.startswith("sparse on $N_c{=}5$") and "points" not in alone
