@@ -19,6 +19,7 @@ One small package that the numbered notebooks import. Modules by concept, in imp
     results       run loaders, statistics over seeds, the selection rule, one function per table
     figures       one function per figure, drawn from the tables of results
     report        the LaTeX report's numbers, tables, PDF and archives
+    calibration   the dry-run's calibration: seconds per trained image, evaluated image, Fisher sample
     pipeline      the notebooks through papermill, and the dry-run's cost
     bench         throughput and correctness benchmark, --gpu-check
 """

@@ -37,8 +37,6 @@ import argparse
 import contextlib
 import functools
 import itertools
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -49,6 +47,19 @@ import torch
 import torch.nn.functional as F
 
 from . import models, pipeline
+from .calibration import (
+    best_time,
+    describe,
+    evaluation_seconds,
+    fisher_seconds,
+    peak_memory,
+    random_model,
+    random_setup,
+    reset_peak,
+    sampled_fisher,
+    train_step_seconds,
+    unit_seconds,
+)
 from .data import ImageSet, augmentation_generator, make_batch, synthetic_cifar100
 from .fedavg import FedAvgConfig, FedAvgRun, client_update, run_fedavg, server_update
 from .fisher import DEFAULT_CHUNK, fisher_sums, fisher_sums_loop
@@ -75,73 +86,10 @@ ROUND_VARIANTS = {  # row label: FedAvgConfig fields
 CHECKPOINTED = ("fedavg", "sparse_fedavg")  # the variants whose checkpoint is timed
 
 
-def best_time(function, device: torch.device, repeats: int) -> float:
-    """Best wall time of `function()` over `repeats` runs, after one untimed warm-up."""
-    function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> str:
-    """Peak GPU memory since the last reset, as a note ('' on a CPU)."""
-    return f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else ""
-
-
-def random_model(name: str, device, img_size: int | None = None) -> torch.nn.Module:
-    return models.build_model(name, pretrained=False, img_size=img_size).to(device)  # 100 classes
-
-
-def random_setup(name: str, device, images: int, img_size: int | None = None) -> tuple:
-    """(random model, `images` random inputs at its input size `img_size` (None: native), random labels)."""
-    size = models.input_size(name, img_size)
-    model = random_model(name, device, size)
-    inputs = torch.randn(images, 3, size, size, device=device)
-    labels = torch.randint(0, 100, (images,), device=device)
-    return model, inputs, labels
-
-
-def sampled_fisher(function, model, inputs: torch.Tensor) -> dict:
-    """The Fisher sums of `function` (fisher_sums or fisher_sums_loop) over the backbone at `inputs`,
-    labels sampled from the model by a generator seeded 0."""
-    generator = torch.Generator(inputs.device).manual_seed(0)
-    names = models.backbone_parameter_names(model)
-    sums, _ = function(model, [(inputs, None)], "sampled", names, generator=generator)
-    return sums
-
-
 def synthetic_train(device, images: int) -> ImageSet:
     """`images` synthetic CIFAR-100 training images on `device`."""
     train_set, _ = synthetic_cifar100(images, 100)
     return train_set.to(device)
-
-
-def train_step_seconds(
-    name, device, precision, batch_size, *, steps, repeats, compile_model=False, img_size=None
-) -> float:
-    """Seconds per bare training step on a batch already at the input size (None: the model's native)."""
-    reset_peak(device)
-    model, inputs, labels = random_setup(name, device, batch_size, img_size)
-    forward = torch.compile(model) if compile_model else model
-    batches = [(inputs, labels)] * steps
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = models.grad_scaler(device, precision)
-    seconds = best_time(
-        lambda: train_steps(forward, optimizer, scaler, batches, precision=precision), device, repeats
-    )
-    return seconds / steps
 
 
 def synthetic_workspace(folder, device, images: int) -> tuple:
@@ -172,23 +120,6 @@ def fedavg_round_seconds(name, device, precision, clients, *, local_steps, repea
         return best_time(lambda: trainer.round(next(rounds)), device, repeats)
 
 
-def evaluation_seconds(
-    name, device, precision, images: int, *, batch_size: int, repeats: int, img_size=None
-) -> float:
-    """Seconds per evaluated image (inference under autocast, no augmentation)."""
-    reset_peak(device)
-    model, inputs, _ = random_setup(name, device, images, img_size)
-    model.eval()
-
-    @torch.inference_mode()
-    def evaluate():
-        for chunk in inputs.split(batch_size):
-            with models.autocast(device, precision):
-                model(chunk)
-
-    return best_time(evaluate, device, repeats) / images
-
-
 def data_path_seconds(name, device, batch_size, steps, *, repeats) -> float:
     train = synthetic_train(device, 2000)
     generator = augmentation_generator(0, device=device)
@@ -201,15 +132,6 @@ def data_path_seconds(name, device, batch_size, steps, *, repeats) -> float:
         )
         / steps
     )
-
-
-def fisher_seconds(name, device, samples, function, *, img_size=None) -> tuple[float, str]:
-    """(seconds per sample, peak GPU memory note) of `function`: the vectorised Fisher (fisher_sums) or its
-    per-sample loop (fisher_sums_loop)."""
-    model, inputs, _ = random_setup(name, device, samples, img_size)
-    reset_peak(device)
-    seconds = best_time(lambda: sampled_fisher(function, model, inputs), device, 1)
-    return seconds / samples, peak_memory(device)
 
 
 def optimizer_step_ratio(name, device, steps, repeats) -> float:
@@ -252,44 +174,6 @@ def correctness_checks(device) -> dict[str, bool]:
         torch.allclose(vectorised[n], loop[n], rtol=1e-3, atol=1e-9) for n in vectorised
     )
     return results
-
-
-def unit_seconds(
-    name: str,
-    precision: str = "auto",
-    eval_batch_size: int = 256,
-    device: str = "auto",
-    *,
-    img_size: int | None = None,
-) -> tuple[dict, str]:
-    """Seconds per trained image, evaluated image and Fisher sample here at `img_size` (None: native).
-
-    The dry-run's calibration; the text returned says where and at what size it was measured.
-    """
-    size = models.input_size(name, img_size)
-    device = resolve_device(device)
-    precision = models.resolve_precision(precision, device)
-    slow = device.type == "cpu" and size >= 160  # ViT-S/16 (or a big grid) on a CPU: seconds per step
-    batch = 32
-    steps = 1 if slow else 5
-    repeats = 1 if slow else 2
-    step = train_step_seconds(name, device, precision, batch, steps=steps, repeats=repeats, img_size=size)
-    train = step / batch  # per image
-    evaluation = evaluation_seconds(
-        name, device, precision, 64 if slow else 512, batch_size=eval_batch_size, repeats=1, img_size=size
-    )
-    fisher, _ = fisher_seconds(name, device, 8 if slow else 32, fisher_sums, img_size=size)
-    return {"train": train, "eval": evaluation, "fisher": fisher}, describe(name, device, precision, size)
-
-
-def describe(name, device, precision, img_size: int | None = None) -> str:
-    """One line: device, CPU threads and load, model and input size, precision, torch version."""
-    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    return (
-        f"device: {device} ({processor}, {torch.get_num_threads()} CPU threads, "
-        f"load {os.getloadavg()[0]:.2f}) | model: {name} at {models.input_size(name, img_size)} px "
-        f"| precision: {precision} | torch {torch.__version__}"
-    )
 
 
 def measurements(name, device, precision, quick: bool, *, eval_batch_size: int = 256):

@@ -330,7 +330,7 @@ def work_seconds(work: pd.DataFrame, seconds: dict) -> pd.Series:
 def add_hours(table: pd.DataFrame, groups: list[dict]) -> tuple[dict, str]:
     """Calibrate this device and add each group's hours to `table` (and its hours at the cheaper sizes);
     returns the seconds per unit of work and the text that says where they were measured."""
-    from .bench import unit_seconds  # torch timing code, loaded only when there is work to price
+    from .calibration import unit_seconds  # torch timing code, loaded only when there is work to price
 
     configs = [c for g in groups for c in g["configs"]]
     models_used = sorted({c.model for c in configs})

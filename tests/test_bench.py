@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from fedta_utils import bench, pipeline
+from fedta_utils import bench, calibration, pipeline
 from fedta_utils.checks import ConfigError
 from fedta_utils.fedavg import FedAvgConfig
 from fedta_utils.prepare import FineTuneSpec
@@ -139,21 +139,23 @@ def test_gpu_check_times_the_step_and_prices_the_study_at_both_sizes(gpu_check_o
 
 
 def test_unit_seconds_measures_at_the_size_asked_and_says_so(monkeypatch):
-    sizes, real = [], bench.random_model
+    sizes, real = [], calibration.random_model
 
     def recorded(name, device, img_size=None):
         sizes.append(img_size)
         return real(name, device, img_size)
 
-    monkeypatch.setattr(bench, "random_model", recorded)
-    monkeypatch.setattr(bench, "best_time", lambda function, device, repeats: [function(), 1.0][1])  # once
-    unit, header = bench.unit_seconds("tiny_vit", "fp32", 64, "cpu", img_size=16)
+    monkeypatch.setattr(calibration, "random_model", recorded)
+    monkeypatch.setattr(
+        calibration, "best_time", lambda function, device, repeats: [function(), 1.0][1]
+    )  # once
+    unit, header = calibration.unit_seconds("tiny_vit", "fp32", 64, "cpu", img_size=16)
     assert sizes == [16, 16, 16]  # training step, evaluation, Fisher; timm refuses inputs of another size
     assert "model: tiny_vit at 16 px" in header
     assert set(unit) == {"train", "eval", "fisher"} and all(v > 0 for v in unit.values())
 
 
 def test_unit_seconds_refuses_a_bad_size_before_building_anything(monkeypatch):
-    monkeypatch.setattr(bench, "random_model", lambda *args, **kwargs: pytest.fail("built a model"))
+    monkeypatch.setattr(calibration, "random_model", lambda *args, **kwargs: pytest.fail("built a model"))
     with pytest.raises(ConfigError, match="img_size=150"):
-        bench.unit_seconds("dino_vits16", device="cpu", img_size=150)
+        calibration.unit_seconds("dino_vits16", device="cpu", img_size=150)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from fedta_utils import bench, experiments, pipeline, team, training
+from fedta_utils import calibration, experiments, pipeline, team, training
 from fedta_utils.workspace import discover_notebooks, profile_values
 
 
@@ -159,7 +159,7 @@ def no_calibration(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the device was calibrated although the input is bad")
 
-    monkeypatch.setattr(bench, "unit_seconds", refuse)
+    monkeypatch.setattr(calibration, "unit_seconds", refuse)
 
 
 @pytest.mark.parametrize(
