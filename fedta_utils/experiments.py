@@ -461,8 +461,7 @@ def sparse_fl_configs(
     frozen head trains at `sparse_lr`."""
     seeds = check_seeds(seeds)
     iid_settings = sparse_settings(sparsities, calibration_rounds_grid, sparsity, calibration_rounds)
-    base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
-    under_head = replace(base, lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True))
+    base, under_head = fl_bases(params, local_steps, rounds, sparse_lr)
     configs = []
     for sharding in _fl_shardings(sparse_classes_per_client):
         settings = iid_settings if sharding["sharding"] == "iid" else [(sparsity, calibration_rounds)]
@@ -481,6 +480,13 @@ def sparse_fl_configs(
                 for sp, r in settings
             ]
     return configs
+
+
+def fl_bases(params: dict, local_steps, rounds, sparse_lr) -> tuple[FedAvgConfig, FedAvgConfig]:
+    """Notebooks 04 and 06's runs before seed, sharding and mask: dense FedAvg at FedAvg's lr, and the same
+    under the frozen head at `sparse_lr`; built once here, so the runs the notebooks share are one config."""
+    base = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
+    return base, replace(base, lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True))
 
 
 def head_only_configs(seeds, sparse_classes_per_client, **params) -> list[FedAvgConfig]:
@@ -595,11 +601,11 @@ def remedy_methods(
     """Notebook 06's methods at 04's rounds and J, before seed and sharding: FedAvg and sparse FedAvg are
     04's runs (its plain FedAvg, and its default sparse setting at sparse_lr); FedAvgM, FedProx, TIES and
     the Fisher merge change dense FedAvg; SCAFFOLD runs sparse, where its control variates fit."""
-    fedavg = replace(fedavg_base(**params), local_steps=local_steps, rounds=rounds)
+    fedavg, under_head = fl_bases(params, local_steps, rounds, sparse_lr)
     spec = finetune_spec(
         params, mask_rule="least_sensitive", sparsity=sparsity, calibration_rounds=calibration_rounds
     )
-    sparse = replace(fedavg, lr=check_float("sparse_lr", sparse_lr, 0.0, None, low_open=True), finetune=spec)
+    sparse = replace(under_head, finetune=spec)
     momentum = check_float("fedavgm_server_momentum", fedavgm_server_momentum, 0.0, 1.0, high_open=True)
     return {
         "fedavg": fedavg,

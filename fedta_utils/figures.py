@@ -173,6 +173,24 @@ def _heatmap(grid: pd.DataFrame, label: str, ax=None, **kwargs):
     return ax.figure, ax
 
 
+def _accuracy_bars(runs: pd.DataFrame, x: str, ax, **options) -> None:
+    """Final test accuracy (%) of `runs` per `x` on `ax`, a bar per sharding; bars: std over seeds.
+    options: more of seaborn's barplot (order, legend)."""
+    data = runs.assign(test_acc=runs["final_test_acc"] * 100, sharding=runs["sharding_label"].map(_pretty))
+    sns.barplot(
+        data=data,
+        x=x,
+        y="test_acc",
+        hue="sharding",
+        errorbar="sd",
+        capsize=0.1,
+        ax=ax,
+        err_kws={"linewidth": 0.8},
+        **options,
+    )
+    ax.set(xlabel="", ylabel="test accuracy (%)")
+
+
 def _loss_and_accuracy(curves: pd.DataFrame) -> list:
     """The validation loss and accuracy panels: curves on the full validation split (results.val_curves)."""
     return [("", curves, "val_loss", "validation loss"), ("", curves, "val_acc", "validation accuracy (%)")]
@@ -336,27 +354,13 @@ def mask_rules_figure(root):
     """Notebook 05: final test accuracy (%) per mask rule, a panel per sparsity, a bar per sharding;
     bars: std over seeds."""
     runs = complete_runs(root, MASK_RULES)
-    runs = runs.assign(
-        test_acc=runs["final_test_acc"] * 100,
-        sharding=runs["sharding_label"].map(_pretty),
-        rule=runs["rule"].str.replace("_", "\n"),
-    )
+    runs = runs.assign(rule=runs["rule"].str.replace("_", "\n"))
     panels = runs.groupby("sparsity")  # in ascending sparsity
     fig, axes = _axes(panels.ngroups, sharey=True)
     for ax, (sparsity, group) in zip(axes, panels):
-        sns.barplot(
-            data=group,
-            x="rule",
-            y="test_acc",
-            hue="sharding",
-            order=[r.replace("_", "\n") for r in RULES],
-            errorbar="sd",
-            capsize=0.1,
-            ax=ax,
-            err_kws={"linewidth": 0.8},
-            legend=ax is axes[-1],
-        )
-        ax.set(title=f"sparsity {sparsity:g}", xlabel="", ylabel="test accuracy (%)")
+        order = [r.replace("_", "\n") for r in RULES]
+        _accuracy_bars(group, "rule", ax, order=order, legend=ax is axes[-1])
+        ax.set(title=f"sparsity {sparsity:g}")
     return fig, runs["seed"].nunique()
 
 
@@ -400,23 +404,8 @@ def remedies_figure(root):
     """Notebook 06: final test accuracy (%) per method, a bar per sharding (iid: the reference); bars: std
     over seeds."""
     runs = complete_runs(root, REMEDIES)
-    runs = runs.assign(
-        test_acc=runs["final_test_acc"] * 100,
-        sharding=runs["sharding_label"].map(_pretty),
-        method=runs["method"].str.replace(" (", "\n("),
-    )
     fig, (ax,) = _axes()
-    sns.barplot(
-        data=runs,
-        x="method",
-        y="test_acc",
-        hue="sharding",
-        errorbar="sd",
-        capsize=0.1,
-        ax=ax,
-        err_kws={"linewidth": 0.8},
-    )
-    ax.set(xlabel="", ylabel="test accuracy (%)")
+    _accuracy_bars(runs.assign(method=runs["method"].str.replace(" (", "\n(")), "method", ax)
     return fig, runs["seed"].nunique()
 
 

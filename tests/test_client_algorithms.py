@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 
 import pytest
@@ -25,6 +26,15 @@ TINY = dict(
     lr=0.05,
     eval_points=1,
     evaluate_test=False,
+)
+
+SPARSE = FineTuneSpec(
+    head="ridge",
+    ridge_lambda=1e-3,
+    mask_rule="least_sensitive",
+    sparsity=0.9,
+    calibration_rounds=1,
+    calibration_samples=60,
 )
 
 
@@ -127,17 +137,8 @@ def test_bad_client_algorithm_settings_are_refused_by_name(bad, message):
 def test_a_killed_scaffold_run_resumes_bit_identically(tmp_path, small_data, monkeypatch):
     from fedta_utils.workspace import setup_workspace
 
-    spec = FineTuneSpec(
-        head="ridge",
-        ridge_lambda=1e-3,
-        mask_rule="least_sensitive",
-        sparsity=0.9,
-        calibration_rounds=1,
-        calibration_samples=60,
-    )  # sparse: SCAFFOLD's variates over the trainable entries only
-    config = FedAvgConfig(
-        **{**TINY, "rounds": 3, "eval_points": 2}, algorithm="scaffold", momentum=0.0, finetune=spec
-    )
+    # sparse: SCAFFOLD's variates over the trainable entries only; client momentum as in notebook 06
+    config = FedAvgConfig(**{**TINY, "rounds": 3, "eval_points": 2}, algorithm="scaffold", finetune=SPARSE)
     reference = run_fedavg(
         setup_workspace("smoke", tmp_path / "a", device="cpu", download=False),
         small_data,
@@ -277,6 +278,21 @@ def test_a_run_merges_with_ties_or_the_fisher_and_logs_its_step(workspace, small
     steps = result.metrics["avg_delta_norm"]
     assert steps.notna().all() and (steps > 0).all()
     assert not steps.equals(plain.metrics["avg_delta_norm"])  # another rule, another step
+
+
+def test_a_sparse_ties_round_changes_at_most_ceil_p_times_the_trainable_entries(workspace, small_data):
+    """One client per round: TIES keeps the top ceil(p * trainable) entries of its delta, and the server
+    moves exactly those, none outside the mask."""
+    one_client = {**TINY, "participation": 1 / 6}
+    config = FedAvgConfig(**one_client, merge_rule="ties", ties_density=0.3, finetune=SPARSE)
+    with open_fedavg(workspace, small_data, config) as fed:
+        start = fed.global_weights.clone()
+        fed.round(0)
+        moved = fed.global_weights != start
+    trainable = torch.zeros_like(moved)
+    trainable[fed.entries] = True
+    assert not (moved & ~trainable).any()
+    assert 0 < moved.sum() <= math.ceil(0.3 * fed.entries_sent)
 
 
 @pytest.mark.parametrize(
